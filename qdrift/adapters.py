@@ -1,0 +1,260 @@
+"""Wrap a raw network into a k-diffusion denoiser ``D(x, sigma, **extra_args) -> x0``.
+
+Samplers never branch on parameterization: every model reaches them as a denoiser in k-diffusion's
+variance-exploding form ``x = x0 + sigma * eps``. The adapters convert:
+
+=========================  ================================  =============================================
+adapter                    network predicts                  ``D(x, sigma)``
+=========================  ================================  =============================================
+:class:`DiscreteEpsDenoiser` eps on a discrete VP schedule     ``x - sigma * eps(c_in x, t(sigma))``
+:class:`DiscreteVDenoiser`   v on a discrete VP schedule       ``c_skip x + c_out v(c_in x, t(sigma))``
+:class:`ContinuousEpsDenoiser` eps, continuous sigma           as the discrete one, ``t = time_fn(sigma)``
+:class:`ContinuousVDenoiser` v, continuous sigma               as the discrete one, ``t = time_fn(sigma)``
+:class:`FlowDenoiser`        rectified-flow velocity            ``x - t v(x, t)`` with ``sigma = t``
+:class:`X0Denoiser`          x0                                ``x0(x, time_fn(sigma))``
+=========================  ================================  =============================================
+
+with ``c_in = 1 / sqrt(sigma^2 + 1)``, ``c_skip = 1 / (sigma^2 + 1)``, ``c_out = -sigma / sqrt(sigma^2 + 1)``
+(k-diffusion ``external.py``; Salimans & Ho 2022 for v). The VP schedule's ``alphas_cumprod`` give
+``sigma_t = sqrt((1 - abar_t) / abar_t)`` and ``x_ve = x_vp / sqrt(abar_t)``; for a rectified flow
+``x_t = (1 - t) x0 + t eps`` the sampler state is ``x_t`` itself and ``to_d`` is the velocity, so Euler on
+it is flow-matching Euler (as ComfyUI presents SD3/FLUX).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ._utils import append_dims, get_sigmas_karras
+
+__all__ = [
+    "DiscreteSchedule",
+    "DiscreteEpsDenoiser",
+    "DiscreteVDenoiser",
+    "ContinuousEpsDenoiser",
+    "ContinuousVDenoiser",
+    "FlowDenoiser",
+    "X0Denoiser",
+    "get_sigmas_flow",
+]
+
+
+def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"denoiser: sigma must be a scalar or [batch={x.shape[0]}], got shape {tuple(sigma.shape)}")
+    return sigma
+
+
+class _VEDenoiser(nn.Module):
+    """Common parts of the denoisers in k-diffusion's VE form (``x = x0 + sigma eps``)."""
+
+    def __init__(self, inner_model: Callable, sigma_min: float, sigma_max: float):
+        super().__init__()
+        if not callable(inner_model):
+            raise ValueError(f"{type(self).__name__}: the network must be callable, got {type(inner_model).__name__}")
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"{type(self).__name__}: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.inner_model = inner_model
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def noise_scaling(self, sigma, noise: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The sampler's start ``latent + sigma * noise`` (``latent=None``: pure noise, ``x = sigma_max * noise``)."""
+        x = noise * sigma
+        return x if latent is None else latent + x
+
+    def get_sigmas(self, n: int, rho: float = 7.0, device="cpu") -> torch.Tensor:
+        """A Karras schedule over this model's range: ``[n + 1]`` ending in 0."""
+        return get_sigmas_karras(n, self.sigma_min, self.sigma_max, rho=rho, device=device)
+
+
+class DiscreteSchedule(nn.Module):
+    """A discrete VP schedule from ``alphas_cumprod`` with sigma <-> timestep maps (both ways interpolated).
+
+    Args:
+        alphas_cumprod: ``abar_t`` ``[T]``, decreasing in t, in (0, 1].
+        quantize: round timesteps to integers (for networks that only accept integer t).
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, quantize: bool = False):
+        super().__init__()
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or len(ac) < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError("DiscreteSchedule: alphas_cumprod must be 1-D, length >= 2, values in (0, 1)")
+        sigmas = ((1 - ac) / ac).sqrt()
+        if bool((sigmas[1:] <= sigmas[:-1]).any()):
+            raise ValueError("DiscreteSchedule: alphas_cumprod must be strictly decreasing")
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log())
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor, quantize: Optional[bool] = None) -> torch.Tensor:
+        """Fractional timestep of ``sigma`` (linear in log-sigma between grid points; clamped to [0, T-1])."""
+        quantize = self.quantize if quantize is None else quantize
+        ls = sigma.to(self.log_sigmas.device, torch.float64).log()
+        hi = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo = hi - 1
+        w = ((ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])).clamp(0, 1)
+        t = lo.to(torch.float64) + w
+        t = t.round() if quantize else t
+        return t.to(sigma.dtype).to(sigma.device)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Sigma at a (fractional) timestep, interpolated in log-sigma."""
+        tt = t.to(self.log_sigmas.device, torch.float64).clamp(0, len(self.log_sigmas) - 1)
+        lo = tt.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        w = tt - lo
+        log_sigma = (1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]
+        return log_sigma.exp().to(t.device, torch.float32 if not t.is_floating_point() else t.dtype)
+
+
+class DiscreteEpsDenoiser(_VEDenoiser):
+    """An eps-prediction network on a discrete VP schedule (Stable Diffusion 1.x/2.x-base, SDXL).
+
+    Args:
+        inner_model: ``net(x_vp [B, C, ...], t [B], **extra) -> eps``.
+        alphas_cumprod: the training schedule's ``abar_t`` ``[T]``.
+        quantize: pass integer timesteps to the network.
+    """
+
+    def __init__(self, inner_model: Callable, alphas_cumprod: torch.Tensor, quantize: bool = False):
+        schedule = DiscreteSchedule(alphas_cumprod, quantize)
+        super().__init__(inner_model, schedule.sigma_min, schedule.sigma_max)
+        self.schedule = schedule
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.schedule.sigma_to_t(sigma)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.t_to_sigma(t)
+
+    def _scalings(self, sigma, x):
+        sigma = append_dims(sigma, x.ndim)
+        return sigma, 1 / (sigma**2 + 1) ** 0.5
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        sigma = _sigma_batch(sigma, x)
+        s, c_in = self._scalings(sigma, x)
+        eps = self.inner_model(x * c_in, self.sigma_to_t(sigma), **extra_args)
+        return x - eps * s
+
+
+class DiscreteVDenoiser(DiscreteEpsDenoiser):
+    """A v-prediction network on a discrete VP schedule (SD 2.x-v): ``v = sqrt(abar) eps - sqrt(1-abar) x0``."""
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        sigma = _sigma_batch(sigma, x)
+        s, c_in = self._scalings(sigma, x)
+        v = self.inner_model(x * c_in, self.sigma_to_t(sigma), **extra_args)
+        return x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5
+
+
+def _identity(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma
+
+
+class ContinuousEpsDenoiser(_VEDenoiser):
+    """An eps network on continuous noise levels (VP input scaling ``c_in = 1/sqrt(sigma^2+1)`` by default).
+
+    Args:
+        inner_model: ``net(c_in x, time_fn(sigma), **extra) -> eps``.
+        sigma_min, sigma_max: the trained range.
+        time_fn: maps sigma ``[B]`` to the network's time input (default: sigma itself).
+        scale_input: apply ``c_in`` (VP networks) or not (VE networks see ``x`` itself).
+    """
+
+    def __init__(self, inner_model, sigma_min: float, sigma_max: float, time_fn=None, scale_input: bool = True):
+        super().__init__(inner_model, sigma_min, sigma_max)
+        self.time_fn = _identity if time_fn is None else time_fn
+        self.scale_input = scale_input
+
+    def _net(self, x, sigma, extra_args):
+        s = append_dims(sigma, x.ndim)
+        c_in = 1 / (s**2 + 1) ** 0.5 if self.scale_input else 1.0
+        return s, self.inner_model(x * c_in, self.time_fn(sigma), **extra_args)
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        s, eps = self._net(x, _sigma_batch(sigma, x), extra_args)
+        return x - eps * s
+
+
+class ContinuousVDenoiser(ContinuousEpsDenoiser):
+    """A v network on continuous noise levels: ``D = c_skip x + c_out v(c_in x, time_fn(sigma))``."""
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        s, v = self._net(x, _sigma_batch(sigma, x), extra_args)
+        return x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5
+
+
+class X0Denoiser(_VEDenoiser):
+    """A network that predicts x0 directly from ``(x, time_fn(sigma))``."""
+
+    def __init__(self, inner_model, sigma_min: float, sigma_max: float, time_fn=None):
+        super().__init__(inner_model, sigma_min, sigma_max)
+        self.time_fn = _identity if time_fn is None else time_fn
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        return self.inner_model(x, self.time_fn(_sigma_batch(sigma, x)), **extra_args)
+
+
+def get_sigmas_flow(n: int, shift: float = 1.0, device="cpu") -> torch.Tensor:
+    """Flow-matching times ``[n + 1]`` from 1 to 0, uniform then shifted: ``t' = s t / (1 + (s - 1) t)``."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"get_sigmas_flow: n must be a positive integer, got {n!r}")
+    if not shift > 0:
+        raise ValueError(f"get_sigmas_flow: shift must be > 0, got {shift!r}")
+    t = torch.linspace(1, 0, n + 1, device=device)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowDenoiser(nn.Module):
+    """A rectified-flow velocity network presented as a denoiser (sigma = flow time t).
+
+    With ``x_t = (1 - t) x0 + t eps`` and ``v = eps - x0``, ``D(x, t) = x - t v``, so ``to_d`` returns the
+    velocity and every qdrift sampler integrates the flow ODE in t; Euler is the paper's flow-matching Euler.
+    ``V`` is then the variance of the velocity error.
+
+    Args:
+        inner_model: ``net(x_t [B, C, ...], t * time_scale [B], **extra) -> v``.
+        time_scale: 1 for networks taking t in [0, 1] (FLUX), 1000 for SD3-style timesteps.
+        shift: default time shift for :meth:`get_sigmas`.
+    """
+
+    sigma_min = 0.0
+    sigma_max = 1.0
+
+    def __init__(self, inner_model: Callable, time_scale: float = 1.0, shift: float = 1.0):
+        super().__init__()
+        if not callable(inner_model):
+            raise ValueError(f"FlowDenoiser: the network must be callable, got {type(inner_model).__name__}")
+        self.inner_model = inner_model
+        self.time_scale = float(time_scale)
+        self.shift = float(shift)
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        t = _sigma_batch(sigma, x)
+        v = self.inner_model(x, t * self.time_scale, **extra_args)
+        return x - v * append_dims(t, x.ndim)
+
+    def noise_scaling(self, sigma, noise: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The flow's start ``t noise + (1 - t) latent`` (pure noise at t = 1)."""
+        x = noise * sigma
+        return x if latent is None else x + latent * (1 - sigma)
+
+    def get_sigmas(self, n: int, device="cpu") -> torch.Tensor:
+        """``n`` flow steps from t = 1 to 0 with this model's shift."""
+        return get_sigmas_flow(n, self.shift, device=device)

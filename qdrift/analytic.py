@@ -1,0 +1,115 @@
+"""Analytic Gaussian data with an exact denoiser, and a planted-error "quantized" version of it.
+
+Per channel ``x0 ~ N(mu_c, s_c^2)``; at noise level sigma the exact denoiser is
+``D(x, sigma) = (s^2 x + sigma^2 mu) / (s^2 + sigma^2)``, ``d = (x - D) / sigma = sigma (x - mu) / (s^2 + sigma^2)``
+and ``Var(d) = sigma^2 / (s^2 + sigma^2)``. The probability-flow ODE maps ``x_sigma`` linearly, so every
+marginal is known exactly. Used by the tests, the examples and ``benchmarks/analytic_gaussian.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["GaussianData", "PlantedErrorDenoiser"]
+
+
+def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(device=x.device, dtype=x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _sigma_view(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    return sigma.reshape((-1,) + (1,) * (x.ndim - 1)) if sigma.ndim else sigma
+
+
+class GaussianData:
+    """Per-channel Gaussian data ``N(mean_c, std_c^2)``.
+
+    Args:
+        mean: ``[C]`` channel means.
+        std: ``[C]`` channel standard deviations (> 0).
+    """
+
+    def __init__(self, mean, std):
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        self.std = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if self.mean.shape != self.std.shape or not bool((self.std > 0).all()):
+            raise ValueError("GaussianData: mean and std must have the same length and std must be > 0")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def denoiser(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
+        """The exact denoiser ``E[x0 | x]`` ``[B, C, ...]``."""
+        s2, mu = _view(self.std**2, x), _view(self.mean, x)
+        sig2 = _sigma_view(sigma, x) ** 2
+        return (s2 * x + sig2 * mu) / (s2 + sig2)
+
+    __call__ = denoiser
+
+    def d_variance(self, sigma: float) -> torch.Tensor:
+        """``Var(d)`` at sigma on the exact marginal ``[C]``: ``sigma^2 / (s^2 + sigma^2)``."""
+        return sigma**2 / (self.std**2 + sigma**2)
+
+    def marginal_var(self, sigma: float) -> torch.Tensor:
+        """Variance of ``x_sigma`` ``[C]``: ``s^2 + sigma^2``."""
+        return self.std**2 + sigma**2
+
+    def prior(self, n: int, sigma_max: float, *, spatial=(), generator: Optional[torch.Generator] = None,
+              dtype=torch.float64) -> torch.Tensor:
+        """``[n, C, *spatial]`` samples of the exact marginal at ``sigma_max`` (mean mu, var s^2 + sigma^2)."""
+        z = torch.randn((n, self.channels) + tuple(spatial), generator=generator, dtype=dtype)
+        return _view(self.mean, z) + z * _view(self.marginal_var(sigma_max).sqrt(), z)
+
+    def sample(self, n: int, *, spatial=(), generator: Optional[torch.Generator] = None, dtype=torch.float64):
+        """``[n, C, *spatial]`` samples of the data."""
+        return self.prior(n, 0.0, spatial=spatial, generator=generator, dtype=dtype)
+
+
+class PlantedErrorDenoiser:
+    """A stand-in for a quantized model: ``d_hat = (1 + gain) d + bias + sqrt(var) z`` with fresh ``z`` per call.
+
+    The error ``delta = d_hat - d`` has a known joint law with ``d_hat`` on the exact marginal, so the
+    calibration target is known in closed form (:meth:`conditional_variance`).
+
+    Args:
+        data: the :class:`GaussianData` whose exact denoiser is corrupted.
+        var: planted noise variance per channel ``[C]`` or scalar (eps units).
+        gain: multiplicative error ``k`` (scalar or ``[C]``).
+        bias: additive error ``b`` (scalar or ``[C]``).
+        seed: seed of the private generator for ``z``.
+    """
+
+    def __init__(self, data: GaussianData, var=0.0, gain=0.0, bias=0.0, seed: int = 0):
+        self.data = data
+        c = data.channels
+        self.var = torch.as_tensor(var, dtype=torch.float64).expand(c).clone()
+        self.gain = torch.as_tensor(gain, dtype=torch.float64).expand(c).clone()
+        self.bias = torch.as_tensor(bias, dtype=torch.float64).expand(c).clone()
+        if bool((self.var < 0).any()):
+            raise ValueError("PlantedErrorDenoiser: var must be >= 0")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
+        den = self.data.denoiser(x, sigma)
+        sig = _sigma_view(sigma, x)
+        d = (x - den) / sig
+        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float64).to(x)
+        d_hat = d * (1 + _view(self.gain, x)) + _view(self.bias, x) + z * _view(self.var.sqrt(), x)
+        return x - sig * d_hat
+
+    def unconditional_variance(self, sigma: float) -> torch.Tensor:
+        """``Var(delta)`` on the exact marginal ``[C]``: ``k^2 Var(d) + var``."""
+        return self.gain**2 * self.data.d_variance(sigma) + self.var
+
+    def conditional_variance(self, sigma: float) -> torch.Tensor:
+        """``Var(delta | d_hat)`` on the exact marginal ``[C]`` (linear-Gaussian, exact here)."""
+        vd = self.data.d_variance(sigma)
+        k, v = self.gain, self.var
+        var_delta = k**2 * vd + v
+        cov = k * (1 + k) * vd + v
+        var_hat = (1 + k) ** 2 * vd + v
+        return (var_delta - cov**2 / var_hat).clamp(min=0)

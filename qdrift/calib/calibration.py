@@ -1,0 +1,230 @@
+"""The :class:`Calibration` object and its file format (safetensors + JSON metadata, never pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Union
+
+import torch
+
+from .._version import __version__
+from .stats import PairedMoments
+
+__all__ = ["Calibration", "CalibrationFileError", "load_calibration", "interpolate_log_sigma", "REDUCES"]
+
+REDUCES = ("channel", "scalar")
+FORMAT = "qdrift.calibration"
+FORMAT_VERSION = 1
+_TENSORS = ("sigmas", "n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+
+
+class CalibrationFileError(ValueError):
+    """A calibration file is unreadable, corrupt, or not a qdrift calibration."""
+
+
+def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Interpolates rows of ``table`` linearly in log-sigma, clamped at the ends.
+
+    Args:
+        table: values at the calibrated levels ``[S, ...]``.
+        sigmas: calibrated levels ``[S]``, positive and strictly decreasing.
+        query: levels to look up ``[N]`` (any order; values outside the calibrated range, 0 included, take
+            the nearest end's value).
+
+    Returns:
+        ``[N, ...]`` float64.
+    """
+    table = table.to(torch.float64)
+    log_s = sigmas.to(torch.float64).log().flip(0)  # ascending
+    rows = table.flip(0)
+    q = query.detach().to(device="cpu", dtype=torch.float64)
+    if len(log_s) == 1:
+        return rows[[0] * len(q)]
+    lq = q.clamp(min=1e-300).log().clamp(min=float(log_s[0]), max=float(log_s[-1]))
+    hi = torch.searchsorted(log_s, lq).clamp(1, len(log_s) - 1)
+    lo = hi - 1
+    w = ((lq - log_s[lo]) / (log_s[hi] - log_s[lo])).reshape((-1,) + (1,) * (table.ndim - 1))
+    return rows[lo] * (1 - w) + rows[hi] * w
+
+
+@dataclass
+class Calibration:
+    """Per-step, per-channel quantization-error statistics and the Q-Drift variance ``V``.
+
+    Attributes:
+        sigmas: the noise levels evaluated ``[S]`` (float64, strictly decreasing, > 0): the calibration
+            schedule without its final 0.
+        moments: paired statistics of ``(d_fp, d_q)`` per (step, channel) (:class:`PairedMoments`, ``[S, C]``).
+        reduce: ``"channel"`` (a V per channel) or ``"scalar"`` (one pooled V per step, repeated over
+            channels: the setting of the paper's main runs).
+        conditional: ``V = Var(delta | d_hat)`` if True, the "unconditional" ablation ``Var(delta)`` if False.
+        meta: what was compared, the schedule, K, trim, library version (JSON-serializable).
+    """
+
+    sigmas: torch.Tensor
+    moments: PairedMoments
+    reduce: str = "channel"
+    conditional: bool = True
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCES:
+            raise ValueError(f"Calibration: reduce must be one of {REDUCES}, got {self.reduce!r}")
+        self.sigmas = torch.as_tensor(self.sigmas).detach().to(device="cpu", dtype=torch.float64)
+        s = self.sigmas
+        if s.ndim != 1 or len(s) < 1 or len(s) != self.moments.shape[0]:
+            raise ValueError(
+                f"Calibration: sigmas must be 1-D with one value per calibrated step ({self.moments.shape[0]}), "
+                f"got shape {tuple(s.shape)}"
+            )
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()) or bool((s[1:] >= s[:-1]).any()):
+            raise ValueError(f"Calibration: sigmas must be finite, > 0 and strictly decreasing, got {s.tolist()}")
+
+    @property
+    def steps(self) -> int:
+        """Number of calibrated noise levels ``S``."""
+        return len(self.sigmas)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels ``C``."""
+        return self.moments.shape[1]
+
+    @property
+    def V(self) -> torch.Tensor:
+        """``V`` per step and channel ``[S, C]`` float32 (pooled value repeated when ``reduce="scalar"``)."""
+        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        v = m.conditional_variance() if self.conditional else m.var_delta
+        return v.expand(self.steps, self.channels).to(torch.float32).contiguous()
+
+    def at(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """``V`` at other noise levels ``[N, C]`` float32: linear in log-sigma, clamped at the ends.
+
+        This is how one calibration serves any step count or schedule: a level between two calibrated
+        ones gets the log-sigma interpolation of their V; a level above the highest (or below the lowest,
+        including 0) gets the end value.
+        """
+        query = torch.as_tensor(sigmas)
+        if query.ndim != 1:
+            raise ValueError(f"Calibration.at: sigmas must be 1-D, got shape {tuple(query.shape)}")
+        if not bool(torch.isfinite(query).all()):
+            raise ValueError("Calibration.at: sigmas must be finite")
+        return interpolate_log_sigma(self.V, self.sigmas, query).to(torch.float32)
+
+    def moments_at(self, sigmas: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Interpolated moments at other noise levels, each ``[N, C]`` float64 (for baselines).
+
+        Keys: ``mean_fp, mean_q, var_fp, var_q, cov`` (of ``d_fp`` and ``d_q``), interpolated like :meth:`at`;
+        with ``reduce="scalar"`` the pooled moments repeated over channels.
+        """
+        query = torch.as_tensor(sigmas)
+        if query.ndim != 1:
+            raise ValueError(f"Calibration.moments_at: sigmas must be 1-D, got shape {tuple(query.shape)}")
+        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        table = {
+            "mean_fp": m.mean_fp,
+            "mean_q": m.mean_q,
+            "var_fp": m.var_fp,
+            "var_q": m.var_q,
+            "cov": m.cov,
+        }
+        return {
+            k: interpolate_log_sigma(v.expand(self.steps, self.channels), self.sigmas, query) for k, v in table.items()
+        }
+
+    def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
+        """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
+        return replace(
+            self,
+            reduce=self.reduce if reduce is None else reduce,
+            conditional=self.conditional if conditional is None else bool(conditional),
+        )
+
+    def merge(self, other: "Calibration") -> "Calibration":
+        """Pools two calibrations of the same schedule (e.g. made on different machines)."""
+        if not isinstance(other, Calibration):
+            raise ValueError(f"Calibration.merge: expected a Calibration, got {type(other).__name__}")
+        if other.sigmas.shape != self.sigmas.shape or not torch.allclose(other.sigmas, self.sigmas, rtol=1e-9):
+            raise ValueError("Calibration.merge: the two calibrations were made on different schedules")
+        if other.channels != self.channels:
+            raise ValueError(f"Calibration.merge: channel counts differ ({self.channels} vs {other.channels})")
+        meta = dict(self.meta)
+        meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
+        return replace(self, moments=self.moments.merge(other.moments), meta=meta)
+
+    def __repr__(self) -> str:
+        return (
+            f"Calibration(steps={self.steps}, channels={self.channels}, reduce={self.reduce!r}, "
+            f"conditional={self.conditional}, sigma={float(self.sigmas[0]):.4g}..{float(self.sigmas[-1]):.4g}, "
+            f"K={self.meta.get('K')})"
+        )
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the calibration as safetensors with JSON metadata (loads without executing code)."""
+        from safetensors.torch import save_file
+
+        tensors = {"sigmas": self.sigmas.contiguous()}
+        tensors.update({k: v.contiguous() for k, v in self.moments.tensors().items()})
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "qdrift_version": __version__,
+            "reduce": self.reduce,
+            "conditional": self.conditional,
+            "meta": self.meta,
+        }
+        save_file(tensors, os.fspath(path), metadata={"qdrift": json.dumps(header, default=str)})
+
+
+def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
+    """Reads a calibration written by :meth:`Calibration.save`.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        CalibrationFileError: (a ``ValueError``) if the file is corrupt, not a qdrift calibration, from a
+            newer format, or its tensors are inconsistent.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_calibration: no such file: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("qdrift")
+            names = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names & set(_TENSORS)}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CalibrationFileError(f"load_calibration: {path} is not a readable safetensors file ({e})") from None
+    if raw is None:
+        raise CalibrationFileError(f"load_calibration: {path} has no 'qdrift' metadata: not a qdrift calibration")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CalibrationFileError(f"load_calibration: {path} has corrupt qdrift metadata ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CalibrationFileError(f"load_calibration: {path} is not a {FORMAT} file")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CalibrationFileError(
+            f"load_calibration: {path} has format_version {version!r}; this qdrift ({__version__}) reads up to "
+            f"{FORMAT_VERSION}: upgrade qdrift"
+        )
+    missing = [k for k in _TENSORS if k not in tensors]
+    if missing:
+        raise CalibrationFileError(f"load_calibration: {path} lacks tensors {missing}")
+    for k, v in tensors.items():
+        if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+            raise CalibrationFileError(f"load_calibration: tensor {k!r} in {path} is not finite floating point")
+    if bool((tensors["n"] < 0).any()) or bool((tensors["m2_fp"] < 0).any()) or bool((tensors["m2_q"] < 0).any()):
+        raise CalibrationFileError(f"load_calibration: {path} has negative counts or variances")
+    reduce, conditional = header.get("reduce"), header.get("conditional")
+    if reduce not in REDUCES or not isinstance(conditional, bool):
+        raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
+    try:
+        moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
+        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(header.get("meta") or {}))
+    except ValueError as e:
+        raise CalibrationFileError(f"load_calibration: {path} is inconsistent: {e}") from None

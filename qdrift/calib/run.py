@@ -1,0 +1,174 @@
+"""``calibrate``: paired full-precision / quantized runs -> per-step, per-channel statistics (Algorithm 1)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .._utils import to_d
+from .._version import __version__
+from ..correction import check_choice, validate_sampler_inputs
+from .calibration import REDUCES, Calibration
+from .stats import PairedMoments, batch_moments, gather_moments, sum_over_ranks
+
+__all__ = ["calibrate"]
+
+TRAJECTORIES = ("fp", "q")
+Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
+
+
+def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
+    """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
+    if isinstance(x, torch.Tensor):
+        total = x.shape[0]
+        size = total if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ValueError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
+        for start in range(0, total, size):
+            sl = slice(start, start + size)
+            yield x[sl], _slice_args(extra_args, sl, total)
+        return
+    for item in x:
+        if isinstance(item, torch.Tensor):
+            yield item, extra_args
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+            yield item[0], item[1] if item[1] is not None else extra_args
+        else:
+            raise ValueError(
+                "calibrate: each item of an iterable x must be a tensor [B, C, ...] or a pair (x, extra_args); "
+                f"got {type(item).__name__}"
+            )
+
+
+def _slice_args(extra_args, sl, total):
+    """Slices per-sample tensors (first dim == K) in extra_args along with x; other values pass through."""
+    if not extra_args:
+        return extra_args
+    return {
+        k: v[sl] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == total else v
+        for k, v in extra_args.items()
+    }
+
+
+def _describe(model) -> str:
+    name = getattr(model, "name", None) or type(model).__name__
+    inner = getattr(model, "inner_model", None) or getattr(model, "net", None)
+    return f"{name}({type(inner).__name__})" if inner is not None else str(name)
+
+
+@torch.no_grad()
+def calibrate(
+    model_fp: Callable,
+    model_q: Callable,
+    x: Union[torch.Tensor, Iterable],
+    sigmas: torch.Tensor,
+    extra_args: Optional[Dict[str, Any]] = None,
+    *,
+    reduce: str = "channel",
+    conditional: bool = True,
+    trim: Optional[float] = 4.0,
+    disable: Optional[bool] = None,
+    batch_size: Optional[int] = None,
+    trajectory: str = "fp",
+    distributed: Optional[bool] = None,
+    group=None,
+) -> Calibration:
+    """Measures the quantization error of ``model_q`` against ``model_fp`` along sampling trajectories.
+
+    Q-Drift Algorithm 1 (arXiv 2603.18095): from each initial noise, take the full-precision model's Euler
+    steps ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_fp``; at every step evaluate both models on the same
+    ``x_i`` and record the pair ``(d_fp, d_q)`` with ``d = (x - D) / sigma``. Pairs are whatever the
+    callables return, so guidance (CFG) applied inside them is included. Statistics stream into
+    :class:`PairedMoments` per (step, channel), pooling batch and spatial positions, so memory does not grow
+    with K.
+
+    Args:
+        model_fp: full-precision denoiser ``D(x, sigma [B], **extra_args) -> x0``.
+        model_q: quantized denoiser, same contract.
+        x: initial noise ``[K, C, ...]`` already scaled by ``sigmas[0]``, or an iterable of batches
+            (tensors or ``(x, extra_args)`` pairs) for any K at constant memory.
+        sigmas: calibration schedule ``[S + 1]`` (decreasing; the last value, usually 0, is not evaluated).
+        extra_args: keyword arguments for both models; tensors whose first dim equals K are split with x.
+        reduce: ``"channel"`` (V per channel) or ``"scalar"`` (one pooled V per step).
+        conditional: ``Var(delta | d_hat)`` (True) or ``Var(delta)`` (False, the paper's ablation).
+        trim: drop pairs whose delta is more than ``trim`` std from the batch mean (per step and channel;
+            the authors use 4); None or 0 keeps everything. Trimming is per batch, so the result does not
+            depend on how batches are spread over processes.
+        disable: disables the progress bar.
+        batch_size: split a tensor ``x`` into batches of this size (default: one batch).
+        trajectory: ``"fp"`` (the paper's Algorithm 1) or ``"q"`` (follow the quantized model, i.e. the
+            states the quantized sampler actually visits).
+        distributed: all-gather and merge the statistics over ``torch.distributed`` ranks (default: when a
+            process group is initialized and has more than one rank). Each rank passes its own share of x.
+        group: the process group (default: the world).
+
+    Returns:
+        A :class:`Calibration` with ``.sigmas = sigmas[:-1]`` and ``.V`` ``[S, C]``.
+
+    Raises:
+        ValueError: on invalid options, schedules or model outputs.
+    """
+    check_choice("reduce", reduce, REDUCES)
+    check_choice("trajectory", trajectory, TRAJECTORIES)
+    if trim is not None and (not isinstance(trim, (int, float)) or trim < 0 or trim != trim):
+        raise ValueError(f"calibrate: trim must be None or a number >= 0, got {trim!r}")
+    if not callable(model_fp) or not callable(model_q):
+        raise ValueError("calibrate: model_fp and model_q must be callables D(x, sigma, **extra_args)")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise ValueError(f"calibrate: extra_args must be a dict or None, got {type(extra_args).__name__}")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"calibrate: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    steps = len(sigmas) - 1
+    moments: Optional[PairedMoments] = None
+    count, started = 0, time.time()
+    progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
+    for xb, args in _batches(x, extra_args, batch_size):
+        validate_sampler_inputs(xb, sigmas, "calibrate")
+        if moments is None:
+            moments = PairedMoments.zeros(steps, xb.shape[1])
+        elif xb.shape[1] != moments.shape[1]:
+            raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {moments.shape[1]})")
+        moments = _run_batch(model_fp, model_q, xb, sigmas, args or {}, moments, trim, trajectory, progress)
+        count += xb.shape[0]
+    progress.close()
+    if moments is None:
+        raise ValueError("calibrate: x held no batches")
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = distributed and torch.distributed.get_world_size(group) > 1
+    if distributed:
+        moments = gather_moments(moments, group)
+        count = sum_over_ranks(count, group)
+    meta = {
+        "model_fp": _describe(model_fp),
+        "model_q": _describe(model_q),
+        "K": count,
+        "trim": trim,
+        "trajectory": trajectory,
+        "schedule": sigmas.detach().double().cpu().tolist(),
+        "seconds": round(time.time() - started, 3),
+        "qdrift_version": __version__,
+    }
+    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta)
+
+
+def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajectory, progress):
+    s_in = x.new_ones([x.shape[0]])
+    rows = []
+    for i in range(len(sigmas) - 1):
+        d_fp = to_d(x, sigmas[i], model_fp(x, sigmas[i] * s_in, **extra_args))
+        d_q = to_d(x, sigmas[i], model_q(x, sigmas[i] * s_in, **extra_args))
+        if d_fp.shape != x.shape or d_q.shape != x.shape:
+            raise ValueError(
+                f"calibrate: models must return denoised tensors shaped like x {tuple(x.shape)}, got "
+                f"{tuple(d_fp.shape)} (fp) and {tuple(d_q.shape)} (q)"
+            )
+        rows.append(batch_moments(d_fp, d_q, trim))
+        # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.
+        x = x + (sigmas[i + 1] - sigmas[i]) * (d_fp if trajectory == "fp" else d_q)
+        progress.update(1)
+    batch = PairedMoments(*(torch.cat([getattr(r, f) for r in rows]) for f in ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")))
+    return moments.merge(batch)

@@ -1,0 +1,218 @@
+"""Streaming, mergeable paired statistics of (d_fp, d_q) per (step, channel).
+
+Counts, means, centered second moments and the centered co-moment are kept in float64 and merged with
+Chan et al.'s parallel update, so any split of the data -- batches, processes, nodes -- gives the same
+result as one pass over all of it (up to float64 rounding of the merge order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+__all__ = ["PairedMoments", "batch_moments", "gather_moments", "sum_over_ranks"]
+
+_FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+
+
+@dataclass
+class PairedMoments:
+    """Sufficient statistics of the pair ``(a, b) = (d_fp, d_q)``, each field ``[S, C]`` float64.
+
+    Attributes:
+        n: sample counts (after trimming).
+        mean_fp, mean_q: means of ``d_fp`` and ``d_q``.
+        m2_fp, m2_q: centered sums of squares ``sum (a - mean_a)^2``.
+        c_fq: centered co-moment ``sum (a - mean_a)(b - mean_b)``.
+    """
+
+    n: torch.Tensor
+    mean_fp: torch.Tensor
+    mean_q: torch.Tensor
+    m2_fp: torch.Tensor
+    m2_q: torch.Tensor
+    c_fq: torch.Tensor
+
+    def __post_init__(self) -> None:
+        shape = self.n.shape
+        for f in _FIELDS:
+            value = getattr(self, f)
+            if not isinstance(value, torch.Tensor) or value.shape != shape or value.ndim != 2:
+                raise ValueError(f"PairedMoments.{f} must be a 2-D tensor of shape {tuple(shape)}, got {value!r:.80}")
+            setattr(self, f, value.detach().to(device="cpu", dtype=torch.float64))
+
+    @classmethod
+    def zeros(cls, steps: int, channels: int) -> "PairedMoments":
+        """Empty statistics for ``steps`` noise levels and ``channels`` channels."""
+        return cls(*(torch.zeros(steps, channels, dtype=torch.float64) for _ in _FIELDS))
+
+    @property
+    def shape(self):
+        """``(S, C)``."""
+        return tuple(self.n.shape)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The six fields by name."""
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    def _ratio(self, m2: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.n > 0, m2 / self.n.clamp(min=1), torch.zeros_like(m2))
+
+    @property
+    def var_fp(self) -> torch.Tensor:
+        """Population variance of ``d_fp`` ``[S, C]``."""
+        return self._ratio(self.m2_fp)
+
+    @property
+    def var_q(self) -> torch.Tensor:
+        """Population variance of ``d_hat = d_q`` ``[S, C]``."""
+        return self._ratio(self.m2_q)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """``Cov(d_fp, d_q)`` ``[S, C]``."""
+        return self._ratio(self.c_fq)
+
+    @property
+    def mean_delta(self) -> torch.Tensor:
+        """``E[delta]`` with ``delta = d_q - d_fp`` ``[S, C]``."""
+        return self.mean_q - self.mean_fp
+
+    @property
+    def var_delta(self) -> torch.Tensor:
+        """``Var(delta) = Var(d_q) + Var(d_fp) - 2 Cov`` ``[S, C]`` (the paper's "unconditional" V)."""
+        return (self.var_q + self.var_fp - 2 * self.cov).clamp(min=0)
+
+    @property
+    def cov_delta_q(self) -> torch.Tensor:
+        """``Cov(delta, d_hat) = Var(d_q) - Cov(d_fp, d_q)`` ``[S, C]``."""
+        return self.var_q - self.cov
+
+    def conditional_variance(self) -> torch.Tensor:
+        """``Var(delta | d_hat) = Var(delta) - Cov(delta, d_hat)^2 / Var(d_hat)`` ``[S, C]`` (paper Eq. 9).
+
+        The linear-Gaussian conditional variance, ``Var(delta) (1 - rho^2)``; where ``Var(d_hat) = 0`` it is
+        ``Var(delta)``.
+        """
+        var_q = self.var_q
+        explained = torch.where(var_q > 0, self.cov_delta_q**2 / var_q.clamp(min=1e-300), torch.zeros_like(var_q))
+        return (self.var_delta - explained).clamp(min=0)
+
+    def merge(self, other: "PairedMoments") -> "PairedMoments":
+        """Statistics of the union of both data sets (Chan et al. 1979); neither input is changed."""
+        if not isinstance(other, PairedMoments) or other.shape != self.shape:
+            raise ValueError(f"PairedMoments.merge: need moments of shape {self.shape}, got {getattr(other, 'shape', other)}")
+        n = self.n + other.n
+        frac = torch.where(n > 0, other.n / n.clamp(min=1e-300), torch.zeros_like(n))
+        weight = self.n * frac  # n_a n_b / n
+        d_fp = other.mean_fp - self.mean_fp
+        d_q = other.mean_q - self.mean_q
+        return PairedMoments(
+            n=n,
+            mean_fp=self.mean_fp + d_fp * frac,
+            mean_q=self.mean_q + d_q * frac,
+            m2_fp=self.m2_fp + other.m2_fp + d_fp * d_fp * weight,
+            m2_q=self.m2_q + other.m2_q + d_q * d_q * weight,
+            c_fq=self.c_fq + other.c_fq + d_fp * d_q * weight,
+        )
+
+    def pooled(self) -> "PairedMoments":
+        """Statistics pooled over channels, ``[S, 1]`` (the paper's scalar-per-step V)."""
+        n = self.n.sum(1, keepdim=True)
+        safe = n.clamp(min=1e-300)
+        mean_fp = (self.n * self.mean_fp).sum(1, keepdim=True) / safe
+        mean_q = (self.n * self.mean_q).sum(1, keepdim=True) / safe
+        dev_fp, dev_q = self.mean_fp - mean_fp, self.mean_q - mean_q
+        return PairedMoments(
+            n=n,
+            mean_fp=mean_fp,
+            mean_q=mean_q,
+            m2_fp=(self.m2_fp + self.n * dev_fp**2).sum(1, keepdim=True),
+            m2_q=(self.m2_q + self.n * dev_q**2).sum(1, keepdim=True),
+            c_fq=(self.c_fq + self.n * dev_fp * dev_q).sum(1, keepdim=True),
+        )
+
+    def select(self, index) -> "PairedMoments":
+        """Rows ``index`` of every field (e.g. a subset of steps)."""
+        return PairedMoments(**{f: getattr(self, f)[index] for f in _FIELDS})
+
+
+def batch_moments(d_fp: torch.Tensor, d_q: torch.Tensor, trim: Optional[float] = 4.0) -> PairedMoments:
+    """Moments of one batch at one step, per channel, pooling batch and spatial positions: ``[1, C]``.
+
+    Args:
+        d_fp: full-precision ``d`` ``[B, C, ...]``.
+        d_q: quantized ``d_hat`` ``[B, C, ...]``.
+        trim: drop pairs whose ``delta`` lies more than ``trim`` standard deviations from the batch's mean
+            delta in that channel (the authors trim at 4); None or 0 keeps all.
+    """
+    if d_fp.shape != d_q.shape or d_fp.ndim < 2:
+        raise ValueError(
+            f"calibrate: the two models' outputs must have the same shape [B, C, ...], got {tuple(d_fp.shape)} "
+            f"and {tuple(d_q.shape)}"
+        )
+    channels = d_fp.shape[1]
+    a = d_fp.detach().to(torch.float64).transpose(0, 1).reshape(channels, -1)
+    b = d_q.detach().to(torch.float64).transpose(0, 1).reshape(channels, -1)
+    keep = torch.isfinite(a) & torch.isfinite(b)
+    a, b = torch.where(keep, a, 0.0), torch.where(keep, b, 0.0)
+    if trim:
+        delta = b - a
+        cnt = keep.sum(1, keepdim=True).clamp(min=1)
+        mu = (delta * keep).sum(1, keepdim=True) / cnt
+        sd = ((((delta - mu) * keep) ** 2).sum(1, keepdim=True) / cnt).sqrt()
+        keep = keep & ((delta - mu).abs() <= trim * sd)
+    w = keep.to(torch.float64)
+    n = w.sum(1)
+    safe = n.clamp(min=1)
+    mean_a = (a * w).sum(1) / safe
+    mean_b = (b * w).sum(1) / safe
+    da = (a - mean_a[:, None]) * w
+    db = (b - mean_b[:, None]) * w
+    out = PairedMoments(
+        n=n[None],
+        mean_fp=mean_a[None],
+        mean_q=mean_b[None],
+        m2_fp=(da * da).sum(1)[None],
+        m2_q=(db * db).sum(1)[None],
+        c_fq=(da * db).sum(1)[None],
+    )
+    return out
+
+
+def gather_moments(moments: PairedMoments, group=None) -> PairedMoments:
+    """Merges every process's moments (``torch.distributed``), in rank order, on every process.
+
+    An all-gather of the small ``[6, S, C]`` statistics followed by the same Chan merge as a single process
+    would do, so the result equals a one-process run over all ranks' data. Works with any backend; the
+    statistics travel on the device the backend needs (CUDA for NCCL).
+    """
+    import torch.distributed as dist
+
+    stacked = torch.stack([getattr(moments, f) for f in _FIELDS]).to(_backend_device(group))
+    parts: List[torch.Tensor] = [torch.empty_like(stacked) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, stacked, group=group)
+    merged = PairedMoments.zeros(*moments.shape)
+    for part in parts:
+        merged = merged.merge(PairedMoments(*part.cpu()))
+    return merged
+
+
+def _backend_device(group) -> torch.device:
+    """The device collectives of ``group`` need (CUDA for NCCL, else CPU)."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(value: int, group=None) -> int:
+    """Sums an integer over all ranks of ``group``."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_backend_device(group))
+    dist.all_reduce(t, group=group)
+    return int(round(float(t)))
