@@ -159,13 +159,14 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajecto
     s_in = x.new_ones([x.shape[0]])
     rows = []
     for i in range(len(sigmas) - 1):
-        d_fp = to_d(x, sigmas[i], model_fp(x, sigmas[i] * s_in, **extra_args))
-        d_q = to_d(x, sigmas[i], model_q(x, sigmas[i] * s_in, **extra_args))
-        if d_fp.shape != x.shape or d_q.shape != x.shape:
+        den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
+        den_q = model_q(x, sigmas[i] * s_in, **extra_args)
+        if getattr(den_fp, "shape", None) != x.shape or getattr(den_q, "shape", None) != x.shape:
             raise ValueError(
                 f"calibrate: models must return denoised tensors shaped like x {tuple(x.shape)}, got "
-                f"{tuple(d_fp.shape)} (fp) and {tuple(d_q.shape)} (q)"
+                f"{tuple(getattr(den_fp, 'shape', ()))} (fp) and {tuple(getattr(den_q, 'shape', ()))} (q)"
             )
+        d_fp, d_q = to_d(x, sigmas[i], den_fp), to_d(x, sigmas[i], den_q)
         rows.append(batch_moments(d_fp, d_q, trim))
         # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.
         x = x + (sigmas[i + 1] - sigmas[i]) * (d_fp if trajectory == "fp" else d_q)

@@ -79,6 +79,7 @@ def sample_dpmpp_2m_qdrift(
     """
     check_form(form)
     table, extra_args, s_in, sig = setup("sample_dpmpp_2m_qdrift", x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigma_fn = lambda t: t.neg().exp()  # noqa: E731
     t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
     old_denoised = None
@@ -94,7 +95,7 @@ def sample_dpmpp_2m_qdrift(
         x_base = _step_2m(x, denoised, None if first else old_denoised, sigma_fn(t_next) / sigma_fn(t), h, r)
         x, _ = correct(x, x_base, _q_2m(table, form, sig, i, first), sig[i], sig[i + 1], quadrature=form == "quadrature")
         old_denoised = denoised
-    return x
+    return x.to(dtype)
 
 
 def _q_2m(table, form, sig, i, first):
@@ -189,6 +190,7 @@ def sample_dpmpp_2m_sde_qdrift(
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     _check_sde(name, eta, s_noise, form, correction)
     table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     old_denoised, h_last, h_last_cpu = None, None, None
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -227,7 +229,7 @@ def sample_dpmpp_2m_sde_qdrift(
                     x = x + noise * per_channel(std, x)
             h_last, h_last_cpu = h, h_cpu
         old_denoised = denoised
-    return x
+    return x.to(dtype)
 
 
 sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)
@@ -295,6 +297,7 @@ def sample_dpmpp_3m_sde_qdrift(
     name = "sample_dpmpp_3m_sde_qdrift"
     _check_sde(name, eta, s_noise, form, correction)
     table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     denoised_1, denoised_2 = None, None
     h, h_1, h_2 = None, None, None
@@ -336,7 +339,7 @@ def sample_dpmpp_3m_sde_qdrift(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         hc_1, hc_2 = hc, hc_1
-    return x
+    return x.to(dtype)
 
 
 sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)

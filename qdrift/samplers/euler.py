@@ -66,6 +66,7 @@ def sample_euler_qdrift(
         The sample ``[B, C, ...]`` in x's dtype.
     """
     table, extra_args, s_in, sig = setup("sample_euler_qdrift", x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
@@ -78,7 +79,7 @@ def sample_euler_qdrift(
         s_hat = sig[i] * (float(gamma) + 1)
         q = first_order_q(table, i, s_hat, sig[i + 1])
         x, _ = correct(x, x + d * dt, q, s_hat, sig[i + 1])
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
@@ -117,6 +118,7 @@ def sample_euler_ancestral_qdrift(
     """
     check_choice("correction", correction, CORRECTIONS)
     table, extra_args, s_in, sig = setup("sample_euler_ancestral_qdrift", x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -132,7 +134,7 @@ def sample_euler_ancestral_qdrift(
         if sigmas[i + 1] > 0:
             noise = noise_sampler(sigmas[i], sigmas[i + 1])
             x = x + noise * s_noise * sigma_up if std is None else x + noise * per_channel(std, x)
-    return x
+    return x.to(dtype)
 
 
 @torch.no_grad()
@@ -170,6 +172,7 @@ def sample_heun_qdrift(
         The sample ``[B, C, ...]``.
     """
     table, extra_args, s_in, sig = setup("sample_heun_qdrift", x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
@@ -192,4 +195,4 @@ def sample_heun_qdrift(
             v_next = table[min(i + 1, len(table) - 1)] if table is not None else None  # V at sigma_{i+1}
             q = None if table is None else (table[i] + v_next) * ((sig[i + 1] - s_hat) / 2) ** 2
             x, _ = correct(x, x + d_prime * dt, q, s_hat, sig[i + 1])
-    return x
+    return x.to(dtype)

@@ -71,6 +71,7 @@ def sample_lms_qdrift(
     if int(order) != order or order < 1:
         raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
     table, extra_args, s_in, sig = setup("sample_lms_qdrift", x, sigmas, V, extra_args, strength)
+    dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     ds = []
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -89,4 +90,4 @@ def sample_lms_qdrift(
         else:
             q = first_order_q(table, i, sig[i], sig[i + 1])
         x, _ = correct(x, x_base, q, sig[i], sig[i + 1], quadrature=form == "quadrature")
-    return x
+    return x.to(dtype)

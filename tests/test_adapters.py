@@ -1,0 +1,122 @@
+"""One analytic x0 expressed in every parameterization gives the same denoiser D."""
+
+import math
+
+import pytest
+import torch
+
+from qdrift import adapters
+from qdrift.analytic import GaussianData
+
+DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
+BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+ALPHAS_CUMPROD = torch.cumprod(1 - BETAS, 0)  # Stable Diffusion's scaled-linear schedule
+
+
+def _x_and_sigma():
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    sigma = torch.tensor([0.05, 0.7, 1.9, 6.0, 14.0], dtype=torch.float64)
+    return x, sigma
+
+
+def _sig(sigma, x):
+    return sigma.reshape(-1, 1, 1, 1)
+
+
+def test_discrete_eps_and_v_match_exact_denoiser():
+    x, sigma = _x_and_sigma()
+    schedule = adapters.DiscreteSchedule(ALPHAS_CUMPROD)
+
+    def sigma_of(t):
+        return schedule.t_to_sigma(t).double()
+
+    def eps_net(x_vp, t):
+        s = _sig(sigma_of(t), x_vp)
+        x_ve = x_vp * (1 + s**2) ** 0.5
+        return (x_ve - DATA.denoiser(x_ve, sigma_of(t))) / s
+
+    def v_net(x_vp, t):
+        s = _sig(sigma_of(t), x_vp)
+        x_ve = x_vp * (1 + s**2) ** 0.5
+        x0 = DATA.denoiser(x_ve, sigma_of(t))
+        eps = (x_ve - x0) / s
+        alpha, sig_vp = 1 / (1 + s**2) ** 0.5, s / (1 + s**2) ** 0.5
+        return alpha * eps - sig_vp * x0
+
+    exact = DATA.denoiser(x, sigma)
+    eps_model = adapters.DiscreteEpsDenoiser(eps_net, ALPHAS_CUMPROD)
+    v_model = adapters.DiscreteVDenoiser(v_net, ALPHAS_CUMPROD)
+    assert torch.allclose(eps_model(x, sigma), exact, atol=1e-5)
+    assert torch.allclose(v_model(x, sigma), exact, atol=1e-5)
+
+
+def test_sigma_timestep_roundtrip():
+    schedule = adapters.DiscreteSchedule(ALPHAS_CUMPROD)
+    t = torch.tensor([0.0, 10.0, 499.5, 998.25, 999.0], dtype=torch.float64)
+    assert torch.allclose(schedule.sigma_to_t(schedule.t_to_sigma(t)), t, atol=1e-6)
+    grid = schedule.sigmas.double()
+    assert torch.allclose(schedule.sigma_to_t(grid[[0, 500, 999]]), torch.tensor([0.0, 500.0, 999.0], dtype=torch.float64), atol=1e-4)
+    quantized = adapters.DiscreteSchedule(ALPHAS_CUMPROD, quantize=True)
+    assert float(quantized.sigma_to_t(schedule.t_to_sigma(torch.tensor([10.4], dtype=torch.float64)))[0]) == 10.0
+    assert math.isclose(schedule.sigma_max, float(((1 - ALPHAS_CUMPROD[-1]) / ALPHAS_CUMPROD[-1]) ** 0.5), rel_tol=1e-6)
+
+
+def test_continuous_eps_v_and_x0_match_exact_denoiser():
+    x, sigma = _x_and_sigma()
+    exact = DATA.denoiser(x, sigma)
+
+    def eps_net(x_in, s):  # VP input scaling, conditioned on sigma itself
+        x_ve = x_in * (1 + _sig(s, x_in) ** 2) ** 0.5
+        return (x_ve - DATA.denoiser(x_ve, s)) / _sig(s, x_in)
+
+    def v_net(x_in, log_s):
+        s = log_s.exp()
+        x_ve = x_in * (1 + _sig(s, x_in) ** 2) ** 0.5
+        x0 = DATA.denoiser(x_ve, s)
+        ss = _sig(s, x_in)
+        return (x_ve - x0) / ss / (1 + ss**2) ** 0.5 - ss / (1 + ss**2) ** 0.5 * x0
+
+    assert torch.allclose(adapters.ContinuousEpsDenoiser(eps_net, 0.01, 80.0)(x, sigma), exact, atol=1e-10)
+    assert torch.allclose(adapters.ContinuousVDenoiser(v_net, 0.01, 80.0, time_fn=torch.log)(x, sigma), exact, atol=1e-10)
+    assert torch.allclose(adapters.X0Denoiser(DATA.denoiser, 0.01, 80.0)(x, sigma), exact, atol=1e-12)
+
+
+def test_flow_velocity_matches_exact_denoiser():
+    """x_t = (1 - t) x0 + t eps is the VE state x / (1 - t) at sigma = t / (1 - t)."""
+    x_ve, sigma = _x_and_sigma()
+    t = sigma / (1 + sigma)
+    x_t = x_ve * _sig(1 - t, x_ve)
+
+    def velocity(x_in, tt):
+        s = tt / (1 - tt)
+        x0 = DATA.denoiser(x_in / _sig(1 - tt, x_in), s)
+        return (x_in - x0) / _sig(tt, x_in)  # v = eps - x0 = (x_t - x0) / t
+
+    flow = adapters.FlowDenoiser(velocity)
+    assert torch.allclose(flow(x_t, t), DATA.denoiser(x_ve, sigma), atol=1e-10)
+    scaled = adapters.FlowDenoiser(lambda x_in, tt: velocity(x_in, tt / 1000), time_scale=1000.0)
+    assert torch.allclose(scaled(x_t, t), DATA.denoiser(x_ve, sigma), atol=1e-10)
+
+
+def test_noise_scaling_and_schedules():
+    noise = torch.ones(1, 2, 2, 2)
+    latent = torch.full_like(noise, 3.0)
+    ve = adapters.X0Denoiser(DATA.denoiser, 0.01, 80.0)
+    assert torch.equal(ve.noise_scaling(80.0, noise), noise * 80)
+    assert torch.equal(ve.noise_scaling(2.0, noise, latent), latent + 2 * noise)
+    flow = adapters.FlowDenoiser(lambda x, t: x, shift=3.0)
+    assert torch.equal(flow.noise_scaling(1.0, noise), noise)
+    assert torch.allclose(flow.noise_scaling(0.25, noise, latent), 0.25 * noise + 0.75 * latent)
+    s = flow.get_sigmas(4)
+    assert s[0] == 1 and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
+    assert ve.get_sigmas(5)[0].item() == pytest.approx(80.0)
+
+
+def test_adapters_reject_bad_input():
+    with pytest.raises(ValueError):
+        adapters.DiscreteEpsDenoiser(lambda x, t: x, torch.tensor([0.5, 0.9]))  # increasing
+    with pytest.raises(ValueError):
+        adapters.FlowDenoiser("not callable")
+    flow = adapters.FlowDenoiser(lambda x, t: x)
+    with pytest.raises(ValueError, match="sigma"):
+        flow(torch.zeros(2, 1, 2), torch.ones(3))
