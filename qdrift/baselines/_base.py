@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 
 from .._utils import append_dims
+from ..calib.stats import DeltaMoments
 
 __all__ = ["JointMoments", "lookup_moments", "CorrectedDenoiser", "is_stochastic_sampler"]
 
@@ -32,8 +33,11 @@ _TINY = 1e-12
 
 
 @dataclass(frozen=True)
-class JointMoments:
+class JointMoments(DeltaMoments):
     """Moments of the pair ``(d, d_hat)`` at ``N`` noise levels and ``C`` channels (all ``[N, C]``, float64).
+
+    The error moments (``mean_delta``, ``var_delta``, ``cov_delta_q``, ``conditional_variance()``) come from the
+    core's :class:`qdrift.calib.stats.DeltaMoments`.
 
     Attributes:
         mean_fp: ``E[d]`` of the full-precision model.
@@ -50,34 +54,9 @@ class JointMoments:
     cov: torch.Tensor
 
     @property
-    def mean_delta(self) -> torch.Tensor:
-        """``E[delta] = E[d_hat] - E[d]`` ``[N, C]``."""
-        return self.mean_q - self.mean_fp
-
-    @property
-    def var_delta(self) -> torch.Tensor:
-        """``Var(delta) = Var(d_hat) + Var(d) - 2 Cov(d, d_hat)`` ``[N, C]`` (clamped at 0)."""
-        return (self.var_q + self.var_fp - 2.0 * self.cov).clamp(min=0.0)
-
-    @property
-    def cov_delta_q(self) -> torch.Tensor:
-        """``Cov(delta, d_hat) = Var(d_hat) - Cov(d, d_hat)`` ``[N, C]``."""
-        return self.var_q - self.cov
-
-    @property
     def cov_delta_fp(self) -> torch.Tensor:
         """``Cov(delta, d) = Cov(d, d_hat) - Var(d)`` ``[N, C]``."""
         return self.cov - self.var_fp
-
-    def conditional_var(self) -> torch.Tensor:
-        """``Var(delta | d_hat) = Var(delta) - Cov(delta, d_hat)^2 / Var(d_hat)`` ``[N, C]`` (Q-Drift's V).
-
-        Where ``Var(d_hat)`` is 0 the conditional variance is the unconditional one.
-        """
-        var_q = self.var_q
-        safe = torch.where(var_q > _TINY, var_q, torch.ones_like(var_q))
-        explained = torch.where(var_q > _TINY, self.cov_delta_q**2 / safe, torch.zeros_like(var_q))
-        return (self.var_delta - explained).clamp(min=0.0)
 
     def affine(self, a: torch.Tensor, c: torch.Tensor) -> "JointMoments":
         """Moments of ``(d, a * d_hat + c)``: what is left after an affine output correction.

@@ -65,7 +65,7 @@ class QDrift(CorrectedDenoiser):
         """Q-Drift's V at ``sigmas[:-1]`` ``[steps, C]``."""
         if hasattr(self.calibration, "at"):
             return self._table(torch.as_tensor(self.calibration.at(sigmas[:-1])).detach().cpu().double())
-        return self._table(self._moments(sigmas[:-1]).conditional_var())
+        return self._table(self._moments(sigmas[:-1]).conditional_variance())
 
     def noise_table(self, sigmas: torch.Tensor) -> Optional[torch.Tensor]:
         return self.drift_table(sigmas) if self.correction == "noise" else None
@@ -112,7 +112,7 @@ class QDriftGain(CorrectedDenoiser):
         """``V' = Var(delta' | d')`` of the gain-corrected output at ``sigmas[:-1]`` ``[steps, C]``."""
         m, k, b = self._fit(sigmas[:-1])
         a = 1.0 / (1.0 + k)
-        return self._table(m.affine(a, -b * a).conditional_var())
+        return self._table(m.affine(a, -b * a).conditional_variance())
 
     def noise_table(self, sigmas: torch.Tensor) -> Optional[torch.Tensor]:
         return self.drift_table(sigmas) if self.correction == "noise" else None

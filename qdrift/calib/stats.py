@@ -12,13 +12,45 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["PairedMoments", "batch_moments", "gather_moments", "sum_over_ranks"]
+__all__ = ["DeltaMoments", "PairedMoments", "batch_moments", "gather_moments", "sum_over_ranks"]
 
 _FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
 
 
+class DeltaMoments:
+    """Moments of the error ``delta = d_q - d_fp`` from those of the pair (mixin).
+
+    Needs ``mean_fp, mean_q, var_fp, var_q, cov`` (``Cov(d_fp, d_q)``) on the class, all the same shape.
+    """
+
+    @property
+    def mean_delta(self) -> torch.Tensor:
+        """``E[delta]`` with ``delta = d_q - d_fp`` ``[S, C]``."""
+        return self.mean_q - self.mean_fp
+
+    @property
+    def var_delta(self) -> torch.Tensor:
+        """``Var(delta) = Var(d_q) + Var(d_fp) - 2 Cov`` ``[S, C]`` (the paper's "unconditional" V)."""
+        return (self.var_q + self.var_fp - 2 * self.cov).clamp(min=0)
+
+    @property
+    def cov_delta_q(self) -> torch.Tensor:
+        """``Cov(delta, d_hat) = Var(d_q) - Cov(d_fp, d_q)`` ``[S, C]``."""
+        return self.var_q - self.cov
+
+    def conditional_variance(self) -> torch.Tensor:
+        """``Var(delta | d_hat) = Var(delta) - Cov(delta, d_hat)^2 / Var(d_hat)`` ``[S, C]`` (paper Eq. 9).
+
+        The linear-Gaussian conditional variance, ``Var(delta) (1 - rho^2)``; where ``Var(d_hat) = 0`` it is
+        ``Var(delta)``.
+        """
+        var_q = self.var_q
+        explained = torch.where(var_q > 0, self.cov_delta_q**2 / var_q.clamp(min=1e-300), torch.zeros_like(var_q))
+        return (self.var_delta - explained).clamp(min=0)
+
+
 @dataclass
-class PairedMoments:
+class PairedMoments(DeltaMoments):
     """Sufficient statistics of the pair ``(a, b) = (d_fp, d_q)``, each field ``[S, C]`` float64.
 
     Attributes:
@@ -74,31 +106,6 @@ class PairedMoments:
     def cov(self) -> torch.Tensor:
         """``Cov(d_fp, d_q)`` ``[S, C]``."""
         return self._ratio(self.c_fq)
-
-    @property
-    def mean_delta(self) -> torch.Tensor:
-        """``E[delta]`` with ``delta = d_q - d_fp`` ``[S, C]``."""
-        return self.mean_q - self.mean_fp
-
-    @property
-    def var_delta(self) -> torch.Tensor:
-        """``Var(delta) = Var(d_q) + Var(d_fp) - 2 Cov`` ``[S, C]`` (the paper's "unconditional" V)."""
-        return (self.var_q + self.var_fp - 2 * self.cov).clamp(min=0)
-
-    @property
-    def cov_delta_q(self) -> torch.Tensor:
-        """``Cov(delta, d_hat) = Var(d_q) - Cov(d_fp, d_q)`` ``[S, C]``."""
-        return self.var_q - self.cov
-
-    def conditional_variance(self) -> torch.Tensor:
-        """``Var(delta | d_hat) = Var(delta) - Cov(delta, d_hat)^2 / Var(d_hat)`` ``[S, C]`` (paper Eq. 9).
-
-        The linear-Gaussian conditional variance, ``Var(delta) (1 - rho^2)``; where ``Var(d_hat) = 0`` it is
-        ``Var(delta)``.
-        """
-        var_q = self.var_q
-        explained = torch.where(var_q > 0, self.cov_delta_q**2 / var_q.clamp(min=1e-300), torch.zeros_like(var_q))
-        return (self.var_delta - explained).clamp(min=0)
 
     def merge(self, other: "PairedMoments") -> "PairedMoments":
         """Statistics of the union of both data sets (Chan et al. 1979); neither input is changed."""

@@ -136,6 +136,20 @@ def _sde_setup(x, sigmas, noise_sampler):
     return BrownianTreeNoiseSampler(x, sigma_min, sigma_max)
 
 
+def _denoising_step(x, denoised, table, form, sig, i):
+    """The SDE solvers' last step, to sigma = 0: ``x = D`` (first order, as in k-diffusion), corrected."""
+    q = first_order_q(table, i, sig[i], 0.0) if form == "first_order" else weighted_q(table, [i], [1.0], sig)
+    return correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")[0]
+
+
+def _sde_levels(sig, i, eta, s_noise):
+    """Host-side ``(h, sigma_eff, noise_std)`` of an SDE step: its deterministic part reaches
+    ``sigma_eff = sigma_{i+1} exp(-eta h)``; fresh noise of std ``sigma_{i+1} sqrt(1 - exp(-2 eta h)) s_noise``."""
+    h = _log_steps(sig, i)
+    sigma_eff = sig[i + 1] * math.exp(-eta * float(h))
+    return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
+
+
 def _check_sde(name, eta, s_noise, form, correction):
     check_form(form, correction)
     for label, value in (("eta", eta), ("s_noise", s_noise)):
@@ -198,17 +212,13 @@ def sample_dpmpp_2m_sde_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if sigmas[i + 1] == 0:
-            # Denoising step (first order, as in k-diffusion): x_base = D, so sigma_eff = 0.
-            q = first_order_q(table, i, sig[i], 0.0) if form == "first_order" else weighted_q(table, [i], [1.0], sig)
-            x, _ = correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")
+            x = _denoising_step(x, denoised, table, form, sig, i)
         else:
             t, s = -sigmas[i].log(), -sigmas[i + 1].log()
             h = s - t
             r = None if old_denoised is None else h_last / h
             x_base = _step_2m_sde(x, denoised, old_denoised, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type)
-            h_cpu = _log_steps(sig, i)
-            sigma_eff = sig[i + 1] * math.exp(-eta * float(h_cpu))
-            noise_std = sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h_cpu))) * s_noise
+            h_cpu, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise)
             if table is None or form == "first_order":
                 q = first_order_q(table, i, sig[i], sigma_eff)
             elif old_denoised is None:
@@ -307,16 +317,12 @@ def sample_dpmpp_3m_sde_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if sigmas[i + 1] == 0:
-            # Denoising step (first order, as in k-diffusion).
-            q = first_order_q(table, i, sig[i], 0.0) if form == "first_order" else weighted_q(table, [i], [1.0], sig)
-            x, _ = correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")
+            x = _denoising_step(x, denoised, table, form, sig, i)
         else:
             t, s = -sigmas[i].log(), -sigmas[i + 1].log()
             h = s - t
-            hc = _log_steps(sig, i)
+            hc, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise)
             x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta)
-            sigma_eff = sig[i] * math.exp(-(eta + 1) * float(hc))
-            noise_std = sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(hc))) * s_noise
             if table is None or form == "first_order":
                 q = first_order_q(table, i, sig[i], sigma_eff)
             else:

@@ -77,7 +77,7 @@ def test_pooled_moments_match_brute_force():
 
 def test_conditional_var_matches_planted_closed_form():
     _, cal, m = exact(gain=0.3, var=0.2)
-    assert torch.allclose(m.conditional_var().float(), cal.at(SIGMAS), rtol=1e-5)
+    assert torch.allclose(m.conditional_variance().float(), cal.at(SIGMAS), rtol=1e-5)
 
 
 # -- PTQD and Q-Drift + gain ------------------------------------------------------------------------------
@@ -327,10 +327,10 @@ def test_corrections_stay_finite_for_any_valid_moments(vf, vq, rho, mf, mq, d_ha
     slope, mu_delta, mu_hat, var_cond = d2dpm_conditional(m)
     k, b, var_r = ptqd_gain_bias(m)
     a = 1 / (1 + k)
-    left = m.affine(a, -b * a).conditional_var()
-    for v in (slope, mu_delta, mu_hat, var_cond, k, b, var_r, left, m.conditional_var(), tac_gain_from_moments(m)):
+    left = m.affine(a, -b * a).conditional_variance()
+    for v in (slope, mu_delta, mu_hat, var_cond, k, b, var_r, left, m.conditional_variance(), tac_gain_from_moments(m)):
         assert bool(torch.isfinite(v).all())
-    for v in (var_cond, var_r, left, m.conditional_var()):
+    for v in (var_cond, var_r, left, m.conditional_variance()):
         assert bool((v >= 0).all())
     assert bool((k >= 0).all())
     assert bool(torch.isfinite(mu_delta + slope * (d_hat - mu_hat)).all())
