@@ -29,7 +29,6 @@ __all__ = ["JointMoments", "lookup_moments", "CorrectedDenoiser", "is_stochastic
 Denoiser = Callable[..., torch.Tensor]
 
 _MOMENT_KEYS = ("mean_fp", "mean_q", "var_fp", "var_q", "cov")
-_TINY = 1e-12
 
 
 @dataclass(frozen=True)
