@@ -1,0 +1,46 @@
+"""'Q-Drift calibrate': measure a calibration inside the webui, in two passes (Scripts dropdown, txt2img).
+
+Pass 1 with the full-precision checkpoint records the Euler trajectory; pass 2 with the quantized checkpoint
+(e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states and writes the calibration file.
+K = batch count x batch size. See docs/integrations.md.
+"""
+
+import gradio as gr
+
+from modules import processing, scripts, shared
+
+from qdrift.hosts import webui
+
+try:
+    from modules import paths
+
+    MODELS_DIR = paths.models_path
+except (ImportError, AttributeError):
+    MODELS_DIR = None
+
+
+class QDriftCalibrateScript(scripts.Script):
+    def title(self):
+        return "Q-Drift calibrate"
+
+    def show(self, is_img2img):
+        return not is_img2img
+
+    def ui(self, is_img2img):
+        gr.Markdown(
+            "Pass 1: load the **full-precision** checkpoint and Generate. Pass 2: load the **quantized** checkpoint, "
+            "select pass 2 and Generate again (seeds and settings of pass 1 are reused). "
+            "K = batch count x batch size; Hires. fix must be off."
+        )
+        phase = gr.Radio(webui.PHASES, value=webui.PHASES[0], label="Pass")
+        trace = gr.Textbox(value="trace.safetensors", label="Trace file (written by pass 1, read by pass 2; relative to models/qdrift)")
+        out = gr.Textbox(value="calibration.safetensors", label="Calibration file to write in pass 2 (relative to models/qdrift)")
+        reduce = gr.Radio(["channel", "scalar"], value="channel", label="V per channel, or pooled per step (scalar)")
+        return [phase, trace, out, reduce]
+
+    def run(self, p, phase, trace_path, out_path, reduce):
+        checkpoint = getattr(shared.opts, "sd_model_checkpoint", None)
+        return webui.run_calibration_pass(
+            p, phase, trace_path, out_path, reduce,
+            process_images=processing.process_images, models_dir=MODELS_DIR, checkpoint=checkpoint,
+        )

@@ -1,0 +1,83 @@
+"""Q-Drift samplers for Stable Diffusion WebUI Forge and AUTOMATIC1111 (1.6+).
+
+Registers "Euler Q-Drift", "Euler a Q-Drift", "Heun Q-Drift", "LMS Q-Drift", "DPM++ 2M Q-Drift",
+"DPM++ 2M SDE Q-Drift" and "DPM++ 3M SDE Q-Drift" as sampler entries, adds a "Q-Drift" settings section
+(calibration file, strength, V per channel or pooled) and a per-generation "Q-Drift" panel. The logic lives
+in ``qdrift.hosts.webui``; this file only hands it the host's modules.
+"""
+
+import os
+
+import gradio as gr
+
+from modules import script_callbacks, scripts, sd_samplers, sd_samplers_common, shared
+from modules.sd_samplers_kdiffusion import KDiffusionSampler
+
+from qdrift.hosts import webui
+
+try:
+    from modules import paths
+
+    MODELS_DIR = paths.models_path
+except (ImportError, AttributeError):  # very old hosts
+    MODELS_DIR = None
+
+try:
+    import k_diffusion.sampling as kdiffusion_sampling
+except ImportError:  # the host always has it; the seeded-noise hook is skipped without it
+    kdiffusion_sampling = None
+
+SETTINGS = webui.Settings(shared.opts, MODELS_DIR)
+ENTRIES = webui.sampler_entries(sd_samplers_common.SamplerData, KDiffusionSampler, SETTINGS, kdiffusion_sampling)
+REGISTERED = webui.register_samplers(sd_samplers, ENTRIES)
+
+
+def on_ui_settings():
+    section = ("qdrift", "Q-Drift")
+    shared.opts.add_option(
+        "qdrift_calibration",
+        shared.OptionInfo("", "Calibration file (from qdrift; absolute, or relative to models/qdrift)", section=section),
+    )
+    shared.opts.add_option(
+        "qdrift_strength",
+        shared.OptionInfo(1.0, "Strength (multiplier on V; 0 = plain sampler)", gr.Slider,
+                          {"minimum": 0.0, "maximum": 5.0, "step": 0.05}, section=section),
+    )
+    shared.opts.add_option(
+        "qdrift_reduce",
+        shared.OptionInfo("as calibrated", "V per channel, or one pooled V per step (scalar)", gr.Radio,
+                          {"choices": webui.REDUCE_CHOICES}, section=section),
+    )
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+
+
+class QDriftPanel(scripts.Script):
+    """Per-generation choice of the calibration file and strength (used by the Q-Drift samplers only)."""
+
+    def title(self):
+        return "Q-Drift"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        with gr.Accordion("Q-Drift", open=False):
+            calibration = gr.Textbox(label="Calibration file (empty: the one in Settings > Q-Drift)", value="")
+            strength = gr.Slider(label="Strength", minimum=0.0, maximum=5.0, step=0.05,
+                                 value=float(getattr(shared.opts, "qdrift_strength", 1.0)))
+        return [calibration, strength]
+
+    def process(self, p, calibration="", strength=None, *args):
+        if not webui.is_qdrift_sampler(getattr(p, "sampler_name", None)):
+            return
+        if calibration and calibration.strip():
+            p.qdrift_calibration = calibration.strip()
+        if strength is not None:
+            p.qdrift_strength = float(strength)
+        path, value, reduce = SETTINGS.for_processing(p)
+        p.extra_generation_params["Q-Drift calibration"] = os.path.basename(path) if path else "(none)"
+        p.extra_generation_params["Q-Drift strength"] = value
+        if reduce != "as calibrated":
+            p.extra_generation_params["Q-Drift reduce"] = reduce

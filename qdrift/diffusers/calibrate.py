@@ -1,0 +1,221 @@
+"""Paired Q-Drift calibration of two diffusers pipelines (full precision and quantized).
+
+Both pipelines run their own prompt encoding and guidance; only their schedulers are swapped for the
+calibration pass: the full-precision pipeline gets a recording Euler scheduler (the calibration trajectory
+of the paper, Sec. 3.1, is full-precision Euler), the quantized pipeline a replaying one that returns the
+recorded states, so the quantized model is evaluated on exactly the full-precision trajectory. The model
+outputs the schedulers see are taken after classifier-free guidance, as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from ..calib.calibration import Calibration
+from ..hosts.paired import PairedTrace, PairedTraceError
+from .schedulers import _diffusers_base, _step_with_signature
+
+__all__ = ["calibrate_pipeline"]
+
+
+def _denoised(sched, i: int, model_output: torch.Tensor, sample: torch.Tensor, out) -> torch.Tensor:
+    """The x0 estimate D at step i in the scheduler's own sigma space (float32)."""
+    if isinstance(sched, FlowMatchEulerDiscreteScheduler):
+        sigma = float(sched.sigmas[i])
+        return sample.to(torch.float32) - sigma * model_output.to(torch.float32)
+    return out.pred_original_sample.to(torch.float32)
+
+
+class _PairMixin:
+    """Recording (``mode="fp"``) or replaying (``mode="q"``) Euler scheduler for :func:`calibrate_pipeline`."""
+
+    def _pair_begin(self, mode: str, channel_dim: int, run: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self._pair_mode = mode
+        self._pair_dim = channel_dim
+        self._pair_run = run
+        self._pair_x: List[torch.Tensor] = []
+        self._pair_d: List[torch.Tensor] = []
+        self._pair_final: Optional[torch.Tensor] = None
+
+    def _to_cf(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float32).movedim(self._pair_dim, 1)
+
+    def _from_cf(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.movedim(1, self._pair_dim).to(device=like.device, dtype=like.dtype)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.step = _step_with_signature(_diffusers_base(cls))
+
+    def _qdrift_step(self, model_output, timestep, sample, **kwargs):
+        return_dict = kwargs.pop("return_dict", True)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = int(self.step_index)
+        out = super().step(model_output, timestep, sample, return_dict=True, **kwargs)
+        D = _denoised(self, i, model_output, sample, out)
+        last = i == len(self.timesteps) - 1
+        if self._pair_mode == "fp":
+            self._pair_x.append(self._to_cf(sample))
+            self._pair_d.append(self._to_cf(D))
+            if last:
+                self._pair_final = self._to_cf(out.prev_sample)
+        else:
+            run = self._pair_run
+            if i >= run["x"].shape[0]:
+                raise PairedTraceError("the quantized pipeline ran more steps than the full-precision one")
+            if i == 0:
+                gap = float((self._to_cf(sample) - run["x"][0]).abs().max())
+                if gap > 1e-3 * max(float(self.sigmas[0]), 1.0):
+                    raise PairedTraceError(
+                        f"the quantized pipeline started from different latents (max difference {gap:.3g}); both "
+                        "pipelines must build the same latents from the same generator seed"
+                    )
+            self._pair_d.append(self._to_cf(D))
+            nxt = run["final"] if last else run["x"][i + 1]
+            out.prev_sample = self._from_cf(nxt, out.prev_sample)
+        if return_dict:
+            return out
+        return (out.prev_sample,) + tuple(out.to_tuple()[1:])
+
+
+class _RecordEuler(_PairMixin, EulerDiscreteScheduler):
+    pass
+
+
+class _RecordFlowEuler(_PairMixin, FlowMatchEulerDiscreteScheduler):
+    pass
+
+
+def _calibration_scheduler(scheduler: Any):
+    """The Euler scheduler of the pipeline's family, with the pipeline scheduler's config."""
+    cfg = scheduler.config
+    name = type(scheduler).__name__
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or "FlowMatch" in name:
+        if getattr(cfg, "stochastic_sampling", False):
+            raise ValueError("calibrate_pipeline: a stochastic flow-matching scheduler config is not supported")
+        return _RecordFlowEuler
+    if getattr(cfg, "use_flow_sigmas", False) or getattr(cfg, "prediction_type", None) == "flow_prediction":
+        raise ValueError(
+            f"calibrate_pipeline: {name} is configured for a flow model; give the pipeline a "
+            "FlowMatchEulerDiscreteScheduler to calibrate it"
+        )
+    return _RecordEuler
+
+
+def _prompt_kwargs(prompt: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if isinstance(prompt, dict):
+        return dict(prompt)
+    raise ValueError(
+        f"each prompt must be a string or a dict of pipeline call arguments (e.g. prompt_embeds), got {type(prompt).__name__}"
+    )
+
+
+def calibrate_pipeline(
+    fp_pipe: Any,
+    q_pipe: Any,
+    prompts: Sequence[Union[str, Dict[str, Any]]],
+    K: int,
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    reduce: str = "channel",
+    conditional: bool = True,
+    trim: Optional[float] = 4.0,
+    channel_dim: int = 1,
+    call_kwargs: Optional[Dict[str, Any]] = None,
+    progress: bool = False,
+) -> Calibration:
+    """Calibrates Q-Drift for a quantized diffusers pipeline against its full-precision twin.
+
+    Runs ``K`` paired generations: run ``k`` uses ``prompts[k % len(prompts)]`` and generator seed
+    ``seed + k``. The full-precision pipeline follows Euler (``EulerDiscreteScheduler``, or
+    ``FlowMatchEulerDiscreteScheduler`` for flow models, both built from its scheduler's config); the quantized
+    pipeline is evaluated on the recorded states. The pipelines' schedulers are restored afterwards.
+
+    Args:
+        fp_pipe: the full-precision pipeline.
+        q_pipe: the quantized pipeline (same architecture, latent shape and scheduler config).
+        prompts: strings, or dicts of call arguments (e.g. ``{"prompt_embeds": ..., "negative_prompt_embeds":
+            ...}``) for pipelines driven by embeddings.
+        K: number of calibration runs (the paper finds K = 5 close to a 5,000-run reference).
+        num_inference_steps: calibration steps (V is interpolated in log-sigma for other schedules).
+        guidance_scale: passed to both pipelines when not None (pairs are recorded after guidance).
+        seed: base generator seed.
+        reduce: ``"channel"`` or ``"scalar"``.
+        conditional: ``Var(delta | d_hat)`` (True, the paper) or ``Var(delta)``.
+        trim: delta outlier trimming in standard deviations (None or 0: none).
+        channel_dim: the latents' channel axis as the scheduler sees them (-1 for packed FLUX latents).
+        call_kwargs: further arguments for both pipeline calls (``height``, ``width``, ...).
+        progress: show the pipelines' progress bars.
+
+    Returns:
+        The :class:`qdrift.Calibration` (for :func:`qdrift.diffusers.qdrift_scheduler` or the k-diffusion samplers).
+
+    Raises:
+        ValueError: for bad arguments, or when the two pipelines' runs do not pair up.
+    """
+    if not isinstance(K, int) or isinstance(K, bool) or K < 1:
+        raise ValueError(f"K must be an int >= 1, got {K!r}")
+    if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or of dicts of call arguments")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number or None, got {guidance_scale!r}")
+    for name, pipe in (("fp_pipe", fp_pipe), ("q_pipe", q_pipe)):
+        if not callable(pipe) or not hasattr(pipe, "scheduler"):
+            raise ValueError(f"{name} must be a diffusers pipeline (callable with a .scheduler), got {type(pipe).__name__}")
+    calls = [_prompt_kwargs(p) for p in prompts]
+    rec_cls = _calibration_scheduler(fp_pipe.scheduler)
+    base_config = fp_pipe.scheduler.config
+    recorder = rec_cls.from_config(base_config)
+    replayer = rec_cls.from_config(base_config)
+    trace = PairedTrace(
+        meta={
+            "host": "diffusers",
+            "scheduler": rec_cls.__mro__[2].__name__,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "channel_dim": channel_dim,
+        }
+    )
+    orig_fp, orig_q = fp_pipe.scheduler, q_pipe.scheduler
+    bars = []
+    if not progress:
+        for pipe in {id(fp_pipe): fp_pipe, id(q_pipe): q_pipe}.values():
+            if hasattr(pipe, "set_progress_bar_config"):
+                bars.append((pipe, dict(getattr(pipe, "_progress_bar_config", {}))))
+                pipe.set_progress_bar_config(disable=True)
+    try:
+        for k in range(K):
+            kwargs = dict(calls[k % len(calls)])
+            kwargs.update(call_kwargs or {})
+            kwargs["num_inference_steps"] = num_inference_steps
+            kwargs["output_type"] = "latent"
+            if guidance_scale is not None:
+                kwargs["guidance_scale"] = guidance_scale
+            recorder._pair_begin("fp", channel_dim)
+            fp_pipe.scheduler = recorder  # set before each call: fp_pipe may be q_pipe (a sanity check)
+            fp_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
+            if recorder._pair_final is None:
+                raise PairedTraceError("the full-precision pipeline did not run its scheduler to the end")
+            run = trace.add_run(recorder.sigmas, recorder._pair_x, recorder._pair_d, recorder._pair_final)
+            replayer._pair_begin("q", channel_dim, trace.runs[run])
+            q_pipe.scheduler = replayer
+            q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
+            trace.set_q(run, replayer._pair_d)
+    finally:
+        fp_pipe.scheduler = orig_fp
+        q_pipe.scheduler = orig_q
+        for pipe, cfg in bars:
+            pipe._progress_bar_config = cfg
+    return trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K})

@@ -1,0 +1,329 @@
+"""Q-Drift for diffusers schedulers: subclasses that rescale each step's deterministic increment.
+
+Each class is the diffusers scheduler with one change in ``step``: after the plain step, the deterministic
+increment ``delta_x`` of that step is scaled by ``(1 + c_i)`` (Q-Drift, arXiv 2603.18095, Eq. 12),
+
+    prev_sample = plain_prev_sample + c_i * delta_x,     c_i = |sigma_eff - sigma_i| V_i / (2 sigma_i)
+
+where ``V_i`` is the calibrated ``Var(delta | d_hat)`` at ``sigma_i`` (channel-wise, looked up with
+:meth:`qdrift.Calibration.at`), and, per family:
+
+- ``EulerDiscreteScheduler`` (VE sigma, ``x = x0 + sigma eps``): ``delta_x = dt * (x - x0_pred) / sigma``,
+  ``sigma_eff = sigma_{i+1}``;
+- ``EulerAncestralDiscreteScheduler``: the same with ``sigma_eff = sigma_down``; the ancestral noise is
+  unchanged (paper Sec. 3.2);
+- ``FlowMatchEulerDiscreteScheduler`` (sigma = flow time t): ``delta_x = dt * v``; the paper calls this
+  case a heuristic (marginal preservation holds for probability-flow parameterizations);
+- ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``: in ``y = x / alpha_t`` space the
+  whole increment is scaled, ``y_next = y + (1 + c)(y_next_base - y)`` (the authors' code; paper Eq. 44-45),
+  with the first-order ``c`` above in VE sigma ``sigma_t / alpha_t``.
+
+With ``V = 0`` (or no calibration, or ``strength = 0``) every class returns exactly what the plain
+scheduler returns. The V of a calibration must be in the same space as the scheduler's sigmas: VE sigma
+(eps-space error) for the first, second and fourth, flow time (velocity-space error) for flow matching;
+:func:`qdrift.diffusers.calibrate_pipeline` produces exactly that.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Type
+
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+from ..correction import first_order_coefficient
+
+__all__ = [
+    "QDriftEulerDiscreteScheduler",
+    "QDriftEulerAncestralDiscreteScheduler",
+    "QDriftFlowMatchEulerDiscreteScheduler",
+    "QDriftDPMSolverMultistepScheduler",
+    "qdrift_scheduler",
+    "SUPPORTED_SCHEDULERS",
+]
+
+
+def channel_shape(ndim: int, channel_dim: int, channels: int):
+    """Shape that broadcasts a per-channel vector ``[C]`` along ``channel_dim`` of an ``ndim`` tensor."""
+    shape = [1] * ndim
+    shape[channel_dim] = channels
+    return shape
+
+
+class _QDriftMixin:
+    """Shared state and ``step`` override. Subclasses provide :meth:`_qdrift_increment`."""
+
+    _qdrift_V: Any = None
+    _qdrift_strength: float = 1.0
+    _qdrift_channel_dim: int = 1
+
+    # ---------------------------------------------------------------- configuration
+    def set_calibration(self, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1) -> "_QDriftMixin":
+        """Attaches the Q-Drift calibration (not part of the diffusers config; set it after ``from_config``).
+
+        Args:
+            calibration: None (plain scheduler), a :class:`qdrift.Calibration` (V looked up at each step's
+                sigma), or a tensor ``[num_inference_steps, C]`` / ``[num_inference_steps]`` of V per step.
+            strength: multiplier on V (1 = the paper's correction, 0 = off).
+            channel_dim: the latents' channel axis (1 for ``[B, C, H, W]`` latents; -1 for packed
+                ``[B, tokens, C]`` latents such as FLUX's).
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: for a negative or non-finite strength, a non-integer channel_dim, a V table that is
+                negative or non-finite, or a calibration of another type.
+        """
+        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+            raise ValueError(f"channel_dim must be an int, got {channel_dim!r}")
+        if calibration is not None and not hasattr(calibration, "at"):
+            if not isinstance(calibration, torch.Tensor):
+                raise ValueError(
+                    f"calibration must be None, a qdrift.Calibration or a tensor of V per step, got {type(calibration).__name__}"
+                )
+            if calibration.ndim not in (1, 2) or not bool(torch.isfinite(calibration).all()) or bool((calibration < 0).any()):
+                raise ValueError(
+                    f"a V table must be [steps, C] or [steps], finite and >= 0; got shape {tuple(calibration.shape)}"
+                )
+        self._qdrift_check_config()
+        self._qdrift_V = calibration
+        self._qdrift_strength = float(strength)
+        self._qdrift_channel_dim = channel_dim
+        return self
+
+    @property
+    def qdrift_calibration(self) -> Any:
+        """The attached calibration (None: plain scheduler)."""
+        return self._qdrift_V
+
+    def _qdrift_check_config(self) -> None:
+        """Raises ``ValueError`` for scheduler options the correction does not cover."""
+
+    # ---------------------------------------------------------------- V lookup
+    def _qdrift_v(self, i: int, sigma: float, sample: torch.Tensor) -> torch.Tensor:
+        V = self._qdrift_V
+        if hasattr(V, "at"):
+            v = V.at(torch.tensor([sigma], dtype=torch.float64))[0]
+        else:
+            steps = len(self.timesteps)
+            table = V if V.ndim == 2 else V[:, None]
+            if table.shape[0] != steps:
+                raise ValueError(
+                    f"the V table has {table.shape[0]} rows but the scheduler runs {steps} steps: give one row per step"
+                )
+            v = table[i]
+        dim = self._qdrift_channel_dim
+        try:
+            channels = sample.shape[dim]
+        except IndexError:
+            raise ValueError(f"channel_dim={dim} is out of range for latents of shape {tuple(sample.shape)}") from None
+        if v.numel() not in (1, channels):
+            raise ValueError(
+                f"the calibration has {v.numel()} channels but the latents have {channels} along channel_dim={dim} "
+                f"(shape {tuple(sample.shape)}): calibrate with the same pipeline, or pass the right channel_dim"
+            )
+        return v.to(device=sample.device, dtype=torch.float32) * self._qdrift_strength
+
+    # ---------------------------------------------------------------- step
+    def _qdrift_increment(self, i: int, model_output, sample, out, kwargs):  # pragma: no cover - abstract
+        """Returns ``(delta_x float32, sigma_i, sigma_eff)`` for step ``i`` given the plain step's output."""
+        raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs):
+        # Each subclass gets a ``step`` with its diffusers base's exact signature: pipelines inspect it
+        # (``prepare_extra_step_kwargs`` passes ``generator`` / ``eta`` only when they are parameters).
+        super().__init_subclass__(**kwargs)
+        cls.step = _step_with_signature(_diffusers_base(cls))
+
+    def _qdrift_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, **kwargs):
+        """The plain scheduler's ``step`` followed by the Q-Drift rescale of its deterministic increment.
+
+        Takes the same arguments as the wrapped scheduler's ``step`` and returns the same type (output
+        object, or tuple when ``return_dict=False``).
+        """
+        return_dict = kwargs.pop("return_dict", True)
+        if self._qdrift_V is None or self._qdrift_strength == 0.0:
+            return super().step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i = int(self.step_index)
+        self._qdrift_check_call(i, kwargs)
+        out = super().step(model_output, timestep, sample, return_dict=True, **kwargs)
+        prev = out.prev_sample
+        delta, sigma, sigma_eff = self._qdrift_increment(i, model_output, sample, out, kwargs)
+        v = self._qdrift_v(i, sigma, prev)
+        # Q-Drift: scale the deterministic increment by (1 + c_i), c_i = |sigma_eff - sigma| V_i / (2 sigma) (Eq. 12).
+        c = first_order_coefficient(v, sigma, sigma_eff).reshape(channel_shape(prev.ndim, self._qdrift_channel_dim, v.numel()))
+        new_prev = (prev.to(torch.float32) + c * delta).to(prev.dtype)
+        out.prev_sample = new_prev
+        if return_dict:
+            return out
+        return (new_prev,) + tuple(out.to_tuple()[1:])
+
+    def _qdrift_check_call(self, i: int, kwargs) -> None:
+        """Raises ``ValueError`` for step options the correction does not cover."""
+
+
+def _diffusers_base(cls) -> type:
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("diffusers.") and hasattr(base, "step"):
+            return base
+    raise TypeError(f"{cls.__name__} must derive from a diffusers scheduler")
+
+
+def _step_with_signature(base: type):
+    signature = inspect.signature(base.step)
+
+    def step(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}.step: {e}") from None
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        return self._qdrift_step(**arguments)
+
+    step.__signature__ = signature
+    step.__name__ = "step"
+    step.__qualname__ = f"{base.__name__}.step"
+    step.__doc__ = (
+        f"``{base.__name__}.step`` followed by the Q-Drift rescale of the step's deterministic increment "
+        "(see the module docstring); same arguments and return type."
+    )
+    return step
+
+
+def _float(t) -> float:
+    return float(t.item() if isinstance(t, torch.Tensor) else t)
+
+
+class QDriftEulerDiscreteScheduler(_QDriftMixin, EulerDiscreteScheduler):
+    """``EulerDiscreteScheduler`` with Q-Drift (see the module docstring). ``s_churn`` must stay 0."""
+
+    def _qdrift_check_call(self, i, kwargs):
+        if float(kwargs.get("s_churn", 0.0)) > 0:
+            raise ValueError("QDriftEulerDiscreteScheduler: s_churn > 0 is not supported with a calibration; use s_churn=0")
+
+    def _qdrift_increment(self, i, model_output, sample, out, kwargs):
+        sigma, sigma_next = _float(self.sigmas[i]), _float(self.sigmas[i + 1])
+        x = sample.to(torch.float32)
+        d = (x - out.pred_original_sample.to(torch.float32)) / sigma
+        return d * (sigma_next - sigma), sigma, sigma_next
+
+
+class QDriftEulerAncestralDiscreteScheduler(_QDriftMixin, EulerAncestralDiscreteScheduler):
+    """``EulerAncestralDiscreteScheduler`` with Q-Drift: Euler to ``sigma_down`` with ``c_i``, noise unchanged."""
+
+    def _qdrift_increment(self, i, model_output, sample, out, kwargs):
+        s_from, s_to = _float(self.sigmas[i]), _float(self.sigmas[i + 1])
+        s_up = math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
+        s_down = math.sqrt(max(s_to**2 - s_up**2, 0.0))
+        x = sample.to(torch.float32)
+        d = (x - out.pred_original_sample.to(torch.float32)) / s_from
+        return d * (s_down - s_from), s_from, s_down
+
+
+class QDriftFlowMatchEulerDiscreteScheduler(_QDriftMixin, FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` with Q-Drift in flow time (``delta_x = dt * v``)."""
+
+    def _qdrift_check_config(self):
+        if getattr(self.config, "stochastic_sampling", False):
+            raise ValueError("QDriftFlowMatchEulerDiscreteScheduler: stochastic_sampling=True is not supported")
+
+    def _qdrift_check_call(self, i, kwargs):
+        if kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("QDriftFlowMatchEulerDiscreteScheduler: per_token_timesteps is not supported")
+        if float(kwargs.get("s_churn", 0.0)) > 0:
+            raise ValueError("QDriftFlowMatchEulerDiscreteScheduler: s_churn > 0 is not supported")
+
+    def _qdrift_increment(self, i, model_output, sample, out, kwargs):
+        sigma, sigma_next = _float(self.sigmas[i]), _float(self.sigmas[i + 1])
+        return model_output.to(torch.float32) * (sigma_next - sigma), sigma, sigma_next
+
+
+class QDriftDPMSolverMultistepScheduler(_QDriftMixin, DPMSolverMultistepScheduler):
+    """``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``) with Q-Drift.
+
+    The step's whole increment is scaled in ``y = x / alpha_t`` space, ``y_next = y + (1 + c)(y_base - y)``,
+    with the first-order ``c = |dsigma| V / (2 sigma)`` in VE sigma (the form the core's samplers default to).
+    """
+
+    def _qdrift_check_config(self):
+        if self.config.algorithm_type != "dpmsolver++":
+            raise ValueError(
+                f"QDriftDPMSolverMultistepScheduler supports algorithm_type='dpmsolver++' only, got "
+                f"{self.config.algorithm_type!r}"
+            )
+        if getattr(self.config, "use_flow_sigmas", False) or self.config.prediction_type == "flow_prediction":
+            raise ValueError(
+                "QDriftDPMSolverMultistepScheduler: flow-matching configs (use_flow_sigmas / flow_prediction) are not "
+                "supported; use QDriftFlowMatchEulerDiscreteScheduler for flow models"
+            )
+
+    def _qdrift_increment(self, i, model_output, sample, out, kwargs):
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i])
+        alpha_s, sigma_s = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
+        ve, ve_next = _float(sigma_t) / _float(alpha_t), _float(sigma_s) / _float(alpha_s)
+        # In x units: alpha_s (y_base - y) = prev - (alpha_s / alpha_t) x.
+        delta = out.prev_sample.to(torch.float32) - (_float(alpha_s) / _float(alpha_t)) * sample.to(torch.float32)
+        return delta, ve, ve_next
+
+
+SUPPORTED_SCHEDULERS = {
+    EulerDiscreteScheduler: QDriftEulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler: QDriftEulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler: QDriftFlowMatchEulerDiscreteScheduler,
+    DPMSolverMultistepScheduler: QDriftDPMSolverMultistepScheduler,
+}
+"""diffusers scheduler class -> its Q-Drift subclass."""
+
+
+def _qdrift_class(scheduler: Any) -> Type[_QDriftMixin]:
+    cls = type(scheduler)
+    if isinstance(scheduler, _QDriftMixin):
+        return cls
+    for base, qcls in SUPPORTED_SCHEDULERS.items():
+        if cls is base:
+            return qcls
+    names = ", ".join(b.__name__ for b in SUPPORTED_SCHEDULERS)
+    raise ValueError(f"Q-Drift supports {names}; got {cls.__name__} (convert with <Scheduler>.from_config(pipe.scheduler.config))")
+
+
+def qdrift_scheduler(
+    scheduler: Any, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1
+) -> _QDriftMixin:
+    """Returns a Q-Drift version of a diffusers scheduler, built from its config.
+
+    Example::
+
+        cal = qdrift.load_calibration("sdxl_w4a4.safetensors")
+        pipe.scheduler = qdrift_scheduler(pipe.scheduler, cal)
+        image = pipe(prompt).images[0]
+
+    Args:
+        scheduler: an ``EulerDiscreteScheduler``, ``EulerAncestralDiscreteScheduler``,
+            ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler`` (dpmsolver++) instance.
+        calibration: None, a :class:`qdrift.Calibration`, or a V table (see
+            :meth:`QDriftEulerDiscreteScheduler.set_calibration`).
+        strength: multiplier on V.
+        channel_dim: the latents' channel axis (-1 for packed FLUX latents).
+
+    Returns:
+        A new scheduler of the matching ``QDrift*`` class with the same config (the original is unchanged).
+
+    Raises:
+        ValueError: for an unsupported scheduler class or option, or a bad calibration/strength.
+    """
+    qcls = _qdrift_class(scheduler)
+    new = qcls.from_config(scheduler.config)
+    return new.set_calibration(calibration, strength=strength, channel_dim=channel_dim)

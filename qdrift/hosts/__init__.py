@@ -1,0 +1,26 @@
+"""Host-side helpers shared by the ComfyUI, Forge/A1111 and diffusers integrations.
+
+Nothing in the core imports this package. It holds the two pieces every host needs:
+
+- :func:`bind_sampler`: a qdrift sampler with its calibration bound, exposing the k-diffusion contract
+  ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **knobs)`` and a signature that hosts
+  which inspect it (A1111/Forge look for ``sigmas``, ``eta``, ``noise_sampler``...) read correctly.
+- :class:`PairedTrace`: two-pass paired calibration for hosts that hold one model at a time: pass 1 runs
+  the full-precision Euler trajectory and records ``(x_i, D_fp(x_i))``; pass 2 evaluates the quantized
+  model on the recorded ``x_i``; :meth:`PairedTrace.calibration` turns the pairs into a
+  :class:`qdrift.Calibration`.
+"""
+
+from ._bind import SAMPLER_LABELS, bind_sampler, load_calibration_cached, sampler_names, seeded_noise_factory
+from .paired import PairedTrace, PairedTraceError, calibration_from_pairs
+
+__all__ = [
+    "SAMPLER_LABELS",
+    "bind_sampler",
+    "load_calibration_cached",
+    "sampler_names",
+    "seeded_noise_factory",
+    "PairedTrace",
+    "PairedTraceError",
+    "calibration_from_pairs",
+]

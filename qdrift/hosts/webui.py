@@ -1,0 +1,331 @@
+"""Host logic of the Forge / AUTOMATIC1111 extension (``integrations/sd-webui``), kept host-module free.
+
+The extension's scripts pass the host's modules in; everything here is testable without a webui.
+
+How those hosts call a sampler (checked against lllyasviel/stable-diffusion-webui-forge dfdcbab6 and
+AUTOMATIC1111/stable-diffusion-webui 1.6+ ``modules/sd_samplers_kdiffusion.py``): a
+``SamplerData(name, constructor, aliases, options)`` entry's constructor returns
+``KDiffusionSampler(func, sd_model)``; at sampling time the host calls
+``func(model_wrap_cfg, x, extra_args={cond, image_cond, uncond, cond_scale, s_min_uncond}, disable=False,
+callback=..., **kw)`` where ``kw`` holds ``sigmas`` (and ``n``, ``sigma_min``, ``sigma_max``, ``eta``...) only if
+those names are parameters of ``inspect.signature(func)``, plus ``noise_sampler`` when the entry's options
+ask for ``brownian_noise`` and ``solver_type`` for ``"heun"``. ``model_wrap_cfg.p`` is the processing object.
+Seeded per-step noise comes from ``k_diffusion.sampling.torch.randn_like``, which the host replaces per
+generation; the qdrift samplers receive a noise sampler that calls it, so seeds behave as for "Euler a".
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from ._bind import SAMPLER_LABELS, bind_sampler, load_calibration_cached
+
+__all__ = [
+    "SAMPLER_OPTIONS",
+    "Settings",
+    "calibration_dirs",
+    "resolve_calibration_path",
+    "make_sampler",
+    "sampler_entries",
+    "register_samplers",
+    "active_pass",
+    "is_qdrift_sampler",
+    "calibration_pass",
+    "run_calibration_pass",
+    "PHASES",
+    "REDUCE_CHOICES",
+]
+
+# Default schedule and noise options per sampler, as the host's own entries of the same family use them.
+SAMPLER_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "euler": {},
+    "euler_ancestral": {"uses_ensd": True},
+    "heun": {"second_order": True},
+    "lms": {},
+    "dpmpp_2m": {"scheduler": "karras"},
+    "dpmpp_2m_sde": {"scheduler": "exponential", "brownian_noise": True},
+    "dpmpp_3m_sde": {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True},
+}
+
+REDUCE_CHOICES = ["as calibrated", "channel", "scalar"]
+
+_LOCAL = threading.local()
+
+
+class Settings:
+    """Where the sampler reads its calibration: per generation (attributes the extension's panel sets on
+    ``p``) first, then the webui settings (``opts``).
+
+    Args:
+        opts: the host's ``shared.opts`` (or any object with ``qdrift_calibration``, ``qdrift_strength``,
+            ``qdrift_reduce`` attributes).
+        models_dir: the host's models directory (``modules.paths.models_path``); relative calibration paths
+            are looked up in ``<models_dir>/qdrift`` and then the working directory.
+    """
+
+    def __init__(self, opts: Any, models_dir: Optional[str] = None):
+        self.opts = opts
+        self.models_dir = models_dir
+
+    def for_processing(self, p: Any) -> Tuple[str, float, str]:
+        """``(calibration path as given, strength, reduce)`` for one generation."""
+        path = (getattr(p, "qdrift_calibration", None) or getattr(self.opts, "qdrift_calibration", "") or "").strip()
+        strength = getattr(p, "qdrift_strength", None)
+        if strength is None:
+            strength = getattr(self.opts, "qdrift_strength", 1.0)
+        reduce = getattr(p, "qdrift_reduce", None) or getattr(self.opts, "qdrift_reduce", "as calibrated") or "as calibrated"
+        return path, float(strength), reduce
+
+
+def calibration_dirs(models_dir: Optional[str]) -> List[str]:
+    """Folders searched for relative calibration paths: ``<models>/qdrift`` then the working directory."""
+    dirs = []
+    if models_dir:
+        dirs.append(os.path.join(models_dir, "qdrift"))
+    dirs.append(os.getcwd())
+    return dirs
+
+
+def resolve_calibration_path(name: str, models_dir: Optional[str]) -> str:
+    """Finds a calibration file (absolute, or relative to ``<models>/qdrift`` or the working directory).
+
+    Raises:
+        ValueError: if no file was chosen.
+        FileNotFoundError: naming every path tried.
+    """
+    name = (name or "").strip()
+    if not name:
+        raise ValueError(
+            "Q-Drift: no calibration file chosen. Set one in Settings > Q-Drift, or in the Q-Drift panel of this "
+            "tab, or make one with the 'Q-Drift calibrate' script"
+        )
+    name = os.path.expanduser(name)
+    bases = [""] if os.path.isabs(name) else calibration_dirs(models_dir)
+    tried = []
+    for base in bases:
+        path = os.path.join(base, name)
+        for cand in (path,) if path.endswith(".safetensors") else (path, path + ".safetensors"):
+            tried.append(cand)
+            if os.path.isfile(cand):
+                return cand
+    raise FileNotFoundError("Q-Drift calibration file not found; looked for: " + ", ".join(tried))
+
+
+def active_pass() -> Optional[Callable]:
+    """The calibration pass (a k-diffusion sampler) the 'Q-Drift calibrate' script installed, if any."""
+    return getattr(_LOCAL, "active", None)
+
+
+class calibration_pass:
+    """Context manager: while active, every Q-Drift sampler runs ``sampler`` (a calibration pass) instead."""
+
+    def __init__(self, sampler: Callable):
+        self.sampler = sampler
+
+    def __enter__(self):
+        self.previous = active_pass()
+        _LOCAL.active = self.sampler
+        return self
+
+    def __exit__(self, *exc):
+        _LOCAL.active = self.previous
+        return False
+
+
+def _host_noise_factory(kdiffusion_sampling: Any) -> Callable:
+    def factory(x, sigmas, extra_args):
+        torch_like = getattr(kdiffusion_sampling, "torch", None) if kdiffusion_sampling is not None else None
+        if torch_like is None or not hasattr(torch_like, "randn_like"):
+            return None
+        return lambda sigma, sigma_next: torch_like.randn_like(x)
+
+    return factory
+
+
+def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None) -> Callable:
+    """The function a webui ``KDiffusionSampler`` runs for the qdrift sampler ``name``.
+
+    It keeps the qdrift sampler's signature (so the host passes ``sigmas``, ``eta``, ``noise_sampler``), reads
+    the calibration for each generation from :class:`Settings`, draws per-step noise through the host's seeded
+    ``k_diffusion.sampling.torch.randn_like``, and runs the 'Q-Drift calibrate' script's pass when one is active.
+
+    Args:
+        name: short qdrift sampler name (``"euler"``, ``"dpmpp_2m"``, ...).
+        settings: where to read the calibration.
+        kdiffusion_sampling: the host's ``k_diffusion.sampling`` module (for seeded noise), or None.
+    """
+
+    def resolve(model, extra_args):
+        path, strength, reduce = settings.for_processing(getattr(model, "p", None))
+        cal = load_calibration_cached(resolve_calibration_path(path, settings.models_dir))
+        if reduce not in REDUCE_CHOICES:
+            raise ValueError(f"Q-Drift: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
+        if reduce != "as calibrated":
+            cal = cal.with_options(reduce=reduce)
+        return cal, strength
+
+    bound = bind_sampler(name, resolve=resolve, noise_sampler_factory=_host_noise_factory(kdiffusion_sampling))
+
+    def sampler(model, x, sigmas, V=None, extra_args=None, callback=None, disable=None, **kw):
+        calib = active_pass()
+        if calib is not None:
+            return calib(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+        if V is not None:
+            kw["V"] = V
+        return bound(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+
+    sampler.__signature__ = bound.__signature__
+    sampler.__name__ = bound.__name__
+    sampler.__doc__ = bound.__doc__
+    sampler.qdrift_name = name
+    return sampler
+
+
+def sampler_entries(
+    SamplerData: Callable, KDiffusionSampler: Callable, settings: Settings, kdiffusion_sampling: Any = None
+) -> list:
+    """One host ``SamplerData`` per qdrift sampler, labelled ``"Euler Q-Drift"``, ``"DPM++ 2M Q-Drift"``..."""
+    entries = []
+    for name, label in SAMPLER_LABELS.items():
+        fn = make_sampler(name, settings, kdiffusion_sampling)
+        options = dict(SAMPLER_OPTIONS[name], qdrift=name)
+        entries.append(SamplerData(label, lambda model, fn=fn: KDiffusionSampler(fn, model), [f"qdrift_{name}"], options))
+    return entries
+
+
+def register_samplers(sd_samplers: Any, entries: Iterable) -> List[str]:
+    """Adds the entries to the host's sampler list (Forge's ``add_sampler``, else A1111's lists + ``set_samplers``).
+
+    Returns:
+        The names added (an entry whose name is already registered is skipped).
+    """
+    added = []
+    existing = {x.name for x in sd_samplers.all_samplers}
+    for entry in entries:
+        if entry.name in existing:
+            continue
+        if hasattr(sd_samplers, "add_sampler"):
+            sd_samplers.add_sampler(entry)
+        else:
+            sd_samplers.all_samplers.append(entry)
+            sd_samplers.all_samplers_map[entry.name] = entry
+        existing.add(entry.name)
+        added.append(entry.name)
+    if added and not hasattr(sd_samplers, "add_sampler") and hasattr(sd_samplers, "set_samplers"):
+        sd_samplers.set_samplers()
+    return added
+
+
+def is_qdrift_sampler(name: Optional[str]) -> bool:
+    """True for the labels (or aliases) of the registered Q-Drift samplers."""
+    if not name:
+        return False
+    return name in SAMPLER_LABELS.values() or name.lower() in {f"qdrift_{n}" for n in SAMPLER_LABELS}
+
+
+PHASES = ["1: record full precision", "2: replay quantized and save"]
+"""The two passes of the 'Q-Drift calibrate' script."""
+
+# Generation settings pass 1 stores and pass 2 restores, so both passes draw the same noise on the same schedule.
+_REPLAYED_SETTINGS = ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
+                      "scheduler", "subseed", "subseed_strength", "seed_resize_from_h", "seed_resize_from_w")
+
+
+def _in_models(path: str, models_dir: Optional[str]) -> str:
+    path = os.path.expanduser((path or "").strip())
+    if not path:
+        raise ValueError("Q-Drift calibrate: a file name is required")
+    if os.path.isabs(path):
+        return path
+    return os.path.join(calibration_dirs(models_dir)[0], path)
+
+
+def _note(processed: Any, message: str) -> None:
+    print(message)
+    if processed is not None and hasattr(processed, "comments"):
+        processed.comments = ((processed.comments or "") + "\n" + message).strip()
+
+
+def run_calibration_pass(
+    p: Any,
+    phase: str,
+    trace_path: str,
+    out_path: str,
+    reduce: str,
+    *,
+    process_images: Callable[[Any], Any],
+    models_dir: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+) -> Any:
+    """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
+
+    Pass 1 (full-precision checkpoint loaded): generates normally with "Euler Q-Drift" replaced by a
+    recording Euler pass and saves the trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds
+    and settings, evaluates the quantized model on the recorded states, and writes the calibration.
+    K = batch count x batch size.
+
+    Args:
+        p: the host's processing object.
+        phase: one of :data:`PHASES`.
+        trace_path: trace file (relative paths go to ``<models>/qdrift``).
+        out_path: calibration file to write in pass 2 (same rule).
+        reduce: ``"channel"`` or ``"scalar"``.
+        process_images: the host's ``modules.processing.process_images``.
+        models_dir: the host's models directory.
+        checkpoint: name of the loaded checkpoint, stored for the record.
+
+    Returns:
+        The host's ``Processed`` result, with a note on what was written.
+
+    Raises:
+        ValueError: for an unknown phase, Hires. fix enabled, or passes that do not match.
+    """
+    from .paired import PairedTrace, PairedTraceError
+
+    if phase not in PHASES:
+        raise ValueError(f"Q-Drift calibrate: pass must be one of {PHASES}, got {phase!r}")
+    if getattr(p, "enable_hr", False):
+        raise ValueError("Q-Drift calibrate: turn off Hires. fix (each pass must run the sampler once per batch)")
+    if getattr(p, "refiner_checkpoint", None) not in (None, "", "None"):
+        raise ValueError("Q-Drift calibrate: turn off the Refiner (each pass must run the sampler once per batch)")
+    if reduce not in ("channel", "scalar"):
+        raise ValueError(f"Q-Drift calibrate: reduce must be 'channel' or 'scalar', got {reduce!r}")
+    trace_file = _in_models(trace_path, models_dir)
+    p.sampler_name = SAMPLER_LABELS["euler"]
+    if phase == PHASES[0]:
+        trace = PairedTrace(meta={"host": "sd-webui", "checkpoint_fp": checkpoint})
+        with calibration_pass(trace.fp_sampler()):
+            processed = process_images(p)
+        if not trace.runs:
+            raise PairedTraceError("Q-Drift calibrate: the sampler never ran (was the generation interrupted?)")
+        trace.meta["seeds"] = list(getattr(p, "all_seeds", []) or [getattr(processed, "seed", None)])
+        trace.meta["settings"] = {k: getattr(p, k) for k in _REPLAYED_SETTINGS if hasattr(p, k)}
+        os.makedirs(os.path.dirname(trace_file) or ".", exist_ok=True)
+        trace.save(trace_file)
+        _note(processed, f"Q-Drift: recorded {len(trace.runs)} batch(es) to {trace_file}. Load the quantized "
+                         "checkpoint, choose pass 2 and press Generate again.")
+        return processed
+    trace = PairedTrace.load(trace_file)
+    trace.reset_replay()
+    seeds = trace.meta.get("seeds") or []
+    if seeds and seeds[0] is not None:
+        p.seed = int(seeds[0])
+    for k, v in (trace.meta.get("settings") or {}).items():
+        setattr(p, k, v)
+    with calibration_pass(trace.q_sampler()):
+        processed = process_images(p)
+    if not trace.complete:
+        raise PairedTraceError(
+            f"Q-Drift calibrate: only {trace.replayed} of {len(trace.runs)} recorded batches were replayed; keep "
+            "batch count and batch size as in pass 1"
+        )
+    cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint})
+    out_file = _in_models(out_path, models_dir)
+    if not out_file.endswith(".safetensors"):
+        out_file += ".safetensors"
+    os.makedirs(os.path.dirname(out_file) or ".", exist_ok=True)
+    cal.save(out_file)
+    _note(processed, f"Q-Drift: wrote {out_file} ({cal}). Select it in Settings > Q-Drift or the Q-Drift panel.")
+    return processed

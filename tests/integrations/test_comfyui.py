@@ -1,0 +1,250 @@
+"""The ComfyUI nodes, called the way ComfyUI calls them (stand-in host: see comfy_standin.py)."""
+
+import importlib.util
+import inspect
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import comfy_standin
+import qdrift
+from qdrift.hosts import seeded_noise_factory
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+NODE_DIR = ROOT / "integrations" / "comfyui"
+
+
+@pytest.fixture()
+def host(tmp_path):
+    saved = {k: sys.modules.get(k) for k in ("comfy", "comfy.samplers", "comfy.sample", "comfy.utils", "folder_paths")}
+    ns = comfy_standin.install(tmp_path)
+    # ComfyUI imports custom_nodes/<name>/__init__.py as a package named after the folder.
+    name = "qdrift_comfyui_nodes_under_test"
+    spec = importlib.util.spec_from_file_location(name, NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    comfy_standin.ProgressBar.instances.clear()
+    yield pack, ns, tmp_path
+    for k in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[k]
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+def cond(value):
+    return [[torch.full((1, 3, 8), float(value)), {}]]
+
+
+def models(flow=False, error=0.3):
+    fp = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow))
+    q = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow, error=error))
+    return fp, q
+
+
+def sigmas_for(flow):
+    return torch.linspace(1.0, 0.0, 7) if flow else qdrift.get_sigmas_karras(6, 0.03, 14.6)
+
+
+def calibrate(pack, fp, q, flow=False, K=3, reduce="channel"):
+    node = pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"]()
+    latent = {"samples": torch.zeros(1, 4, 6, 6)}
+    return node.calibrate(fp, q, cond(1.0), cond(0.0), latent, sigmas_for(flow), 3.0, 123, K, reduce, "qdrift/test")
+
+
+def test_registration_surface(host):
+    pack, _, _ = host
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"QDriftCalibrate", "QDriftSampler"}
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"QDriftCalibrate": "Q-Drift Calibrate", "QDriftSampler": "Q-Drift Sampler"}
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional"}
+        for section in spec.values():
+            for name, entry in section.items():
+                kind = entry[0]
+                assert isinstance(kind, (str, list)), name
+                if isinstance(kind, list) and len(entry) > 1 and "default" in entry[1]:
+                    assert entry[1]["default"] in kind, name
+        assert callable(getattr(cls, cls.FUNCTION)) and isinstance(cls.RETURN_TYPES, tuple)
+    choices = pack.NODE_CLASS_MAPPINGS["QDriftSampler"].INPUT_TYPES()["required"]["sampler_name"][0]
+    assert choices == list(qdrift.SAMPLERS)
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_calibrate_node_writes_a_calibration(host, flow):
+    pack, _, out = host
+    fp, q = models(flow)
+    cal, path = calibrate(pack, fp, q, flow=flow)
+    assert os.path.isfile(path) and path.startswith(str(out)) and path.endswith(".safetensors")
+    loaded = qdrift.load_calibration(path)
+    assert loaded.steps == 6 and loaded.channels == 4 and loaded.meta["K"] == 3 and loaded.meta["host"] == "comfyui"
+    assert torch.allclose(loaded.V, cal.V) and bool((cal.V > 0).all())
+    bar = comfy_standin.ProgressBar.instances[-1]
+    assert bar.total == 12 and bar.current == 12  # both passes report through ComfyUI's progress bar
+    # a second run does not overwrite the first
+    _, path2 = calibrate(pack, fp, q, flow=flow)
+    assert path2 != path
+
+
+def test_calibrate_node_pairs_after_cfg_and_finds_zero_for_identical_models(host):
+    pack, _, _ = host
+    fp, _ = models()
+    cal, _ = calibrate(pack, fp, fp)
+    assert torch.equal(cal.V, torch.zeros_like(cal.V))
+
+
+def test_calibration_matches_core_calibrate(host):
+    """Pairs through the host's guider give the core's calibration of the same guided denoisers."""
+    pack, ns, _ = host
+    fp, q = models(error=0.3)
+    cal, _ = calibrate(pack, fp, q, K=2)
+    sig = sigmas_for(False)
+
+    def guided(patcher):
+        g = ns.comfy_samplers.CFGGuider(patcher)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        g.inner_model = patcher.model
+        return lambda x, s, **kw: g(x, s)
+
+    noise = comfy_standin.prepare_noise(torch.zeros(2, 4, 6, 6), 123)
+    x0 = noise * (1 + sig[0] ** 2) ** 0.5  # sigmas[0] == sigma_max: ComfyUI's max_denoise noise scaling
+    ref = qdrift.calibrate(guided(fp), guided(q), x0, sig, disable=True)
+    assert torch.allclose(cal.V, ref.V, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(qdrift.SAMPLERS))
+def test_sampler_node_through_ksampler(host, name):
+    pack, ns, _ = host
+    fp, q = models()
+    cal, path = calibrate(pack, fp, q)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    (sampler,) = node.get_sampler(name, os.path.relpath(path, host[2]), "as calibrated", 1.0)
+    assert isinstance(sampler, ns.comfy_samplers.KSAMPLER)
+    sig = sigmas_for(False)
+    noise = comfy_standin.prepare_noise(torch.zeros(2, 4, 6, 6), 5)
+    steps = []
+    guider = ns.comfy_samplers.CFGGuider(q)
+    guider.set_conds(cond(1.0), cond(0.0))
+    guider.set_cfg(3.0)
+    out = guider.sample(noise, torch.zeros_like(noise), sampler, sig, callback=lambda i, d, x, n: steps.append((i, n)), seed=9)
+    assert torch.isfinite(out).all() and steps == [(i, 6) for i in range(6)]
+    # the same through the core directly, with the node's seeded noise
+    guider2 = ns.comfy_samplers.CFGGuider(q)
+    guider2.set_conds(cond(1.0), cond(0.0))
+    guider2.set_cfg(3.0)
+    guider2.inner_model = q.model
+    fn = qdrift.SAMPLERS[name]
+    params = inspect.signature(fn).parameters
+    x0 = noise * (1 + sig[0] ** 2) ** 0.5  # ComfyUI's max_denoise noise scaling
+    kw = {"eta": 1.0} if "eta" in params else {}
+    noise_sampler = seeded_noise_factory(name)(x0, sig, {"seed": 9})
+    if "noise_sampler" in params and noise_sampler is not None:
+        kw["noise_sampler"] = noise_sampler
+    ref = fn(lambda x, s, **k: guider2(x, s), x0, sig, cal, disable=True, **kw)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_strength_zero_equals_kdiffusion_euler(host, kdiff):
+    pack, ns, _ = host
+    fp, q = models()
+    cal, _ = calibrate(pack, fp, q)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    sig = sigmas_for(False)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 1)
+
+    def run(sampler):
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=1)
+
+    plain = run(ns.comfy_samplers.KSAMPLER(kdiff.sample_euler))
+    (off,) = node.get_sampler("euler", "", "as calibrated", 0.0, calibration=cal)
+    (on,) = node.get_sampler("euler", "", "as calibrated", 1.0, calibration=cal)
+    assert torch.allclose(run(off), plain, atol=1e-6)
+    assert not torch.allclose(run(on), plain, atol=1e-4)
+
+
+def test_seeded_ancestral_noise_is_reproducible(host):
+    pack, ns, _ = host
+    fp, q = models()
+    cal, _ = calibrate(pack, fp, q)
+    (sampler,) = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]().get_sampler("euler_ancestral", "", "scalar", 1.0, calibration=cal, eta=1.0)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 1)
+
+    def run(seed):
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        return g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(False), seed=seed)
+
+    assert torch.equal(run(3), run(3)) and not torch.allclose(run(3), run(4))
+
+
+def test_is_changed_follows_the_file(host):
+    pack, _, out = host
+    cls = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]
+    assert cls.IS_CHANGED("euler", "nope", "as calibrated", 1.0) == ""
+    fp, q = models()
+    _, path = calibrate(pack, fp, q)
+    first = cls.IS_CHANGED("euler", path, "as calibrated", 1.0)
+    os.utime(path, ns=(1, 1))
+    assert first and cls.IS_CHANGED("euler", path, "as calibrated", 1.0) != first
+
+
+def test_clear_errors(host):
+    pack, _, out = host
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    with pytest.raises(FileNotFoundError, match="missing_cal"):
+        node.get_sampler("euler", "missing_cal", "as calibrated", 1.0)
+    with pytest.raises(ValueError, match="no calibration file"):
+        node.get_sampler("euler", "  ", "as calibrated", 1.0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pack.nodes.build_sampler("ddim", None)
+    with pytest.raises(ValueError, match="not a qdrift Calibration"):
+        node.get_sampler("euler", "", "as calibrated", 1.0, calibration="x")
+    fp, _ = models()
+    flow_fp, _ = models(flow=True)
+    with pytest.raises(ValueError, match="different noise parameterizations"):
+        calibrate(pack, fp, flow_fp)
+    with pytest.raises(ValueError, match="relative to the output folder"):
+        pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"]._next_path("../escape")
+    bad = out / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        node.get_sampler("euler", str(bad), "as calibrated", 1.0)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_flow_model_as_comfyui_presents_it(host, name):
+    """SD3/FLUX: sigma = flow time, D = x - t v; the sampler needs nothing special."""
+    pack, ns, _ = host
+    fp, q = models(flow=True)
+    cal, _ = calibrate(pack, fp, q, flow=True)
+    sig = sigmas_for(True)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+
+    def run(strength):
+        (sampler,) = node.get_sampler(name, "", "as calibrated", strength, calibration=cal)
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(1.0)
+        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
+
+    on, off = run(1.0), run(0.0)
+    assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
+    # and it is the core sampler on the guided flow denoiser (sigma = t, noise scaled by t)
+    g = ns.comfy_samplers.CFGGuider(q)
+    g.set_conds(cond(1.0), cond(0.0))
+    g.set_cfg(1.0)
+    g.inner_model = q.model
+    ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True)
+    assert torch.allclose(on, ref, atol=1e-5)

@@ -1,0 +1,348 @@
+"""qdrift.diffusers against real diffusers schedulers and tiny pipelines (random weights, no hub).
+
+The schedulers are compared with the core's k-diffusion-style samplers on a model whose output does not
+depend on the timestep (so the two libraries' timestep conventions cannot differ), and the pipelines are
+the real StableDiffusionPipeline / StableDiffusion3Pipeline with tiny networks and made-up embeddings.
+"""
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+# diffusers 0.42's schedulers call np.array on tensors; numpy 2 warns about it (not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+import qdrift  # noqa: E402
+from qdrift.diffusers import (  # noqa: E402
+    QDriftDPMSolverMultistepScheduler,
+    QDriftEulerDiscreteScheduler,
+    calibrate_pipeline,
+    qdrift_scheduler,
+)
+from qdrift.hosts import calibration_from_pairs  # noqa: E402
+
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+STEPS = 6
+C = 4
+
+
+def eps_model(x_in, t):
+    """A fixed 'network': output depends on the input only (not on t), per channel."""
+    scale = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=x_in.dtype).view(1, C, 1, 1)
+    return scale * x_in + 0.05 * torch.tanh(x_in)
+
+
+def v_table(steps, seed=0):
+    return torch.rand(steps, C, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def run_loop(scheduler, x, steps=STEPS, seed=None, flow=False):
+    """A diffusers-pipeline-shaped loop: scale_model_input, model, step(..., return_dict=False)."""
+    scheduler.set_timesteps(steps)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    kwargs = {"generator": gen} if isinstance(scheduler, EulerAncestralDiscreteScheduler) else {}
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t) if not flow else x
+        out = eps_model(x_in, t)
+        x = scheduler.step(out, t, x, return_dict=False, **kwargs)[0]
+    return x
+
+
+SCHEDULERS = {
+    "euler": lambda: EulerDiscreteScheduler(**SD_BETAS),
+    "euler_ancestral": lambda: EulerAncestralDiscreteScheduler(**SD_BETAS),
+    "flow_euler": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2),
+}
+
+
+def _noise_scale(scheduler):
+    scheduler.set_timesteps(STEPS)
+    return float(getattr(scheduler, "init_noise_sigma", 1.0))
+
+
+def zero_calibration(sigmas):
+    """A real Calibration whose V is exactly 0 (identical models)."""
+    xs = [[torch.randn(2, C, 3, 3) for _ in range(len(sigmas) - 1)]]
+    return calibration_from_pairs(sigmas, xs, xs, xs)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_zero_v_reproduces_plain_scheduler_exactly(name):
+    x = torch.randn(2, C, 5, 5, generator=torch.Generator().manual_seed(1))
+    plain = SCHEDULERS[name]()
+    ref = run_loop(plain, x * _noise_scale(plain), seed=7, flow=name == "flow_euler")
+    for V in (torch.zeros(STEPS, C), zero_calibration(plain.sigmas[:-1].tolist() + [0.0])):
+        q = qdrift_scheduler(SCHEDULERS[name](), V)
+        out = run_loop(q, x * _noise_scale(q), seed=7, flow=name == "flow_euler")
+        assert torch.equal(out, ref), name
+    # and a positive V changes the result
+    q = qdrift_scheduler(SCHEDULERS[name](), v_table(STEPS))
+    out = run_loop(q, x * _noise_scale(q), seed=7, flow=name == "flow_euler")
+    assert not torch.allclose(out, ref)
+    assert torch.isfinite(out).all()
+
+
+def _kdiff_denoiser(flow):
+    if flow:
+        return lambda x, s, **k: x - s.view(-1, 1, 1, 1) * eps_model(x, None)
+    return lambda x, s, **k: x - s.view(-1, 1, 1, 1) * eps_model(x / (s.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5, None)
+
+
+@pytest.mark.parametrize(
+    "name, core",
+    [
+        ("euler", qdrift.sample_euler_qdrift),
+        ("flow_euler", qdrift.sample_euler_qdrift),
+        ("dpmpp_2m", qdrift.sample_dpmpp_2m_qdrift),
+        ("euler_ancestral", qdrift.sample_euler_ancestral_qdrift),
+    ],
+)
+def test_wrapper_matches_core_sampler(name, core):
+    """The diffusers Q-Drift step equals the core sampler with the same V, schedule and model."""
+    torch.manual_seed(0)
+    V = v_table(STEPS, seed=3)
+    sched = qdrift_scheduler(SCHEDULERS[name](), V)
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float32)
+    flow = name == "flow_euler"
+    kw = {}
+    if name == "dpmpp_2m":
+        # diffusers works on x = alpha * y; k-diffusion on y = x / alpha (VE).
+        x_diff = x / (sigmas[0] ** 2 + 1) ** 0.5
+        x_core = x
+    else:
+        x_diff = x_core = x
+    if name == "euler_ancestral":
+        g = torch.Generator().manual_seed(11)
+        kw["noise_sampler"] = lambda s, sn: torch.randn(x.shape, generator=g)
+    out_core = core(_kdiff_denoiser(flow), x_core, sigmas, V, disable=True, **kw)
+    out_diff = run_loop(sched, x_diff, seed=11, flow=flow)
+    assert torch.allclose(out_diff, out_core, rtol=1e-4, atol=1e-4), (out_diff - out_core).abs().max()
+    # the correction is not a no-op here (the comparison can fail)
+    plain = run_loop(SCHEDULERS[name](), x_diff, seed=11, flow=flow)
+    assert (plain - out_core).abs().max() > 1e-3
+
+
+def test_return_dict_forms_and_step_index():
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), v_table(STEPS))
+    sched.set_timesteps(STEPS)
+    x = torch.randn(1, C, 2, 2)
+    t = sched.timesteps[0]
+    out = sched.step(eps_model(sched.scale_model_input(x, t), t), t, x)
+    assert hasattr(out, "prev_sample") and hasattr(out, "pred_original_sample")
+    assert sched.step_index == 1
+    tup = sched.step(eps_model(out.prev_sample, sched.timesteps[1]), sched.timesteps[1], out.prev_sample, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 2
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="Q-Drift supports"):
+        qdrift_scheduler(DDIMScheduler(), None)
+    with pytest.raises(ValueError, match="dpmsolver\\+\\+"):
+        qdrift_scheduler(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), None)
+    with pytest.raises(ValueError, match="strength"):
+        qdrift_scheduler(EulerDiscreteScheduler(), None, strength=-1.0)
+    with pytest.raises(ValueError, match="V table"):
+        qdrift_scheduler(EulerDiscreteScheduler(), -torch.ones(3))
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), torch.ones(STEPS, 3))
+    sched.set_timesteps(STEPS)
+    x = torch.randn(1, C, 2, 2)
+    with pytest.raises(ValueError, match="3 channels but the latents have 4"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x)
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), torch.ones(STEPS + 1, C))
+    sched.set_timesteps(STEPS)
+    with pytest.raises(ValueError, match="one row per step"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x)
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), torch.ones(STEPS, C))
+    sched.set_timesteps(STEPS)
+    with pytest.raises(ValueError, match="s_churn"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, s_churn=1.0)
+
+
+def test_packed_latents_channel_dim():
+    """FLUX-style packed latents [B, tokens, C]: channel_dim=-1 applies V along the last axis."""
+    V = torch.tensor([[0.0, 2.0]] * STEPS)
+    sched = qdrift_scheduler(FlowMatchEulerDiscreteScheduler(), V, channel_dim=-1)
+    plain = FlowMatchEulerDiscreteScheduler()
+    x = torch.randn(1, 5, 2)
+    for s in (sched, plain):
+        s.set_timesteps(STEPS)
+    t = sched.timesteps[0]
+    v = torch.randn(1, 5, 2)
+    a, b = sched.step(v, t, x).prev_sample, plain.step(v, t, x).prev_sample
+    assert torch.equal(a[..., 0], b[..., 0]) and not torch.allclose(a[..., 1], b[..., 1])
+
+
+# ---------------------------------------------------------------- tiny real pipelines
+
+
+def _fake_quant(module, bits=3):
+    q = copy.deepcopy(module)
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for p in q.parameters():
+            if p.ndim >= 2:
+                scale = p.abs().amax(dim=tuple(range(1, p.ndim)), keepdim=True).clamp(min=1e-8) / qmax
+                p.copy_((p / scale).round().clamp(-qmax, qmax) * scale)
+    return q
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8,), norm_num_groups=8, latent_channels=C, in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), layers_per_block=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def sd_pipes():
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+    )
+
+    def make(net):
+        pipe = StableDiffusionPipeline(
+            vae=_tiny_vae(), text_encoder=None, tokenizer=None, unet=net, scheduler=EulerDiscreteScheduler(**SD_BETAS),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make(unet), make(_fake_quant(unet))
+
+
+def _prompts(n, dim=16, tokens=5):
+    g = torch.Generator().manual_seed(5)
+    return [
+        {"prompt_embeds": torch.randn(1, tokens, dim, generator=g), "negative_prompt_embeds": torch.zeros(1, tokens, dim)}
+        for _ in range(n)
+    ]
+
+
+SD_CALL = dict(height=8, width=8)
+
+
+def test_calibrate_pipeline_sd(sd_pipes):
+    fp, q = sd_pipes
+    orig = (fp.scheduler, q.scheduler)
+    cal = calibrate_pipeline(fp, q, _prompts(2), K=3, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL)
+    assert (fp.scheduler, q.scheduler) == orig  # restored
+    ref = EulerDiscreteScheduler(**SD_BETAS)
+    ref.set_timesteps(5)
+    assert cal.steps == 5 and cal.channels == C and cal.meta["K"] == 3
+    assert torch.allclose(cal.sigmas, ref.sigmas[:-1].double(), rtol=1e-6)
+    assert torch.isfinite(cal.V).all() and (cal.V > 0).all()
+    # identical models: exactly no quantization error
+    cal0 = calibrate_pipeline(fp, fp, _prompts(1), K=1, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL)
+    assert torch.equal(cal0.V, torch.zeros_like(cal0.V))
+    # the calibration drives the DPM-Solver++ wrapper inside the real pipeline; V = 0 reproduces it exactly
+    args = dict(_prompts(1)[0], num_inference_steps=6, guidance_scale=4.0, output_type="latent", **SD_CALL)
+    base = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++")
+    q.scheduler = base
+    plain = q(**args, generator=torch.Generator().manual_seed(3)).images
+    q.scheduler = qdrift_scheduler(base, cal0)
+    same = q(**args, generator=torch.Generator().manual_seed(3)).images
+    q.scheduler = qdrift_scheduler(base, cal, strength=50.0)
+    corrected = q(**args, generator=torch.Generator().manual_seed(3)).images
+    q.scheduler = orig[1]
+    assert torch.equal(same, plain)
+    assert torch.isfinite(corrected).all() and not torch.allclose(corrected, plain)
+    assert isinstance(qdrift_scheduler(base, cal), QDriftDPMSolverMultistepScheduler)
+
+
+def test_calibrate_pipeline_sd3_flow():
+    pytest.importorskip("transformers")
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=C, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=C,
+    )
+
+    def make(net):
+        pipe = StableDiffusion3Pipeline(
+            transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_tiny_vae(), text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    fp, q = make(tr), make(_fake_quant(tr))
+    prompts = [
+        dict(p, pooled_prompt_embeds=torch.randn(1, 8), negative_pooled_prompt_embeds=torch.zeros(1, 8))
+        for p in _prompts(2)
+    ]
+    cal = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=SD_CALL)
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(4)
+    assert torch.allclose(cal.sigmas, ref.sigmas[:-1].double(), rtol=1e-6)  # flow time t
+    assert (cal.V > 0).all() and math.isfinite(float(cal.V.sum()))
+    args = dict(prompts[0], num_inference_steps=4, guidance_scale=3.0, output_type="latent", **SD_CALL)
+    plain = q(**args, generator=torch.Generator().manual_seed(1)).images
+    q.scheduler = qdrift_scheduler(q.scheduler, cal)
+    corrected = q(**args, generator=torch.Generator().manual_seed(1)).images
+    assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)
+
+
+def test_calibrate_pipeline_rejects_bad_arguments(sd_pipes):
+    fp, q = sd_pipes
+    with pytest.raises(ValueError, match="K must be"):
+        calibrate_pipeline(fp, q, _prompts(1), K=0)
+    with pytest.raises(ValueError, match="prompts"):
+        calibrate_pipeline(fp, q, "a cat", K=1)
+    with pytest.raises(ValueError, match="diffusers pipeline"):
+        calibrate_pipeline(object(), q, _prompts(1), K=1)
+    with pytest.raises(ValueError, match="string or a dict"):
+        calibrate_pipeline(fp, q, [3], K=1)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_step_signature_is_the_diffusers_one(name):
+    """Pipelines pass ``generator``/``eta`` only if ``step``'s signature has them."""
+    plain = SCHEDULERS[name]()
+    wrapped = qdrift_scheduler(plain, None)
+    assert inspect.signature(wrapped.step).parameters.keys() == inspect.signature(plain.step).parameters.keys()
+
+
+def test_ancestral_in_pipeline_uses_the_callers_generator(sd_pipes):
+    _, q = sd_pipes
+    orig = q.scheduler
+    args = dict(_prompts(1)[0], num_inference_steps=4, guidance_scale=4.0, output_type="latent", **SD_CALL)
+    try:
+        q.scheduler = EulerAncestralDiscreteScheduler(**SD_BETAS)
+        plain = q(**args, generator=torch.Generator().manual_seed(8)).images
+        q.scheduler = qdrift_scheduler(q.scheduler, torch.zeros(4, C))
+        torch.manual_seed(123)  # the global RNG must not matter
+        same = q(**args, generator=torch.Generator().manual_seed(8)).images
+    finally:
+        q.scheduler = orig
+    assert torch.equal(same, plain)
+
+
+def test_qdrift_euler_subclass_is_a_diffusers_scheduler():
+    s = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), None)
+    assert isinstance(s, EulerDiscreteScheduler) and isinstance(s, QDriftEulerDiscreteScheduler)
+    assert s.qdrift_calibration is None

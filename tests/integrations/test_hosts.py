@@ -1,0 +1,147 @@
+"""qdrift.hosts: the bound-sampler and two-pass calibration helpers every host integration uses."""
+
+import inspect
+
+import pytest
+import torch
+
+import qdrift
+from qdrift.hosts import PairedTrace, PairedTraceError, bind_sampler, calibration_from_pairs, load_calibration_cached
+
+SIG = qdrift.get_sigmas_karras(6, 0.05, 10.0)
+
+
+def gauss_denoiser(x, sigma, **kw):
+    s = sigma.view(-1, 1, 1, 1)
+    return x / (1 + s**2)
+
+
+def noisy_denoiser(std, seed=0):
+    """Adds an independent eps-space error of variance std^2: D_q = D - sigma * e."""
+    g = torch.Generator().manual_seed(1000 + seed)  # independent of the starting noise's stream
+
+    def D(x, sigma, **kw):
+        s = sigma.view(-1, 1, 1, 1)
+        return gauss_denoiser(x, sigma) - s * std * torch.randn(x.shape, generator=g)
+
+    return D
+
+
+def x0(batch=8, seed=1):
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * SIG[0]
+
+
+def test_bind_sampler_contract_and_errors():
+    fn = bind_sampler("dpmpp_2m", None, form="first_order")
+    assert inspect.signature(fn) == inspect.signature(qdrift.sample_dpmpp_2m_qdrift)
+    out = fn(gauss_denoiser, x0(2), SIG, disable=True)
+    assert torch.equal(out, qdrift.sample_dpmpp_2m_qdrift(gauss_denoiser, x0(2), SIG, disable=True))
+    V = torch.full((6, 3), 0.2)
+    # V bound, V passed positionally, V passed by keyword (ComfyUI's extra_options) all agree
+    ref = qdrift.sample_euler_qdrift(gauss_denoiser, x0(2), SIG, V, disable=True)
+    assert torch.equal(bind_sampler("euler", V)(gauss_denoiser, x0(2), SIG, disable=True), ref)
+    assert torch.equal(bind_sampler("euler")(gauss_denoiser, x0(2), SIG, V, disable=True), ref)
+    assert torch.equal(bind_sampler("euler")(gauss_denoiser, x0(2), SIG, V=V, disable=True), ref)
+    assert not torch.allclose(ref, qdrift.sample_euler_qdrift(gauss_denoiser, x0(2), SIG, disable=True))
+    # a resolver is asked at call time, with the model and extra_args
+    seen = []
+    fn = bind_sampler("euler", resolve=lambda model, extra: (seen.append(extra) or V, 1.0))
+    assert torch.equal(fn(gauss_denoiser, x0(2), SIG, extra_args={"k": 1}, disable=True), ref) and seen == [{"k": 1}]
+    with pytest.raises(ValueError, match="unknown qdrift sampler 'ddim'"):
+        bind_sampler("ddim")
+    with pytest.raises(ValueError, match="takes no option"):
+        bind_sampler("euler", eta=1.0)
+    with pytest.raises(ValueError, match="resolve must be callable"):
+        bind_sampler("euler", resolve=3)
+
+
+def record_and_replay(std=0.1, batches=(8,)):
+    trace = PairedTrace(meta={"case": "test"})
+    for b, n in enumerate(batches):
+        trace.fp_sampler()(gauss_denoiser, x0(n, seed=b), SIG, disable=True)
+    for b, n in enumerate(batches):
+        out = trace.q_sampler()(noisy_denoiser(std, seed=b), x0(n, seed=b), SIG, disable=True)
+        assert torch.allclose(out, trace.runs[b]["final"])  # the host gets the full-precision result
+    return trace
+
+
+def test_two_pass_recovers_planted_variance():
+    trace = record_and_replay(std=0.1, batches=(16, 16))
+    cal = trace.calibration(trim=None)
+    assert cal.meta["K"] == 32 and cal.meta["case"] == "test"
+    # Var(delta | d_hat) = v var_fp / (var_fp + v) for an independent error of variance v = 0.01
+    var_fp = cal.moments.var_fp.mean(1)
+    expected = 0.01 * var_fp / (var_fp + 0.01)
+    assert torch.allclose(cal.V.mean(1).double(), expected, rtol=0.15)
+    unconditional = trace.calibration(trim=None, conditional=False)
+    assert bool((unconditional.V >= cal.V - 1e-7).all())
+    assert trace.calibration(reduce="scalar").V.unique(dim=1).shape[1] == 1
+
+
+def test_two_pass_equals_core_calibrate():
+    trace = record_and_replay(std=0.0)
+    fp = trace.runs[0]["fp"]
+    q_model = lambda x, s, **k: gauss_denoiser(x, s) + 0.05 * torch.sin(x)  # noqa: E731
+    trace.reset_replay()
+    trace.q_sampler()(q_model, x0(8, seed=0), SIG, disable=True)
+    ref = qdrift.calibrate(gauss_denoiser, q_model, x0(8, seed=0), SIG, disable=True)
+    assert torch.allclose(trace.calibration().V, ref.V, rtol=1e-4, atol=1e-9)
+    assert torch.equal(trace.runs[0]["fp"], fp)
+
+
+def test_trace_save_load_round_trip(tmp_path):
+    trace = PairedTrace(meta={"seed": 3})
+    trace.fp_sampler()(gauss_denoiser, x0(4), SIG, disable=True)
+    trace.save(tmp_path / "t.safetensors")
+    loaded = PairedTrace.load(tmp_path / "t.safetensors")
+    assert loaded.meta == {"seed": 3} and loaded.steps == 6 and loaded.replayed == 0
+    assert torch.equal(loaded.runs[0]["x"], trace.runs[0]["x"]) and torch.equal(loaded.sigmas, trace.sigmas)
+    loaded.q_sampler()(noisy_denoiser(0.1), x0(4), SIG, disable=True)
+    loaded.save(tmp_path / "t2.safetensors")
+    again = PairedTrace.load(tmp_path / "t2.safetensors")
+    assert again.complete and torch.equal(again.calibration().V, loaded.calibration().V)
+
+
+def test_pass_mismatches_are_clear_errors(tmp_path):
+    trace = PairedTrace()
+    with pytest.raises(PairedTraceError, match="no paired data"):
+        trace.calibration()
+    with pytest.raises(PairedTraceError, match="already replayed"):
+        trace.q_sampler()(gauss_denoiser, x0(4), SIG, disable=True)
+    trace.fp_sampler()(gauss_denoiser, x0(4), SIG, disable=True)
+    with pytest.raises(PairedTraceError, match="different schedule"):
+        trace.q_sampler()(gauss_denoiser, x0(4), qdrift.get_sigmas_karras(5, 0.05, 10.0), disable=True)
+    with pytest.raises(PairedTraceError, match="batch shape"):
+        trace.q_sampler()(gauss_denoiser, x0(2), SIG, disable=True)
+    with pytest.raises(PairedTraceError, match="same seed"):
+        trace.q_sampler()(gauss_denoiser, x0(4, seed=9), SIG, disable=True)
+    with pytest.raises(FileNotFoundError):
+        PairedTrace.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(PairedTraceError, match="not a readable"):
+        PairedTrace.load(tmp_path / "junk.safetensors")
+    cal = record_and_replay().calibration()
+    cal.save(tmp_path / "cal.safetensors")
+    with pytest.raises(PairedTraceError, match="not a qdrift paired trace"):
+        PairedTrace.load(tmp_path / "cal.safetensors")
+    with pytest.raises(ValueError, match="same number"):
+        calibration_from_pairs(SIG, [], [], [])
+    with pytest.raises(ValueError, match="reduce"):
+        calibration_from_pairs(SIG, [[x0()]], [[x0()]], [[x0()]], reduce="pooled")
+
+
+def test_load_calibration_cached(tmp_path):
+    cal = record_and_replay().calibration()
+    path = tmp_path / "c.safetensors"
+    cal.save(path)
+    a = load_calibration_cached(str(path))
+    assert load_calibration_cached(str(path)) is a  # cached
+    record_and_replay(std=0.3).calibration().save(path)
+    import os
+
+    os.utime(path, ns=(1, 1))
+    assert load_calibration_cached(str(path)) is not a
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_calibration_cached(str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError, match="non-empty"):
+        load_calibration_cached("")

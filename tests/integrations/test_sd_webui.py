@@ -1,0 +1,196 @@
+"""The Forge / A1111 extension, driven the way those webuis drive it (stand-in host: webui_standin.py)."""
+
+import importlib.util
+import inspect
+import pathlib
+
+import pytest
+import torch
+
+import qdrift
+import webui_standin
+from qdrift.hosts import PairedTrace, webui
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXT = ROOT / "integrations" / "sd-webui"
+LABELS = ["Euler Q-Drift", "Euler a Q-Drift", "Heun Q-Drift", "LMS Q-Drift", "DPM++ 2M Q-Drift",
+          "DPM++ 2M SDE Q-Drift", "DPM++ 3M SDE Q-Drift"]
+
+
+def load_script(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the webui loads each scripts/*.py as a standalone module
+    return module
+
+
+@pytest.fixture(params=["a1111", "forge"])
+def host(request, tmp_path, kdiff):
+    h = webui_standin.Host(tmp_path, forge=request.param == "forge")
+    h.install()
+    h.ext = load_script(EXT / "scripts" / "qdrift_samplers.py", "qdrift_samplers_under_test")
+    h.calib_script = load_script(EXT / "scripts" / "qdrift_calibrate.py", "qdrift_calibrate_under_test")
+    for fn in h.settings_callbacks:
+        fn()
+    yield h
+    h.uninstall()
+
+
+def make_calibration(host, error=0.3, name="cal.safetensors", reduce="channel"):
+    """A real calibration of the toy model through the extension's own two passes."""
+    script = host.calib_script.QDriftCalibrateScript()
+    host.model = webui_standin.ToyModel()
+    p = webui_standin.Processing(sampler_name="Euler")
+    script.run(p, webui.PHASES[0], "trace.safetensors", name, reduce)
+    host.model = webui_standin.ToyModel(error=error)
+    p2 = webui_standin.Processing(sampler_name="Euler")
+    processed = script.run(p2, webui.PHASES[1], "trace.safetensors", name, reduce)
+    path = host.tmp_path / "models" / "qdrift" / name
+    return qdrift.load_calibration(path), path, processed
+
+
+def test_samplers_registered_as_sampler_data(host):
+    names = [x.name for x in host.sd_samplers.all_samplers]
+    assert names[:2] == ["Euler", "Euler a"] and names[2:] == LABELS
+    assert set(LABELS) <= set(host.sd_samplers.all_samplers_map)
+    assert host.sd_samplers.set_samplers_calls >= 1  # the sampler dropdown lists are rebuilt
+    for entry in host.sd_samplers.all_samplers[2:]:
+        assert isinstance(entry, webui_standin.SamplerData) and entry.aliases[0].startswith("qdrift_")
+    # loading the script again (UI reload) adds nothing twice
+    load_script(EXT / "scripts" / "qdrift_samplers.py", "again")
+    assert [x.name for x in host.sd_samplers.all_samplers].count("Euler Q-Drift") == 1
+    labels = {k: v.label for k, v in host.shared.opts.data_labels.items()}
+    assert set(labels) == {"qdrift_calibration", "qdrift_strength", "qdrift_reduce"}
+
+
+def test_signature_inspection_sees_what_the_host_passes(host):
+    for entry in host.sd_samplers.all_samplers[2:]:
+        params = inspect.signature(entry.constructor(host.model).func).parameters
+        assert "sigmas" in params, entry.name
+        assert not {"n", "sigma_min", "sigma_max", "sigma_sched"} & set(params), entry.name
+        takes_eta = entry.name in ("Euler a Q-Drift", "DPM++ 2M SDE Q-Drift", "DPM++ 3M SDE Q-Drift")
+        assert ("eta" in params) == takes_eta, entry.name
+        if entry.options.get("brownian_noise"):
+            assert "noise_sampler" in params
+
+
+def test_no_calibration_chosen_is_a_clear_error(host):
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    with pytest.raises(ValueError, match="no calibration file chosen"):
+        host.processing.process_images(p)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_generation_with_calibration_from_settings(host, label):
+    cal, path, _ = make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"  # relative to models/qdrift
+    host.model = webui_standin.ToyModel(error=0.3)
+    p = webui_standin.Processing(sampler_name=label)
+    out = host.processing.process_images(p).images
+    assert out.shape == (2, 4, 6, 6) and torch.isfinite(out).all()
+    # strength 0 gives the uncorrected sampler, and the correction changes the result
+    host.shared.opts.qdrift_strength = 0.0
+    plain = host.processing.process_images(webui_standin.Processing(sampler_name=label)).images
+    assert not torch.allclose(out, plain, atol=1e-5)
+
+
+def test_euler_matches_core_and_kdiffusion(host, kdiff):
+    cal, path, _ = make_calibration(host)
+    host.shared.opts.qdrift_calibration = str(path)  # absolute path
+    host.model = webui_standin.ToyModel(error=0.3)
+    out = host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift")).images
+    # the core sampler on the same guided denoiser, schedule and noise
+    p = webui_standin.Processing()
+    cfg = webui_standin.CFGDenoiser(host.model)
+    extra = {"cond": torch.ones(2, 3, 8), "uncond": torch.zeros(2, 3, 8), "cond_scale": p.cfg_scale}
+    sig = qdrift.get_sigmas_karras(p.steps, float(host.model.sigmas[0]), float(host.model.sigmas[-1]))
+    x = torch.stack([torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(s)) for s in (42, 43)]) * sig[0]
+    ref = qdrift.sample_euler_qdrift(cfg, x, sig, cal, extra_args=extra, disable=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+    host.shared.opts.qdrift_strength = 0.0
+    off = host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift")).images
+    euler = host.processing.process_images(webui_standin.Processing(sampler_name="Euler")).images  # k-diffusion's
+    assert torch.allclose(off, euler, atol=1e-6) and not torch.allclose(out, euler, atol=1e-4)
+
+
+def test_ancestral_noise_comes_from_the_hosts_seeded_randn(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal"  # .safetensors appended
+    a = host.processing.process_images(webui_standin.Processing(sampler_name="Euler a Q-Drift")).images
+    assert host.hijack.draws == 5  # one draw per step except the last (sigma_next = 0)
+    b = host.processing.process_images(webui_standin.Processing(sampler_name="Euler a Q-Drift")).images
+    c = host.processing.process_images(webui_standin.Processing(sampler_name="Euler a Q-Drift", seed=7)).images
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_per_generation_panel_overrides_settings(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    panel = host.ext.QDriftPanel()
+    assert panel.show(False) is host.scripts.AlwaysVisible
+    assert len(panel.ui(False)) == 2
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    panel.process(p, "elsewhere.safetensors", 0.5)
+    assert p.qdrift_calibration == "elsewhere.safetensors" and p.qdrift_strength == 0.5
+    assert p.extra_generation_params == {"Q-Drift calibration": "elsewhere.safetensors", "Q-Drift strength": 0.5}
+    with pytest.raises(FileNotFoundError, match="elsewhere.safetensors"):
+        host.processing.process_images(p)
+    q = webui_standin.Processing(sampler_name="Euler")  # other samplers are left alone
+    panel.process(q, "elsewhere.safetensors", 0.5)
+    assert not hasattr(q, "qdrift_calibration") and q.extra_generation_params == {}
+
+
+def test_two_pass_calibration_script(host):
+    cal, path, processed = make_calibration(host)
+    assert cal.steps == 6 and cal.channels == 4 and cal.meta["K"] == 2 and cal.meta["host"] == "sd-webui"
+    assert bool((cal.V > 0).all()) and "wrote" in processed.comments
+    # identical checkpoints in both passes: exactly no quantization error
+    cal0, _, _ = make_calibration(host, error=0.0, name="zero.safetensors")
+    assert torch.equal(cal0.V, torch.zeros_like(cal0.V))
+    # the same statistics as the core's one-pass calibrate on the same guided denoisers
+    p = webui_standin.Processing()
+    extra = {"cond": torch.ones(2, 3, 8), "uncond": torch.zeros(2, 3, 8), "cond_scale": p.cfg_scale}
+    m = webui_standin.ToyModel()
+    sig = qdrift.get_sigmas_karras(p.steps, float(m.sigmas[0]), float(m.sigmas[-1]))
+    x = torch.stack([torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(s)) for s in (42, 43)]) * sig[0]
+    ref = qdrift.calibrate(webui_standin.CFGDenoiser(m), webui_standin.CFGDenoiser(webui_standin.ToyModel(error=0.3)),
+                           x, sig, extra_args=extra, disable=True)
+    assert torch.allclose(cal.V, ref.V, rtol=1e-3, atol=1e-8)
+
+
+def test_calibration_script_errors(host):
+    script = host.calib_script.QDriftCalibrateScript()
+    assert script.show(True) is False and script.show(False) is True
+    with pytest.raises(ValueError, match="Hires"):
+        script.run(webui_standin.Processing(enable_hr=True), webui.PHASES[0], "t.safetensors", "c.safetensors", "channel")
+    with pytest.raises(ValueError, match="Refiner"):
+        script.run(webui_standin.Processing(refiner_checkpoint="refiner.safetensors"), webui.PHASES[0], "t.safetensors",
+                   "c.safetensors", "channel")
+    with pytest.raises(FileNotFoundError, match="missing_trace"):
+        script.run(webui_standin.Processing(), webui.PHASES[1], "missing_trace.safetensors", "c.safetensors", "channel")
+    with pytest.raises(ValueError, match="pass must be one of"):
+        script.run(webui_standin.Processing(), "3", "t.safetensors", "c.safetensors", "channel")
+    # a trace replayed with another batch layout is refused
+    script.run(webui_standin.Processing(), webui.PHASES[0], "t.safetensors", "c.safetensors", "channel")
+    trace = PairedTrace.load(host.tmp_path / "models" / "qdrift" / "t.safetensors")
+    assert len(trace.runs) == 1 and tuple(trace.runs[0]["x"].shape) == (6, 2, 4, 6, 6)
+    trace.meta["settings"]["batch_size"] = 1
+    trace.save(host.tmp_path / "models" / "qdrift" / "t.safetensors")
+    with pytest.raises(ValueError, match="batch shape"):
+        script.run(webui_standin.Processing(), webui.PHASES[1], "t.safetensors", "c.safetensors", "channel")
+
+
+def test_install_py_never_installs_torch(host, monkeypatch):
+    monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
+    load_script(EXT / "install.py", "qdrift_install_under_test")
+    assert host.pip[0] == f'install --no-deps "{ROOT}"'  # this checkout
+    assert all(cmd.startswith("install --no-deps ") for cmd in host.pip)
+    assert not any("torch" == part or part.startswith("torch=") for cmd in host.pip for part in cmd.split())
+    host.pip.clear()
+    host.installed |= {"qdrift", "numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    load_script(EXT / "install.py", "qdrift_install_under_test")
+    assert host.pip == []
+    host.installed.discard("qdrift")
+    monkeypatch.setenv("QDRIFT_PIP_SPEC", "qdrift==9.9")
+    load_script(EXT / "install.py", "qdrift_install_under_test")
+    assert host.pip == ["install --no-deps qdrift==9.9"]
