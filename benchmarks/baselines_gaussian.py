@@ -7,7 +7,7 @@ the same initial noise; the table gives the final sample's error against the exa
 ``dmean`` = RMS over channels of ``mean_c - mu_c``; ``dvar`` = mean over channels of ``var_c / s_c^2 - 1`` (%,
 signed: negative = under-dispersed).
 
-    OMP_NUM_THREADS=1 python benchmarks/baselines_gaussian.py            # the table in docs/baselines.md
+    OMP_NUM_THREADS=1 python benchmarks/baselines_gaussian.py            # the table in the README ("Peer baselines")
     OMP_NUM_THREADS=1 python benchmarks/baselines_gaussian.py --n 512    # a quick look
 """
 

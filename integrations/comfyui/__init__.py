@@ -1,7 +1,7 @@
 """Q-Drift custom nodes for ComfyUI.
 
 Install: copy or link this folder to ``ComfyUI/custom_nodes/qdrift`` and install qdrift into ComfyUI's Python
-(``python -m pip install -r requirements.txt`` in this folder). See docs/integrations.md.
+(``python -m pip install -r requirements.txt`` in this folder). See the "Host integrations" section of the qdrift README.
 """
 
 try:

@@ -13,7 +13,7 @@
 
   Variance-only Q-Drift can only narrow the sample (``c >= 0`` lengthens the steps, which contracts it more);
   when the error has a gain (``d_hat = (1 + k) d + noise`` with ``k > 0``) the quantized sample is already
-  under-dispersed and only the gain part can fix it (see ``docs/baselines.md``).
+  under-dispersed and only the gain part can fix it (see the README, "Peer baselines").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pass 1 with the full-precision checkpoint records the Euler trajectory; pass 2 with the quantized checkpoint
 (e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states and writes the calibration file.
-K = batch count x batch size. See docs/integrations.md.
+K = batch count x batch size. See the "Host integrations" section of the qdrift README.
 """
 
 import gradio as gr
