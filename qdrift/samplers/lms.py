@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, List, Optional
 
 import torch
-from scipy import integrate
 from tqdm.auto import trange
 
 from .._utils import to_d
@@ -20,6 +19,8 @@ def lms_coefficient(order: int, t: List[float], i: int, j: int) -> float:
     It is the integral over the step of the Lagrange basis polynomial through ``t[i], ..., t[i-order+1]``
     that is 1 at ``t[i-j]`` (computed with scipy's adaptive quadrature, as k-diffusion does).
     """
+    from scipy import integrate  # deferred: scipy costs ~0.4 s at `import qdrift`
+
     if order - 1 > i:
         raise ValueError(f"lms_coefficient: order {order} too high for step {i}")
 
