@@ -43,7 +43,8 @@ __all__ = [
 
 
 def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    """Sigma as ``[B]`` in at least float32 (a bf16 sigma cannot even hold timestep 999)."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
@@ -90,8 +91,9 @@ class DiscreteSchedule(nn.Module):
         sigmas = ((1 - ac) / ac).sqrt()
         if bool((sigmas[1:] <= sigmas[:-1]).any()):
             raise ValueError("DiscreteSchedule: alphas_cumprod must be strictly decreasing")
-        self.register_buffer("sigmas", sigmas.float())
-        self.register_buffer("log_sigmas", sigmas.log())
+        # Plain float64 attributes, not buffers: `.half()` on a wrapper must not round the schedule.
+        self.sigmas = sigmas
+        self.log_sigmas = sigmas.log()
         self.quantize = quantize
 
     @property
@@ -105,21 +107,23 @@ class DiscreteSchedule(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor, quantize: Optional[bool] = None) -> torch.Tensor:
         """Fractional timestep of ``sigma`` (linear in log-sigma between grid points; clamped to [0, T-1])."""
         quantize = self.quantize if quantize is None else quantize
-        ls = sigma.to(self.log_sigmas.device, torch.float64).log()
-        hi = torch.searchsorted(self.log_sigmas, ls.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        grid = self.log_sigmas.to(sigma.device)
+        ls = sigma.to(torch.float64).log()
+        hi = torch.searchsorted(grid, ls.contiguous()).clamp(1, len(grid) - 1)
         lo = hi - 1
-        w = ((ls - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])).clamp(0, 1)
+        w = ((ls - grid[lo]) / (grid[hi] - grid[lo])).clamp(0, 1)
         t = lo.to(torch.float64) + w
-        t = t.round() if quantize else t
-        return t.to(sigma.dtype).to(sigma.device)
+        # float32 timesteps (int64 when quantized) whatever the sample's dtype, as k-diffusion does.
+        return t.round().long() if quantize else t.to(torch.promote_types(sigma.dtype, torch.float32))
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Sigma at a (fractional) timestep, interpolated in log-sigma."""
-        tt = t.to(self.log_sigmas.device, torch.float64).clamp(0, len(self.log_sigmas) - 1)
-        lo = tt.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        grid = self.log_sigmas.to(t.device)
+        tt = t.to(torch.float64).clamp(0, len(grid) - 1)
+        lo = tt.floor().long().clamp(max=len(grid) - 2)
         w = tt - lo
-        log_sigma = (1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]
-        return log_sigma.exp().to(t.device, torch.float32 if not t.is_floating_point() else t.dtype)
+        log_sigma = (1 - w) * grid[lo] + w * grid[lo + 1]
+        return log_sigma.exp().to(torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32)
 
 
 class DiscreteEpsDenoiser(_VEDenoiser):
@@ -149,8 +153,8 @@ class DiscreteEpsDenoiser(_VEDenoiser):
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         sigma = _sigma_batch(sigma, x)
         s, c_in = self._scalings(sigma, x)
-        eps = self.inner_model(x * c_in, self.sigma_to_t(sigma), **extra_args)
-        return x - eps * s
+        eps = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
+        return (x - eps * s).to(x.dtype)
 
 
 class DiscreteVDenoiser(DiscreteEpsDenoiser):
@@ -159,8 +163,8 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         sigma = _sigma_batch(sigma, x)
         s, c_in = self._scalings(sigma, x)
-        v = self.inner_model(x * c_in, self.sigma_to_t(sigma), **extra_args)
-        return x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5
+        v = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
+        return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
 
 
 def _identity(sigma: torch.Tensor) -> torch.Tensor:
@@ -185,11 +189,11 @@ class ContinuousEpsDenoiser(_VEDenoiser):
     def _net(self, x, sigma, extra_args):
         s = append_dims(sigma, x.ndim)
         c_in = 1 / (s**2 + 1) ** 0.5 if self.scale_input else 1.0
-        return s, self.inner_model(x * c_in, self.time_fn(sigma), **extra_args)
+        return s, self.inner_model((x * c_in).to(x.dtype), self.time_fn(sigma), **extra_args)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         s, eps = self._net(x, _sigma_batch(sigma, x), extra_args)
-        return x - eps * s
+        return (x - eps * s).to(x.dtype)
 
 
 class ContinuousVDenoiser(ContinuousEpsDenoiser):
@@ -197,7 +201,7 @@ class ContinuousVDenoiser(ContinuousEpsDenoiser):
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         s, v = self._net(x, _sigma_batch(sigma, x), extra_args)
-        return x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5
+        return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
 
 
 class X0Denoiser(_VEDenoiser):
@@ -236,6 +240,7 @@ class FlowDenoiser(nn.Module):
 
     sigma_min = 0.0
     sigma_max = 1.0
+    is_flow = True  # the ancestral / SDE samplers refuse it: their noise formulas assume the VE form
 
     def __init__(self, inner_model: Callable, time_scale: float = 1.0, shift: float = 1.0):
         super().__init__()
@@ -248,7 +253,7 @@ class FlowDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         t = _sigma_batch(sigma, x)
         v = self.inner_model(x, t * self.time_scale, **extra_args)
-        return x - v * append_dims(t, x.ndim)
+        return (x - v * append_dims(t, x.ndim)).to(x.dtype)
 
     def noise_scaling(self, sigma, noise: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The flow's start ``t noise + (1 - t) latent`` (pure noise at t = 1)."""

@@ -52,7 +52,7 @@ def validate_sampler_inputs(x: torch.Tensor, sigmas: torch.Tensor, sampler: str)
 
     Args:
         x: initial sample ``[B, C, ...]``, floating point, finite.
-        sigmas: 1-D schedule ``[steps + 1]``, finite, >= 0 and non-increasing.
+        sigmas: 1-D schedule ``[steps + 1]``, finite, >= 0 and strictly decreasing.
         sampler: the sampler's name, for the message.
 
     Raises:
@@ -74,10 +74,11 @@ def validate_sampler_inputs(x: torch.Tensor, sigmas: torch.Tensor, sampler: str)
         raise ValueError(f"{sampler}: sigmas must be finite, got {sigmas.tolist()}")
     if bool((sigmas < 0).any()):
         raise ValueError(f"{sampler}: sigmas must be >= 0, got {sigmas.tolist()}")
-    if bool((sigmas[1:] > sigmas[:-1]).any()):
-        raise ValueError(f"{sampler}: sigmas must be non-increasing (sampling goes from noise to data), got {sigmas.tolist()}")
-    if bool((sigmas[:-1] == 0).any()):
-        raise ValueError(f"{sampler}: only the last sigma may be 0, got {sigmas.tolist()}")
+    if bool((sigmas[1:] >= sigmas[:-1]).any()):
+        raise ValueError(
+            f"{sampler}: sigmas must be strictly decreasing (sampling goes from noise to data; a repeated level "
+            f"makes a zero-length step), got {sigmas.tolist()}"
+        )
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{sampler}: x contains NaN or inf")
 
@@ -213,16 +214,19 @@ def apply_drift(x: torch.Tensor, x_base: torch.Tensor, c: Optional[torch.Tensor]
 def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Lowers a sampler's injected noise by the variance quantization injects.
 
-    ``new_std = sqrt(max(noise_std^2 - Q, 0))``; what cannot be absorbed, ``max(Q - noise_std^2, 0)``, is
-    returned for the drift to correct.
+    The new std is ``sqrt(max(noise_std^2 - Q, 0))``, returned as a factor on the sampler's own noise,
+    ``sqrt(max(1 - Q / noise_std^2, 0))`` (exactly 1 when ``Q = 0``, so the sampler's noise expression is
+    kept bit for bit); what cannot be absorbed, ``max(Q - noise_std^2, 0)``, is returned for the drift.
 
     Args:
         noise_std: the sampler's own injected noise std (scalar, x units).
         q: quantization variance per channel ``[C]``.
 
     Returns:
-        ``(new_std [C], leftover_q [C])``.
+        ``(factor [C], leftover_q [C])``.
     """
     budget = float(noise_std) ** 2
+    if budget == 0.0:
+        return torch.ones_like(q), q
     new_var = budget - q
-    return new_var.clamp(min=0).sqrt(), (-new_var).clamp(min=0)
+    return (new_var / budget).clamp(min=0).sqrt(), (-new_var).clamp(min=0)

@@ -120,3 +120,25 @@ def test_adapters_reject_bad_input():
     flow = adapters.FlowDenoiser(lambda x, t: x)
     with pytest.raises(ValueError, match="sigma"):
         flow(torch.zeros(2, 1, 2), torch.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_latents_keep_exact_timesteps(dtype):
+    """A bf16 latent must not round the timestep (999 would become 1000 in bf16)."""
+    seen = []
+
+    def net(x_in, t):
+        seen.append(t)
+        assert x_in.dtype == dtype
+        return torch.zeros_like(x_in)
+
+    schedule = adapters.DiscreteSchedule(ALPHAS_CUMPROD)
+    x = torch.zeros(2, 4, 2, 2, dtype=dtype)
+    sigma = schedule.t_to_sigma(torch.tensor([999.0, 300.7], dtype=torch.float64))
+    model = adapters.DiscreteEpsDenoiser(net, ALPHAS_CUMPROD)
+    out = model(x, sigma)
+    assert out.dtype == dtype
+    assert torch.allclose(seen[-1].double(), torch.tensor([999.0, 300.7], dtype=torch.float64), atol=1e-3)
+    quantized = adapters.DiscreteEpsDenoiser(net, ALPHAS_CUMPROD, quantize=True).half()  # .half() must not round the grid
+    quantized(x, sigma)
+    assert seen[-1].tolist() == [999, 301]

@@ -71,6 +71,35 @@ def test_merge_equals_one_run():
     assert merged.meta["K"] == 8
 
 
+def test_trimmed_statistics_do_not_depend_on_batching():
+    """Trimming is per sample, so any split of the same samples gives the same statistics."""
+
+    def quantized(x, sigma, **kw):  # deterministic small errors plus one wild pixel that trimming drops
+        err = 0.01 * torch.sin(7 * x)
+        err[..., 0, 0] += 5.0
+        return DATA.denoiser(x, sigma) + err
+
+    x = _noise(8, spatial=(6, 6))
+    one = qdrift.calibrate(DATA, quantized, x, SIGMAS, batch_size=None, disable=True)
+    singles = qdrift.calibrate(DATA, quantized, x, SIGMAS, batch_size=1, disable=True)
+    halves = qdrift.calibrate(DATA, quantized, x[:5], SIGMAS, disable=True).merge(
+        qdrift.calibrate(DATA, quantized, x[5:], SIGMAS, disable=True))
+    untrimmed = qdrift.calibrate(DATA, quantized, x, SIGMAS, trim=None, disable=True)
+    for other in (singles, halves):
+        for k, v in one.moments.tensors().items():
+            assert torch.allclose(v, other.moments.tensors()[k], rtol=1e-10, atol=1e-12), k
+    assert bool((one.moments.n < untrimmed.moments.n).any())  # trimming did drop something
+
+
+def test_merge_rejects_mismatched_calibrations():
+    x = _noise(2, spatial=(4, 4))
+    a = qdrift.calibrate(DATA, DATA, x, SIGMAS, disable=True)
+    b = qdrift.calibrate(DATA, DATA, x, SIGMAS, trim=None, disable=True)
+    with pytest.raises(ValueError, match="trim"):
+        a.merge(b)
+    assert (a == b) is False and a in [a]  # identity comparison, no tensor truth-value error
+
+
 class _Reseeding:
     """The planted model with a fixed seed per batch, so the same batch gets the same noise in any run."""
 
@@ -151,7 +180,8 @@ def test_file_is_safetensors_not_pickle(tmp_path):
     assert "qdrift" in header["__metadata__"] and not raw.startswith(b"\x80")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_metadata", "wrong_format", "newer", "nan", "shape"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no_metadata", "wrong_format", "newer", "nan", "shape",
+                                    "meta_list", "version_bool", "empty_counts", "correlation_above_one"])
 def test_load_rejects_bad_files(tmp_path, damage):
     from safetensors.torch import save_file
 
@@ -178,6 +208,16 @@ def test_load_rejects_bad_files(tmp_path, damage):
     elif damage == "shape":
         tensors["n"] = tensors["n"][:, :2].contiguous()
         save_file(tensors, str(path), metadata={"qdrift": json.dumps(header)})
+    elif damage == "meta_list":
+        save_file(tensors, str(path), metadata={"qdrift": json.dumps({**header, "meta": [1, 2]})})
+    elif damage == "version_bool":
+        save_file(tensors, str(path), metadata={"qdrift": json.dumps({**header, "format_version": True})})
+    elif damage == "empty_counts":
+        tensors["n"] = torch.zeros_like(tensors["n"])
+        save_file(tensors, str(path), metadata={"qdrift": json.dumps(header)})
+    elif damage == "correlation_above_one":
+        tensors["c_fq"] = (tensors["m2_fp"] * tensors["m2_q"]).sqrt() * 2 + 1
+        save_file(tensors, str(path), metadata={"qdrift": json.dumps(header)})
     with pytest.raises(CalibrationFileError):
         qdrift.load_calibration(path)
 
@@ -193,8 +233,16 @@ def test_calibrate_rejects_bad_input():
         qdrift.calibrate(DATA, DATA, x, SIGMAS, reduce="pixel", disable=True)
     with pytest.raises(ValueError, match="shaped like x"):
         qdrift.calibrate(DATA, lambda x, s: x[:, :1], x, SIGMAS, disable=True)
-    with pytest.raises(ValueError, match="non-increasing"):
+    with pytest.raises(ValueError, match="strictly decreasing"):
         qdrift.calibrate(DATA, DATA, x, SIGMAS.flip(0), disable=True)
+    calls = []
+    with pytest.raises(ValueError, match="strictly decreasing"):  # checked before any model call
+        qdrift.calibrate(lambda x, s: calls.append(1) or x, DATA, x, torch.tensor([20.0, 20.0, 5.0, 0.0]), disable=True)
+    assert calls == []
+    with pytest.raises(ValueError, match="no samples"):
+        qdrift.calibrate(DATA, DATA, x[:0], SIGMAS, disable=True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        qdrift.calibrate(DATA, lambda x, s: x * float("nan"), x, SIGMAS, disable=True)
     with pytest.raises(ValueError, match="iterable"):
         qdrift.calibrate(DATA, DATA, [1, 2], SIGMAS, disable=True)
     with pytest.raises(ValueError, match="trim"):

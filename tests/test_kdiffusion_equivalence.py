@@ -18,10 +18,12 @@ def _nonlinear_model(x, sigma, **kw):
 CASES = [
     ("euler", {}),
     ("euler", {"s_churn": 1.0}),
+    ("euler", {"s_churn": 1.0, "s_tmax": 5.0}),  # churn window: noise still drawn on every step
     ("euler_ancestral", {}),
     ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
     ("heun", {}),
     ("heun", {"s_churn": 2.0}),
+    ("heun", {"s_churn": 2.0, "s_tmin": 0.5, "s_tmax": 10.0}),
     ("lms", {}),
     ("lms", {"order": 2}),
     ("dpmpp_2m", {}),
@@ -34,14 +36,19 @@ NEEDS_NOISE_SAMPLER = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
 
 
 @pytest.mark.parametrize("name,knobs", CASES, ids=[f"{n}-{k}" for n, k in CASES])
-@pytest.mark.parametrize("v_kind", ["none", "zeros"])
-def test_matches_kdiffusion(kdiff, name, knobs, v_kind):
-    sigmas = qdrift.get_sigmas_karras(12, 0.02, 20.0).double()
-    x0 = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 20.0
+@pytest.mark.parametrize("v_kind", ["none", "zeros", "zeros_noise_mode"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_kdiffusion(kdiff, name, knobs, v_kind, dtype):
+    if v_kind == "zeros_noise_mode" and name not in NEEDS_NOISE_SAMPLER:
+        pytest.skip("correction='noise' exists only on ancestral/SDE samplers")
+    sigmas = qdrift.get_sigmas_karras(12, 0.02, 20.0).to(dtype)
+    x0 = (torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 20.0).to(dtype)
     V = None if v_kind == "none" else torch.zeros(len(sigmas) - 1, 3)
     outs = []
     for fn in (getattr(kdiff, f"sample_{name}"), qdrift.SAMPLERS[name]):
         kw = dict(knobs)
+        if v_kind == "zeros_noise_mode" and fn is qdrift.SAMPLERS[name]:
+            kw["correction"] = "noise"
         if name in NEEDS_NOISE_SAMPLER:
             kw["noise_sampler"] = kdiff.BrownianTreeNoiseSampler(x0, sigmas[-2], sigmas[0], seed=7)
         torch.manual_seed(3)  # churn noise comes from the global RNG in k-diffusion's Euler/Heun

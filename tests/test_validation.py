@@ -26,12 +26,13 @@ def _inputs(steps=6, dtype=torch.float32):
 @pytest.mark.parametrize(
     "bad_sigmas,match",
     [
-        (torch.tensor([1.0, 2.0, 0.0]), "non-increasing"),
+        (torch.tensor([1.0, 2.0, 0.0]), "strictly decreasing"),
+        (torch.tensor([10.0, 10.0, 5.0, 0.0]), "strictly decreasing"),
         (torch.tensor([[1.0, 0.0]]), "1-D"),
         (torch.tensor([1.0]), "at least 2"),
         (torch.tensor([float("nan"), 0.0]), "finite"),
         (torch.tensor([1.0, -0.5]), ">= 0"),
-        (torch.tensor([1.0, 0.0, 0.0]), "only the last"),
+        (torch.tensor([1.0, 0.0, 0.0]), "strictly decreasing"),
     ],
 )
 def test_bad_sigmas(name, bad_sigmas, match):
@@ -150,3 +151,12 @@ def test_progress_bar_and_callback_run():
     seen = []
     qdrift.sample_heun_qdrift(DATA, x, sigmas, torch.zeros(6), callback=lambda d: seen.append(d["i"]), disable=True)
     assert seen == list(range(6))
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_stochastic_samplers_refuse_flow_models(name):
+    from qdrift.adapters import FlowDenoiser
+
+    x = torch.randn(2, 2, 3)
+    with pytest.raises(ValueError, match="rectified flow"):
+        qdrift.SAMPLERS[name](FlowDenoiser(lambda x, t: x), x, torch.tensor([1.0, 0.5, 0.0]), disable=True)

@@ -49,7 +49,7 @@ def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torc
     return rows[lo] * (1 - w) + rows[hi] * w
 
 
-@dataclass
+@dataclass(eq=False)
 class Calibration:
     """Per-step, per-channel quantization-error statistics and the Q-Drift variance ``V``.
 
@@ -150,6 +150,11 @@ class Calibration:
             raise ValueError("Calibration.merge: the two calibrations were made on different schedules")
         if other.channels != self.channels:
             raise ValueError(f"Calibration.merge: channel counts differ ({self.channels} vs {other.channels})")
+        for key in ("trim", "trajectory", "model_fp", "model_q"):
+            if key in self.meta and key in other.meta and self.meta[key] != other.meta[key]:
+                raise ValueError(
+                    f"Calibration.merge: the calibrations differ in {key} ({self.meta[key]!r} vs {other.meta[key]!r})"
+                )
         meta = dict(self.meta)
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
         return replace(self, moments=self.moments.merge(other.moments), meta=meta)
@@ -207,7 +212,7 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CalibrationFileError(f"load_calibration: {path} is not a {FORMAT} file")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CalibrationFileError(
             f"load_calibration: {path} has format_version {version!r}; this qdrift ({__version__}) reads up to "
             f"{FORMAT_VERSION}: upgrade qdrift"
@@ -218,13 +223,20 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     for k, v in tensors.items():
         if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
             raise CalibrationFileError(f"load_calibration: tensor {k!r} in {path} is not finite floating point")
-    if bool((tensors["n"] < 0).any()) or bool((tensors["m2_fp"] < 0).any()) or bool((tensors["m2_q"] < 0).any()):
-        raise CalibrationFileError(f"load_calibration: {path} has negative counts or variances")
+    if bool((tensors["n"] <= 0).any()) or bool((tensors["m2_fp"] < 0).any()) or bool((tensors["m2_q"] < 0).any()):
+        raise CalibrationFileError(f"load_calibration: {path} has empty counts or negative variances")
+    if tensors["c_fq"].shape == tensors["m2_fp"].shape == tensors["m2_q"].shape:
+        bound = (tensors["m2_fp"] * tensors["m2_q"]).sqrt() * (1 + 1e-6) + 1e-12
+        if bool((tensors["c_fq"].abs() > bound).any()):
+            raise CalibrationFileError(f"load_calibration: {path} has a covariance above its Cauchy-Schwarz bound")
+    meta = header.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CalibrationFileError(f"load_calibration: {path} has metadata 'meta' of type {type(meta).__name__}, not an object")
     reduce, conditional = header.get("reduce"), header.get("conditional")
     if reduce not in REDUCES or not isinstance(conditional, bool):
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
-        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(header.get("meta") or {}))
+        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta))
     except ValueError as e:
         raise CalibrationFileError(f"load_calibration: {path} is inconsistent: {e}") from None

@@ -23,10 +23,12 @@ Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
 def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
     """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
     if isinstance(x, torch.Tensor):
-        total = x.shape[0]
-        size = total if batch_size is None else int(batch_size)
-        if size < 1:
-            raise ValueError(f"calibrate: batch_size must be a positive integer, got {batch_size!r}")
+        total = x.shape[0] if x.ndim else 0
+        if total == 0:
+            raise ValueError(f"calibrate: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
+        size = total if batch_size is None else batch_size
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)
@@ -71,7 +73,7 @@ def calibrate(
     conditional: bool = True,
     trim: Optional[float] = 4.0,
     disable: Optional[bool] = None,
-    batch_size: Optional[int] = None,
+    batch_size: Optional[int] = 8,
     trajectory: str = "fp",
     distributed: Optional[bool] = None,
     group=None,
@@ -94,11 +96,12 @@ def calibrate(
         extra_args: keyword arguments for both models; tensors whose first dim equals K are split with x.
         reduce: ``"channel"`` (V per channel) or ``"scalar"`` (one pooled V per step).
         conditional: ``Var(delta | d_hat)`` (True) or ``Var(delta)`` (False, the paper's ablation).
-        trim: drop pairs whose delta is more than ``trim`` std from the batch mean (per step and channel;
-            the authors use 4); None or 0 keeps everything. Trimming is per batch, so the result does not
-            depend on how batches are spread over processes.
+        trim: drop pairs whose delta is more than ``trim`` std from the mean of its own sample, step and
+            channel (the authors trim at 4); None or 0 keeps everything. Being per sample, trimming does not
+            depend on batching or on how samples are spread over processes.
         disable: disables the progress bar.
-        batch_size: split a tensor ``x`` into batches of this size (default: one batch).
+        batch_size: split a tensor ``x`` into batches of this size (default 8, so memory does not grow with
+            K; None = one batch).
         trajectory: ``"fp"`` (the paper's Algorithm 1) or ``"q"`` (follow the quantized model, i.e. the
             states the quantized sampler actually visits).
         distributed: all-gather and merge the statistics over ``torch.distributed`` ranks (default: when a
@@ -161,11 +164,17 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajecto
     for i in range(len(sigmas) - 1):
         den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
         den_q = model_q(x, sigmas[i] * s_in, **extra_args)
-        if getattr(den_fp, "shape", None) != x.shape or getattr(den_q, "shape", None) != x.shape:
-            raise ValueError(
-                f"calibrate: models must return denoised tensors shaped like x {tuple(x.shape)}, got "
-                f"{tuple(getattr(den_fp, 'shape', ()))} (fp) and {tuple(getattr(den_q, 'shape', ()))} (q)"
-            )
+        for label, den in (("model_fp", den_fp), ("model_q", den_q)):
+            if not isinstance(den, torch.Tensor) or den.shape != x.shape:
+                raise ValueError(
+                    f"calibrate: {label} must return a denoised tensor shaped like x {tuple(x.shape)}, got "
+                    f"{tuple(getattr(den, 'shape', ())) if isinstance(den, torch.Tensor) else type(den).__name__}"
+                )
+            if not bool(torch.isfinite(den).all()):
+                raise ValueError(
+                    f"calibrate: {label} returned NaN or inf at step {i} (sigma={float(sigmas[i]):.4g}); a "
+                    "calibration from it would be meaningless"
+                )
         d_fp, d_q = to_d(x, sigmas[i], den_fp), to_d(x, sigmas[i], den_q)
         rows.append(batch_moments(d_fp, d_q, trim))
         # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.

@@ -152,33 +152,38 @@ def batch_moments(d_fp: torch.Tensor, d_q: torch.Tensor, trim: Optional[float] =
     Args:
         d_fp: full-precision ``d`` ``[B, C, ...]``.
         d_q: quantized ``d_hat`` ``[B, C, ...]``.
-        trim: drop pairs whose ``delta`` lies more than ``trim`` standard deviations from the batch's mean
-            delta in that channel (the authors trim at 4); None or 0 keeps all.
+        trim: drop pairs whose ``delta`` lies more than ``trim`` standard deviations from the mean delta of
+            *its own sample and channel* (over the spatial positions; the authors trim at 4). Trimming per
+            sample makes the kept set independent of how samples are batched, merged or spread over
+            processes, so any split gives the same statistics. Samples without spatial positions are not
+            trimmed. None or 0 keeps all.
+
+    Raises:
+        ValueError: if the shapes differ or an output is not finite.
     """
     if d_fp.shape != d_q.shape or d_fp.ndim < 2:
         raise ValueError(
             f"calibrate: the two models' outputs must have the same shape [B, C, ...], got {tuple(d_fp.shape)} "
             f"and {tuple(d_q.shape)}"
         )
-    channels = d_fp.shape[1]
-    a = d_fp.detach().to(torch.float64).transpose(0, 1).reshape(channels, -1)
-    b = d_q.detach().to(torch.float64).transpose(0, 1).reshape(channels, -1)
-    keep = torch.isfinite(a) & torch.isfinite(b)
-    a, b = torch.where(keep, a, 0.0), torch.where(keep, b, 0.0)
-    if trim:
+    batch, channels = d_fp.shape[:2]
+    a = d_fp.detach().to(torch.float64).reshape(batch, channels, -1)
+    b = d_q.detach().to(torch.float64).reshape(batch, channels, -1)
+    if trim and a.shape[-1] > 1:
         delta = b - a
-        cnt = keep.sum(1, keepdim=True).clamp(min=1)
-        mu = (delta * keep).sum(1, keepdim=True) / cnt
-        sd = ((((delta - mu) * keep) ** 2).sum(1, keepdim=True) / cnt).sqrt()
-        keep = keep & ((delta - mu).abs() <= trim * sd)
-    w = keep.to(torch.float64)
+        mu = delta.mean(-1, keepdim=True)
+        sd = delta.std(-1, correction=0, keepdim=True)
+        w = ((delta - mu).abs() <= trim * sd).to(torch.float64)
+    else:
+        w = torch.ones_like(a)
+    a, b, w = (t.transpose(0, 1).reshape(channels, -1) for t in (a, b, w))
     n = w.sum(1)
     safe = n.clamp(min=1)
     mean_a = (a * w).sum(1) / safe
     mean_b = (b * w).sum(1) / safe
     da = (a - mean_a[:, None]) * w
     db = (b - mean_b[:, None]) * w
-    out = PairedMoments(
+    return PairedMoments(
         n=n[None],
         mean_fp=mean_a[None],
         mean_q=mean_b[None],
@@ -186,7 +191,6 @@ def batch_moments(d_fp: torch.Tensor, d_q: torch.Tensor, trim: Optional[float] =
         m2_q=(db * db).sum(1)[None],
         c_fq=(da * db).sum(1)[None],
     )
-    return out
 
 
 def gather_moments(moments: PairedMoments, group=None) -> PairedMoments:

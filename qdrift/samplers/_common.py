@@ -70,20 +70,30 @@ def correct(
             leftover is corrected by drift).
 
     Returns:
-        ``(x after the deterministic part, per-channel noise std [C] or None to keep the sampler's own)``.
+        ``(x after the deterministic part, per-channel factor [C] on the sampler's own noise, or None)``.
     """
     if q is None:
         return x_base, None
-    std = None
+    factor = None
     if correction == "noise" and noise_std is not None:
-        std, q = lower_noise(noise_std, q)
+        factor, q = lower_noise(noise_std, q)
     rule = quadrature_coefficient if quadrature else drift_coefficient
-    return apply_drift(x, x_base, rule(q, sigma, sigma_eff)), std
+    return apply_drift(x, x_base, rule(q, sigma, sigma_eff)), factor
 
 
-def per_channel(std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel noise std ``[C]`` shaped to multiply noise like ``x`` ``[B, C, ...]``."""
-    return channel_view(std, x).to(x.dtype)
+def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sampler's own noise, times a per-channel factor ``[C]`` when the noise is being lowered."""
+    return noise if factor is None else noise * channel_view(factor, noise).to(noise.dtype)
+
+
+def reject_flow(model, name: str) -> None:
+    """Ancestral and SDE noise formulas assume ``x = x0 + sigma eps``; a rectified-flow state is not that."""
+    if getattr(model, "is_flow", False):
+        raise ValueError(
+            f"{name}: this sampler's noise injection assumes the VE form x = x0 + sigma * eps, but the model is a "
+            "rectified flow (FlowDenoiser, sigma = t); use sample_euler_qdrift, sample_heun_qdrift, "
+            "sample_lms_qdrift or sample_dpmpp_2m_qdrift"
+        )
 
 
 def first_order_q(table: Optional[torch.Tensor], i: int, sigma: float, sigma_eff: float) -> Optional[torch.Tensor]:
@@ -105,4 +115,4 @@ def weighted_q(
     return q
 
 
-__all__ = ["setup", "check_form", "correct", "per_channel", "first_order_q", "weighted_q"]
+__all__ = ["setup", "check_form", "correct", "scale_noise", "reject_flow", "first_order_q", "weighted_q"]

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import BrownianTreeNoiseSampler
-from ._common import check_form, correct, first_order_q, per_channel, setup, weighted_q
+from ._common import check_form, correct, first_order_q, reject_flow, scale_noise, setup, weighted_q
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -203,6 +203,7 @@ def sample_dpmpp_2m_sde_qdrift(
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     _check_sde(name, eta, s_noise, form, correction)
+    reject_flow(model, name)
     table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
@@ -227,16 +228,13 @@ def sample_dpmpp_2m_sde_qdrift(
                 r_cpu = h_last_cpu / h_cpu
                 step = lambda x_, a, b: _step_2m_sde(x_, a, b, 0.0, h_cpu, eta, r_cpu, solver_type)  # noqa: E731
                 q = weighted_q(table, [i, i - 1], _unit_weights(step, 2), sig)
-            x, std = correct(
+            x, factor = correct(
                 x, x_base, q, sig[i], sigma_eff,
                 quadrature=form == "quadrature", noise_std=noise_std, correction=correction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])
-                if std is None:
-                    x = x + noise * sigmas[i + 1] * (-2 * eta * h).expm1().neg().sqrt() * s_noise
-                else:
-                    x = x + noise * per_channel(std, x)
+                x = x + scale_noise(noise * sigmas[i + 1] * (-2 * eta * h).expm1().neg().sqrt() * s_noise, factor)
             h_last, h_last_cpu = h, h_cpu
         old_denoised = denoised
     return x.to(dtype)
@@ -306,6 +304,7 @@ def sample_dpmpp_3m_sde_qdrift(
     """
     name = "sample_dpmpp_3m_sde_qdrift"
     _check_sde(name, eta, s_noise, form, correction)
+    reject_flow(model, name)
     table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
@@ -332,16 +331,13 @@ def sample_dpmpp_3m_sde_qdrift(
                     return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, hc_1, hc_2, eta)
 
                 q = weighted_q(table, list(range(i, i - n, -1)), _unit_weights(step, n), sig)
-            x, std = correct(
+            x, factor = correct(
                 x, x_base, q, sig[i], sigma_eff,
                 quadrature=form == "quadrature", noise_std=noise_std, correction=correction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])
-                if std is None:
-                    x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-                else:
-                    x = x + noise * per_channel(std, x)
+                x = x + scale_noise(noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise, factor)
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         hc_1, hc_2 = hc, hc_1

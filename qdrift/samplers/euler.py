@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import default_noise_sampler, get_ancestral_step, to_d
-from ._common import CORRECTIONS, correct, first_order_q, per_channel, setup
+from ._common import CORRECTIONS, correct, first_order_q, reject_flow, scale_noise, setup
 from ..correction import check_choice
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
@@ -21,9 +21,12 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
     """Karras et al. (2022) Algorithm 2, lines 4-6: raise the noise level to ``sigma_hat`` (stochastic churn)."""
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
     sigma_hat = sigmas[i] * (gamma + 1)
-    if gamma > 0:
+    if s_churn > 0:
+        # Drawn on every step while churn is on (also outside [s_tmin, s_tmax]), as k-diffusion does, so the
+        # default noise stream, and so the result, is the same as k-diffusion's for the same seed.
         eps = noise_sampler(sigmas[i], sigma_hat) * s_noise
-        x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        if gamma > 0:
+            x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
     return x, sigma_hat, gamma
 
 
@@ -61,6 +64,9 @@ def sample_euler_qdrift(
         s_churn, s_tmin, s_tmax, s_noise: Karras' stochastic churn (0 churn = deterministic).
         noise_sampler: ``(sigma, sigma_next) -> noise`` for the churn; default ``torch.randn_like(x)``.
         strength: multiplier on V (1 = the paper's correction).
+
+    With churn the step starts at ``sigma_hat`` (up to ``1.41 sigma_i``) but uses ``V_i``, the value
+    calibrated at ``sigma_i``.
 
     Returns:
         The sample ``[B, C, ...]`` in x's dtype.
@@ -117,6 +123,7 @@ def sample_euler_ancestral_qdrift(
         The sample ``[B, C, ...]``.
     """
     check_choice("correction", correction, CORRECTIONS)
+    reject_flow(model, "sample_euler_ancestral_qdrift")
     table, extra_args, s_in, sig = setup("sample_euler_ancestral_qdrift", x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
@@ -130,10 +137,9 @@ def sample_euler_ancestral_qdrift(
         s_down, s_up = get_ancestral_step(sig[i], sig[i + 1], eta=eta)
         budget = s_noise * s_up if sig[i + 1] > 0 else 0.0
         q = first_order_q(table, i, sig[i], s_down)
-        x, std = correct(x, x + d * (sigma_down - sigmas[i]), q, sig[i], s_down, noise_std=budget, correction=correction)
+        x, factor = correct(x, x + d * (sigma_down - sigmas[i]), q, sig[i], s_down, noise_std=budget, correction=correction)
         if sigmas[i + 1] > 0:
-            noise = noise_sampler(sigmas[i], sigmas[i + 1])
-            x = x + noise * s_noise * sigma_up if std is None else x + noise * per_channel(std, x)
+            x = x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
     return x.to(dtype)
 
 
@@ -163,7 +169,9 @@ def sample_heun_qdrift(
     ``(1 + c)`` rescaling with ``c = Q / (2 sigma_hat |dt|)`` (see :mod:`qdrift.correction`): half the Euler
     coefficient when ``V`` is flat. The final step to sigma = 0 is an Euler step, as in k-diffusion, with the
     Euler coefficient. If the two errors of a step were fully correlated (a smooth quantization error),
-    ``Q`` would be up to twice as large; the analytic test plants independent errors.
+    ``Q`` would be up to twice as large; the analytic test plants independent errors. ``V_{i+1}`` is the next
+    step's row of the table; on the last step of a schedule that does not end in 0 there is none and
+    ``V_i`` stands in for it. With churn, ``V_i`` (calibrated at ``sigma_i``) is used from ``sigma_hat``.
 
     Args:
         as :func:`sample_euler_qdrift`.

@@ -73,6 +73,7 @@ def sample_lms_qdrift(
         raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
     table, extra_args, s_in, sig = setup("sample_lms_qdrift", x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
+    sigmas_cpu = sigmas.detach().cpu().numpy()  # the coefficients from the schedule's own dtype, as k-diffusion
     ds = []
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -83,7 +84,7 @@ def sample_lms_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         cur_order = min(i + 1, order)
-        coeffs = [lms_coefficient(cur_order, sig, i, j) for j in range(cur_order)]
+        coeffs = [lms_coefficient(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
         x_base = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
         if form == "quadrature" and table is not None:
             # Weights a_ij on d_{i-j}: Q = sum_j a_ij^2 V_{i-j}.

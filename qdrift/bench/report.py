@@ -1,0 +1,92 @@
+"""Table-1-style markdown for ``qdrift bench`` rows, and JSON-safe row conversion."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from .runner import SAMPLER_SPECS, gap_recovered
+
+__all__ = ["ROW_FIELDS", "json_safe", "markdown_table", "header_lines"]
+
+# The fields every bench.json row carries (more may follow: calib_seconds, v_reduce, form, fd_classifier_ci, ...).
+ROW_FIELDS = ("model", "scheme", "sampler", "steps", "variant", "K", "n_images", "fid", "fid_ci", "fd_classifier",
+              "kid", "class_acc", "psnr", "ssim", "seconds")
+
+
+def json_safe(obj: Any) -> Any:
+    """Recursively replace NaN / inf by None and tuples by lists (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _f(v: Optional[float], fmt: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _ci(ci: Optional[Sequence[float]], fmt: str = "+.2f") -> str:
+    if not ci:
+        return "—"
+    d, lo, hi = ci
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{d:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]{star}"
+
+
+def header_lines(meta: Dict[str, Any]) -> List[str]:
+    """What the table measures, stated in its header."""
+    n = meta["n_images"]
+    fid = (f"FID: Inception (2015-12-05 weights, 2048-d pool features) of the {n} images vs {meta['fid_ref']} "
+           "Fashion-MNIST test images" if meta["fid"] == "inception" else
+           "FID: not computed (quick mode; the Inception network runs at about 10 images/s on 2 cores; "
+           "`--fid inception` or `--full` turns it on)")
+    return [
+        f"# qdrift bench ({meta['mode']}): FP vs quantized vs quantized + Q-Drift",
+        "",
+        f"- {n} images per row (label i % 10, seed {meta['eval_seeds'].split(',')[0]}, the same noise in every row); "
+        f"classifier-free guidance {meta['cfg_scale']:g} inside the denoiser; Q-Drift V from K = {meta['K']} "
+        "calibration runs on disjoint seeds (pooled-scalar V, conditional, 4-std trim).",
+        f"- {fid}.",
+        f"- FD (cls): Frechet distance in the shipped classifier's 128-d features vs {meta['ref_images']} test images "
+        "(biased upward at small n; compare rows, not absolute values). KID (cls) x 10^3 in the same features. "
+        "acc: the classifier agrees with the requested class (the CLIP-score analog).",
+        "- dFD: paired bootstrap (same seeds) of FD(quantized) - FD(FP) on quantized rows and of FD(row) - "
+        f"FD(quantized) on corrected rows, with its 95% interval ({meta['n_boot']} draws); * = interval excludes 0.",
+        "- PSNR / SSIM against the FP image of the same seed and label (higher = closer to FP). s: sampling wall "
+        f"time of the row's {n} images ({meta['threads']} threads; calibration excluded, see bench.json).",
+    ]
+
+
+def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    """The Table-1-style markdown (header notes, the table, the gap-recovered summary)."""
+    has_fid = any(r.get("fid") is not None for r in rows)
+    lines = header_lines(meta) + [""]
+    cols = ["model", "sampler", "steps", "scheme", "variant"]
+    cols += ["FID", "dFID [95% CI]"] if has_fid else []
+    cols += ["FD (cls)", "dFD [95% CI]", "KID (cls) x1e3", "acc", "PSNR", "SSIM", "s"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(cols))) + "|")
+    for r in rows:
+        cells = [r["model"], SAMPLER_SPECS[r["sampler"]].label, str(r["steps"]), r["scheme"], r["variant"]]
+        if has_fid:
+            cells += [_f(r.get("fid"), ".2f"), _ci(r.get("fid_ci"))]
+        kid = r.get("kid")
+        cells += [_f(r.get("fd_classifier"), ".2f"), _ci(r.get("fd_classifier_ci")),
+                  _f(None if kid is None else kid * 1e3, ".2f"), _f(r.get("class_acc"), ".3f"),
+                  _f(r.get("psnr"), ".2f"), _f(r.get("ssim"), ".3f"), _f(r.get("seconds"), ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    for metric, name in (("fid", "FID"), ("fd_classifier", "FD (cls)")):
+        gaps = gap_recovered(rows, metric)
+        if not gaps:
+            continue
+        lines += ["", f"Share of the quantization gap in {name} recovered, (Q - row) / (Q - FP); "
+                  "negative = worse than uncorrected:", "",
+                  "| model | sampler | scheme | variant | gap Q - FP | recovered |", "|---|---|---|---|---:|---:|"]
+        for g in gaps:
+            lines.append(f"| {g['model']} | {SAMPLER_SPECS[g['sampler']].label} | {g['scheme']} | {g['variant']} | "
+                         f"{g['gap']:.2f} | {_f(100 * g['recovered'], '.0f')} % |")
+    return "\n".join(lines) + "\n"

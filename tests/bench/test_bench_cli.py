@@ -1,0 +1,185 @@
+"""``qdrift bench``: a tiny smoke run (tiny untrained networks, few steps, one scheme) checking the JSON rows, the
+markdown table and the PNGs; plus the table arithmetic and the CLI's error messages."""
+
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from qdrift.bench import cli, runner
+from qdrift.bench.data import load_fashion_mnist
+from qdrift.bench.images import read_png_size
+from qdrift.bench.models import DiT, UNet, weights_dir
+from qdrift.bench.report import ROW_FIELDS, markdown_table
+
+
+def _need_data_and_classifier():
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError as e:
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+    if not (weights_dir() / "classifier.safetensors").is_file():
+        pytest.skip("classifier weights not trained")
+
+
+def _tiny(kind: str) -> torch.nn.Module:
+    """Small untrained networks with a non-zero output layer (the real ones start at zero)."""
+    torch.manual_seed(0)
+    net = UNet(channels=8, mult=(1, 2), blocks=1, heads=2) if kind == "unet" else DiT(patch=7, dim=32, depth=1, heads=2)
+    last = net.conv_out if kind == "unet" else net.final.linear
+    torch.nn.init.normal_(last.weight, std=0.05)
+    if kind == "dit":  # adaLN-Zero: open the gates so that the quantized blocks matter
+        for m in [net.final.ada] + [blk.ada for blk in net.blocks]:
+            torch.nn.init.normal_(m.weight, std=0.05)
+    return net.eval()
+
+
+def _png_pixels(path):
+    """Decode an 8-bit non-interlaced PNG (filter 0 rows, as save_png writes) -> [H, W, channels] uint8."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        crc = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0]
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF, f"bad CRC in {tag}"
+        if tag == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif tag == b"IDAT":
+            idat += body
+        pos += 12 + length
+    w, h, depth, color = ihdr[:4]
+    ch = {0: 1, 2: 3}[color]
+    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, 1 + w * ch)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, ch)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    _need_data_and_classifier()
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runner, "load_bench_model", _tiny)
+    torch.set_num_threads(1)
+    try:
+        rc = cli.main(["--models", "unet,dit", "--schemes", "w4a4", "--samplers", "euler,dpmpp_2m,flow_euler",
+                       "--steps", "euler=3,dpmpp_2m=3,flow_euler=3", "-n", "8", "--batch-size", "5", "-K", "2",
+                       "--baselines", "ptqd", "--ref-images", "300", "--boot", "20", "--fig-pool", "4",
+                       "--fig-ks", "1,2,4", "--fig-scheme", "w4a4", "--grid-n", "4", "--out", str(out),
+                       "--no-progress"])
+    finally:
+        mp.undo()
+    return rc, out
+
+
+def test_smoke_run_rows(smoke):
+    rc, out = smoke
+    assert rc == 0
+    doc = json.loads((out / "bench.json").read_text())
+    rows = doc["rows"]
+    for r in rows:
+        assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
+        assert r["n_images"] == 8 and r["steps"] == 3 and r["seconds"] > 0
+        assert r["fid"] is None and r["fid_ci"] is None  # quick mode: no Inception
+        assert math.isfinite(r["fd_classifier"]) and r["fd_classifier"] >= 0
+        assert 0 <= r["class_acc"] <= 1
+    keys = [(r["model"], r["sampler"], r["scheme"], r["variant"]) for r in rows]
+    expected = {("unet", "euler", "fp", "fp"), ("unet", "euler", "w4a4", "quantized"), ("unet", "euler", "w4a4", "qdrift"),
+                ("unet", "euler", "w4a4", "ptqd"), ("unet", "dpmpp_2m", "w4a4", "qdrift"),
+                ("unet", "dpmpp_2m", "w4a4", "qdrift-quadrature"), ("dit", "flow_euler", "fp", "fp"),
+                ("dit", "flow_euler", "w4a4", "quantized"), ("dit", "flow_euler", "w4a4", "qdrift")}
+    assert expected <= set(keys) and len(keys) == len(set(keys)) == 13
+    by = {k: r for k, r in zip(keys, rows)}
+    fp, q, qd = (by[("unet", "euler", s, v)] for s, v in (("fp", "fp"), ("w4a4", "quantized"), ("w4a4", "qdrift")))
+    assert fp["psnr"] is None and q["psnr"] is not None and q["ssim"] <= 1
+    assert qd["K"] == 2 and q["K"] == 0 and qd["v_reduce"] == "scalar" and qd["calib_seconds"] > 0
+    assert by[("unet", "dpmpp_2m", "w4a4", "qdrift-quadrature")]["form"] == "quadrature"
+    d, lo, hi = qd["fd_classifier_ci"]
+    assert lo <= hi and math.isclose(d, qd["fd_classifier"] - q["fd_classifier"], rel_tol=1e-6, abs_tol=1e-6)
+    # the quantized model differs from FP and Q-Drift changes the sampler's output
+    assert q["psnr"] < 200 and qd["psnr"] != q["psnr"]
+    dq = by[("dit", "flow_euler", "w4a4", "quantized")]
+    assert dq["psnr"] < 200 and by[("dit", "flow_euler", "w4a4", "qdrift")]["psnr"] != dq["psnr"]
+    assert doc["meta"]["calib_labels"] and len(doc["meta"]["calib_labels"]) == 2
+
+
+def test_smoke_run_table_and_pngs(smoke):
+    _, out = smoke
+    table = (out / "table.md").read_text()
+    assert "| model | sampler | steps | scheme | variant |" in table and "FID: not computed" in table
+    body = [ln for ln in table.splitlines() if ln.startswith("| unet") or ln.startswith("| dit")]
+    assert len([ln for ln in body if "quantized" in ln and "w4a4" in ln]) == 3
+    assert "recovered" in table
+    for name in ("grid_unet_euler.png", "grid_unet_dpmpp_2m.png", "grid_dit_flow_euler.png", "fig2_c_envelopes.png"):
+        path = out / name
+        w, h = read_png_size(path)
+        px = _png_pixels(path)
+        assert px.shape[:2] == (h, w) and px.std() > 5, name  # not blank
+    # grid: FP, w4a4 Q, w4a4 Q-Drift rows of 4 images (84 px tiles)
+    assert _png_pixels(out / "grid_unet_euler.png").shape[0] >= 3 * 84
+    fig = json.loads((out / "fig2.json").read_text())
+    env = fig["unet"]["envelopes"]
+    assert set(env) == {"1", "2", "4"} and env["1"]["subsets"] == 4 and env["4"]["subsets"] == 1
+    lo, hi = np.array(env["1"]["min"]), np.array(env["1"]["max"])
+    assert lo.shape == (3, 1) and (lo <= hi).all() and (hi > 0).any()
+    assert np.allclose(env["4"]["min"], env["4"]["max"])
+    assert len(list((out / "calibrations").glob("*.qdrift.safetensors"))) == 3
+
+
+def test_c_coefficients_match_paper_rule():
+    sigmas = torch.tensor([10.0, 4.0, 1.0, 0.0])
+    V = torch.tensor([[0.1], [0.2], [0.4]])
+    c = runner.c_coefficients(V, sigmas)
+    assert torch.allclose(c[:, 0], torch.tensor([6 * 0.1 / 20, 3 * 0.2 / 8, 1 * 0.4 / 2]))
+
+
+def test_per_image_noise_is_batch_independent():
+    a = runner.PerImageNoise([5, 6, 7]).draw()
+    b = torch.cat([runner.PerImageNoise([5]).draw(), runner.PerImageNoise([6, 7]).draw()])
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+
+
+def test_guided_net_combines_conditional_and_null():
+    class Net(torch.nn.Module):
+        def forward(self, x, t, y):
+            return x + y.float()[:, None, None, None]
+
+    g = runner.GuidedNet(Net(), 3.0)
+    x = torch.zeros(2, 1, 2, 2)
+    out = g(x, torch.zeros(2), torch.tensor([1, 2]))
+    # null label 10: out_u = 10, out_c = y -> 10 + 3 (y - 10)
+    assert torch.allclose(out[:, 0, 0, 0], torch.tensor([10 + 3 * (1 - 10.0), 10 + 3 * (2 - 10.0)]))
+
+
+def test_gap_recovered_and_table():
+    rows = [dict(model="unet", sampler="euler", steps=30, scheme="fp", variant="fp", fd_classifier=1.0),
+            dict(model="unet", sampler="euler", steps=30, scheme="w4a4", variant="quantized", fd_classifier=5.0),
+            dict(model="unet", sampler="euler", steps=30, scheme="w4a4", variant="qdrift", fd_classifier=4.0,
+                 fd_classifier_ci=[-1.0, -1.5, -0.5])]
+    g = runner.gap_recovered(rows)
+    assert len(g) == 1 and math.isclose(g[0]["recovered"], 0.25)
+    meta = dict(mode="quick", n_images=10, eval_seeds="1 + i", cfg_scale=3.0, K=5, fid="none", ref_images=10,
+                n_boot=10, threads=1)
+    t = markdown_table(rows, meta)
+    assert "25 %" in t and "-1.00 [-1.50, -0.50]*" in t
+
+
+def test_cli_errors(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        cli.main(["--schemes", "w2a2"])
+    assert "w2a2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["-n", "1"])
+    monkeypatch.setattr("qdrift.bench.models.WEIGHTS_DIR", tmp_path)
+    assert cli.main(["--models", "dit", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "python -m qdrift.bench.train dit" in err and "classifier" in err
+    monkeypatch.setattr("qdrift.bench.metrics.INCEPTION_PACKAGE", "no_such_package_qdrift")
+    assert cli.main(["--models", "unet", "--fid", "inception", "--out", str(tmp_path / "o")]) == 2
+    assert "--fid none" in capsys.readouterr().err

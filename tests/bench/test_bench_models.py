@@ -1,0 +1,177 @@
+"""Benchmark networks, data loader, PNG writer, training script (resume), shipped weights."""
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qdrift.bench import data as bdata
+from qdrift.bench.images import make_grid, read_png_size, save_png
+from qdrift.bench.models import (NULL_LABEL, Classifier, DiT, UNet, build_model, count_params, load_model,
+                                 vp_alphas_cumprod, weights_dir)
+
+
+def write_fake_idx(folder: Path, n_train: int = 96, n_test: int = 40, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(folder / f"{stem}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
+        with gzip.open(folder / f"{stem}-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def test_data_loader_on_fake_idx(tmp_path):
+    write_fake_idx(tmp_path)
+    x, y = bdata.load_fashion_mnist("test", tmp_path)
+    assert x.shape == (40, 28, 28) and x.dtype == torch.uint8 and y.tolist()[:3] == [0, 1, 2]
+    xm = bdata.to_model_range(x)
+    assert xm.shape == (40, 1, 28, 28) and xm.min() >= -1 and xm.max() <= 1
+    assert torch.equal(bdata.to_uint8(xm)[:, 0], x)
+    with pytest.raises(ValueError, match="split"):
+        bdata.load_fashion_mnist("val", tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 1234, 1) + b"\x00"))
+    with pytest.raises(ValueError, match="magic"):
+        bdata.load_fashion_mnist("test", tmp_path)
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        bdata.load_fashion_mnist("train", tmp_path / "missing")
+
+
+def test_real_fashion_mnist_if_installed():
+    try:
+        x, y = bdata.load_fashion_mnist("test")
+    except FileNotFoundError as e:
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+    assert x.shape == (10000, 28, 28) and torch.bincount(y).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("name,lo,hi", [("unet", 1e6, 4e6), ("dit", 1e6, 4e6), ("classifier", 1e5, 1e6)])
+def test_param_counts(name, lo, hi):
+    assert lo <= count_params(build_model(name)) <= hi
+
+
+@pytest.mark.parametrize("cls,kw,t", [(UNet, dict(channels=8, mult=(1, 2)), 500.5), (DiT, dict(dim=32, depth=1, heads=2), 0.3)])
+def test_denoiser_shapes_zero_init_and_labels(cls, kw, t):
+    torch.manual_seed(0)
+    net = cls(**kw).eval()
+    x = torch.randn(3, 1, 28, 28)
+    tt = torch.full((3,), t)
+    out = net(x, tt, torch.tensor([0, 5, NULL_LABEL]))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # zero-initialized output layer
+    for p in net.parameters():  # perturb so that labels matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    a = net(x, tt, torch.tensor([0, 0, 0]))
+    b = net(x, tt, torch.tensor([1, 1, 1]))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(net(x, tt), net(x, tt, torch.full((3,), NULL_LABEL)))  # y=None -> null label
+    with pytest.raises(ValueError, match="x must be"):
+        net(torch.randn(3, 1, 32, 32), tt)
+    with pytest.raises(ValueError, match="t must be"):
+        net(x, tt[:2])
+    with pytest.raises(ValueError, match="y must be"):
+        net(x, tt, torch.zeros(3))
+
+
+def test_vp_schedule_sd_range():
+    ac = vp_alphas_cumprod()
+    sig = ((1 - ac) / ac).sqrt()
+    assert ac.shape == (1000,) and bool((ac[1:] < ac[:-1]).all())
+    assert sig[0].item() == pytest.approx(0.0292, abs=1e-3) and sig[-1].item() == pytest.approx(14.61, abs=0.05)
+
+
+def test_load_model_roundtrip(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = DiT(dim=32, depth=1, heads=2).eval()
+    for p in net.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    save_file(net.state_dict(), str(tmp_path / "d.safetensors"), metadata={"config": json.dumps(net.config)})
+    back = load_model("dit", tmp_path / "d.safetensors")
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    torch.testing.assert_close(back(x, t), net(x, t))
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("vae")
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_model("dit", tmp_path / "none.safetensors")
+
+
+def test_png_writer(tmp_path):
+    imgs = torch.linspace(-1, 1, 4 * 28 * 28).reshape(4, 1, 28, 28)
+    grid = make_grid(imgs, nrow=2, pad=2)
+    assert grid.shape == (1, 2 * 30 + 2, 2 * 30 + 2)
+    p = save_png(tmp_path / "g.png", grid)
+    assert read_png_size(p) == (62, 62)
+    rgb = save_png(tmp_path / "c.png", torch.zeros(3, 5, 7))
+    assert read_png_size(rgb) == (7, 5)
+    with pytest.raises(ValueError):
+        save_png(tmp_path / "bad.png", torch.zeros(2, 5, 7))
+
+
+def _train(tmp_path, model, steps, extra=()):
+    from qdrift.bench.train import main
+
+    return main([model, "--steps", str(steps), "--ckpt-every", "2", "--out", str(tmp_path / "out"),
+                 "--ckpt-dir", str(tmp_path / "ck"), "--data-root", str(tmp_path / "data"), "--no-progress",
+                 "--batch-size", "16", "--preview-steps", "1", *extra])
+
+
+@pytest.mark.parametrize("model,cfg", [("unet", '{"channels": 8, "mult": [1, 2]}'), ("classifier", '{"width": 8}')])
+def test_train_resume_matches_uninterrupted(tmp_path, model, cfg):
+    from safetensors.torch import load_file
+
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    write_fake_idx(tmp_path / "a" / "data")
+    write_fake_idx(tmp_path / "b" / "data")
+    card = _train(tmp_path / "a", model, 4, ["--config", cfg])
+    _train(tmp_path / "b", model, 2, ["--config", cfg])  # "interrupted" at step 2
+    _train(tmp_path / "b", model, 4, ["--config", cfg])  # resumes from the step-2 checkpoint
+    wa = load_file(str(tmp_path / "a" / "out" / f"{model}.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "out" / f"{model}.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert card["steps"] == 4 and card["wall_time_s"] >= 0 and "hardware" in card
+    md = (tmp_path / "a" / "out" / f"{model}.md").read_text()
+    assert "wall_time_s" in md and "Fashion-MNIST" in md
+    if model == "unet":
+        assert read_png_size(tmp_path / "a" / "out" / "unet_samples.png")[0] > 28
+    # a fresh seed gives different weights (the comparison above can fail)
+    _train(tmp_path / "c", model, 2, ["--config", cfg, "--seed", "1", "--data-root", str(tmp_path / "a" / "data")])
+    wc = load_file(str(tmp_path / "c" / "out" / f"{model}.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].is_floating_point())
+
+
+SHIPPED = ["classifier", "unet", "dit"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_safetensors_small_and_loadable(name):
+    path = weights_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} not trained yet")
+    assert path.stat().st_size < 20 * 2**20
+    net = load_model(name)
+    card = json.loads((weights_dir() / f"{name}.json").read_text())
+    assert card["params"] == count_params(net)
+    assert not list(weights_dir().glob("*.pt")) + list(weights_dir().glob("*.pth")) + list(weights_dir().glob("*.pkl"))
+
+
+def test_shipped_classifier_accuracy():
+    path = weights_dir() / "classifier.safetensors"
+    if not path.is_file():
+        pytest.skip("classifier not trained yet")
+    try:
+        x, y = bdata.load_fashion_mnist("test")
+    except FileNotFoundError as e:
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+    clf = load_model("classifier")
+    with torch.no_grad():
+        acc = (clf(bdata.to_model_range(x[:1000])).argmax(1) == y[:1000]).float().mean().item()
+    assert acc > 0.85
