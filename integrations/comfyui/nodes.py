@@ -13,6 +13,7 @@ sigma = flow time, which is what the qdrift samplers and calibration expect.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -182,6 +183,35 @@ class QDriftCalibrate:
         return f"{base}_{n:05d}.safetensors"
 
 
+STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
+def _is_flow_model(model_k) -> bool:
+    """True for a rectified-flow (``model_sampling`` CONST: SD3, FLUX) model, found the way ComfyUI's own
+    samplers find it (``model.inner_model.inner_model.model_sampling``)."""
+    guider = getattr(model_k, "inner_model", None)
+    sampling = getattr(getattr(guider, "inner_model", None), "model_sampling", None)
+    return sampling is not None and any(c.__name__.endswith("CONST") for c in type(sampling).__mro__)
+
+
+def _refuse_flow_for_stochastic(sampler_name: str, fn):
+    """The ancestral/SDE noise formulas assume ``x = x0 + sigma eps``; ComfyUI switches to separate "RF"
+    samplers for flow models, which qdrift does not have: say so instead of sampling wrongly."""
+    if sampler_name not in STOCHASTIC_SAMPLERS:
+        return fn
+
+    @functools.wraps(fn)
+    def guarded(model, x, sigmas, *args, **kwargs):
+        if _is_flow_model(model):
+            raise ValueError(
+                f"Q-Drift Sampler: {sampler_name} injects noise in the x = x0 + sigma * eps form, but this is a "
+                "flow model (SD3/FLUX); choose euler, heun, lms or dpmpp_2m"
+            )
+        return fn(model, x, sigmas, *args, **kwargs)
+
+    return guarded
+
+
 def build_sampler(
     sampler_name: str,
     calibration: Optional[qdrift.Calibration],
@@ -202,7 +232,9 @@ def build_sampler(
         raise ValueError(f"Q-Drift Sampler: strength must be a number >= 0, got {strength!r}")
     if calibration is not None and reduce != "as calibrated":
         calibration = calibration.with_options(reduce=reduce)
-    fn = bind_sampler(sampler_name, noise_sampler_factory=seeded_noise_factory(sampler_name))
+    fn = _refuse_flow_for_stochastic(
+        sampler_name, bind_sampler(sampler_name, noise_sampler_factory=seeded_noise_factory(sampler_name))
+    )
     accepted = set(inspect.signature(qdrift.SAMPLERS[sampler_name]).parameters)
     extra = {k: v for k, v in knobs.items() if k in accepted}
     extra.update({"V": calibration, "strength": float(strength)})

@@ -87,8 +87,13 @@ class KSAMPLER:
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
         extra_args["denoise_mask"] = denoise_mask
 
-        def model_k(x, sigma, denoise_mask=None, model_options={}, seed=None):  # noqa: B006
-            return model_wrap(x, sigma, model_options=model_options, seed=seed)
+        class KSamplerX0Inpaint:  # ComfyUI's wrapper: `.inner_model` is the guider (model_wrap)
+            inner_model = model_wrap
+
+            def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None):  # noqa: B006
+                return model_wrap(x, sigma, model_options=model_options, seed=seed)
+
+        model_k = KSamplerX0Inpaint()
 
         ms = model_wrap.inner_model.model_sampling
         noise = ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))

@@ -248,3 +248,19 @@ def test_flow_model_as_comfyui_presents_it(host, name):
     g.inner_model = q.model
     ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True)
     assert torch.allclose(on, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+def test_stochastic_samplers_refuse_flow_models(host, name):
+    """ComfyUI runs flow models with separate RF ancestral samplers; the qdrift ones must not sample them wrongly."""
+    pack, ns, _ = host
+    fp, q = models(flow=True)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    cal, _ = calibrate(pack, fp, q, flow=True)
+    (sampler,) = node.get_sampler(name, "", "as calibrated", 1.0, calibration=cal)
+    g = ns.comfy_samplers.CFGGuider(q)
+    g.set_conds(cond(1.0), cond(0.0))
+    g.set_cfg(1.0)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
+    with pytest.raises(ValueError, match="flow model"):
+        g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(True), seed=2)
