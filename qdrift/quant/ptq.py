@@ -31,13 +31,13 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .functional import ema_range, quantize_symmetric, quantize_symmetric_groups, signed_qmax
+from .functional import ema_range, quantize_symmetric, signed_qmax
 from .layers import (LayerOp, MixDQLayer, SVDQuantLayer, channels_last, svdquant_weight, weight_columns,
                      weight_from_columns)
 

@@ -11,7 +11,7 @@ import torch
 
 from qdrift.bench import data as bdata
 from qdrift.bench.images import make_grid, read_png_size, save_png
-from qdrift.bench.models import (NULL_LABEL, Classifier, DiT, UNet, build_model, count_params, load_model,
+from qdrift.bench.models import (NULL_LABEL, DiT, UNet, build_model, count_params, load_model,
                                  vp_alphas_cumprod, weights_dir)
 
 
