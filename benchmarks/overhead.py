@@ -60,6 +60,30 @@ def time_samplers(repeats: int, steps: int, batch: int):
     return rows
 
 
+def correction_share(batch: int, reps: int = 200):
+    """Per-step cost of the correction (``apply_drift`` on a sample) against one model call, in isolation."""
+    from qdrift.correction import apply_drift
+
+    model = SmallConvNet().eval()
+    x = torch.randn(batch, 4, 32, 32)
+    x_base = x * 0.9
+    c = torch.rand(4) * 0.01
+    sigma = torch.full((batch,), 2.0)
+
+    def best(fn):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        t_model = best(lambda: model(x, sigma))
+    t_corr = best(lambda: apply_drift(x, x_base, c))
+    return t_corr, t_model
+
+
 def _peak_rss_child(k: int) -> int:
     """Runs a K-trajectory calibration in a fresh process; returns its peak RSS in MiB."""
     out = subprocess.run(
@@ -103,6 +127,9 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|")
     for name, base, corr, ratio in time_samplers(args.repeats, args.steps, args.batch):
         print(f"| {name} | {base:.3f} | {corr:.3f} | {ratio:.3f} |")
+    t_corr, t_model = correction_share(args.batch)
+    print(f"\nPer step, in isolation: correction {t_corr * 1e6:.0f} us, model call {t_model * 1e6:.0f} us "
+          f"({100 * t_corr / t_model:.2f} % of a model call)")
     small, large = _peak_rss_child(5), _peak_rss_child(500)
     print(f"\nCalibration peak RSS (10 steps, batches of 5): K=5: {small} MiB, K=500: {large} MiB, ratio {large / small:.3f}")
     return 0
