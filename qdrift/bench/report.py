@@ -52,7 +52,8 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         "calibration runs on disjoint seeds (pooled-scalar V, conditional, 4-std trim).",
         f"- {fid}.",
         f"- FD (cls): Frechet distance in the shipped classifier's 128-d features vs {meta['ref_images']} test images "
-        "(biased upward at small n; compare rows, not absolute values). KID (cls) x 10^3 in the same features. "
+        "(strongly biased upward at small n: the `real` row, training images, is the floor at this n; compare rows, "
+        "not absolute values). KID (cls) x 10^3 in the same features divided by the reference RMS. "
         "acc: the classifier agrees with the requested class (the CLIP-score analog).",
         "- dFD: paired bootstrap (same seeds) of FD(quantized) - FD(FP) on quantized rows and of FD(row) - "
         f"FD(quantized) on corrected rows, with its 95% interval ({meta['n_boot']} draws); * = interval excludes 0.",
@@ -71,7 +72,8 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(cols))) + "|")
     for r in rows:
-        cells = [r["model"], SAMPLER_SPECS[r["sampler"]].label, str(r["steps"]), r["scheme"], r["variant"]]
+        label = SAMPLER_SPECS[r["sampler"]].label if r.get("sampler") else "—"
+        cells = [r["model"], label, str(r["steps"] or "—"), r["scheme"], r["variant"]]
         if has_fid:
             cells += [_f(r.get("fid"), ".2f"), _ci(r.get("fid_ci"))]
         kid = r.get("kid")

@@ -241,6 +241,9 @@ class Evaluator:
         ref = to_model_range(images[: cfg.ref_images])
         self.ref_feats = self.clf_features(ref)[0]
         self.ref_mu, self.ref_sigma = M.feature_stats(self.ref_feats)
+        # KID's cubic kernel (x.y / D + 1)^3 assumes features of order 1; the classifier's post-ReLU features have
+        # an RMS of about 3.6, so KID uses them divided by the reference set's RMS (one constant for all rows).
+        self.kid_scale = float(np.sqrt(np.mean(self.ref_feats ** 2)))
         log(f"classifier reference: {ref.shape[0]} Fashion-MNIST test images")
         self.inception = None
         if cfg.fid:
@@ -287,6 +290,15 @@ def inception_reference(inception: "M.InceptionFeatures", n_ref: int, progress: 
     return mu, sigma
 
 
+def real_images(n: int) -> torch.Tensor:
+    """``n`` Fashion-MNIST *training* images with labels ``i % 10`` (the metrics' floor at this n; the references
+    are test images)."""
+    images, labels = load_fashion_mnist("train")
+    by_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(NUM_CLASSES)]
+    pick = [by_class[int(c)][i // NUM_CLASSES] for i, c in enumerate(eval_labels(n))]  # label i % 10: (i // 10)-th
+    return to_model_range(images[pick])
+
+
 def _mean(t: torch.Tensor) -> Optional[float]:
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else None
@@ -298,7 +310,8 @@ def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, imag
     n = images.shape[0]
     out: Dict[str, Any] = {
         "fd_classifier": M.fid_from_features(feats["clf"], ev.ref_mu, ev.ref_sigma),
-        "kid": M.kid(feats["clf"], ev.ref_feats, subsets=100, subset_size=min(1000, n), seed=0)[0] if n >= 2 else None,
+        "kid": M.kid(feats["clf"] / ev.kid_scale, ev.ref_feats / ev.kid_scale, subsets=100, subset_size=min(1000, n),
+                     seed=0)[0],
         "class_acc": M.class_accuracy(feats["logits"], labels),
         "psnr": None, "ssim": None, "fid": None, "fid_ci": None, "fd_classifier_ci": None,
     }
@@ -369,6 +382,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
     grids: Dict[Tuple[str, str], List[Tuple[str, torch.Tensor]]] = {}
     calibrations: Dict[Tuple[str, str, str], Any] = {}
     fig: Dict[str, Any] = {}
+
+    real = real_images(n)
+    rows.append(dict(model="real", scheme="—", sampler=None, sampler_fn=None, steps=0, variant="train images", K=0,
+                     n_images=n, cfg_scale=None, seconds=None,
+                     **row_metrics(ev, ev.features(real), labels, real, None, None, cfg)))
 
     plan = [(m, s) for m in cfg.models for s in cfg.sampler_names(m)]
     n_units = sum(len(batches) * (1 + len(cfg.schemes) * len(variants_for(cfg, s, "x"))) for _, s in plan)

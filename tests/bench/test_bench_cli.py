@@ -82,7 +82,9 @@ def test_smoke_run_rows(smoke):
     rc, out = smoke
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
-    rows = doc["rows"]
+    real = [r for r in doc["rows"] if r["model"] == "real"]
+    assert len(real) == 1 and real[0]["class_acc"] >= 0.75 and real[0]["fd_classifier"] > 0  # real training images
+    rows = [r for r in doc["rows"] if r["model"] != "real"]
     for r in rows:
         assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
         assert r["n_images"] == 8 and r["steps"] == 3 and r["seconds"] > 0
@@ -115,6 +117,7 @@ def test_smoke_run_table_and_pngs(smoke):
     assert "| model | sampler | steps | scheme | variant |" in table and "FID: not computed" in table
     body = [ln for ln in table.splitlines() if ln.startswith("| unet") or ln.startswith("| dit")]
     assert len([ln for ln in body if "quantized" in ln and "w4a4" in ln]) == 3
+    assert any(ln.startswith("| real |") for ln in table.splitlines())
     assert "recovered" in table
     for name in ("grid_unet_euler.png", "grid_unet_dpmpp_2m.png", "grid_dit_flow_euler.png", "fig2_c_envelopes.png"):
         path = out / name
