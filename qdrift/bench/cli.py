@@ -221,8 +221,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .report import markdown_table
     from .runner import run_bench
 
+    def log(msg: str) -> None:
+        if cfg.progress:
+            print(f"qdrift bench: {msg}", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
-    log = (lambda msg: print(f"qdrift bench: {msg}", file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     result = run_bench(cfg, log=log)
     files = write_outputs(result, cfg)
     print(markdown_table(result["rows"], result["meta"]))

@@ -163,8 +163,9 @@ def save_envelope_plot(path: str | Path, fig: Dict[str, Dict[str, Any]]) -> Opti
             series = []
             for K, e in sorted(envs.items(), key=lambda kv: int(kv[0])):
                 col = lambda t: [row[ch] for row in t]  # noqa: E731
-                series.append(dict(label=f"K={K}: {e['subsets']} subsets", lo=col(e["min"]), hi=col(e["max"]),
-                                   mean=col(e["mean"])))
+                n_sub = e["subsets"]
+                series.append(dict(label=f"K={K}: {n_sub} subset{'s' if n_sub != 1 else ''}", lo=col(e["min"]),
+                                   hi=col(e["max"]), mean=col(e["mean"])))
             title = f"{kind} {f['scheme']} {f['sampler']} {f['steps']} steps, channel {ch}: c_i min-max over subsets"
             panels.append(dict(title=title, series=series))
     if not panels:

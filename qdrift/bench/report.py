@@ -85,10 +85,11 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         gaps = gap_recovered(rows, metric)
         if not gaps:
             continue
-        lines += ["", f"Share of the quantization gap in {name} recovered, (Q - row) / (Q - FP); "
-                  "negative = worse than uncorrected:", "",
-                  "| model | sampler | scheme | variant | gap Q - FP | recovered |", "|---|---|---|---|---:|---:|"]
+        lines += ["", f"Share of the quantization gap in {name} recovered, (Q - row) / (Q - FP); negative = worse than "
+                  "uncorrected. Meaningful only where the gap itself is positive and its interval excludes 0 (*):", "",
+                  "| model | sampler | scheme | variant | gap Q - FP [95% CI] | row - Q [95% CI] | recovered |",
+                  "|---|---|---|---|---:|---:|---:|"]
         for g in gaps:
             lines.append(f"| {g['model']} | {SAMPLER_SPECS[g['sampler']].label} | {g['scheme']} | {g['variant']} | "
-                         f"{g['gap']:.2f} | {_f(100 * g['recovered'], '.0f')} % |")
+                         f"{_ci(g.get('gap_ci'))} | {_ci(g.get('row_ci'))} | {_f(100 * g['recovered'], '.0f')} % |")
     return "\n".join(lines) + "\n"

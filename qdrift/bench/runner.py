@@ -116,7 +116,8 @@ class GuidedNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.scale == 1.0:
             return self.net(x, t, y)
-        out_c, out_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL_LABEL)])).chunk(2)
+        null = torch.full_like(y, NULL_LABEL)
+        out_c, out_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
         return out_u + self.scale * (out_c - out_u)
 
 
@@ -305,7 +306,8 @@ def _mean(t: torch.Tensor) -> Optional[float]:
 
 
 def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, images: torch.Tensor,
-                fp_images: Optional[torch.Tensor], ref_feats: Optional[Dict[str, Any]], cfg: BenchConfig) -> Dict[str, Any]:
+                fp_images: Optional[torch.Tensor], ref_feats: Optional[Dict[str, Any]],
+                cfg: BenchConfig) -> Dict[str, Any]:
     """Metrics of one row; ``ref_feats`` (row-paired) gives the bootstrap CI of the FD/FID difference."""
     n = images.shape[0]
     out: Dict[str, Any] = {
@@ -324,7 +326,8 @@ def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, imag
         b = M.paired_bootstrap_fid_diff(feats["clf"], ref_feats["clf"], ev.ref_mu, ev.ref_sigma, n_boot=cfg.n_boot)
         out["fd_classifier_ci"] = [b["diff"], b["lo"], b["hi"]]
         if "inc" in feats and cfg.fid_boot > 0:
-            b = M.paired_bootstrap_fid_diff(feats["inc"], ref_feats["inc"], ev.inc_mu, ev.inc_sigma, n_boot=cfg.fid_boot)
+            b = M.paired_bootstrap_fid_diff(feats["inc"], ref_feats["inc"], ev.inc_mu, ev.inc_sigma,
+                                            n_boot=cfg.fid_boot)
             out["fid_ci"] = [b["diff"], b["lo"], b["hi"]]
     return out
 
@@ -521,6 +524,8 @@ def gap_recovered(rows: List[Dict[str, Any]], metric: str = "fd_classifier") -> 
         if f is None or qq is None or r.get(metric) is None or qq.get(metric) is None:
             continue
         gap = qq[metric] - f[metric]
+        ci_key = "fid_ci" if metric == "fid" else f"{metric}_ci"
         out.append(dict(model=r["model"], sampler=r["sampler"], scheme=r["scheme"], variant=r["variant"], metric=metric,
-                        gap=gap, recovered=(qq[metric] - r[metric]) / gap if abs(gap) > 1e-12 else math.nan))
+                        gap=gap, gap_ci=qq.get(ci_key), row_ci=r.get(ci_key),
+                        recovered=(qq[metric] - r[metric]) / gap if abs(gap) > 1e-12 else math.nan))
     return out

@@ -92,7 +92,8 @@ def test_smoke_run_rows(smoke):
         assert math.isfinite(r["fd_classifier"]) and r["fd_classifier"] >= 0
         assert 0 <= r["class_acc"] <= 1
     keys = [(r["model"], r["sampler"], r["scheme"], r["variant"]) for r in rows]
-    expected = {("unet", "euler", "fp", "fp"), ("unet", "euler", "w4a4", "quantized"), ("unet", "euler", "w4a4", "qdrift"),
+    expected = {("unet", "euler", "fp", "fp"), ("unet", "euler", "w4a4", "quantized"),
+                ("unet", "euler", "w4a4", "qdrift"),
                 ("unet", "euler", "w4a4", "ptqd"), ("unet", "dpmpp_2m", "w4a4", "qdrift"),
                 ("unet", "dpmpp_2m", "w4a4", "qdrift-quadrature"), ("dit", "flow_euler", "fp", "fp"),
                 ("dit", "flow_euler", "w4a4", "quantized"), ("dit", "flow_euler", "w4a4", "qdrift")}
@@ -162,7 +163,8 @@ def test_guided_net_combines_conditional_and_null():
 
 def test_gap_recovered_and_table():
     rows = [dict(model="unet", sampler="euler", steps=30, scheme="fp", variant="fp", fd_classifier=1.0),
-            dict(model="unet", sampler="euler", steps=30, scheme="w4a4", variant="quantized", fd_classifier=5.0),
+            dict(model="unet", sampler="euler", steps=30, scheme="w4a4", variant="quantized", fd_classifier=5.0,
+                 fd_classifier_ci=[4.0, 2.0, 6.0]),
             dict(model="unet", sampler="euler", steps=30, scheme="w4a4", variant="qdrift", fd_classifier=4.0,
                  fd_classifier_ci=[-1.0, -1.5, -0.5])]
     g = runner.gap_recovered(rows)
@@ -170,7 +172,7 @@ def test_gap_recovered_and_table():
     meta = dict(mode="quick", n_images=10, eval_seeds="1 + i", cfg_scale=3.0, K=5, fid="none", ref_images=10,
                 n_boot=10, threads=1)
     t = markdown_table(rows, meta)
-    assert "25 %" in t and "-1.00 [-1.50, -0.50]*" in t
+    assert "| +4.00 [+2.00, +6.00]* | -1.00 [-1.50, -0.50]* | 25 % |" in t
 
 
 def test_cli_errors(tmp_path, capsys, monkeypatch):
