@@ -188,6 +188,19 @@ class CorrectedDenoiser:
         self.inner = denoiser_q
         self.calibration = calibration
 
+    def _noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``like`` from a private generator seeded with ``self.seed``
+        (fresh entropy if None), re-made when the device changes; never the global RNG."""
+        generator = getattr(self, "_generator", None)
+        if generator is None or generator.device != like.device:
+            generator = torch.Generator(device=like.device)
+            if getattr(self, "seed", None) is None:
+                generator.seed()
+            else:
+                generator.manual_seed(int(self.seed))
+            self._generator = generator
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
+
     def __getattr__(self, attr: str):
         inner = self.__dict__.get("inner")
         if inner is None or attr.startswith("__"):

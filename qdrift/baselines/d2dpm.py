@@ -84,15 +84,6 @@ class D2DPM(CorrectedDenoiser):
         """Restarts the private noise generator (same ``seed`` -> same draws)."""
         self._generator = None
 
-    def _noise(self, d_hat: torch.Tensor) -> torch.Tensor:
-        if self._generator is None or self._generator.device != d_hat.device:
-            self._generator = torch.Generator(device=d_hat.device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(self.seed))
-        return torch.randn(d_hat.shape, dtype=d_hat.dtype, device=d_hat.device, generator=self._generator)
-
     def correct_d(self, x: torch.Tensor, sigma: torch.Tensor, d_hat: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
         """``d_hat - mu_cond`` (deterministic) or ``d_hat - mu_cond - sigma_cond z`` (stochastic), ``[B, C, ...]``."""
         slope, mu_delta, mu_hat, var_cond = d2dpm_conditional(self._moments(sigma), self.rho_clip)

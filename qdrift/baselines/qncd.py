@@ -87,15 +87,6 @@ class QNCD(CorrectedDenoiser):
         self._step = 0
         self._generator: Optional[torch.Generator] = None
 
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        if self._generator is None or self._generator.device != x.device:
-            self._generator = torch.Generator(device=x.device)
-            if self.seed is None:
-                self._generator.seed()
-            else:
-                self._generator.manual_seed(int(self.seed))
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=self._generator)
-
     def _estimate_noise(self, x_re: torch.Tensor, z: torch.Tensor, level: float, extra: Dict[str, Any]) -> torch.Tensor:
         """Evaluates the model on the re-noised ``x_re`` at ``level`` and returns ``mean(d_hat(x_re) - z)``."""
         d_re = (x_re - self.inner(x_re, x_re.new_full([x_re.shape[0]], level), **extra)) / level
