@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_csv(list(MODEL_SAMPLERS)), default=list(MODEL_SAMPLERS),
                    help="comma-separated: unet,dit (default both)")
     p.add_argument("--schemes", type=_csv(list(SCHEMES)), default=list(SCHEMES), help="default w4a8,w4a4,w3a4")
+    p.add_argument("--quant-profile", choices=["stress", "reference"], default="stress",
+                   help="quantization options per scheme: stress (default: the bit widths without the float safety "
+                        "nets, a clear quantization gap) or reference (the library's recipes, barely felt by these "
+                        "small models); see qdrift.bench.quant_report.QUANT_PROFILES")
     p.add_argument("--samplers", type=_csv(list(SAMPLER_SPECS)), default=None,
                    help="subset of euler,euler_ancestral,dpmpp_2m (U-Net) and flow_euler (DiT); default all")
     p.add_argument("--steps", type=_steps, default={},
@@ -124,7 +128,7 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     return BenchConfig(
-        models=args.models, schemes=args.schemes, samplers=args.samplers, steps=args.steps, n_images=args.n_images,
+        models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers, steps=args.steps, n_images=args.n_images,
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),

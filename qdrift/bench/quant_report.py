@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m qdrift.bench.quant_report unet dit --png-dir out/quant_report
+    python -m qdrift.bench.quant_report unet dit --profile stress --png-dir out/quant_report
 
 For each model and scheme it prints the mean per-layer relative output error (SVDQuant schemes: with the
 low-rank branch, without it, and plain round-to-nearest), the relative error of the network output on held-out
@@ -18,13 +18,42 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant import SCHEMES, layer_error_report, quantize
+from ..quant import MIXDQ_SKIP, SCHEMES, layer_error_report, quantize
 from .data import NUM_CLASSES
 from .images import make_grid, save_png
 from .models import load_model
 from .train import sample_preview
 
-__all__ = ["sampler_calibration", "output_error", "report"]
+__all__ = ["QUANT_PROFILES", "quant_options", "sampler_calibration", "output_error", "report"]
+
+# Options handed to :func:`qdrift.quant.quantize` per bench profile and scheme. The bit widths are always the
+# scheme's own; the profiles differ in the float safety nets a 1-3M-parameter model gets from the recipes.
+#  - "reference": the library defaults (REFERENCE.md section 3 recipes, adapted to tiny layers). The shipped
+#    networks barely notice them (relative output error 0.1-1.2 %): no clear FID gap at a few hundred images.
+#  - "stress" (the bench default): the same bit widths with the safety nets off, so that the quantized models
+#    are clearly degraded but still recognizable, as the paper's quantized models are. w4a8: uniform 4-bit
+#    per-channel weights (no 2/4/8 mixed precision) and every activation layer at 8 bits (no float layer);
+#    w4a4/w3a4: no float low-rank branch and only the conditioning path (embeddings, time/label projections,
+#    adaLN, norms) kept in float, i.e. shortcuts, in/out projections, patch embedding, up/down samplers and the
+#    final layer quantized too. Relative output error (python -m qdrift.bench.quant_report): U-Net w4a8 1.2 %,
+#    w4a4 1.2 %, w3a4 2.5 %; DiT 0.5, 1.2, 2.7 %.
+QUANT_PROFILES: dict[str, dict[str, dict]] = {
+    "reference": {"w4a8": {}, "w4a4": {}, "w3a4": {}},
+    "stress": {
+        "w4a8": {"weight_bits_choices": (4,), "float_act_fraction": 0.0},
+        "w4a4": {"rank": 0, "skip": MIXDQ_SKIP},
+        "w3a4": {"rank": 0, "skip": MIXDQ_SKIP},
+    },
+}
+
+
+def quant_options(profile: str, scheme: str) -> dict:
+    """The :func:`qdrift.quant.quantize` options of a bench profile (``"stress"`` or ``"reference"``) and scheme."""
+    if profile not in QUANT_PROFILES:
+        raise ValueError(f"unknown quantization profile {profile!r}; expected one of {sorted(QUANT_PROFILES)}")
+    if scheme not in QUANT_PROFILES[profile]:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {sorted(QUANT_PROFILES[profile])}")
+    return dict(QUANT_PROFILES[profile][scheme])
 
 
 def sampler_calibration(kind: str, n: int = 16, steps: int = 10, cfg: float = 3.0, seed: int = 1000):
@@ -62,14 +91,14 @@ def output_error(kind: str, net: nn.Module, qnet: nn.Module, n: int = 20, steps:
     return sum(errs) / len(errs)
 
 
-def report(kinds: list[str], schemes: list[str], png_dir: Path | None = None) -> dict:
-    """Quantize each model with each scheme and collect error numbers (see module docstring)."""
+def report(kinds: list[str], schemes: list[str], png_dir: Path | None = None, profile: str = "stress") -> dict:
+    """Quantize each model with each scheme (options of ``profile``) and collect error numbers (module docstring)."""
     out: dict = {}
     for kind in kinds:
         net = load_model(kind)
         grids = [sample_preview(kind, net, torch.arange(20) % NUM_CLASSES, steps=20, seed=3)]
         for scheme in schemes:
-            qnet = quantize(net, scheme, sampler_calibration(kind))
+            qnet = quantize(net, scheme, sampler_calibration(kind), **quant_options(profile, scheme))
             row = {"output_rel_err": output_error(kind, net, qnet)}
             if scheme != "w4a8":
                 row.update(layer_error_report(qnet))
@@ -90,11 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m qdrift.bench.quant_report", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", choices=["unet", "dit"])
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    p.add_argument("--profile", choices=sorted(QUANT_PROFILES), default="stress",
+                   help="quantization options: stress (the bench default) or reference (the library defaults)")
     p.add_argument("--png-dir", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    return report(args.models, args.schemes, args.png_dir)
+    return report(args.models, args.schemes, args.png_dir, args.profile)
 
 
 if __name__ == "__main__":

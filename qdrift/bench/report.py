@@ -51,6 +51,9 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         f"classifier-free guidance {meta['cfg_scale']:g} inside the denoiser; Q-Drift V from K = {meta['K']} "
         "calibration runs on disjoint seeds (pooled-scalar V, conditional, 4-std trim).",
         f"- {fid}.",
+        f"- Quantization: profile `{meta.get('quant_profile', 'reference')}` "
+        "(qdrift.bench.quant_report.QUANT_PROFILES; `stress` = the schemes' bit widths without the float "
+        "low-rank branch, mixed precision and float layers, `reference` = the library's recipes).",
         f"- FD (cls): Frechet distance in the shipped classifier's 128-d features vs {meta['ref_images']} test images "
         "(strongly biased upward at small n: the `real` row, training images, is the floor at this n; compare rows, "
         "not absolute values). KID (cls) x 10^3 in the same features divided by the reference RMS. "

@@ -71,6 +71,7 @@ class BenchConfig:
 
     models: Sequence[str] = ("unet", "dit")
     schemes: Sequence[str] = ("w4a8", "w4a4", "w3a4")
+    quant_profile: str = "stress"  # options per scheme: qdrift.bench.quant_report.QUANT_PROFILES
     samplers: Optional[Sequence[str]] = None  # None: every sampler of each model
     steps: Dict[str, int] = field(default_factory=dict)  # per-sampler step overrides
     n_images: int = 100
@@ -170,13 +171,13 @@ _DEFAULT_LOADER = load_bench_model
 
 def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Callable[[str], None]) -> BenchModel:
     from ..quant import quantize
-    from .quant_report import sampler_calibration
+    from .quant_report import quant_options, sampler_calibration
 
     net = load_bench_model(kind).float().eval()
     bm = BenchModel(kind, net, wrap_denoiser(kind, net, cfg.cfg))
     for scheme in schemes:
         t0 = time.perf_counter()
-        qnet = quantize(net, scheme, sampler_calibration(kind))
+        qnet = quantize(net, scheme, sampler_calibration(kind), **quant_options(cfg.quant_profile, scheme))
         bm.quant_seconds[scheme] = time.perf_counter() - t0
         bm.quantized[scheme] = wrap_denoiser(kind, qnet, cfg.cfg)
         log(f"quantized {kind} with {scheme} in {bm.quant_seconds[scheme]:.1f} s")
@@ -470,7 +471,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
             fig[kind] = calibration_envelopes(bm, cfg, sampler)
         del bm
     bar.close()
-    meta = dict(mode=cfg.mode, n_images=n, batch_size=cfg.batch_size, K=cfg.K, cfg_scale=cfg.cfg,
+    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=n, batch_size=cfg.batch_size, K=cfg.K, cfg_scale=cfg.cfg,
                 eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
                 fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,

@@ -82,6 +82,8 @@ def test_smoke_run_rows(smoke):
     rc, out = smoke
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
+    assert doc["meta"]["quant_profile"] == "stress"  # the default
+    assert "profile `stress`" in (out / "table.md").read_text()
     real = [r for r in doc["rows"] if r["model"] == "real"]
     assert len(real) == 1 and real[0]["class_acc"] >= 0.75 and real[0]["fd_classifier"] > 0  # real training images
     rows = [r for r in doc["rows"] if r["model"] != "real"]
@@ -181,6 +183,11 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "w2a2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["-n", "1"])
+    with pytest.raises(SystemExit):
+        cli.main(["--quant-profile", "loud"])
+    assert "stress" in capsys.readouterr().err
+    assert cli.config_from_args(cli.build_parser().parse_args(["--quant-profile", "reference"])).quant_profile \
+        == "reference"
     monkeypatch.setattr("qdrift.bench.models.WEIGHTS_DIR", tmp_path)
     assert cli.main(["--models", "dit", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

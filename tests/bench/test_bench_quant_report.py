@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qdrift.bench.models import DiT, UNet
-from qdrift.bench.quant_report import output_error, sampler_calibration
-from qdrift.quant import SVDQuantLayer, quantize
+from qdrift.bench.quant_report import output_error, quant_options, sampler_calibration
+from qdrift.quant import MixDQLayer, SVDQuantLayer, quantize
 
 
 @pytest.mark.parametrize("kind,net", [("unet", lambda: UNet(channels=8, mult=(1, 2))),
@@ -26,3 +26,35 @@ def test_quantize_bench_denoiser(kind, net, scheme):
             assert q.qdrift_quant["layers"]["blocks.0.mlp.fc2"]["unsigned"]  # after GELU
         else:
             assert "down.0.conv1" in names and not any("skip" in n or "sample" in n for n in names)
+
+
+@pytest.mark.parametrize("scheme", ["w4a4", "w3a4", "w4a8"])
+def test_stress_profile_removes_float_safety_nets(scheme):
+    torch.manual_seed(0)
+    model = UNet(channels=8, mult=(1, 2)).eval()
+    for p in model.parameters():  # an untrained U-Net's zero-initialized output conv would give 0/0 errors
+        p.data.add_(0.05 * torch.randn_like(p))
+    calib = sampler_calibration("unet", n=4, steps=3)
+    ref = quantize(model, scheme, calib, **quant_options("reference", scheme))
+    stress = quantize(model, scheme, calib, **quant_options("stress", scheme))
+    if scheme == "w4a8":
+        assert ref.qdrift_quant["float_act_layers"] and not stress.qdrift_quant["float_act_layers"]
+        assert {m.weight_bits for m in stress.modules() if isinstance(m, MixDQLayer)} == {4}
+    else:
+        ref_layers = {n: m for n, m in ref.named_modules() if isinstance(m, SVDQuantLayer)}
+        stress_layers = {n: m for n, m in stress.named_modules() if isinstance(m, SVDQuantLayer)}
+        assert any(m.rank > 0 for m in ref_layers.values()) and all(m.rank == 0 for m in stress_layers.values())
+        extra = set(stress_layers) - set(ref_layers)  # shortcuts, in/out convs and samplers quantized too
+        assert "conv_in" in extra and "conv_out" in extra and any("sample" in n for n in extra)
+        assert not any("emb" in n for n in stress_layers)  # the conditioning path stays in float
+    assert output_error("unet", model, stress, n=4, steps=3) > output_error("unet", model, ref, n=4, steps=3)
+
+
+def test_quant_options_errors_name_the_choices():
+    with pytest.raises(ValueError, match="profile 'loud'.*reference.*stress"):
+        quant_options("loud", "w4a4")
+    with pytest.raises(ValueError, match="scheme 'w2a2'"):
+        quant_options("stress", "w2a2")
+    opts = quant_options("stress", "w4a4")
+    opts["rank"] = 7  # a copy: the profile table is not mutated
+    assert quant_options("stress", "w4a4")["rank"] == 0
