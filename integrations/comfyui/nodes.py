@@ -28,6 +28,7 @@ import comfy.utils
 import qdrift
 from qdrift.hosts import (
     SAMPLER_LABELS,
+    STOCHASTIC_SAMPLERS,
     PairedTrace,
     bind_sampler,
     load_calibration_cached,
@@ -181,9 +182,6 @@ class QDriftCalibrate:
         while os.path.exists(f"{base}_{n:05d}.safetensors"):
             n += 1
         return f"{base}_{n:05d}.safetensors"
-
-
-STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
 
 def _is_flow_model(model_k) -> bool:

@@ -13,7 +13,7 @@ from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
 from ..samplers import SAMPLERS
 
-__all__ = ["SAMPLER_LABELS", "sampler_names", "bind_sampler", "load_calibration_cached", "seeded_noise_factory"]
+__all__ = ["SAMPLER_LABELS", "STOCHASTIC_SAMPLERS", "sampler_names", "bind_sampler", "load_calibration_cached", "seeded_noise_factory"]
 
 SAMPLER_LABELS: Dict[str, str] = {
     "euler": "Euler Q-Drift",
@@ -25,6 +25,9 @@ SAMPLER_LABELS: Dict[str, str] = {
     "dpmpp_3m_sde": "DPM++ 3M SDE Q-Drift",
 }
 """Short qdrift sampler name -> the label hosts show (A1111/Forge sampler list, ComfyUI choices)."""
+
+STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
+"""Samplers that inject noise in the ``x = x0 + sigma * eps`` form: hosts refuse them on flow models (SD3, FLUX)."""
 
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
 BROWNIAN = frozenset({"dpmpp_2m_sde", "dpmpp_3m_sde"})

@@ -20,7 +20,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ._bind import SAMPLER_LABELS, bind_sampler, load_calibration_cached
+from ._bind import SAMPLER_LABELS, STOCHASTIC_SAMPLERS, bind_sampler, load_calibration_cached
 
 __all__ = [
     "SAMPLER_OPTIONS",
@@ -144,8 +144,33 @@ def _host_noise_factory(kdiffusion_sampling: Any) -> Callable:
     return factory
 
 
+def is_flow_model(p: Any) -> bool:
+    """True when the generation ``p`` runs a rectified-flow model (SD3, FLUX).
+
+    A1111 (1.10+) marks SD3 checkpoints with ``p.sd_model.is_sd3``; Forge's predictor
+    (``p.sd_model.forge_objects.unet.model.predictor``) is a ``PredictionFlux`` / ``PredictionDiscreteFlow`` with
+    ``prediction_type == "const"``. Anything else (or a missing attribute) counts as not flow.
+    """
+    sd_model = getattr(p, "sd_model", None)
+    if sd_model is None:
+        return False
+    if getattr(sd_model, "is_sd3", False) is True or getattr(sd_model, "is_flux", False) is True:
+        return True
+    predictor = sd_model
+    for attr in ("forge_objects", "unet", "model", "predictor"):
+        predictor = getattr(predictor, attr, None)
+        if predictor is None:
+            return False
+    if getattr(predictor, "prediction_type", None) == "const":
+        return True
+    return any(k in cls.__name__ for cls in type(predictor).__mro__ for k in ("Flow", "Flux"))
+
+
 def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None) -> Callable:
     """The function a webui ``KDiffusionSampler`` runs for the qdrift sampler ``name``.
+
+    The ancestral/SDE samplers refuse flow models (:func:`is_flow_model`) with a clear error: their noise formulas
+    assume ``x = x0 + sigma * eps``.
 
     It keeps the qdrift sampler's signature (so the host passes ``sigmas``, ``eta``, ``noise_sampler``), reads
     the calibration for each generation from :class:`Settings`, draws per-step noise through the host's seeded
@@ -169,6 +194,11 @@ def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None)
     bound = bind_sampler(name, resolve=resolve, noise_sampler_factory=_host_noise_factory(kdiffusion_sampling))
 
     def sampler(model, x, sigmas, V=None, extra_args=None, callback=None, disable=None, **kw):
+        if name in STOCHASTIC_SAMPLERS and is_flow_model(getattr(model, "p", None)):
+            raise ValueError(
+                f"Q-Drift: {SAMPLER_LABELS[name]} injects noise in the x = x0 + sigma * eps form, but this is a flow "
+                "model (SD3/FLUX); choose Euler, Heun, LMS or DPM++ 2M Q-Drift"
+            )
         calib = active_pass()
         if calib is not None:
             return calib(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)

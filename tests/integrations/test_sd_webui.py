@@ -194,3 +194,52 @@ def test_install_py_never_installs_torch(host, monkeypatch):
     monkeypatch.setenv("QDRIFT_PIP_SPEC", "qdrift==9.9")
     load_script(EXT / "install.py", "qdrift_install_under_test")
     assert host.pip == ["install --no-deps qdrift==9.9"]
+
+
+class PredictionFlux:  # the name and prediction_type of Forge's flow predictor (backend/modules/k_prediction.py)
+    prediction_type = "const"
+
+
+class PredictionEDM:
+    prediction_type = "eps"
+
+
+def _sd_model(host, flow):
+    from types import SimpleNamespace
+
+    if host.forge:
+        predictor = PredictionFlux() if flow else PredictionEDM()
+        return SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
+            predictor=predictor))))
+    return SimpleNamespace(is_sd3=flow, is_sdxl=not flow)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_stochastic_samplers_refuse_flow_models(host, label):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    host.model = webui_standin.ToyModel(error=0.3)
+    stochastic = label.startswith(("Euler a", "DPM++ 2M SDE", "DPM++ 3M SDE"))
+    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=True))
+    if stochastic:
+        with pytest.raises(ValueError, match="flow model.*choose Euler"):
+            host.processing.process_images(p)
+    else:
+        assert torch.isfinite(host.processing.process_images(p).images).all()
+    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=False))
+    assert torch.isfinite(host.processing.process_images(p).images).all()
+
+
+def test_is_flow_model_reads_only_what_is_there():
+    from types import SimpleNamespace
+
+    assert not webui.is_flow_model(None) and not webui.is_flow_model(SimpleNamespace())
+    assert not webui.is_flow_model(SimpleNamespace(sd_model=SimpleNamespace(forge_objects=None)))
+    assert webui.is_flow_model(SimpleNamespace(sd_model=SimpleNamespace(is_flux=True)))
+
+    class PredictionDiscreteFlow:
+        pass
+
+    deep = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
+        predictor=PredictionDiscreteFlow()))))
+    assert webui.is_flow_model(SimpleNamespace(sd_model=deep))
