@@ -128,14 +128,21 @@ def config_from_args(args: argparse.Namespace):
         if getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     return BenchConfig(
-        models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers, steps=args.steps, n_images=args.n_images,
+        models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers,
+        steps=args.steps, n_images=args.n_images,
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,
-        progress=not args.no_progress, mode="full" if args.full else "quick")
+        progress=not args.no_progress, mode=_mode(args, preset, fid))
+
+
+def _mode(args: argparse.Namespace, preset: dict, fid: str) -> str:
+    """``"full"`` / ``"quick"`` when the preset's size settings are kept, ``"custom"`` when any was overridden."""
+    kept = all(getattr(args, k) == preset[k] for k in ("n_images", "fig_pool")) and fid == preset["fid"]
+    return ("full" if args.full else "quick") if kept else "custom"
 
 
 def _preflight(cfg) -> Optional[str]:

@@ -1,13 +1,22 @@
-"""Table-1-style markdown for ``qdrift bench`` rows, and JSON-safe row conversion."""
+"""Table-1-style markdown for ``qdrift bench`` rows, JSON-safe row conversion, and merging of split runs.
+
+A benchmark split over several processes (e.g. one model or sampler each, ``--threads 1``) is put back into one
+table with::
+
+    python -m qdrift.bench.report out/bench_a out/bench_b [--out table.md]
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .runner import SAMPLER_SPECS, gap_recovered
 
-__all__ = ["ROW_FIELDS", "json_safe", "markdown_table", "header_lines"]
+__all__ = ["ROW_FIELDS", "json_safe", "markdown_table", "header_lines", "merge_runs", "main"]
 
 # The fields every bench.json row carries (more may follow: calib_seconds, v_reduce, form, fd_classifier_ci, ...).
 ROW_FIELDS = ("model", "scheme", "sampler", "steps", "variant", "K", "n_images", "fid", "fid_ci", "fd_classifier",
@@ -93,6 +102,74 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                   "| model | sampler | scheme | variant | gap Q - FP [95% CI] | row - Q [95% CI] | recovered |",
                   "|---|---|---|---|---:|---:|---:|"]
         for g in gaps:
+            gap_ci = g.get("gap_ci")
+            no_gap = gap_ci is not None and not gap_ci[1] > 0  # no significant positive gap: a share means nothing
+            share = "— (no gap)" if no_gap else f"{_f(100 * g['recovered'], '.0f')} %"
             lines.append(f"| {g['model']} | {SAMPLER_SPECS[g['sampler']].label} | {g['scheme']} | {g['variant']} | "
-                         f"{_ci(g.get('gap_ci'))} | {_ci(g.get('row_ci'))} | {_f(100 * g['recovered'], '.0f')} % |")
+                         f"{_ci(gap_ci)} | {_ci(g.get('row_ci'))} | {share} |")
     return "\n".join(lines) + "\n"
+
+
+# Settings that must agree for rows of several runs to share one table.
+_MERGE_KEYS = ("n_images", "K", "cfg_scale", "fid", "fid_ref", "ref_images", "n_boot", "quant_profile")
+
+
+def merge_runs(docs: Sequence[Dict[str, Any]]) -> tuple:
+    """Rows and meta of several ``bench.json`` documents of one split benchmark, as one run.
+
+    Rows keep their order (first document first); a row present in several documents (the ``real`` row, or a
+    sampler run twice) is kept once, from the first. ``meta`` is the first document's with ``seconds`` summed.
+
+    Raises:
+        ValueError: no document, a document without rows/meta, or runs whose settings differ (names the setting).
+    """
+    if not docs:
+        raise ValueError("nothing to merge: give at least one bench.json")
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict) or "rows" not in d or "meta" not in d:
+            raise ValueError(f"document {i} is not a qdrift bench.json (needs 'rows' and 'meta')")
+    meta = dict(docs[0]["meta"])
+    for d in docs[1:]:
+        for k in _MERGE_KEYS:
+            if d["meta"].get(k) != meta.get(k):
+                raise ValueError(f"runs differ in {k}: {meta.get(k)!r} vs {d['meta'].get(k)!r}; they cannot share a "
+                                 "table")
+    rows, seen = [], set()
+    for d in docs:
+        for r in d["rows"]:
+            key = (r["model"], r.get("sampler"), r.get("steps"), r["scheme"], r["variant"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    meta["seconds"] = sum(float(d["meta"].get("seconds") or 0.0) for d in docs)
+    if len(docs) > 1:
+        meta["mode"] = f"{len(docs)} runs merged"
+    return rows, meta
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qdrift.bench.report",
+                                description="One Table-1-style markdown from the bench.json of several runs.")
+    p.add_argument("runs", nargs="+", type=Path, help="output folders of qdrift bench, or bench.json files")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+    docs = []
+    for path in args.runs:
+        f = path / "bench.json" if path.is_dir() else path
+        try:
+            docs.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            p.error(f"cannot read {f}: {e}")
+    try:
+        rows, meta = merge_runs(docs)
+    except ValueError as e:
+        p.error(str(e))
+    table = markdown_table(rows, meta)
+    if args.out is not None:
+        args.out.write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

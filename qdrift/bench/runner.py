@@ -471,7 +471,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
             fig[kind] = calibration_envelopes(bm, cfg, sampler)
         del bm
     bar.close()
-    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=n, batch_size=cfg.batch_size, K=cfg.K, cfg_scale=cfg.cfg,
+    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=n, batch_size=cfg.batch_size, K=cfg.K,
+                cfg_scale=cfg.cfg,
                 eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
                 fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,

@@ -195,3 +195,28 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("qdrift.bench.metrics.INCEPTION_PACKAGE", "no_such_package_qdrift")
     assert cli.main(["--models", "unet", "--fid", "inception", "--out", str(tmp_path / "o")]) == 2
     assert "--fid none" in capsys.readouterr().err
+
+
+def test_report_merges_split_runs(smoke, tmp_path, capsys):
+    from qdrift.bench import report
+
+    _, out = smoke
+    doc = json.loads((out / "bench.json").read_text())
+    unet = dict(doc, rows=[r for r in doc["rows"] if r["model"] in ("real", "unet")])
+    dit = dict(doc, rows=[r for r in doc["rows"] if r["model"] in ("real", "dit")])
+    rows, meta = report.merge_runs([unet, dit])
+    assert [r["variant"] for r in rows] == [r["variant"] for r in doc["rows"]]  # real row once, order kept
+    assert meta["seconds"] == pytest.approx(2 * doc["meta"]["seconds"]) and "2 runs merged" in meta["mode"]
+    (tmp_path / "a.json").write_text(json.dumps(unet))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "bench.json").write_text(json.dumps(dit))
+    assert report.main([str(tmp_path / "a.json"), str(tmp_path / "b"), "--out", str(tmp_path / "t.md")]) == 0
+    assert capsys.readouterr().out == (tmp_path / "t.md").read_text() == report.markdown_table(rows, meta)
+    other = dict(dit, meta=dict(dit["meta"], n_images=9))
+    with pytest.raises(ValueError, match="differ in n_images"):
+        report.merge_runs([unet, other])
+    with pytest.raises(ValueError, match="not a qdrift bench.json"):
+        report.merge_runs([unet, {"rows": []}])
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing.json")])
+    assert "cannot read" in capsys.readouterr().err
