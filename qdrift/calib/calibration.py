@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from .._version import __version__
-from .stats import PairedMoments
+from .stats import PairedMoments, TrajectorySums
 
 __all__ = ["Calibration", "CalibrationFileError", "load_calibration", "interpolate_log_sigma", "REDUCES"]
 
 REDUCES = ("channel", "scalar")
 FORMAT = "qdrift.calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the cross-step trajectory sums (tensors "traj_*"); version 1 files still load
 _TENSORS = ("sigmas", "n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+_TRAJ_PREFIX = "traj_"
+MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 
 
 class CalibrationFileError(ValueError):
@@ -61,6 +63,9 @@ class Calibration:
             channels: the setting of the paper's main runs).
         conditional: ``V = Var(delta | d_hat)`` if True, the "unconditional" ablation ``Var(delta)`` if False.
         meta: what was compared, the schedule, K, trim, library version (JSON-serializable).
+        trajectory: cross-step sums along the calibration trajectories (:class:`TrajectorySums`), which
+            Q-Drift v2 uses for correlated errors, the state variance and ``Cov(x, d)``; None for files
+            written before format version 2 and for statistics collected without them.
     """
 
     sigmas: torch.Tensor
@@ -68,6 +73,7 @@ class Calibration:
     reduce: str = "channel"
     conditional: bool = True
     meta: Dict[str, Any] = field(default_factory=dict)
+    trajectory: Optional[TrajectorySums] = None
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCES:
@@ -81,6 +87,13 @@ class Calibration:
             )
         if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()) or bool((s[1:] >= s[:-1]).any()):
             raise ValueError(f"Calibration: sigmas must be finite, > 0 and strictly decreasing, got {s.tolist()}")
+        if self.trajectory is not None and (
+            not isinstance(self.trajectory, TrajectorySums) or self.trajectory.shape != self.moments.shape
+        ):
+            raise ValueError(
+                f"Calibration: trajectory must be TrajectorySums of shape {self.moments.shape}, got "
+                f"{getattr(self.trajectory, 'shape', type(self.trajectory).__name__)}"
+            )
 
     @property
     def steps(self) -> int:
@@ -134,6 +147,71 @@ class Calibration:
             k: interpolate_log_sigma(v.expand(self.steps, self.channels), self.sigmas, query) for k, v in table.items()
         }
 
+    def error_model(self, sigmas: torch.Tensor, *, gain: bool) -> Dict[str, torch.Tensor]:
+        """The error model Q-Drift v2 corrects with, at other noise levels; each value ``[N, C]`` float64.
+
+        With ``gain=True`` the error is split as PTQD does, ``delta = k d_fp + b + r`` per (step, channel)
+        (per step only with ``reduce="scalar"``), by least squares and without shrinkage:
+        ``k = Cov(delta, d_fp) / Var(d_fp)``, ``b = E[delta] - k E[d_fp]``; ``k`` is kept only where it
+        exceeds three standard errors of the slope (pairs counted as independent), else 0, and ``1 + k``
+        within ``[1/2, 2]``. The corrected output ``(d_hat - b) / (1 + k)`` differs from ``d_fp`` by
+        ``r / (1 + k)``, whose variance ``V = Var(r) / (1 + k)^2`` is left for the drift. With
+        ``gain=False`` ``k = b = 0`` and ``V`` is this calibration's own :attr:`V`.
+
+        Keys: ``k``, ``b``, ``V``; ``var_d`` (``Var(d_fp)``), ``cov_xd`` (``Cov(x, d_fp)``) and ``var_x``
+        (variance of the FP trajectory's state) from the trajectory sums, or, without them, ``var_d`` from
+        the moments, ``cov_xd = sigma`` (exact for a VE denoiser) and ``var_x = None``. Interpolated like
+        :meth:`at`.
+        """
+        query = torch.as_tensor(sigmas).detach().double().cpu()
+        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        full = (self.steps, self.channels)
+        if gain:
+            var_fp = m.var_fp
+            cov_e_d = m.cov - var_fp  # Cov(delta, d_fp)
+            k = torch.where(var_fp > 1e-12, cov_e_d / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+            # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
+            # (where d_fp hardly varies, at the lowest noise levels, k is not identifiable).
+            var_r0 = (m.var_delta - k * cov_e_d).clamp(min=0)
+            se = (var_r0 / (m.n.clamp(min=2) * var_fp.clamp(min=1e-300))).sqrt()
+            k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
+            k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
+            b = m.mean_delta - k * m.mean_fp
+            var_r = (m.var_delta - 2 * k * cov_e_d + k * k * var_fp).clamp(min=0)
+            v = var_r / (1 + k) ** 2
+        else:
+            k = b = torch.zeros(full, dtype=torch.float64)
+            v = m.conditional_variance() if self.conditional else m.var_delta
+        table = {"k": k, "b": b, "V": v}
+        if self.trajectory is not None:
+            t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+            table.update(var_d=t.d_variance(), cov_xd=t.state_d_covariance())
+            log_var_x = t.state_variance().clamp(min=1e-300).log()
+        else:
+            table["var_d"] = m.var_fp
+        out = {key: interpolate_log_sigma(val.expand(full), self.sigmas, query) for key, val in table.items()}
+        if self.trajectory is None:
+            out["cov_xd"] = query[:, None].expand(len(query), self.channels).clone()
+            out["var_x"] = None
+        else:
+            out["var_x"] = interpolate_log_sigma(log_var_x.expand(full), self.sigmas, query).exp()
+        return out
+
+    def error_correlation(self, *, gain: bool) -> Optional[torch.Tensor]:
+        """Correlation of the (residual) error between calibrated steps ``[S, S, C]``, or None.
+
+        The residual is ``delta - k d_fp`` with :meth:`error_model`'s gain when ``gain`` is True, else
+        ``delta``. None when the calibration has no trajectory sums (format version 1).
+        """
+        if self.trajectory is None:
+            return None
+        t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+        k = torch.zeros(t.shape, dtype=torch.float64)
+        if gain:
+            k = self.error_model(self.sigmas, gain=True)["k"]
+            k = k[:, :1] if self.reduce == "scalar" else k
+        return t.residual_correlation(k).expand(self.steps, self.steps, self.channels)
+
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
         """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
         return replace(
@@ -157,7 +235,9 @@ class Calibration:
                 )
         meta = dict(self.meta)
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
-        return replace(self, moments=self.moments.merge(other.moments), meta=meta)
+        both = self.trajectory is not None and other.trajectory is not None
+        trajectory = self.trajectory.merge(other.trajectory) if both else None
+        return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory)
 
     def __repr__(self) -> str:
         return (
@@ -172,6 +252,8 @@ class Calibration:
 
         tensors = {"sigmas": self.sigmas.contiguous()}
         tensors.update({k: v.contiguous() for k, v in self.moments.tensors().items()})
+        if self.trajectory is not None:
+            tensors.update({_TRAJ_PREFIX + k: v.contiguous() for k, v in self.trajectory.tensors().items()})
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -200,7 +282,8 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("qdrift")
             names = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names & set(_TENSORS)}
+            wanted = set(_TENSORS) | {k for k in names if k.startswith(_TRAJ_PREFIX)}
+            tensors = {k: f.get_tensor(k) for k in names & wanted}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CalibrationFileError(f"load_calibration: {path} is not a readable safetensors file ({e})") from None
     if raw is None:
@@ -235,8 +318,12 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     reduce, conditional = header.get("reduce"), header.get("conditional")
     if reduce not in REDUCES or not isinstance(conditional, bool):
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
+    traj = {k[len(_TRAJ_PREFIX):]: v for k, v in tensors.items() if k.startswith(_TRAJ_PREFIX)}
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
-        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta))
+        trajectory = TrajectorySums(**traj) if traj else None
+        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory)
+    except TypeError as e:  # unknown or missing trajectory fields
+        raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:
         raise CalibrationFileError(f"load_calibration: {path} is inconsistent: {e}") from None

@@ -12,7 +12,7 @@ from .._utils import to_d
 from .._version import __version__
 from ..correction import check_choice, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
-from .stats import PairedMoments, batch_moments, gather_moments, sum_over_ranks
+from .stats import PairedMoments, TrajectorySums, batch_moments, gather_moments, gather_sums, sum_over_ranks
 
 __all__ = ["calibrate"]
 
@@ -126,15 +126,18 @@ def calibrate(
         raise ValueError(f"calibrate: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
     steps = len(sigmas) - 1
     moments: Optional[PairedMoments] = None
+    sums: Optional[TrajectorySums] = None
     count, started = 0, time.time()
     progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
     for xb, args in _batches(x, extra_args, batch_size):
         validate_sampler_inputs(xb, sigmas, "calibrate")
         if moments is None:
             moments = PairedMoments.zeros(steps, xb.shape[1])
+            sums = TrajectorySums.zeros(steps, xb.shape[1])
         elif xb.shape[1] != moments.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {moments.shape[1]})")
-        moments = _run_batch(model_fp, model_q, xb, sigmas, args or {}, moments, trim, trajectory, progress)
+        batch, batch_sums = _run_batch(model_fp, model_q, xb, sigmas, args or {}, trim, trajectory, progress)
+        moments, sums = moments.merge(batch), sums.merge(batch_sums)
         count += xb.shape[0]
     progress.close()
     if moments is None:
@@ -144,6 +147,7 @@ def calibrate(
         distributed = distributed and torch.distributed.get_world_size(group) > 1
     if distributed:
         moments = gather_moments(moments, group)
+        sums = gather_sums(sums, group)
         count = sum_over_ranks(count, group)
     meta = {
         "model_fp": _describe(model_fp),
@@ -155,12 +159,13 @@ def calibrate(
         "seconds": round(time.time() - started, 3),
         "qdrift_version": __version__,
     }
-    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta)
+    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta, trajectory=sums)
 
 
-def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajectory, progress):
+def _run_batch(model_fp, model_q, x, sigmas, extra_args, trim, trajectory, progress):
+    """One batch of trajectories: per-step moments ``[S, C]`` and the cross-step sums."""
     s_in = x.new_ones([x.shape[0]])
-    rows = []
+    rows, states, ds_fp, ds_q = [], [], [], []
     for i in range(len(sigmas) - 1):
         den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
         den_q = model_q(x, sigmas[i] * s_in, **extra_args)
@@ -177,8 +182,11 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajecto
                 )
         d_fp, d_q = to_d(x, sigmas[i], den_fp), to_d(x, sigmas[i], den_q)
         rows.append(batch_moments(d_fp, d_q, trim))
+        states.append(x)
+        ds_fp.append(d_fp)
+        ds_q.append(d_q)
         # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.
         x = x + (sigmas[i + 1] - sigmas[i]) * (d_fp if trajectory == "fp" else d_q)
         progress.update(1)
     batch = PairedMoments(*(torch.cat([getattr(r, f) for r in rows]) for f in ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")))
-    return moments.merge(batch)
+    return batch, TrajectorySums.of_batch(torch.stack(states), torch.stack(ds_fp), torch.stack(ds_q))
