@@ -257,7 +257,7 @@ _PARTS = {  # method -> (exact balance, cross-step correlation, gain and bias)
     "v2": (True, True, True),
 }
 
-MAX_COEFFICIENT = 0.5
+MAX_COEFFICIENT = 1.0
 """The most the exact methods rescale a step's increment, ``|c| <= 0.5``; beyond that a step would be
 changed by more than half (the quantized run is then far from the full-precision one, or the calibration is
 not this model's), and what it cannot absorb is left to the next steps."""
