@@ -27,8 +27,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "validate_sampler_inputs",
-    "resolve_v",
     "compute_dtype",
     "channel_view",
     "drift_coefficient",
@@ -37,106 +35,12 @@ __all__ = [
     "quadrature_variance",
     "apply_drift",
     "lower_noise",
-    "check_choice",
 ]
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raises ``ValueError`` naming the valid choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-
-
-def validate_sampler_inputs(x: torch.Tensor, sigmas: torch.Tensor, sampler: str) -> None:
-    """Checks a sampler's ``x`` and ``sigmas`` once, at entry.
-
-    Args:
-        x: initial sample ``[B, C, ...]``, floating point, finite.
-        sigmas: 1-D schedule ``[steps + 1]``, finite, >= 0 and strictly decreasing.
-        sampler: the sampler's name, for the message.
-
-    Raises:
-        ValueError: naming the bad value and what was expected.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{sampler}: x must be a floating-point torch.Tensor, got {_describe(x)}")
-    if x.ndim < 2:
-        raise ValueError(f"{sampler}: x must have shape [batch, channels, ...], got shape {tuple(x.shape)}")
-    if not isinstance(sigmas, torch.Tensor):
-        raise ValueError(f"{sampler}: sigmas must be a 1-D torch.Tensor, got {_describe(sigmas)}")
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
-            f"{sampler}: sigmas must be 1-D with at least 2 values (steps + 1), got shape {tuple(sigmas.shape)}"
-        )
-    if not sigmas.is_floating_point():
-        raise ValueError(f"{sampler}: sigmas must be floating point, got dtype {sigmas.dtype}")
-    if not bool(torch.isfinite(sigmas).all()):
-        raise ValueError(f"{sampler}: sigmas must be finite, got {sigmas.tolist()}")
-    if bool((sigmas < 0).any()):
-        raise ValueError(f"{sampler}: sigmas must be >= 0, got {sigmas.tolist()}")
-    if bool((sigmas[1:] >= sigmas[:-1]).any()):
-        raise ValueError(
-            f"{sampler}: sigmas must be strictly decreasing (sampling goes from noise to data; a repeated level "
-            f"makes a zero-length step), got {sigmas.tolist()}"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{sampler}: x contains NaN or inf")
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return f"{type(value).__name__}"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the correction is computed in: float32 for half types, else ``x.dtype``."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def resolve_v(V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0) -> Optional[torch.Tensor]:
-    """Turns the user's ``V`` into a ``[steps, C]`` (or ``[steps, 1]``) table on x's device.
-
-    Args:
-        V: None; an object with ``.at(sigmas)`` (a :class:`qdrift.Calibration`), looked up at
-            ``sigmas[:-1]``; or a tensor ``[steps, C]`` or ``[steps]`` aligned with the steps.
-        sigmas: the schedule ``[steps + 1]``.
-        x: the sample ``[B, C, ...]`` (channel count, device, dtype).
-        sampler: the sampler's name, for messages.
-        strength: multiplier on V (``>= 0``; 1 is the paper's correction, 0 turns it off).
-
-    Returns:
-        None if ``V`` is None, else a finite, non-negative table in :func:`compute_dtype` of x.
-
-    Raises:
-        ValueError: if V's shape does not match the schedule or channels, or it is negative/non-finite.
-    """
-    if not isinstance(strength, (int, float)) or not (strength >= 0) or strength != strength or strength == float("inf"):
-        raise ValueError(f"{sampler}: strength must be a finite number >= 0, got {strength!r}")
-    if V is None:
-        return None
-    steps = sigmas.numel() - 1
-    channels = x.shape[1]
-    if hasattr(V, "at") and not isinstance(V, torch.Tensor):
-        V = V.at(sigmas[:-1])
-    if not isinstance(V, torch.Tensor):
-        try:
-            V = torch.as_tensor(V)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(
-                f"{sampler}: V must be None, a Calibration or a tensor [steps, C] / [steps]; got {type(V).__name__}"
-            ) from None
-    if V.ndim == 1:
-        V = V[:, None]
-    if V.ndim != 2 or V.shape[0] != steps or V.shape[1] not in (1, channels):
-        raise ValueError(
-            f"{sampler}: V must have shape [{steps}, {channels}] or [{steps}] for {steps} steps and {channels} "
-            f"channels, got {tuple(V.shape)}"
-        )
-    V = V.to(device=x.device, dtype=compute_dtype(x))
-    if not bool(torch.isfinite(V).all()) or bool((V < 0).any()):
-        raise ValueError(f"{sampler}: V must be finite and >= 0 (a variance), got min {float(V.min())}")
-    return V * strength if strength != 1 else V
 
 
 def channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .._utils import to_d
 from .._version import __version__
-from ..correction import check_choice, validate_sampler_inputs
+from ..validation import check_choice, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
 from .stats import PairedMoments, batch_moments, gather_moments, sum_over_ranks
 

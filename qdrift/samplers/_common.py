@@ -1,41 +1,38 @@
-"""What every qdrift sampler shares: entry checks, V lookup, and the one correction call."""
+"""What every qdrift sampler shares: entry checks, the checked model, V lookup, and the one correction call."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..correction import (
-    apply_drift,
-    channel_view,
-    check_choice,
-    drift_coefficient,
-    lower_noise,
-    quadrature_coefficient,
-    resolve_v,
-    validate_sampler_inputs,
-)
+from ..correction import apply_drift, channel_view, drift_coefficient, lower_noise, quadrature_coefficient
+from ..validation import CheckedModel, check_choice, check_drift, prepare_sigmas, resolve_v, validate_sampler_inputs
 
 FORMS = ("first_order", "quadrature")
 CORRECTIONS = ("drift", "noise")
 
 
 def setup(
-    name: str, x: torch.Tensor, sigmas: torch.Tensor, V, extra_args: Optional[dict], strength: float
-) -> Tuple[Optional[torch.Tensor], Dict, torch.Tensor, List[float]]:
-    """Validates inputs and returns ``(V table [steps, C] or None, extra_args, s_in [B], sigmas as floats)``.
+    name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, V, extra_args: Optional[dict], strength: float
+) -> Tuple[CheckedModel, torch.Tensor, Optional[torch.Tensor], Dict, torch.Tensor, List[float]]:
+    """Validates inputs; returns ``(checked model, sigmas, V table [steps, C] or None, extra_args, s_in [B],
+    sigmas as floats)``.
 
-    The float copy of the schedule (made once, on the host) feeds the correction's scalar math so the
-    loop makes no device round trips.
+    The checked model (:class:`qdrift.validation.CheckedModel`) returns the model's output unchanged after
+    checking it (x's shape, floating point, finite), naming the step and sigma of a bad call. The schedule
+    comes back widened to float32 if it was half precision and on x's device. The float copy of the schedule
+    (made once, on the host) feeds the correction's scalar math so the loop makes no device round trips.
     """
+    sigmas = prepare_sigmas(sigmas, x, name)
     validate_sampler_inputs(x, sigmas, name)
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"{name}: extra_args must be a dict or None, got {type(extra_args).__name__}")
     table = resolve_v(V, sigmas, x, name, strength)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
-    return table, extra_args, s_in, sigmas.detach().double().cpu().tolist()
+    sig = sigmas.detach().double().cpu().tolist()
+    return CheckedModel(model, name, sig), sigmas, table, extra_args, s_in, sig
 
 
 def check_form(form: str, correction: Optional[str] = None) -> None:
@@ -77,8 +74,9 @@ def correct(
     factor = None
     if correction == "noise" and noise_std is not None:
         factor, q = lower_noise(noise_std, q)
-    rule = quadrature_coefficient if quadrature else drift_coefficient
-    return apply_drift(x, x_base, rule(q, sigma, sigma_eff)), factor
+    c = (quadrature_coefficient if quadrature else drift_coefficient)(q, sigma, sigma_eff)
+    check_drift(c, sigma, sigma_eff)  # c > 1: V far too large (another model's calibration?): raise
+    return apply_drift(x, x_base, c), factor
 
 
 def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:

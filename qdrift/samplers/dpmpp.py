@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import BrownianTreeNoiseSampler
+from ..validation import check_knobs
 from ._common import check_form, correct, first_order_q, reject_flow, scale_noise, setup, weighted_q
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
@@ -78,7 +79,10 @@ def sample_dpmpp_2m_qdrift(
         The sample ``[B, C, ...]``.
     """
     check_form(form)
-    table, extra_args, s_in, sig = setup("sample_dpmpp_2m_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_dpmpp_2m_qdrift", callback=callback)
+    model, sigmas, table, extra_args, s_in, sig = setup(
+        "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigma_fn = lambda t: t.neg().exp()  # noqa: E731
     t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
@@ -95,7 +99,7 @@ def sample_dpmpp_2m_qdrift(
         x_base = _step_2m(x, denoised, None if first else old_denoised, sigma_fn(t_next) / sigma_fn(t), h, r)
         x, _ = correct(x, x_base, _q_2m(table, form, sig, i, first), sig[i], sig[i + 1], quadrature=form == "quadrature")
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 def _q_2m(table, form, sig, i, first):
@@ -150,13 +154,6 @@ def _sde_levels(sig, i, eta, s_noise):
     return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
 
 
-def _check_sde(name, eta, s_noise, form, correction):
-    check_form(form, correction)
-    for label, value in (("eta", eta), ("s_noise", s_noise)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {label} must be a finite number >= 0, got {value!r}")
-
-
 @torch.no_grad()
 def sample_dpmpp_2m_sde_qdrift(
     model: Callable,
@@ -202,9 +199,10 @@ def sample_dpmpp_2m_sde_qdrift(
     name = "sample_dpmpp_2m_sde_qdrift"
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    _check_sde(name, eta, s_noise, form, correction)
+    check_form(form, correction)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
-    table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    model, sigmas, table, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     old_denoised, h_last, h_last_cpu = None, None, None
@@ -237,7 +235,7 @@ def sample_dpmpp_2m_sde_qdrift(
                 x = x + scale_noise(noise * sigmas[i + 1] * (-2 * eta * h).expm1().neg().sqrt() * s_noise, factor)
             h_last, h_last_cpu = h, h_cpu
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)
@@ -303,9 +301,10 @@ def sample_dpmpp_3m_sde_qdrift(
         The sample ``[B, C, ...]``.
     """
     name = "sample_dpmpp_3m_sde_qdrift"
-    _check_sde(name, eta, s_noise, form, correction)
+    check_form(form, correction)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
-    table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    model, sigmas, table, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     denoised_1, denoised_2 = None, None
@@ -341,7 +340,7 @@ def sample_dpmpp_3m_sde_qdrift(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         hc_1, hc_2 = hc, hc_1
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)

@@ -12,7 +12,7 @@ from tqdm.auto import trange
 
 from .._utils import default_noise_sampler, get_ancestral_step, to_d
 from ._common import CORRECTIONS, correct, first_order_q, reject_flow, scale_noise, setup
-from ..correction import check_choice
+from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
 
@@ -71,7 +71,11 @@ def sample_euler_qdrift(
     Returns:
         The sample ``[B, C, ...]`` in x's dtype.
     """
-    table, extra_args, s_in, sig = setup("sample_euler_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_euler_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    model, sigmas, table, extra_args, s_in, sig = setup(
+        "sample_euler_qdrift", model, x, sigmas, V, extra_args, strength
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -85,7 +89,7 @@ def sample_euler_qdrift(
         s_hat = sig[i] * (float(gamma) + 1)
         q = first_order_q(table, i, s_hat, sig[i + 1])
         x, _ = correct(x, x + d * dt, q, s_hat, sig[i + 1])
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -124,7 +128,11 @@ def sample_euler_ancestral_qdrift(
     """
     check_choice("correction", correction, CORRECTIONS)
     reject_flow(model, "sample_euler_ancestral_qdrift")
-    table, extra_args, s_in, sig = setup("sample_euler_ancestral_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_euler_ancestral_qdrift", eta=eta, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    model, sigmas, table, extra_args, s_in, sig = setup(
+        "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -140,7 +148,7 @@ def sample_euler_ancestral_qdrift(
         x, factor = correct(x, x + d * (sigma_down - sigmas[i]), q, sig[i], s_down, noise_std=budget, correction=correction)
         if sigmas[i + 1] > 0:
             x = x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -179,7 +187,9 @@ def sample_heun_qdrift(
     Returns:
         The sample ``[B, C, ...]``.
     """
-    table, extra_args, s_in, sig = setup("sample_heun_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_heun_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    model, sigmas, table, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -203,4 +213,4 @@ def sample_heun_qdrift(
             v_next = table[min(i + 1, len(table) - 1)] if table is not None else None  # V at sigma_{i+1}
             q = None if table is None else (table[i] + v_next) * ((sig[i + 1] - s_hat) / 2) ** 2
             x, _ = correct(x, x + d_prime * dt, q, s_hat, sig[i + 1])
-    return x.to(dtype)
+    return model.final(x.to(dtype))

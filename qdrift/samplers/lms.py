@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import to_d
+from ..validation import check_knobs
 from ._common import check_form, correct, first_order_q, setup
 
 __all__ = ["sample_lms_qdrift", "lms_coefficient"]
@@ -69,9 +70,8 @@ def sample_lms_qdrift(
         The sample ``[B, C, ...]``.
     """
     check_form(form)
-    if int(order) != order or order < 1:
-        raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
-    table, extra_args, s_in, sig = setup("sample_lms_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_lms_qdrift", order=order, callback=callback)
+    model, sigmas, table, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigmas_cpu = sigmas.detach().cpu().numpy()  # the coefficients from the schedule's own dtype, as k-diffusion
     ds = []
@@ -92,4 +92,4 @@ def sample_lms_qdrift(
         else:
             q = first_order_q(table, i, sig[i], sig[i + 1])
         x, _ = correct(x, x_base, q, sig[i], sig[i + 1], quadrature=form == "quadrature")
-    return x.to(dtype)
+    return model.final(x.to(dtype))
