@@ -16,7 +16,14 @@ from ._utils import (
 )
 from ._version import __version__
 from .adapters import get_sigmas_flow
-from .calib import Calibration, CalibrationFileError, PairedMoments, calibrate, load_calibration
+from .calib import (
+    Calibration,
+    CalibrationFileError,
+    CalibrationFileNotFoundError,
+    PairedMoments,
+    calibrate,
+    load_calibration,
+)
 from .samplers import (
     SAMPLERS,
     sample_dpmpp_2m_qdrift,
@@ -41,6 +48,7 @@ __all__ = [
     "calibrate",
     "Calibration",
     "CalibrationFileError",
+    "CalibrationFileNotFoundError",
     "PairedMoments",
     "load_calibration",
     "to_d",
