@@ -34,6 +34,7 @@ from .samplers import (
     sample_heun_qdrift,
     sample_lms_qdrift,
 )
+from .validation import DriftClippedWarning
 
 __all__ = [
     "__version__",
@@ -51,6 +52,7 @@ __all__ = [
     "CalibrationFileNotFoundError",
     "PairedMoments",
     "load_calibration",
+    "DriftClippedWarning",
     "to_d",
     "append_dims",
     "get_sigmas_karras",

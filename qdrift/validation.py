@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -24,7 +25,8 @@ __all__ = [
     "validate_sampler_inputs",
     "resolve_v",
     "CheckedModel",
-    "check_drift",
+    "clip_drift",
+    "DriftClippedWarning",
     "MAX_DRIFT",
 ]
 
@@ -271,19 +273,31 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def check_drift(c: torch.Tensor, sigma: float, sigma_eff: float) -> None:
-    """Refuses a step whose drift coefficient ``c`` exceeds :data:`MAX_DRIFT` (policy: raise, never clip).
+class DriftClippedWarning(UserWarning):
+    """A step's drift coefficient exceeded :data:`MAX_DRIFT` and was clipped (see :func:`clip_drift`)."""
+
+
+def clip_drift(c: torch.Tensor) -> torch.Tensor:
+    """Clips the drift coefficient ``c`` at :data:`MAX_DRIFT`, with one warning (policy: warn once, clip).
 
     ``c > 1`` means the correction would more than double the step's deterministic increment: V is then far
-    larger than any quantization error the first-order correction is meant for, almost certainly a
-    calibration of another model, quantization or schedule, or a too-large ``strength``.
+    larger than the first-order correction is meant for, almost certainly a calibration of another model or
+    latent format, or a very coarse quantization under the ``"quadrature"`` form, or a too-large ``strength``.
+    The warning (a :class:`DriftClippedWarning`) is shown once per process by Python's default filter; make
+    it an error with ``warnings.simplefilter("error", qdrift.DriftClippedWarning)``.
+
+    Args:
+        c: per-channel coefficient ``[C]``.
+
+    Returns:
+        ``c`` itself when every value is at most 1, else ``c.clamp(max=1)``.
     """
-    if c.numel() == 0:
-        return
-    c_max = float(c.max())
-    if c_max > MAX_DRIFT:
-        raise ValueError(
-            f"Q-Drift: drift coefficient c = {c_max:.4g} > {MAX_DRIFT:g} on the step from sigma={sigma:.6g} to "
-            f"{sigma_eff:.6g}: the correction would more than double the step. V is far too large for this model "
-            "(a calibration of another model, quantization or latent format?) or strength is too high"
-        )
+    if c.numel() == 0 or not float(c.max()) > MAX_DRIFT:
+        return c
+    warnings.warn(
+        "Q-Drift: a drift coefficient c > 1 (the correction would more than double a step) was clipped to 1. V is "
+        "far larger than the correction is meant for: a calibration of another model or latent format, a very "
+        "coarse quantization with form='quadrature', or too large a strength",
+        DriftClippedWarning,
+    )
+    return c.clamp(max=MAX_DRIFT)

@@ -122,11 +122,7 @@ def test_never_nan_and_shape_preserved(name, sigmas, v, batch, spatial, form):
     if name in {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}:
         kw["noise_sampler"] = qdrift.default_noise_sampler(x, seed=1)
     V = torch.full((len(sigmas) - 1, 2), v)
-    try:
-        out = qdrift.SAMPLERS[name](DATA, x, sigmas, V, disable=True, **kw)
-    except ValueError as e:  # V of the order of d's own variance can push c above 1: refused, by policy
-        assert "drift coefficient" in str(e) and v > 0.2
-        return
+    out = qdrift.SAMPLERS[name](DATA, x, sigmas, V, disable=True, **kw)
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
 
 

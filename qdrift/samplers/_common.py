@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..correction import apply_drift, channel_view, drift_coefficient, lower_noise, quadrature_coefficient
-from ..validation import CheckedModel, check_choice, check_drift, prepare_sigmas, resolve_v, validate_sampler_inputs
+from ..validation import CheckedModel, check_choice, clip_drift, prepare_sigmas, resolve_v, validate_sampler_inputs
 
 FORMS = ("first_order", "quadrature")
 CORRECTIONS = ("drift", "noise")
@@ -74,8 +74,7 @@ def correct(
     factor = None
     if correction == "noise" and noise_std is not None:
         factor, q = lower_noise(noise_std, q)
-    c = (quadrature_coefficient if quadrature else drift_coefficient)(q, sigma, sigma_eff)
-    check_drift(c, sigma, sigma_eff)  # c > 1: V far too large (another model's calibration?): raise
+    c = clip_drift((quadrature_coefficient if quadrature else drift_coefficient)(q, sigma, sigma_eff))  # c <= 1
     return apply_drift(x, x_base, c), factor
 
 
