@@ -365,3 +365,35 @@ def test_schedule_on_another_device_is_moved(name):
         xd = x.to(x_dev)
         out = _run(name, lambda x, s: DATA.denoiser(x, s.to(x.device)), xd, sigmas.to(s_dev))
         assert out.device == xd.device and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        ([torch.zeros(0, 2, 4)], "batch 0 of x holds no samples"),
+        ([torch.randn(2, 2, 4) * 10, torch.zeros(0, 2, 4)], "batch 1 of x holds no samples"),
+        ([(torch.zeros(0, 2, 4), None)], "batch 0 of x holds no samples"),
+        ([torch.zeros(3)], r"batch 0 of x holds no samples \(shape \(3,\)\)"),
+        ([(torch.randn(2, 2, 4), [1])], "extra_args of batch 0 must be a dict"),
+        (torch.zeros(0, 2, 4), "x holds no samples"),
+        (torch.zeros(5), "x holds no samples"),
+        ([], "x held no batches"),
+        (iter([]), "x held no batches"),
+        (3, "x must be a tensor"),
+        ("abc", "x must be a tensor"),
+    ],
+)
+def test_calibrate_refuses_empty_or_malformed_input(x, match):
+    """An empty batch used to fail inside a reshape; K = 0 in any form is the documented ValueError."""
+    sigmas = qdrift.get_sigmas_karras(3, 0.05, 10.0)
+    with pytest.raises(ValueError, match=match):
+        qdrift.calibrate(DATA, DATA, x, sigmas, disable=True)
+
+
+def test_calibrate_refuses_bool_batch_size_and_widens_half_sigmas():
+    x = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0)) * 10
+    sigmas = qdrift.get_sigmas_karras(3, 0.05, 10.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        qdrift.calibrate(DATA, DATA, x, sigmas, batch_size=True, disable=True)
+    half = qdrift.calibrate(DATA, DATA, x, sigmas.half(), disable=True)
+    assert torch.equal(half.V, qdrift.calibrate(DATA, DATA, x, sigmas.half().float(), disable=True).V)
