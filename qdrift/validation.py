@@ -232,6 +232,11 @@ class CheckedModel:
 
     def __call__(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         out = self.model(x, sigma, **extra_args)
+        self.check(out, x, sigma)
+        return out
+
+    def check(self, out, x: torch.Tensor, sigma) -> None:
+        """Raises ``ValueError`` unless ``out`` is a finite floating-point tensor of x's shape on x's device."""
         if (
             not isinstance(out, torch.Tensor)
             or out.shape != x.shape
@@ -242,7 +247,6 @@ class CheckedModel:
         if not _all_finite(out):
             cause = "" if _all_finite(x) else " (its input x already held NaN/inf: an overflow or a bad noise sampler)"
             raise ValueError(f"{self._where(sigma)} the model returned NaN or inf{cause}")
-        return out
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         """The sampler's result, checked finite (NaN never leaves a sampler without an error)."""
