@@ -199,8 +199,8 @@ def resolve_v(V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: 
         V = V[:, None]
     if V.ndim != 2 or V.shape[0] != steps or V.shape[1] not in (1, channels):
         raise ValueError(
-            f"{sampler}: V must have shape [{steps}, {channels}] or [{steps}] for {steps} steps and {channels} "
-            f"channels, got {tuple(V.shape)}"
+            f"{sampler}: V must have shape [{steps}, {channels}], [{steps}, 1] or [{steps}] for {steps} steps and "
+            f"{channels} channels, got {tuple(V.shape)}"
         )
     if V.is_complex() or V.dtype == torch.bool:
         raise ValueError(f"{sampler}: V must be real, got dtype {V.dtype}")
@@ -243,7 +243,8 @@ class CheckedModel:
             or not out.is_floating_point()
             or out.device != x.device
         ):
-            raise ValueError(f"{self._where(sigma)} the model returned {_describe(out)}{self._expected(x)}")
+            where = f" on {out.device}" if isinstance(out, torch.Tensor) else ""
+            raise ValueError(f"{self._where(sigma)} the model returned {_describe(out)}{where}{self._expected(x)}")
         if not _all_finite(out):
             cause = "" if _all_finite(x) else " (its input x already held NaN/inf: an overflow or a bad noise sampler)"
             raise ValueError(f"{self._where(sigma)} the model returned NaN or inf{cause}")
@@ -261,7 +262,7 @@ class CheckedModel:
         return f"; expected a floating-point tensor of x's shape {tuple(x.shape)} on {x.device}"
 
     def _where(self, sigma) -> str:
-        """``"sampler: at step i (sigma=...):"`` for the call at noise level ``sigma``."""
+        """``"sampler: at step i of n (sigma=...),"`` for the call at noise level ``sigma``."""
         s = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) and sigma.numel() else float(sigma)
         levels = self.sig[:-1]
         # The first level at or below sigma: the step itself, or the step a churned sigma_hat was raised from.
