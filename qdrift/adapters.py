@@ -62,7 +62,7 @@ def _sigma_batch(sigma, x: torch.Tensor, name: str = "denoiser", upper: float = 
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
         raise ValueError(f"{name}: sigma must be a scalar or [batch={x.shape[0]}], got shape {tuple(sigma.shape)}")
     if not bool(((sigma >= 0) & (sigma <= upper) & torch.isfinite(sigma)).all()):
-        bound = "finite and >= 0" if upper == math.inf else f"in [0, {upper:g}]"
+        bound = "finite and >= 0" if upper == math.inf else f"in [0, {round(upper):g}] (flow time)"
         raise ValueError(f"{name}: sigma must be {bound}, got {sigma.tolist()}")
     return sigma
 
