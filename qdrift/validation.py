@@ -25,6 +25,7 @@ __all__ = [
     "validate_sampler_inputs",
     "resolve_v",
     "CheckedModel",
+    "all_finite",
     "clip_drift",
     "DriftClippedWarning",
     "MAX_DRIFT",
@@ -245,13 +246,13 @@ class CheckedModel:
         ):
             where = f" on {out.device}" if isinstance(out, torch.Tensor) else ""
             raise ValueError(f"{self._where(sigma)} the model returned {_describe(out)}{where}{self._expected(x)}")
-        if not _all_finite(out):
-            cause = "" if _all_finite(x) else " (its input x already held NaN/inf: an overflow or a bad noise sampler)"
+        if not all_finite(out):
+            cause = "" if all_finite(x) else " (its input x already held NaN/inf: an overflow or a bad noise sampler)"
             raise ValueError(f"{self._where(sigma)} the model returned NaN or inf{cause}")
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         """The sampler's result, checked finite (NaN never leaves a sampler without an error)."""
-        if not _all_finite(x):
+        if not all_finite(x):
             raise ValueError(
                 f"{self.sampler}: the result holds NaN or inf although every model output was finite: an overflow "
                 f"in {x.dtype} or a noise sampler returning NaN/inf"
@@ -270,7 +271,7 @@ class CheckedModel:
         return f"{self.sampler}: at step {step} of {len(levels)} (sigma={s:.6g}),"
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """True when every element of ``t`` is finite; one reduction, exact re-check only if the sum overflows."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     if bool(torch.isfinite(t.sum(dtype=acc))):
