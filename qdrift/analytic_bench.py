@@ -19,7 +19,7 @@ Run:  qdrift analytic [--n 200000] [--steps 20] [--markdown out.md]
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
 
@@ -27,6 +27,7 @@ import torch
 
 import qdrift
 from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.cli import ArgumentParser, int_at_least, number
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -100,13 +101,15 @@ def to_markdown(rows, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="qdrift analytic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=200_000, help="samples per run")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps")
-    p.add_argument("--v", type=float, default=0.1, help="planted eps-noise variance")
-    p.add_argument("--K", type=int, default=5, help="calibration trajectories (16x16 spatial each)")
+    p = ArgumentParser(prog="qdrift analytic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int_at_least(2), default=200_000, help="samples per run (>= 2: a variance needs two)")
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="sampler steps")
+    p.add_argument("--v", type=number(0.0, strict=True), default=0.1, help="planted eps-noise variance (> 0)")
+    p.add_argument("--K", type=int_at_least(1), default=5, help="calibration trajectories (16x16 spatial each)")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.markdown and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown))):
+        p.error(f"--markdown: no such directory for {args.markdown!r}")
     t0 = time.time()
     table = to_markdown(measure(args.n, args.steps, args.v, args.K), args)
     print(table)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..cli import ArgumentParser, int_at_least, number
+
 __all__ = ["main", "build_parser", "config_from_args"]
 
 QUICK = dict(n_images=100, fid="none", fig_pool=50, batch_size=50)
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..quant import SCHEMES
     from .runner import MODEL_SAMPLERS, SAMPLER_SPECS
 
-    p = argparse.ArgumentParser(prog="qdrift bench", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="qdrift bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--full", action="store_true", help="the published table: 2,000 images per row, Inception FID")
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-images", type=int, default=None, help="images per row (quick 100, full 2000)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (quick 50, full 250)")
     p.add_argument("-K", "--K", dest="K", type=int, default=5, help="Q-Drift calibration runs (default 5)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--cfg", type=number(0.0), default=3.0, help="classifier-free guidance scale (>= 0, default 3)")
     p.add_argument("--v", choices=["scalar", "channel", "both"], default="scalar",
                    help="V per step pooled over channels (the paper's main runs; default), per channel, or both rows "
                         "(the built-in models have 1 channel, so the two coincide here)")
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fig-scheme", choices=list(SCHEMES), default="w3a4", help="scheme of the c_i figure")
     p.add_argument("--grid-n", type=int, default=10, help="images per grid row (default 10: one per class)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, all cores)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="torch threads (default: torch's choice, all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -127,6 +130,8 @@ def config_from_args(args: argparse.Namespace):
                      ("fid_boot", 0), ("fig_pool", 0), ("grid_n", 1)):
         if getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
     return BenchConfig(
         models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers,
         steps=args.steps, n_images=args.n_images,

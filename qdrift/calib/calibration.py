@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import stat
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from .._version import __version__
 from .stats import PairedMoments, TrajectorySums
 
-__all__ = ["Calibration", "CalibrationFileError", "load_calibration", "interpolate_log_sigma", "REDUCES"]
+__all__ = [
+    "Calibration",
+    "CalibrationFileError",
+    "CalibrationFileNotFoundError",
+    "load_calibration",
+    "interpolate_log_sigma",
+    "REDUCES",
+]
 
 REDUCES = ("channel", "scalar")
 FORMAT = "qdrift.calibration"
@@ -24,6 +34,55 @@ MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FAC
 
 class CalibrationFileError(ValueError):
     """A calibration file is unreadable, corrupt, or not a qdrift calibration."""
+
+
+class CalibrationFileNotFoundError(CalibrationFileError, FileNotFoundError):
+    """There is no calibration file at the path (both a :class:`CalibrationFileError` and a ``FileNotFoundError``)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# The metadata fields qdrift itself writes and reads, each with its type (hosts may add other JSON fields).
+_META_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "K": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "trim": (lambda v: v is None or (_is_real(v) and v >= 0), "null or a number >= 0"),
+    "trajectory": (lambda v: isinstance(v, str), "a string"),
+    "model_fp": (lambda v: isinstance(v, str), "a string"),
+    "model_q": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "qdrift_version": (lambda v: isinstance(v, str), "a string"),
+    "schedule": (
+        lambda v: isinstance(v, list) and all(_is_real(s) and math.isfinite(s) for s in v),
+        "a list of finite numbers",
+    ),
+    "seconds": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
+}
+
+
+def _check_meta(meta: Dict[str, Any]) -> None:
+    """Checks the type of every metadata field qdrift uses (see ``_META_FIELDS``)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"Calibration: meta must be a dict, got {type(meta).__name__}")
+    for key, (test, expected) in _META_FIELDS.items():
+        if key in meta and not test(meta[key]):
+            raise ValueError(f"Calibration: meta[{key!r}] must be {expected}, got {meta[key]!r:.80}")
+
+
+def _json_default(value):
+    """JSON for metadata values json does not know: numpy/torch numbers as numbers, anything else as str."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return str(value)
 
 
 def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -94,6 +153,7 @@ class Calibration:
                 f"Calibration: trajectory must be TrajectorySums of shape {self.moments.shape}, got "
                 f"{getattr(self.trajectory, 'shape', type(self.trajectory).__name__)}"
             )
+        _check_meta(self.meta)
 
     @property
     def steps(self) -> int:
@@ -247,9 +307,19 @@ class Calibration:
         )
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the calibration as safetensors with JSON metadata (loads without executing code)."""
-        from safetensors.torch import save_file
+        """Writes the calibration as safetensors with JSON metadata (loads without executing code).
 
+        The file is written next to ``path`` and renamed into place, so a failed save leaves any previous
+        file intact.
+
+        Raises:
+            OSError: (its errno subclass, e.g. ``FileNotFoundError`` for a missing directory) naming the path,
+                if the file cannot be written.
+            ValueError: if ``meta`` cannot be written as JSON (e.g. it refers to itself).
+        """
+        from safetensors.torch import save
+
+        path = os.fspath(path)
         tensors = {"sigmas": self.sigmas.contiguous()}
         tensors.update({k: v.contiguous() for k, v in self.moments.tensors().items()})
         if self.trajectory is not None:
@@ -262,22 +332,50 @@ class Calibration:
             "conditional": self.conditional,
             "meta": self.meta,
         }
-        save_file(tensors, os.fspath(path), metadata={"qdrift": json.dumps(header, default=str)})
+        try:
+            text = json.dumps(header, default=_json_default)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ValueError(f"Calibration.save: meta cannot be written as JSON ({e})") from None
+        data = save(tensors, metadata={"qdrift": text})
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            parent = os.path.dirname(os.path.abspath(path))
+            reason = f"no such directory {parent}" if not os.path.isdir(parent) else (e.strerror or str(e))
+            raise OSError(e.errno, f"Calibration.save: cannot write {path}: {reason}") from None
 
 
 def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     """Reads a calibration written by :meth:`Calibration.save`.
 
+    Every failure to read is a :class:`CalibrationFileError` naming the file and the problem; the file is
+    only parsed (safetensors tensors and JSON metadata), never executed.
+
     Raises:
-        FileNotFoundError: if there is no such file.
-        CalibrationFileError: (a ``ValueError``) if the file is corrupt, not a qdrift calibration, from a
-            newer format, or its tensors are inconsistent.
+        CalibrationFileNotFoundError: (a ``CalibrationFileError`` and a ``FileNotFoundError``) if there is no
+            such file.
+        CalibrationFileError: (a ``ValueError``) if the path is not a regular file (a directory, a FIFO, a
+            device), the file is unreadable, corrupt, not a qdrift calibration, from a newer format, its
+            metadata has fields of the wrong type, or its tensors are inconsistent.
     """
     from safetensors import safe_open
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise CalibrationFileError(f"load_calibration: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load_calibration: no such file: {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CalibrationFileNotFoundError(f"load_calibration: no such file: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise CalibrationFileError(f"load_calibration: cannot access {path!r} ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise CalibrationFileError(f"load_calibration: {path} is {_file_kind(mode)}, not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("qdrift")
@@ -290,8 +388,8 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         raise CalibrationFileError(f"load_calibration: {path} has no 'qdrift' metadata: not a qdrift calibration")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CalibrationFileError(f"load_calibration: {path} has corrupt qdrift metadata ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError: deep nesting
+        raise CalibrationFileError(f"load_calibration: {path} has corrupt qdrift metadata ({type(e).__name__})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CalibrationFileError(f"load_calibration: {path} is not a {FORMAT} file")
     version = header.get("format_version")
@@ -315,6 +413,8 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise CalibrationFileError(f"load_calibration: {path} has metadata 'meta' of type {type(meta).__name__}, not an object")
+    if not isinstance(header.get("qdrift_version", ""), str):
+        raise CalibrationFileError(f"load_calibration: {path} has qdrift_version {header['qdrift_version']!r}, not a string")
     reduce, conditional = header.get("reduce"), header.get("conditional")
     if reduce not in REDUCES or not isinstance(conditional, bool):
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
@@ -326,4 +426,14 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     except TypeError as e:  # unknown or missing trajectory fields
         raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:
-        raise CalibrationFileError(f"load_calibration: {path} is inconsistent: {e}") from None
+        raise CalibrationFileError(f"load_calibration: {path} is invalid: {e}") from None
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"

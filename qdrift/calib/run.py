@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .._utils import to_d
 from .._version import __version__
-from ..correction import check_choice, validate_sampler_inputs
+from ..validation import check_choice, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
 from .stats import PairedMoments, TrajectorySums, batch_moments, gather_moments, gather_sums, sum_over_ranks
 
@@ -23,26 +23,35 @@ Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
 def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
     """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
     if isinstance(x, torch.Tensor):
-        total = x.shape[0] if x.ndim else 0
+        total = x.shape[0] if x.ndim >= 2 else 0
         if total == 0:
             raise ValueError(f"calibrate: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
         size = total if batch_size is None else batch_size
-        if not isinstance(size, int) or size < 1:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)
         return
-    for item in x:
+    if not isinstance(x, Iterable) or isinstance(x, (str, bytes)):
+        raise ValueError(f"calibrate: x must be a tensor [K, C, ...] or an iterable of batches, got {type(x).__name__}")
+    for b, item in enumerate(x):
         if isinstance(item, torch.Tensor):
-            yield item, extra_args
+            xb, args = item, extra_args
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
-            yield item[0], item[1] if item[1] is not None else extra_args
+            xb, args = item[0], item[1] if item[1] is not None else extra_args
         else:
             raise ValueError(
                 "calibrate: each item of an iterable x must be a tensor [B, C, ...] or a pair (x, extra_args); "
                 f"got {type(item).__name__}"
             )
+        if xb.ndim < 2 or xb.shape[0] == 0:
+            raise ValueError(
+                f"calibrate: batch {b} of x holds no samples (shape {tuple(xb.shape)}); expected [B, C, ...] with B >= 1"
+            )
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"calibrate: the extra_args of batch {b} must be a dict or None, got {type(args).__name__}")
+        yield xb, args
 
 
 def _slice_args(extra_args, sl, total):
@@ -130,6 +139,7 @@ def calibrate(
     count, started = 0, time.time()
     progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
     for xb, args in _batches(x, extra_args, batch_size):
+        sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
         if moments is None:
             moments = PairedMoments.zeros(steps, xb.shape[1])

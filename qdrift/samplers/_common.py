@@ -1,39 +1,41 @@
-"""What every qdrift sampler shares: entry checks, V lookup, and the one correction call."""
+"""What every qdrift sampler shares: entry checks, the checked model, and the run's correction plan."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..correction import (
-    DriftPlan,
-    channel_view,
-    check_choice,
-    validate_sampler_inputs,
-)
+from ..correction import channel_view
+from ..plan import DriftPlan
+from ..validation import CheckedModel, check_choice, prepare_sigmas, validate_sampler_inputs
 
 FORMS = ("first_order", "quadrature")
 CORRECTIONS = ("drift", "noise")
 
 
 def setup(
-    name: str, model, x: torch.Tensor, sigmas: torch.Tensor, V, extra_args: Optional[dict], strength: float,
+    name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, V, extra_args: Optional[dict], strength: float,
     method: Optional[str] = None,
-) -> Tuple[DriftPlan, object, Dict, torch.Tensor, List[float]]:
-    """Validates inputs; returns ``(plan, model, extra_args, s_in [B], sigmas as floats)``.
+) -> Tuple[DriftPlan, Callable, torch.Tensor, Dict, torch.Tensor, List[float]]:
+    """Validates inputs; returns ``(plan, model, sigmas, extra_args, s_in [B], sigmas as floats)``.
 
-    ``plan`` (:class:`qdrift.correction.DriftPlan`) holds the run's correction; ``model`` is the model with
-    the plan's output correction (gain and bias, method ``v2``) applied. The float copy of the schedule
-    (made once, on the host) feeds the correction's scalar math so the loop makes no device round trips.
+    ``plan`` (:class:`qdrift.plan.DriftPlan`) holds the run's correction. ``model`` is the checked model
+    (:class:`qdrift.validation.CheckedModel`: the output is returned unchanged after checking its shape,
+    type and finiteness, naming the step and sigma of a bad call), with the plan's output correction (gain
+    and bias, method ``v2``) applied after the check. The schedule comes back widened to float32 if it was
+    half precision and on x's device. The float copy of the schedule (made once, on the host) feeds the
+    correction's scalar math so the loop makes no device round trips.
     """
+    sigmas = prepare_sigmas(sigmas, x, name)
     validate_sampler_inputs(x, sigmas, name)
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"{name}: extra_args must be a dict or None, got {type(extra_args).__name__}")
     plan = DriftPlan(V, sigmas, x, name, strength, method)
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
-    return plan, plan.wrap(model), extra_args, s_in, sigmas.detach().double().cpu().tolist()
+    sig = sigmas.detach().double().cpu().tolist()
+    return plan, plan.wrap(CheckedModel(model, name, sig)), sigmas, extra_args, s_in, sig
 
 
 def check_form(form: str, correction: Optional[str] = None, method: Optional[str] = None) -> None:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import BrownianTreeNoiseSampler
+from ..validation import check_knobs
 from ._common import check_form, reject_flow, scale_noise, setup, weighted_q
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
@@ -94,7 +95,8 @@ def sample_dpmpp_2m_qdrift(
         The sample ``[B, C, ...]``.
     """
     check_form(form, method=method)
-    plan, model, extra_args, s_in, sig = setup(
+    check_knobs("sample_dpmpp_2m_qdrift", callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
         "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength, method
     )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
@@ -117,7 +119,7 @@ def sample_dpmpp_2m_qdrift(
             i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
         )
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 def _terms_2m(sig, i, first):
@@ -176,13 +178,6 @@ def _sde_levels(sig, i, eta, s_noise):
     return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
 
 
-def _check_sde(name, eta, s_noise, form, correction, method):
-    check_form(form, correction, method)
-    for label, value in (("eta", eta), ("s_noise", s_noise)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {label} must be a finite number >= 0, got {value!r}")
-
-
 @torch.no_grad()
 def sample_dpmpp_2m_sde_qdrift(
     model: Callable,
@@ -233,9 +228,10 @@ def sample_dpmpp_2m_sde_qdrift(
     name = "sample_dpmpp_2m_sde_qdrift"
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    _check_sde(name, eta, s_noise, form, correction, method)
+    check_form(form, correction, method)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
-    plan, model, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     old_denoised, h_last, h_last_cpu = None, None, None
@@ -273,7 +269,7 @@ def sample_dpmpp_2m_sde_qdrift(
                 x = x + scale_noise(noise * sigmas[i + 1] * (-2 * eta * h).expm1().neg().sqrt() * s_noise, factor)
             h_last, h_last_cpu = h, h_cpu
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)
@@ -344,9 +340,10 @@ def sample_dpmpp_3m_sde_qdrift(
         The sample ``[B, C, ...]``.
     """
     name = "sample_dpmpp_3m_sde_qdrift"
-    _check_sde(name, eta, s_noise, form, correction, method)
+    check_form(form, correction, method)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
-    plan, model, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     denoised_1, denoised_2 = None, None
@@ -384,7 +381,7 @@ def sample_dpmpp_3m_sde_qdrift(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         hc_1, hc_2 = hc, hc_1
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)

@@ -12,7 +12,7 @@ from tqdm.auto import trange
 
 from .._utils import default_noise_sampler, get_ancestral_step, to_d
 from ._common import CORRECTIONS, reject_flow, scale_noise, setup
-from ..correction import check_choice
+from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
 
@@ -77,7 +77,9 @@ def sample_euler_qdrift(
     Returns:
         The sample ``[B, C, ...]`` in x's dtype.
     """
-    plan, model, extra_args, s_in, sig = setup("sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    check_knobs("sample_euler_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -90,7 +92,7 @@ def sample_euler_qdrift(
         # Euler step, its increment scaled by (1 + c_i) (paper Eq. 12; the step to sigma = 0 included).
         s_hat = sig[i] * (float(gamma) + 1)
         x, _ = plan.step(i, x, x + d * dt, s_hat, sig[i + 1])
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -134,7 +136,9 @@ def sample_euler_ancestral_qdrift(
     """
     check_choice("correction", correction, CORRECTIONS)
     reject_flow(model, "sample_euler_ancestral_qdrift")
-    plan, model, extra_args, s_in, sig = setup(
+    check_knobs("sample_euler_ancestral_qdrift", eta=eta, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
         "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method
     )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
@@ -153,7 +157,7 @@ def sample_euler_ancestral_qdrift(
         )
         if sigmas[i + 1] > 0:
             x = x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -193,7 +197,9 @@ def sample_heun_qdrift(
     Returns:
         The sample ``[B, C, ...]``.
     """
-    plan, model, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    check_knobs("sample_heun_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -222,4 +228,4 @@ def sample_heun_qdrift(
             plan.evaluate(i + 0.5, sig[i + 1], terms=[(i, 1.0, h)])
             terms = [(i, 1.0, h / 2), (i + 0.5, 0.0, h / 2)]
             x, _ = plan.step(i, x, x + d_prime * dt, s_hat, sig[i + 1], terms=terms, q=q)
-    return x.to(dtype)
+    return model.final(x.to(dtype))

@@ -9,6 +9,7 @@ from tqdm.auto import trange
 
 from .._utils import to_d
 from ._common import check_form, setup
+from ..validation import check_knobs
 
 __all__ = ["sample_lms_qdrift", "lms_coefficient"]
 
@@ -74,9 +75,8 @@ def sample_lms_qdrift(
         The sample ``[B, C, ...]``.
     """
     check_form(form, method=method)
-    if int(order) != order or order < 1:
-        raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
-    plan, model, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    check_knobs("sample_lms_qdrift", order=order, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigmas_cpu = sigmas.detach().cpu().numpy()  # the coefficients from the schedule's own dtype, as k-diffusion
     ds = []
@@ -100,4 +100,4 @@ def sample_lms_qdrift(
         x, _ = plan.step(
             i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
         )
-    return x.to(dtype)
+    return model.final(x.to(dtype))
