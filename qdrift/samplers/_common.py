@@ -38,16 +38,20 @@ def setup(
     return plan, plan.wrap(CheckedModel(model, name, sig)), sigmas, extra_args, s_in, sig
 
 
-def check_form(form: str, correction: Optional[str] = None, method: Optional[str] = None) -> None:
-    """Checks the ``form``, ``correction`` and ``method`` options of a sampler."""
+def check_form(form: str, correction: Optional[str] = None, method: Optional[str] = None) -> Optional[str]:
+    """Checks the ``form``, ``correction`` and ``method`` options of a sampler; returns the method to use
+    (``form="quadrature"`` is the paper's rule: with ``method=None`` it selects ``"paper"``)."""
     check_choice("form", form, FORMS)
-    if form == "quadrature" and method not in (None, "paper"):
+    if form == "quadrature" and method is None:
+        return "paper"
+    if form == "quadrature" and method != "paper":
         raise ValueError(
             f"form='quadrature' is the authors' DPM-Solver++ rule within the paper's method: pass method='paper' "
             f"with it (got method={method!r})"
         )
     if correction is not None:
         check_choice("correction", correction, CORRECTIONS)
+    return method
 
 
 def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:

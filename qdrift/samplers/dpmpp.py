@@ -94,7 +94,7 @@ def sample_dpmpp_2m_qdrift(
     Returns:
         The sample ``[B, C, ...]``.
     """
-    check_form(form, method=method)
+    method = check_form(form, method=method)
     check_knobs("sample_dpmpp_2m_qdrift", callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup(
         "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength, method
@@ -228,7 +228,7 @@ def sample_dpmpp_2m_sde_qdrift(
     name = "sample_dpmpp_2m_sde_qdrift"
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    check_form(form, correction, method)
+    method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
     plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
@@ -340,7 +340,7 @@ def sample_dpmpp_3m_sde_qdrift(
         The sample ``[B, C, ...]``.
     """
     name = "sample_dpmpp_3m_sde_qdrift"
-    check_form(form, correction, method)
+    method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     reject_flow(model, name)
     plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)

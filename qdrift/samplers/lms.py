@@ -74,7 +74,7 @@ def sample_lms_qdrift(
     Returns:
         The sample ``[B, C, ...]``.
     """
-    check_form(form, method=method)
+    method = check_form(form, method=method)
     check_knobs("sample_lms_qdrift", order=order, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
