@@ -37,7 +37,6 @@ __all__ = [
     "lower_noise",
     "METHODS",
     "DEFAULT_METHOD",
-    "MAX_COEFFICIENT",
     "balance_coefficient",
     "between_evaluations",
 ]
@@ -154,14 +153,8 @@ reuse, long steps, the final step, injected noise), errors fresh at every evalua
 
 DEFAULT_METHOD = "v2"
 
-MAX_COEFFICIENT = 1.0
-"""The most the exact methods rescale a step's increment, ``|c| <= 0.5``; beyond that a step would be
-changed by more than half (the quantized run is then far from the full-precision one, or the calibration is
-not this model's), and what it cannot absorb is left to the next steps."""
-
-
 def balance_coefficient(const: torch.Tensor, lin: torch.Tensor, quad: torch.Tensor,
-                        max_c: float = MAX_COEFFICIENT) -> torch.Tensor:
+                        max_c: float = float("inf")) -> torch.Tensor:
     """The root nearest 0 of ``const + 2 lin c + quad c^2`` per channel (the variance balance of a step).
 
     Without a real root the vertex ``-lin / quad`` (the ``c`` that comes closest); within ``+-max_c``.

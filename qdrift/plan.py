@@ -25,7 +25,7 @@ from .correction import (
     lower_noise,
     quadrature_coefficient,
 )
-from .validation import check_choice, clip_drift, resolve_v
+from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
 
 __all__ = ["DriftPlan"]
 
@@ -298,6 +298,16 @@ class DriftPlan:
             const = const.clamp(max=0) + left
         lin = src.covar(d_base + y_next, inc)
         c = balance_coefficient(const, lin, src.covar(inc, inc))
+        if bool((c.abs() > MAX_DRIFT).any()):
+            # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
+            # latent format, too large a strength), or the error too large for the step. What is not absorbed
+            # stays in the surrogate and later steps take it up.
+            warnings.warn(
+                f"{self.sampler}: Q-Drift v2 needed |c| > {MAX_DRIFT:g} at step {i} and was clipped; the "
+                "calibration may belong to another model or latent format, or strength is too large",
+                DriftClippedWarning, stacklevel=3,
+            )
+            c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         self._y, self._d = y_next, d_base + c * inc
         self.noise(noise_std or 0.0, factor)
         return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
