@@ -15,7 +15,8 @@ above 100 % it over-corrects (the sample ends under-dispersed).
 Variants: ``paper (oracle V)`` is the paper's rule with the planted per-call variance; every other column uses
 ``qdrift.calibrate`` (K trajectories of 16x16 "latents"), with the method named: ``paper`` (first order,
 conditional V = Var(delta | d_hat), the paper's statistic), ``exact``, ``correlated`` and ``v2`` (the library
-default) of ``qdrift.correction.METHODS``; stochastic samplers also with ``correction="noise"``.
+default) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
+stochastic samplers also with ``correction="noise"``.
 
 Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated] [--markdown out.md]
       (or python benchmarks/analytic_gaussian.py, the same)
@@ -36,6 +37,7 @@ from qdrift.cli import ArgumentParser, int_at_least, number
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 STOCHASTIC = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"}
 METHODS = ("paper", "exact", "correlated", "v2")
 ERRORS = ("independent", "correlated")
 
@@ -51,6 +53,8 @@ def columns(name):
     """(label, V source, sampler options) of the corrected runs of one sampler."""
     out = [("paper (oracle V)", "oracle", {"method": "paper"})]
     out += [(m, "cal", {"method": m}) for m in METHODS]
+    if name in MULTISTEP:
+        out.append(("paper, quadrature", "cal", {"method": "paper", "form": "quadrature"}))
     if name in STOCHASTIC:
         out += [("paper, noise", "cal", {"method": "paper", "correction": "noise"}),
                 ("v2, noise", "cal", {"method": "v2", "correction": "noise"})]
@@ -89,7 +93,7 @@ def measure(n: int, steps: int, v: float, K: int, error: str = "independent", se
 
 
 def to_markdown(table, args) -> str:
-    labels = ["paper (oracle V)"] + list(METHODS) + ["paper, noise", "v2, noise"]
+    labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, noise"]
     error = (f"fresh N(0, {args.v}) eps-noise per call" if args.error == "independent" else
              f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
     head = (f"Analytic Gaussian, {args.steps} Karras steps ({SIGMA_MAX} -> {SIGMA_MIN}), planted error: {error}; "
