@@ -167,12 +167,11 @@ def _preflight(cfg) -> Optional[str]:
     except (FileNotFoundError, ValueError) as e:
         problems.append(f"Fashion-MNIST test set unavailable ({e}); install the Debian package dataset-fashion-mnist "
                         "or point QDRIFT_FASHION_MNIST at the idx files")
-    from ..quant import FORMAT_SCHEMES, format_available
-    from ..quant.formats import FORMAT_LIBRARIES
+    from ..quant import formats
 
     for scheme in cfg.schemes:
-        if scheme in FORMAT_SCHEMES and not format_available(scheme):
-            module, extra = FORMAT_LIBRARIES[scheme]
+        if scheme in formats.FORMAT_SCHEMES and not formats.format_available(scheme):
+            module, extra = formats.FORMAT_LIBRARIES[scheme]
             problems.append(f"scheme {scheme} needs {module} (pip install 'qdrift[{extra}]'), or leave it out of "
                             "--schemes")
     if cfg.fid:
