@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m qdrift.bench.quant_report", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", choices=["unet", "dit"])
     p.add_argument("--schemes", nargs="+", default=list(SIMULATED_SCHEMES), choices=list(SCHEMES),
-                   help="default the simulated w4a8 w4a4 w3a4; also the weight-only formats, e.g. gguf-q4_0 nf4 quanto-int4")
+                   help="default the simulated w4a8 w4a4 w3a4; also the weight-only formats, e.g. gguf-q4_0 nf4 "
+                        "quanto-int4")
     p.add_argument("--profile", choices=sorted(QUANT_PROFILES), default="stress",
                    help="quantization options: stress (the bench default) or reference (the library defaults)")
     p.add_argument("--png-dir", type=Path, default=None)

@@ -125,7 +125,8 @@ def gguf_plan(name: str, shape: Sequence[int], *, keep: Sequence[str] = GGUF_KEE
     return "quant", stored
 
 
-def _gguf_tensor(gguf, w: torch.Tensor, qtype: str, kind: str, stored: tuple[int, ...] | None) -> tuple[torch.Tensor, str]:
+def _gguf_tensor(gguf, w: torch.Tensor, qtype: str, kind: str,
+                 stored: tuple[int, ...] | None) -> tuple[torch.Tensor, str]:
     if kind == "F32":
         return w, "F32"
     w16 = w.detach().to(torch.float16)  # the converter's intermediate F16 file is what llama.cpp quantizes
