@@ -13,7 +13,7 @@ the grids, block sizes, scales and rounding are the libraries'.
   of llama.cpp's quantizer (``tools/lcpp.patch``), rule by rule in :func:`gguf_plan`.
 - ``"nf4"``, ``"fp4"``: bitsandbytes 4-bit (``pip install "qdrift[bnb]"``), ``bitsandbytes.functional.
   quantize_4bit`` / ``dequantize_4bit`` with blocksize 64 and float32 absmax (diffusers' ``BitsAndBytesConfig``
-  defaults: no double quantization). Like diffusers (and Forge) only ``nn.Linear`` weights, unless ``conv=True``.
+  defaults: no double quantization). Like diffusers only ``nn.Linear`` weights, unless ``conv=True``.
 - ``"quanto-int8"``, ``"quanto-int4"``: optimum-quanto weights (``pip install "qdrift[quanto]"``),
   ``optimum.quanto.quantize(module, weights=qint8|qint4)`` + ``freeze``, then ``weight.dequantize()``: int8
   symmetric per output channel; int4 affine (scale and shift) in groups of 128 input values (quanto shrinks the
