@@ -71,7 +71,7 @@ def _ints(text: str) -> List[int]:
 def build_parser() -> argparse.ArgumentParser:
     from ..baselines import BASELINES
     from ..correction import METHODS
-    from ..quant import SCHEMES
+    from ..quant import SCHEMES, SIMULATED_SCHEMES
     from .runner import MODEL_SAMPLERS, SAMPLER_SPECS
 
     p = ArgumentParser(prog="qdrift bench", description=__doc__.split("\n\n")[0],
@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the published table: 2,000 images per row, Inception FID")
     p.add_argument("--models", type=_csv(list(MODEL_SAMPLERS)), default=list(MODEL_SAMPLERS),
                    help="comma-separated: unet,dit (default both)")
-    p.add_argument("--schemes", type=_csv(list(SCHEMES)), default=list(SCHEMES), help="default w4a8,w4a4,w3a4")
+    p.add_argument("--schemes", type=_csv(list(SCHEMES)), default=list(SIMULATED_SCHEMES),
+                   help="default w4a8,w4a4,w3a4 (simulated SVDQuant/MixDQ); also the weight-only formats computed by "
+                        "their own libraries: gguf-q8_0,gguf-q5_1,gguf-q5_0,gguf-q4_1,gguf-q4_0 (pip install "
+                        "'qdrift[gguf]'), nf4,fp4 ('qdrift[bnb]'), quanto-int8,quanto-int4 ('qdrift[quanto]')")
     p.add_argument("--quant-profile", choices=["stress", "reference"], default="stress",
                    help="quantization options per scheme: stress (default: the bit widths without the float safety "
                         "nets, a clear quantization gap) or reference (the library's recipes, barely felt by these "
@@ -174,6 +177,13 @@ def _preflight(cfg) -> Optional[str]:
     except (FileNotFoundError, ValueError) as e:
         problems.append(f"Fashion-MNIST test set unavailable ({e}); install the Debian package dataset-fashion-mnist "
                         "or point QDRIFT_FASHION_MNIST at the idx files")
+    from ..quant import formats
+
+    for scheme in cfg.schemes:
+        if scheme in formats.FORMAT_SCHEMES and not formats.format_available(scheme):
+            module, extra = formats.FORMAT_LIBRARIES[scheme]
+            problems.append(f"scheme {scheme} needs {module} (pip install 'qdrift[{extra}]'), or leave it out of "
+                            "--schemes")
     if cfg.fid:
         from .metrics import inception_path
 

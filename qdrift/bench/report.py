@@ -62,7 +62,8 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         f"- {fid}.",
         f"- Quantization: profile `{meta.get('quant_profile', 'reference')}` "
         "(qdrift.bench.quant_report.QUANT_PROFILES; `stress` = the schemes' bit widths without the float "
-        "low-rank branch, mixed precision and float layers, `reference` = the library's recipes).",
+        "low-rank branch, mixed precision and float layers, `reference` = the library's recipes; the weight-only "
+        "formats gguf-*, nf4, fp4, quanto-* are computed by their own libraries, qdrift.quant.formats).",
         f"- FD (cls): Frechet distance in the shipped classifier's 128-d features vs {meta['ref_images']} test images "
         "(strongly biased upward at small n: the `real` row, training images, is the floor at this n; compare rows, "
         "not absolute values). KID (cls) x 10^3 in the same features divided by the reference RMS. "
@@ -73,7 +74,8 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         "(what Q-Drift promises to return to; 0 for the FP row).",
         "- PSNR / SSIM against the FP image of the same seed and label (higher = closer to FP). s: sampling wall "
         f"time of the row's {n} images ({meta['threads']} threads; calibration excluded, see bench.json).",
-    ]
+    ] + ([f"- qdrift {meta.get('qdrift_version', '?')} at commit {meta['git_commit']}."] if meta.get("git_commit")
+         else [])
 
 
 def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:

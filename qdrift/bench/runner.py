@@ -393,6 +393,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
     from ..baselines import make_baseline
 
     started = time.perf_counter()
+    commit = git_commit()  # the code that runs, read before any file can change under a long run
     ev = Evaluator(cfg, log)
     n = cfg.n_images
     seeds = [EVAL_SEED + i for i in range(n)]
@@ -499,8 +500,23 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
                 fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,
                 fid_boot=cfg.fid_boot if cfg.fid else None, threads=torch.get_num_threads(),
-                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__)
+                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__, git_commit=commit)
     return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations, meta=meta)
+
+
+def git_commit() -> Optional[str]:
+    """The qdrift checkout's commit (``git rev-parse HEAD``, ``+dirty`` with uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(qdrift.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
 
 
 def calibration_envelopes(bm: BenchModel, cfg: BenchConfig, sampler: str) -> Dict[str, Any]:
