@@ -58,7 +58,9 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         "",
         f"- {n} images per row (label i % 10, seed {meta['eval_seeds'].split(',')[0]}, the same noise in every row); "
         f"classifier-free guidance {meta['cfg_scale']:g} inside the denoiser; Q-Drift V from K = {meta['K']} "
-        "calibration runs on disjoint seeds (pooled-scalar V, conditional, 4-std trim).",
+        "calibration runs on disjoint seeds (pooled over channels, 4-std trim); `qdrift-<method>` rows run that "
+        "method of qdrift.correction.METHODS (`paper`: the paper's first-order rule with the conditional V; `v2`: the "
+        "library default, gain/bias removed and the exact balance with cross-step errors; README, \"Q-Drift v2\").",
         f"- {fid}.",
         f"- Quantization: profile `{meta.get('quant_profile', 'reference')}` "
         "(qdrift.bench.quant_report.QUANT_PROFILES; `stress` = the schemes' bit widths without the float "

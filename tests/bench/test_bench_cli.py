@@ -95,22 +95,25 @@ def test_smoke_run_rows(smoke):
         assert 0 <= r["class_acc"] <= 1
     keys = [(r["model"], r["sampler"], r["scheme"], r["variant"]) for r in rows]
     expected = {("unet", "euler", "fp", "fp"), ("unet", "euler", "w4a4", "quantized"),
-                ("unet", "euler", "w4a4", "qdrift"),
-                ("unet", "euler", "w4a4", "ptqd"), ("unet", "dpmpp_2m", "w4a4", "qdrift"),
-                ("unet", "dpmpp_2m", "w4a4", "qdrift-quadrature"), ("dit", "flow_euler", "fp", "fp"),
-                ("dit", "flow_euler", "w4a4", "quantized"), ("dit", "flow_euler", "w4a4", "qdrift")}
-    assert expected <= set(keys) and len(keys) == len(set(keys)) == 13
+                ("unet", "euler", "w4a4", "qdrift-paper"), ("unet", "euler", "w4a4", "qdrift-v2"),
+                ("unet", "euler", "w4a4", "ptqd"), ("unet", "dpmpp_2m", "w4a4", "qdrift-paper"),
+                ("unet", "dpmpp_2m", "w4a4", "qdrift-paper-quadrature"), ("unet", "dpmpp_2m", "w4a4", "qdrift-v2"),
+                ("dit", "flow_euler", "fp", "fp"), ("dit", "flow_euler", "w4a4", "quantized"),
+                ("dit", "flow_euler", "w4a4", "qdrift-paper"), ("dit", "flow_euler", "w4a4", "qdrift-v2")}
+    assert expected <= set(keys) and len(keys) == len(set(keys)) == 16
     by = {k: r for k, r in zip(keys, rows)}
-    fp, q, qd = (by[("unet", "euler", s, v)] for s, v in (("fp", "fp"), ("w4a4", "quantized"), ("w4a4", "qdrift")))
+    fp, q, qd = (by[("unet", "euler", s, v)] for s, v in (("fp", "fp"), ("w4a4", "quantized"), ("w4a4", "qdrift-paper")))
     assert fp["psnr"] is None and q["psnr"] is not None and q["ssim"] <= 1
     assert qd["K"] == 2 and q["K"] == 0 and qd["v_reduce"] == "scalar" and qd["calib_seconds"] > 0
-    assert by[("unet", "dpmpp_2m", "w4a4", "qdrift-quadrature")]["form"] == "quadrature"
+    assert by[("unet", "dpmpp_2m", "w4a4", "qdrift-paper-quadrature")]["form"] == "quadrature"
+    assert qd["method"] == "paper" and by[("unet", "euler", "w4a4", "qdrift-v2")]["method"] == "v2"
+    assert fp["fd_to_fp"] == 0.0 and q["fd_to_fp"] > 0  # distance to the FP sampler's own images
     d, lo, hi = qd["fd_classifier_ci"]
     assert lo <= hi and math.isclose(d, qd["fd_classifier"] - q["fd_classifier"], rel_tol=1e-6, abs_tol=1e-6)
     # the quantized model differs from FP and Q-Drift changes the sampler's output
     assert q["psnr"] < 200 and qd["psnr"] != q["psnr"]
     dq = by[("dit", "flow_euler", "w4a4", "quantized")]
-    assert dq["psnr"] < 200 and by[("dit", "flow_euler", "w4a4", "qdrift")]["psnr"] != dq["psnr"]
+    assert dq["psnr"] < 200 and by[("dit", "flow_euler", "w4a4", "qdrift-paper")]["psnr"] != dq["psnr"]
     assert doc["meta"]["calib_labels"] and len(doc["meta"]["calib_labels"]) == 2
 
 
