@@ -13,7 +13,15 @@ from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
 from ..samplers import SAMPLERS
 
-__all__ = ["SAMPLER_LABELS", "STOCHASTIC_SAMPLERS", "sampler_names", "bind_sampler", "load_calibration_cached", "seeded_noise_factory"]
+__all__ = [
+    "SAMPLER_LABELS",
+    "STOCHASTIC_SAMPLERS",
+    "sampler_names",
+    "bind_sampler",
+    "load_calibration_cached",
+    "seeded_noise_factory",
+    "check_calibration_channels",
+]
 
 SAMPLER_LABELS: Dict[str, str] = {
     "euler": "Euler Q-Drift",
@@ -183,3 +191,25 @@ def load_calibration_cached(path: str) -> Calibration:
     with _CACHE_LOCK:
         _CACHE[full] = (key, cal)
     return cal
+
+
+def check_calibration_channels(calibration: Any, channels: int, *, source: str, model: str = "the model", host: str = "Q-Drift") -> None:
+    """Refuses a calibration measured on a latent with another channel count, before sampling starts.
+
+    Args:
+        calibration: a :class:`qdrift.Calibration` (or anything with ``channels``); None passes.
+        channels: the latent channel count of the model about to be sampled.
+        source: where the calibration came from (its file name), for the message.
+        model: how to name the model (e.g. ``"the model (latent format SD15)"``).
+        host: the message prefix (the node's or extension's name).
+
+    Raises:
+        ValueError: naming the file, its channel count and the model's.
+    """
+    have = getattr(calibration, "channels", None)
+    if calibration is None or have is None or have in (1, int(channels)):
+        return
+    raise ValueError(
+        f"{host}: the calibration {source} was measured on a {have}-channel latent, but {model} has {int(channels)} "
+        "latent channels; calibrate this model"
+    )

@@ -47,6 +47,7 @@ def sample_lms_qdrift(
     order: int = 4,
     strength: float = 1.0,
     form: str = "first_order",
+    final_denoise: bool = False,
 ) -> torch.Tensor:
     """Linear multistep in sigma (k-diffusion's ``sample_lms``) with Q-Drift.
 
@@ -64,11 +65,15 @@ def sample_lms_qdrift(
         order: multistep order (k-diffusion default 4).
         strength: multiplier on V.
         form: ``"first_order"`` or ``"quadrature"``.
+        final_denoise: on the step to sigma = 0 return the denoised output (a first-order step, as ComfyUI's
+            ``sample_lms`` does since mid-2025) instead of k-diffusion's multistep step (the default).
 
     Returns:
         The sample ``[B, C, ...]``.
     """
     check_form(form)
+    if not isinstance(final_denoise, bool):
+        raise ValueError(f"sample_lms_qdrift: final_denoise must be True or False, got {final_denoise!r}")
     if int(order) != order or order < 1:
         raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
     table, extra_args, s_in, sig = setup("sample_lms_qdrift", x, sigmas, V, extra_args, strength)
@@ -83,6 +88,12 @@ def sample_lms_qdrift(
             ds.pop(0)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if final_denoise and sig[i + 1] == 0:
+            # ComfyUI's denoising step to sigma = 0: x = D, an Euler step of weight 1 on D_i, so both forms
+            # take Q = sigma_i^2 V_i.
+            q = first_order_q(table, i, sig[i], 0.0)
+            x, _ = correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")
+            continue
         cur_order = min(i + 1, order)
         coeffs = [lms_coefficient(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
         x_base = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
