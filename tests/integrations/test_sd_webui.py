@@ -2,6 +2,7 @@
 
 import importlib.util
 import inspect
+import json
 import pathlib
 
 import pytest
@@ -51,10 +52,10 @@ def make_calibration(host, error=0.3, name="cal.safetensors", reduce="channel"):
 
 def test_samplers_registered_as_sampler_data(host):
     names = [x.name for x in host.sd_samplers.all_samplers]
-    assert names[:2] == ["Euler", "Euler a"] and names[2:] == LABELS
+    assert names[:3] == ["Euler", "Euler a", "DPM++ 2M SDE"] and names[3:] == LABELS
     assert set(LABELS) <= set(host.sd_samplers.all_samplers_map)
     assert host.sd_samplers.set_samplers_calls >= 1  # the sampler dropdown lists are rebuilt
-    for entry in host.sd_samplers.all_samplers[2:]:
+    for entry in host.sd_samplers.all_samplers[3:]:
         assert isinstance(entry, webui_standin.SamplerData) and entry.aliases[0].startswith("qdrift_")
     # loading the script again (UI reload) adds nothing twice
     load_script(EXT / "scripts" / "qdrift_samplers.py", "again")
@@ -64,7 +65,7 @@ def test_samplers_registered_as_sampler_data(host):
 
 
 def test_signature_inspection_sees_what_the_host_passes(host):
-    for entry in host.sd_samplers.all_samplers[2:]:
+    for entry in host.sd_samplers.all_samplers[3:]:
         params = inspect.signature(entry.constructor(host.model).func).parameters
         assert "sigmas" in params, entry.name
         assert not {"n", "sigma_min", "sigma_max", "sigma_sched"} & set(params), entry.name
@@ -243,3 +244,84 @@ def test_is_flow_model_reads_only_what_is_there():
     deep = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
         predictor=PredictionDiscreteFlow()))))
     assert webui.is_flow_model(SimpleNamespace(sd_model=deep))
+
+
+def _strength_zero(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    host.shared.opts.qdrift_strength = 0.0
+    host.model = webui_standin.ToyModel(error=0.3)
+
+
+@pytest.mark.parametrize("builtin,label,setting", [
+    ("Euler", "Euler Q-Drift", {"s_churn": 0.5}),
+    ("Euler", "Euler Q-Drift", {"s_churn": 2.0, "s_tmin": 1.0, "s_tmax": 5.0, "s_noise": 0.7}),
+    ("DPM++ 2M SDE", "DPM++ 2M SDE Q-Drift", {"s_noise": 0.5}),
+])
+def test_sampler_settings_reach_the_qdrift_samplers(host, builtin, label, setting):
+    """The host passes s_churn / s_tmin / s_tmax / s_noise only to functions in sampler_extra_params: at strength 0
+    a Q-Drift sampler must equal the built-in with the same settings (they used to be dropped)."""
+    _strength_zero(host)
+    runs = {}
+    for name in (builtin, label):
+        p = webui_standin.Processing(sampler_name=name, **setting)
+        runs[name] = (host.processing.process_images(p).images, p.extra_generation_params)
+    assert torch.allclose(runs[label][0], runs[builtin][0], atol=1e-5, rtol=1e-5)
+    default = host.processing.process_images(webui_standin.Processing(sampler_name=label)).images
+    assert (default - runs[label][0]).abs().max() > 1e-2  # the setting does change the result
+    sigma_fields = {k: v for k, v in runs[builtin][1].items() if k.startswith("Sigma")}
+    assert sigma_fields and {k: runs[label][1][k] for k in sigma_fields} == sigma_fields  # infotext records them
+
+
+def test_aliases_select_the_samplers_through_the_api(host):
+    """Both hosts look sampler_name up by display name only and silently fall back to the first sampler."""
+    _strength_zero(host)
+    p, info = host.api_txt2img("qdrift_dpmpp_2m")
+    assert p.sampler_name == "DPM++ 2M Q-Drift" and info["sampler_name"] == "DPM++ 2M Q-Drift"
+    assert host.api_txt2img("DPM++ 2M Q-Drift")[0].sampler_name == "DPM++ 2M Q-Drift"  # the display name too
+    if host.forge:  # another extension adding a sampler rebuilds the map; the app-start hook adds them again
+        host.sd_samplers.add_sampler(webui_standin.SamplerData("Other", None, [], {}))
+        host.sd_samplers.get_sampler_and_scheduler.cache_clear()
+        assert host.api_txt2img("qdrift_euler")[0].sampler_name == "Euler"  # the host's silent fallback
+        for fn in host.app_started_callbacks:
+            fn(None, None)
+    assert host.api_txt2img("qdrift_euler")[0].sampler_name == "Euler Q-Drift"
+
+
+def test_calibration_passes_are_plain_euler_in_the_infotext(host):
+    """The passes' images are plain Euler: their infotext must say so (pasting it back selects Euler) and carry
+    none of the settings' Q-Drift fields; pass 2 names the file it wrote in the API's info."""
+    host.always_on.append((host.ext.QDriftPanel(), ("", None)))
+    host.shared.opts.qdrift_calibration = "some_other.safetensors"  # set, but not what the passes use
+    euler_entry = host.sd_samplers.all_samplers_map["Euler"]
+    script = host.calib_script.QDriftCalibrateScript()
+    p1 = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    first = script.run(p1, webui.PHASES[0], "trace.safetensors", "cal.safetensors", "channel")
+    euler = host.processing.process_images(webui_standin.Processing(sampler_name="Euler")).images  # built-in, fp
+    host.model = webui_standin.ToyModel(error=0.3)
+    second = script.run(webui_standin.Processing(), webui.PHASES[1], "trace.safetensors", "cal.safetensors", "channel")
+    written = str(host.tmp_path / "models" / "qdrift" / "cal.safetensors")
+    for processed, phase in ((first, webui.PHASES[0]), (second, webui.PHASES[1])):
+        info = json.loads(processed.js())
+        fields = webui_standin.parse_infotext(info["infotexts"][0])
+        assert fields["Sampler"] == "Euler" and info["sampler_name"] == "Euler", fields
+        assert fields["Q-Drift calibration pass"] == phase
+        assert "Q-Drift calibration" not in fields and "Q-Drift strength" not in fields, fields
+    info = json.loads(second.js())
+    assert info["extra_generation_params"]["Q-Drift calibration written"] == written
+    assert webui_standin.parse_infotext(info["infotexts"][0])["Q-Drift calibration written"] == written
+    assert host.sd_samplers.all_samplers_map["Euler"] is euler_entry  # the host's Euler is back
+    # both passes' images are the built-in Euler's on the full-precision model
+    assert torch.allclose(first.images, euler, atol=1e-6) and torch.allclose(second.images, euler, atol=1e-6)
+    assert bool((qdrift.load_calibration(written).V > 0).all())
+
+
+def test_channel_mismatch_names_file_and_channels(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift", latent_channels=16)
+    with pytest.raises(ValueError) as err:
+        host.processing.process_images(p)
+    msg = str(err.value)
+    assert str(host.tmp_path / "models" / "qdrift" / "cal.safetensors") in msg, msg
+    assert "4-channel" in msg and "16 latent channels" in msg, msg
