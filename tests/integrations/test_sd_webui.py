@@ -4,6 +4,7 @@ import importlib.util
 import inspect
 import json
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -181,20 +182,74 @@ def test_calibration_script_errors(host):
         script.run(webui_standin.Processing(), webui.PHASES[1], "t.safetensors", "c.safetensors", "channel")
 
 
+def _run_install(host, monkeypatch, installed=None, ext_dir=EXT):
+    """Runs an extension's install.py as the webui does, with qdrift at version ``installed`` (None: absent)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name != "qdrift":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    host.pip.clear()
+    load_script(pathlib.Path(ext_dir) / "install.py", "qdrift_install_under_test")
+    return list(host.pip)
+
+
 def test_install_py_never_installs_torch(host, monkeypatch):
     monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip[0] == f'install --no-deps "{ROOT}"'  # this checkout
-    assert all(cmd.startswith("install --no-deps ") for cmd in host.pip)
-    assert not any("torch" == part or part.startswith("torch=") for cmd in host.pip for part in cmd.split())
-    host.pip.clear()
-    host.installed |= {"qdrift", "numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip == []
-    host.installed.discard("qdrift")
-    monkeypatch.setenv("QDRIFT_PIP_SPEC", "qdrift==9.9")
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip == ["install --no-deps qdrift==9.9"]
+    pip = _run_install(host, monkeypatch)
+    assert pip[0] == f'install --no-deps "{ROOT}"'  # this checkout
+    assert all(cmd.startswith("install --no-deps ") for cmd in pip)
+    assert not any("torch" == part or part.startswith("torch=") for cmd in pip for part in cmd.split())
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    assert _run_install(host, monkeypatch, installed=qdrift.__version__) == []
+    monkeypatch.setenv("QDRIFT_PIP_SPEC", "/somewhere/qdrift")
+    assert _run_install(host, monkeypatch) == ["install --no-deps /somewhere/qdrift"]
+
+
+def test_install_py_refreshes_a_stale_install(host, monkeypatch):
+    """install.py used to skip once qdrift was importable, so updating the checkout never reached the webui."""
+    monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    assert _run_install(host, monkeypatch, installed="0.0.1") == [f'install --no-deps --force-reinstall "{ROOT}"']
+
+
+def test_copied_extension_installs_from_its_bundle(host, monkeypatch, tmp_path, capsys):
+    """A copy has no checkout around it: install.py used to fall back to the package index, where qdrift is not.
+    A bundle (bundle.py) ships the source; a plain copy says what to do and asks pip for nothing that fails."""
+    import shutil
+    import subprocess
+
+    monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    plain = tmp_path / "webui" / "extensions" / "plain"
+    shutil.copytree(EXT, plain)
+    assert _run_install(host, monkeypatch, ext_dir=plain) == []
+    assert "not on the package index" in capsys.readouterr().out
+    bundled = tmp_path / "webui" / "extensions" / "qdrift"
+    bundle = load_script(EXT / "bundle.py", "qdrift_bundle_under_test")
+    assert bundle.bundle(str(bundled)) == str(bundled)
+    assert (bundled / "scripts" / "qdrift_samplers.py").is_file() and (bundled / "install.py").is_file()
+    src = bundled / "qdrift-src"
+    assert _run_install(host, monkeypatch, ext_dir=bundled) == [f'install --no-deps "{src}"']
+    assert _run_install(host, monkeypatch, installed="0.0.1", ext_dir=bundled) == [
+        f'install --no-deps --force-reinstall "{src}"']
+    assert _run_install(host, monkeypatch, installed=qdrift.__version__, ext_dir=bundled) == []
+    with pytest.raises(ValueError, match="inside the qdrift checkout"):
+        bundle.bundle(str(ROOT / "somewhere"))
+    if not host.forge:
+        return  # the build below does not depend on the host; once is enough
+    # and pip can build what install.py points at (offline: no build isolation)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True)
+    assert [w.name for w in wheels.iterdir()] == [f"qdrift-{qdrift.__version__}-py3-none-any.whl"]
 
 
 class PredictionFlux:  # the name and prediction_type of Forge's flow predictor (backend/modules/k_prediction.py)
