@@ -8,8 +8,8 @@ disable=..., **extra_options)``; ``comfy.samplers.CFGGuider`` (guidance applied 
 denoised output); ``comfy.sample.prepare_noise``; and ``comfy.utils.ProgressBar``. Checked against
 Comfy-Org/ComfyUI a125cd84 (v0.3.64), also run inside it (tests/integrations/test_real_hosts.py).
 
-Flow models (SD3, FLUX) need nothing special for the deterministic samplers: ComfyUI presents them to samplers
-as denoisers with sigma = flow time, which is what the qdrift samplers and calibration expect.
+Flow models (SD3, FLUX): ComfyUI presents them to samplers as denoisers with sigma = flow time, which is what the
+qdrift samplers and calibration expect; the ancestral/SDE samplers are told to inject noise in the flow form.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ from qdrift.hosts import (
     PairedTrace,
     bind_sampler,
     check_calibration_channels,
+    flow_sde_sigmas,
     load_calibration_cached,
     sampler_names,
     seeded_noise_factory,
 )
+
+from qdrift.hosts._bind import BROWNIAN as SDE_SAMPLERS  # the DPM++ SDE samplers (log-SNR steps, Brownian noise)
 
 try:  # ComfyUI's path registry; absent only in stripped test environments
     import folder_paths
@@ -246,13 +249,28 @@ def _is_flow_model(model_k) -> bool:
     return base is not None and prediction_type(base) == "CONST"
 
 
+def _flow_start(base, sigmas):
+    """The first sigma ComfyUI's own SDE samplers use on a flow model (``offset_first_sigma_for_snr``: the model's
+    ``percent_to_sigma(1e-4)`` in place of t >= 1), so strength 0 stays close to them."""
+    sampling = getattr(base, "model_sampling", None)
+    try:
+        from comfy.k_diffusion.sampling import offset_first_sigma_for_snr
+
+        return flow_sde_sigmas(sigmas, float(offset_first_sigma_for_snr(sigmas, sampling)[0]))
+    except (ImportError, AttributeError, TypeError):  # older ComfyUI, or a stripped one
+        to_sigma = getattr(sampling, "percent_to_sigma", None)
+        return flow_sde_sigmas(sigmas, float(to_sigma(1e-4)) if to_sigma is not None else None)
+
+
 def _guard(sampler_name: str, fn, calibration, source: str):
     """The sampler as ComfyUI runs it: checks the calibration against the model being sampled first.
 
     A calibration measured on another latent (4-channel SD1.5 vs 16-channel SD3...) is refused naming the file,
-    its channels and the model's latent format; the ancestral/SDE samplers refuse flow models (their noise
-    formulas assume ``x = x0 + sigma eps``; ComfyUI switches to separate "RF" samplers there).
+    its channels and the model's latent format. The ancestral/SDE samplers get ``flow=True`` on flow models
+    (prediction type CONST, as ComfyUI switches to its RF formulas), and the SDE ones ComfyUI's offset first sigma
+    with their Brownian noise laid over the schedule as given, as ComfyUI's own do.
     """
+    noise_factory = seeded_noise_factory(sampler_name)
 
     @functools.wraps(fn)
     def guarded(model, x, sigmas, *args, **kwargs):
@@ -261,11 +279,12 @@ def _guard(sampler_name: str, fn, calibration, source: str):
         channels = getattr(latent_format, "latent_channels", None) or x.shape[1]
         fmt = f" (latent format {type(latent_format).__name__})" if latent_format is not None else ""
         check_calibration_channels(calibration, channels, source=source, model=f"the model{fmt}", host="Q-Drift Sampler")
-        if sampler_name in STOCHASTIC_SAMPLERS and _is_flow_model(model):
-            raise ValueError(
-                f"Q-Drift Sampler: {sampler_name} injects noise in the x = x0 + sigma * eps form, but this is a "
-                "flow model (SD3/FLUX); choose euler, heun, lms or dpmpp_2m"
-            )
+        if sampler_name in STOCHASTIC_SAMPLERS:
+            kwargs["flow"] = _is_flow_model(model)
+            if kwargs["flow"] and sampler_name in SDE_SAMPLERS:
+                if kwargs.get("noise_sampler") is None:
+                    kwargs["noise_sampler"] = noise_factory(x, sigmas, kwargs.get("extra_args") or {})
+                sigmas = _flow_start(base, sigmas)
         return fn(model, x, sigmas, *args, **kwargs)
 
     return guarded

@@ -21,6 +21,7 @@ __all__ = [
     "load_calibration_cached",
     "seeded_noise_factory",
     "check_calibration_channels",
+    "flow_sde_sigmas",
 ]
 
 SAMPLER_LABELS: Dict[str, str] = {
@@ -35,7 +36,8 @@ SAMPLER_LABELS: Dict[str, str] = {
 """Short qdrift sampler name -> the label hosts show (A1111/Forge sampler list, ComfyUI choices)."""
 
 STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
-"""Samplers that inject noise in the ``x = x0 + sigma * eps`` form: hosts refuse them on flow models (SD3, FLUX)."""
+"""Samplers that inject noise: their noise formulas depend on the state form, so hosts pass ``flow=True`` for flow
+models (SD3, FLUX) and :func:`flow_sde_sigmas` for the SDE ones."""
 
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
 BROWNIAN = frozenset({"dpmpp_2m_sde", "dpmpp_3m_sde"})
@@ -213,3 +215,15 @@ def check_calibration_channels(calibration: Any, channels: int, *, source: str, 
         f"{host}: the calibration {source} was measured on a {have}-channel latent, but {model} has {int(channels)} "
         "latent channels; calibrate this model"
     )
+
+
+def flow_sde_sigmas(sigmas: torch.Tensor, start: Optional[float] = None) -> torch.Tensor:
+    """A flow schedule for the SDE samplers, whose half-log-SNR is -inf at t = 1: a first sigma >= 1 is replaced
+    by ``start`` (default ``1 - 1e-4``; ComfyUI uses its model's ``percent_to_sigma(1e-4)``). Other schedules are
+    returned as they are.
+    """
+    if sigmas.numel() < 2 or float(sigmas[0]) < 1:
+        return sigmas
+    sigmas = sigmas.clone()
+    sigmas[0] = 1 - 1e-4 if start is None else start
+    return sigmas

@@ -20,7 +20,15 @@ import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ._bind import SAMPLER_LABELS, STOCHASTIC_SAMPLERS, bind_sampler, check_calibration_channels, load_calibration_cached
+from ._bind import (
+    BROWNIAN,
+    SAMPLER_LABELS,
+    STOCHASTIC_SAMPLERS,
+    bind_sampler,
+    check_calibration_channels,
+    flow_sde_sigmas,
+    load_calibration_cached,
+)
 
 __all__ = [
     "SAMPLER_OPTIONS",
@@ -176,9 +184,10 @@ def _checkpoint_name(p: Any) -> str:
 def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None) -> Callable:
     """The function a webui ``KDiffusionSampler`` runs for the qdrift sampler ``name``.
 
-    The ancestral/SDE samplers refuse flow models (:func:`is_flow_model`) with a clear error: their noise formulas
-    assume ``x = x0 + sigma * eps``. A calibration measured on another latent channel count is refused naming the
-    file, its channels and the model's.
+    On flow models (:func:`is_flow_model`) the ancestral/SDE samplers inject noise in the flow form (``flow=True``;
+    Forge's own "Euler a" does the same through its RF variant, its DPM++ SDE samplers do not), the SDE ones from
+    ``t = 1 - 1e-4`` when the schedule starts at 1. A calibration measured on another latent channel count is
+    refused naming the file, its channels and the model's.
 
     It keeps the qdrift sampler's signature (so the host passes ``sigmas``, ``eta``, ``noise_sampler`` and, once
     :func:`sampler_entries` registered them, ``s_churn``...), reads the calibration for each generation from
@@ -194,11 +203,10 @@ def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None)
 
     def sampler(model, x, sigmas, V=None, extra_args=None, callback=None, disable=None, **kw):
         p = getattr(model, "p", None)
-        if name in STOCHASTIC_SAMPLERS and is_flow_model(p):
-            raise ValueError(
-                f"Q-Drift: {SAMPLER_LABELS[name]} injects noise in the x = x0 + sigma * eps form, but this is a flow "
-                "model (SD3/FLUX); choose Euler, Heun, LMS or DPM++ 2M Q-Drift"
-            )
+        if name in STOCHASTIC_SAMPLERS:
+            kw["flow"] = is_flow_model(p)
+            if kw["flow"] and name in BROWNIAN:
+                sigmas = flow_sde_sigmas(sigmas)
         calib = active_pass()
         if calib is not None:
             return calib(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)

@@ -11,6 +11,7 @@ import torch
 
 import comfy_standin
 import qdrift
+import qdrift.hosts
 from qdrift.hosts import seeded_noise_factory
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -274,19 +275,37 @@ def test_flow_model_as_comfyui_presents_it(host, name):
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
-def test_stochastic_samplers_refuse_flow_models(host, name):
-    """ComfyUI runs flow models with separate RF ancestral samplers; the qdrift ones must not sample them wrongly."""
+def test_stochastic_samplers_run_flow_models_in_the_flow_form(host, name):
+    """ComfyUI samples flow models with its RF formulas; the node passes flow=True (they used to be refused), and
+    for the SDE samplers starts below t = 1 with the Brownian noise laid over the schedule as given."""
     pack, ns, _ = host
     fp, q = models(flow=True)
     node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
     cal, _ = calibrate(pack, fp, q, flow=True)
-    (sampler,) = node.get_sampler(name, "", "as calibrated", 1.0, calibration=cal)
+    sig = sigmas_for(True)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
+
+    def run(strength):
+        (sampler,) = node.get_sampler(name, "", "as calibrated", strength, calibration=cal)
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(1.0)
+        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
+
+    on, off = run(1.0), run(0.0)
+    assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
     g = ns.comfy_samplers.CFGGuider(q)
     g.set_conds(cond(1.0), cond(0.0))
     g.set_cfg(1.0)
-    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
-    with pytest.raises(ValueError, match="flow model"):
-        g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(True), seed=2)
+    g.inner_model = q.model
+    x0 = noise * sig[0]
+    kw = {"flow": True, "noise_sampler": seeded_noise_factory(name)(x0, sig, {"seed": 2})}
+    ref_sig = qdrift.hosts.flow_sde_sigmas(sig) if name != "euler_ancestral" else sig
+    ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), x0, ref_sig, cal, disable=True, **kw)
+    assert torch.allclose(on, ref, atol=1e-5)
+    ve = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), x0, ref_sig, cal, disable=True,
+                               **dict(kw, flow=False, noise_sampler=seeded_noise_factory(name)(x0, sig, {"seed": 2})))
+    assert not torch.allclose(on, ve, atol=1e-3)  # the flow form is what the node ran
 
 
 def test_prediction_types_compared_not_class_names(host):

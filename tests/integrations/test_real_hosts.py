@@ -11,6 +11,7 @@ runs; this module checks them against the host itself:
 - Q-Drift Calibrate measures a calibration; Q-Drift Sampler at strength 0 is compared with ComfyUI's built-in
   sampler of the same name (``comfy.samplers.sampler_object``) through ``comfy.sample.sample_custom`` (what
   SamplerCustom runs), and at strength 1 must differ;
+- on SD3, the ancestral/SDE samplers in the flow form against ComfyUI's RF forms (close);
 - the refusals: EPS against V_PREDICTION, and a 4-channel calibration on the 16-channel SD3.
 
 Where ComfyUI torchvision cannot be imported (no CPU build here) a bare ``torchvision`` module is registered so
@@ -228,6 +229,19 @@ def test_sd3_flow_strength_zero_is_comfyuis_sampler(comfy, sd3, name):
     assert torch.equal(ours, host), float((ours - host).abs().max())
     corrected = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 1.0))
     assert torch.isfinite(corrected).all() and not torch.equal(corrected, host)
+
+
+@pytest.mark.parametrize("name", ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"))
+def test_sd3_flow_stochastic_samplers_are_close_to_comfyuis_rf_forms(comfy, sd3, name):
+    """ComfyUI runs flow models with its RF ancestral step and its SDE steps in half-log-SNR form; the node's flow
+    form follows the same derivation (qdrift._utils.get_ancestral_step_flow, sample_dpmpp_2m_sde_qdrift) with its
+    own arithmetic: close, not bit-exact."""
+    ours = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 0.0))
+    host = sample(comfy, sd3, comfy.samplers.sampler_object(name))
+    assert torch.allclose(ours, host, rtol=CLOSE_RTOL, atol=CLOSE_RTOL * float(host.abs().max())), \
+        float((ours - host).abs().max())
+    corrected = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 1.0))
+    assert torch.isfinite(corrected).all() and not torch.allclose(corrected, host, atol=1e-4)
 
 
 def test_eps_against_v_prediction_is_refused(comfy, sd15):

@@ -271,18 +271,30 @@ def _sd_model(host, flow):
 
 
 @pytest.mark.parametrize("label", LABELS)
-def test_stochastic_samplers_refuse_flow_models(host, label):
+def test_flow_models_get_the_flow_form(host, label):
+    """On a flow model the ancestral/SDE samplers run with flow=True (they used to be refused): their result
+    changes with the model's form; the deterministic ones do not depend on it."""
     make_calibration(host)
     host.shared.opts.qdrift_calibration = "cal.safetensors"
     host.model = webui_standin.ToyModel(error=0.3)
     stochastic = label.startswith(("Euler a", "DPM++ 2M SDE", "DPM++ 3M SDE"))
-    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=True))
+    runs = {}
+    host.model.sigmas = host.model.sigmas.clamp(max=0.95)  # a schedule a flow can have (t < 1), for both runs
+    for flow in (True, False):
+        p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=flow))
+        runs[flow] = host.processing.process_images(p).images
+        assert torch.isfinite(runs[flow]).all()
     if stochastic:
-        with pytest.raises(ValueError, match="flow model.*choose Euler"):
-            host.processing.process_images(p)
-    else:
-        assert torch.isfinite(host.processing.process_images(p).images).all()
-    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=False))
+        assert not torch.allclose(runs[True], runs[False], atol=1e-3)
+
+
+def test_flow_sde_from_t_one_starts_below_it(host):
+    """Forge's flow schedules start at t = 1, where the SDE samplers' log-SNR is -inf: they start at 1 - 1e-4."""
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    host.model = webui_standin.ToyModel(error=0.3)
+    host.model.sigmas = torch.linspace(0.01, 1.0, 1000)
+    p = webui_standin.Processing(sampler_name="DPM++ 2M SDE Q-Drift", sd_model=_sd_model(host, flow=True))
     assert torch.isfinite(host.processing.process_images(p).images).all()
 
 
