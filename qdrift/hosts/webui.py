@@ -45,6 +45,7 @@ __all__ = [
     "run_calibration_pass",
     "PHASES",
     "REDUCE_CHOICES",
+    "STRENGTH_FROM_SETTINGS",
 ]
 
 # Default schedule and noise options per sampler, as the host's own entries of the same family use them.
@@ -59,6 +60,9 @@ SAMPLER_OPTIONS: Dict[str, Dict[str, Any]] = {
 }
 
 REDUCE_CHOICES = ["as calibrated", "channel", "scalar"]
+
+STRENGTH_FROM_SETTINGS = -1.0
+"""The per-generation panel's strength meaning "the one in Settings" (its default)."""
 
 _LOCAL = threading.local()
 

@@ -392,3 +392,20 @@ def test_channel_mismatch_names_file_and_channels(host):
     msg = str(err.value)
     assert str(host.tmp_path / "models" / "qdrift" / "cal.safetensors") in msg, msg
     assert "4-channel" in msg and "16 latent channels" in msg, msg
+
+
+def test_panel_defaults_leave_the_settings_strength(host):
+    """The webui hands the panel's initial values to every generation (the API's too when it gives no args): the
+    slider's default must not override Settings > Q-Drift strength (found running inside Forge dfdcbab6)."""
+    panel = host.ext.QDriftPanel()
+    calibration, strength = panel.ui(False)  # built at start-up, with Settings' strength still at its default
+    _strength_zero(host)  # then Settings > Q-Drift strength set to 0
+    host.always_on.append((panel, (calibration.kw["value"], strength.kw["value"])))
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    off = host.processing.process_images(p).images
+    assert not hasattr(p, "qdrift_strength") and p.extra_generation_params["Q-Drift strength"] == 0.0
+    euler = host.processing.process_images(webui_standin.Processing(sampler_name="Euler")).images
+    assert torch.allclose(off, euler, atol=1e-6)
+    host.always_on[-1] = (panel, ("", 1.0))  # a per-generation strength still wins
+    on = host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift")).images
+    assert not torch.allclose(on, euler, atol=1e-4)

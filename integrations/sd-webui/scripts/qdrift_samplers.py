@@ -76,8 +76,10 @@ class QDriftPanel(scripts.Script):
     def ui(self, is_img2img):
         with gr.Accordion("Q-Drift", open=False):
             calibration = gr.Textbox(label="Calibration file (empty: the one in Settings > Q-Drift)", value="")
-            strength = gr.Slider(label="Strength", minimum=0.0, maximum=5.0, step=0.05,
-                                 value=float(getattr(shared.opts, "qdrift_strength", 1.0)))
+            # -1: the strength in Settings. A slider always has a value, and the webui hands its initial value to
+            # every generation (the API's too, when no args are given): any other default would override Settings.
+            strength = gr.Slider(label="Strength (-1: the one in Settings)", minimum=-1.0, maximum=5.0, step=0.05,
+                                 value=webui.STRENGTH_FROM_SETTINGS)
         return [calibration, strength]
 
     def process(self, p, calibration="", strength=None, *args):
@@ -85,7 +87,7 @@ class QDriftPanel(scripts.Script):
             return
         if calibration and calibration.strip():
             p.qdrift_calibration = calibration.strip()
-        if strength is not None:
+        if strength is not None and float(strength) >= 0:
             p.qdrift_strength = float(strength)
         path, value, reduce = SETTINGS.for_processing(p)
         p.extra_generation_params["Q-Drift calibration"] = os.path.basename(path) if path else "(none)"
