@@ -1,8 +1,10 @@
-"""Opt-in: the integrations inside a real host checkout (how to run: docs/real_hosts.md).
+"""Opt-in: the integrations inside real hosts (how to run: docs/real_hosts.md).
 
-Skipped unless ``COMFYUI_PATH`` points to a ComfyUI checkout, and run with a Python that can import it (its
-requirements without torch/torchvision, plus qdrift and pytest). The stand-ins (comfy_standin.py) stay what CI
-runs; this module checks them against the host itself:
+The stand-ins (comfy_standin.py, webui_standin.py) stay what CI runs; this module checks against the hosts
+themselves. Each part is skipped unless pointed to its host.
+
+ComfyUI (``COMFYUI_PATH``: a checkout; run with a Python that can import it, i.e. its requirements without
+torch/torchvision, plus qdrift and pytest):
 
 - the node pack loads through ComfyUI's own ``nodes.load_custom_node`` (the V3 form where ``comfy_api.v0_0_2``
   exists) and its nodes run through ComfyUI's own node executor (``execution._async_map_node_over_list``);
@@ -14,8 +16,18 @@ runs; this module checks them against the host itself:
 - on SD3, the ancestral/SDE samplers in the flow form against ComfyUI's RF forms (close);
 - the refusals: EPS against V_PREDICTION, and a 4-channel calibration on the 16-channel SD3.
 
-Where ComfyUI torchvision cannot be imported (no CPU build here) a bare ``torchvision`` module is registered so
-that ComfyUI's model modules import; the models built here never call it.
+Where torchvision cannot be imported (no CPU build here) a bare ``torchvision`` module is registered so that
+ComfyUI's model modules import; the models built here never call it.
+
+Forge / A1111 (``WEBUI_URL``: a webui started with ``--api``, the qdrift extension and the test-only
+``tests/integrations/webui_latent_probe`` extension linked into its ``extensions/``, on this machine;
+``WEBUI_CKPT_FP`` / ``WEBUI_CKPT_Q``: the names of an SD1.5 checkpoint and its quantized copy there):
+
+- the 'Q-Drift calibrate' script's two passes through the HTTP API (infotext ``Sampler: Euler``, the written
+  path in ``info``);
+- every Q-Drift sampler at strength 0 (set in Settings, the panel left at its defaults) against the built-in of
+  the same name, compared on the sampled latents (bit-exact), and at strength 1 (must differ); with
+  ``s_churn`` / ``s_noise`` set; the ``qdrift_*`` aliases; a 16-channel calibration on the 4-channel model.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "integrations" / "comfyui"
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout (docs/real_hosts.md)")
+WEBUI_URL = os.environ.get("WEBUI_URL")
 
 # At strength 0 the node must equal ComfyUI's own sampler bit for bit, except where ComfyUI computes the step in
 # another algebraic form (half-log-SNR for the DPM++ SDE samplers): "close" there.
@@ -59,6 +71,8 @@ def _bare_torchvision():
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     """ComfyUI imported headless on CPU, with the node pack loaded the way ComfyUI loads custom nodes."""
+    if not COMFYUI_PATH:
+        pytest.skip("set COMFYUI_PATH to a ComfyUI checkout (docs/real_hosts.md)")
     _bare_torchvision()
     sys.path.insert(0, COMFYUI_PATH)
     import comfy.cli_args
@@ -259,3 +273,108 @@ def test_sd15_calibration_on_sd3_names_file_and_channels(comfy, sd15, sd3):
     msg = str(err.value)
     assert os.path.basename(sd15.path) in msg and "4-channel" in msg and "16 latent channels" in msg, msg
     assert "SD3" in msg, msg
+
+
+# ------------------------------------------------------------------------------------------ Forge / A1111
+WEBUI_LABELS = {"Euler": "Euler Q-Drift", "Euler a": "Euler a Q-Drift", "Heun": "Heun Q-Drift", "LMS": "LMS Q-Drift",
+                "DPM++ 2M": "DPM++ 2M Q-Drift", "DPM++ 2M SDE": "DPM++ 2M SDE Q-Drift",
+                "DPM++ 3M SDE": "DPM++ 3M SDE Q-Drift"}
+
+
+class Webui:
+    """A running webui's API: txt2img on a fixed small job; returns the sampled latents and the parsed info."""
+
+    def __init__(self, url):
+        self.url = url.rstrip("/") + "/sdapi/v1/"
+        self.fp = os.environ.get("WEBUI_CKPT_FP", "random_sd15")
+        self.q = os.environ.get("WEBUI_CKPT_Q", "random_sd15_q4")
+
+    def post(self, path, body):
+        import json
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=1800) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return {"http_error": e.code, "body": e.read().decode(errors="replace")}
+
+    def txt2img(self, sampler, ckpt=None, settings=None, **fields):
+        import json
+
+        body = {"prompt": "a cat", "negative_prompt": "", "seed": 1234, "steps": 6, "cfg_scale": 3.0, "width": 64,
+                "height": 64, "batch_size": 1, "n_iter": 1, "sampler_name": sampler, "scheduler": "Automatic",
+                "override_settings": dict({"sd_model_checkpoint": ckpt or self.q, "s_churn": 0.0, "s_noise": 1.0},
+                                          **(settings or {})),
+                "override_settings_restore_afterwards": False}
+        body.update(fields)
+        r = self.post("txt2img", body)
+        if "images" not in r:
+            return None, r
+        info = json.loads(r["info"])
+        return torch.load(info["extra_generation_params"]["Probe latent"]), info
+
+
+@pytest.fixture(scope="module")
+def webui_host(tmp_path_factory):
+    if not WEBUI_URL:
+        pytest.skip("set WEBUI_URL to a running webui with the qdrift and latent-probe extensions (docs/real_hosts.md)")
+    host = Webui(WEBUI_URL)
+    args = ["trace.safetensors", "qdrift_real_host_test.safetensors", "channel"]
+    _, info1 = host.txt2img("Euler", host.fp, script_name="Q-Drift calibrate", script_args=[
+        "1: record full precision"] + args, batch_size=2)
+    _, info2 = host.txt2img("Euler", host.q, script_name="Q-Drift calibrate", script_args=[
+        "2: replay quantized and save"] + args, batch_size=2)
+    host.passes = (info1, info2)
+    host.calibration = info2["extra_generation_params"]["Q-Drift calibration written"]
+    host.settings = {"qdrift_calibration": host.calibration, "qdrift_strength": 0.0}
+    return host
+
+
+def test_webui_calibration_passes_are_plain_euler(webui_host):
+    for info, phase in zip(webui_host.passes, ("1: record full precision", "2: replay quantized and save")):
+        assert info["sampler_name"] == "Euler" and "Sampler: Euler," in info["infotexts"][0]
+        assert info["extra_generation_params"]["Q-Drift calibration pass"] == phase
+        assert "Q-Drift strength" not in info["extra_generation_params"]
+    assert os.path.isfile(webui_host.calibration)
+
+
+@pytest.mark.parametrize("builtin", list(WEBUI_LABELS))
+def test_webui_strength_zero_is_the_builtin(webui_host, builtin):
+    host_latent, _ = webui_host.txt2img(builtin)
+    ours, info = webui_host.txt2img(WEBUI_LABELS[builtin], settings=webui_host.settings)
+    assert info["sampler_name"] == WEBUI_LABELS[builtin] and "Q-Drift strength: 0.0" in info["infotexts"][0]
+    assert torch.equal(ours, host_latent), float((ours - host_latent).abs().max())
+    on, _ = webui_host.txt2img(WEBUI_LABELS[builtin], settings=dict(webui_host.settings, qdrift_strength=1.0))
+    assert not torch.equal(on, host_latent)
+
+
+@pytest.mark.parametrize("builtin,setting", [("Euler", {"s_churn": 0.5}), ("DPM++ 2M SDE", {"s_noise": 0.5})])
+def test_webui_sampler_settings_reach_the_qdrift_samplers(webui_host, builtin, setting):
+    host_latent, _ = webui_host.txt2img(builtin, settings=setting)
+    ours, _ = webui_host.txt2img(WEBUI_LABELS[builtin], settings=dict(webui_host.settings, **setting))
+    default, _ = webui_host.txt2img(builtin)
+    assert torch.equal(ours, host_latent) and not torch.equal(default, host_latent)
+
+
+def test_webui_aliases_select_the_samplers(webui_host):
+    for name, label in (("qdrift_euler", "Euler Q-Drift"), ("qdrift_dpmpp_2m_sde", "DPM++ 2M SDE Q-Drift")):
+        _, info = webui_host.txt2img(name, settings=webui_host.settings)
+        assert info["sampler_name"] == label
+
+
+def test_webui_channel_mismatch_names_file_and_channels(webui_host, tmp_path):
+    import qdrift
+
+    x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    D = lambda x, s, **k: x / (1 + s.view(-1, 1, 1, 1) ** 2)  # noqa: E731
+    bad = qdrift.calibrate(D, lambda x, s, **k: D(x, s) + 0.01 * torch.sin(x), x * 14.6,
+                           qdrift.get_sigmas_karras(6, 0.03, 14.6), disable=True)
+    path = str(tmp_path / "cal16.safetensors")
+    bad.save(path)
+    _, err = webui_host.txt2img("Euler Q-Drift", settings={"qdrift_calibration": path, "qdrift_strength": 1.0})
+    assert "http_error" in err and path in err["body"] and "16-channel" in err["body"], err
+    assert "4 latent channels" in err["body"], err
