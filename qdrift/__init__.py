@@ -16,7 +16,14 @@ from ._utils import (
 )
 from ._version import __version__
 from .adapters import get_sigmas_flow
-from .calib import Calibration, CalibrationFileError, PairedMoments, calibrate, load_calibration
+from .calib import (
+    Calibration,
+    CalibrationFileError,
+    CalibrationFileNotFoundError,
+    PairedMoments,
+    calibrate,
+    load_calibration,
+)
 from .samplers import (
     SAMPLERS,
     sample_dpmpp_2m_qdrift,
@@ -27,6 +34,7 @@ from .samplers import (
     sample_heun_qdrift,
     sample_lms_qdrift,
 )
+from .validation import DriftClippedWarning
 
 __all__ = [
     "__version__",
@@ -41,8 +49,10 @@ __all__ = [
     "calibrate",
     "Calibration",
     "CalibrationFileError",
+    "CalibrationFileNotFoundError",
     "PairedMoments",
     "load_calibration",
+    "DriftClippedWarning",
     "to_d",
     "append_dims",
     "get_sigmas_karras",

@@ -23,6 +23,8 @@ it is flow-matching Euler (as ComfyUI presents SD3/FLUX).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -42,13 +44,26 @@ __all__ = [
 ]
 
 
-def _sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
-    """Sigma as ``[B]`` in at least float32 (a bf16 sigma cannot even hold timestep 999)."""
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+def _sigma_batch(sigma, x: torch.Tensor, name: str = "denoiser", upper: float = math.inf) -> torch.Tensor:
+    """Sigma as ``[B]`` in at least float32 (a bf16 sigma cannot even hold timestep 999), checked at the boundary.
+
+    Refuses a non-floating ``x``, and a sigma that is NaN, negative, infinite or above ``upper`` (a network
+    would otherwise get NaN timesteps or an input scaled by NaN).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError(f"{name}: x must be a floating-point tensor [batch, ...], got {type(x).__name__}"
+                         + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    try:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: sigma must be a number or a tensor, got {type(sigma).__name__}") from None
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-        raise ValueError(f"denoiser: sigma must be a scalar or [batch={x.shape[0]}], got shape {tuple(sigma.shape)}")
+        raise ValueError(f"{name}: sigma must be a scalar or [batch={x.shape[0]}], got shape {tuple(sigma.shape)}")
+    if not bool(((sigma >= 0) & (sigma <= upper) & torch.isfinite(sigma)).all()):
+        bound = "finite and >= 0" if upper == math.inf else f"in [0, {round(upper):g}] (flow time)"
+        raise ValueError(f"{name}: sigma must be {bound}, got {sigma.tolist()}")
     return sigma
 
 
@@ -59,7 +74,7 @@ class _VEDenoiser(nn.Module):
         super().__init__()
         if not callable(inner_model):
             raise ValueError(f"{type(self).__name__}: the network must be callable, got {type(inner_model).__name__}")
-        if not (0 < sigma_min < sigma_max):
+        if not (0 < sigma_min < sigma_max < math.inf):
             raise ValueError(f"{type(self).__name__}: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.inner_model = inner_model
         self.sigma_min = float(sigma_min)
@@ -107,6 +122,8 @@ class DiscreteSchedule(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor, quantize: Optional[bool] = None) -> torch.Tensor:
         """Fractional timestep of ``sigma`` (linear in log-sigma between grid points; clamped to [0, T-1])."""
         quantize = self.quantize if quantize is None else quantize
+        if not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+            raise ValueError(f"DiscreteSchedule.sigma_to_t: sigma must be finite and >= 0, got {sigma.tolist()}")
         grid = self.log_sigmas.to(sigma.device)
         ls = sigma.to(torch.float64).log()
         hi = torch.searchsorted(grid, ls.contiguous()).clamp(1, len(grid) - 1)
@@ -119,6 +136,8 @@ class DiscreteSchedule(nn.Module):
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Sigma at a (fractional) timestep, interpolated in log-sigma."""
         grid = self.log_sigmas.to(t.device)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"DiscreteSchedule.t_to_sigma: t must be finite, got {t.tolist()}")
         tt = t.to(torch.float64).clamp(0, len(grid) - 1)
         lo = tt.floor().long().clamp(max=len(grid) - 2)
         w = tt - lo
@@ -151,7 +170,7 @@ class DiscreteEpsDenoiser(_VEDenoiser):
         return sigma, 1 / (sigma**2 + 1) ** 0.5
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        sigma = _sigma_batch(sigma, x)
+        sigma = _sigma_batch(sigma, x, type(self).__name__)
         s, c_in = self._scalings(sigma, x)
         eps = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
         return (x - eps * s).to(x.dtype)
@@ -161,10 +180,14 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
     """A v-prediction network on a discrete VP schedule (SD 2.x-v): ``v = sqrt(abar) eps - sqrt(1-abar) x0``."""
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        sigma = _sigma_batch(sigma, x)
+        sigma = _sigma_batch(sigma, x, type(self).__name__)
         s, c_in = self._scalings(sigma, x)
         v = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
         return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
+
+
+_T_SLACK = 1e-5
+"""Rounding slack above flow time 1 (a shifted schedule's first value may round to 1 + 1 ulp)."""
 
 
 def _identity(sigma: torch.Tensor) -> torch.Tensor:
@@ -192,7 +215,7 @@ class ContinuousEpsDenoiser(_VEDenoiser):
         return s, self.inner_model((x * c_in).to(x.dtype), self.time_fn(sigma), **extra_args)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        s, eps = self._net(x, _sigma_batch(sigma, x), extra_args)
+        s, eps = self._net(x, _sigma_batch(sigma, x, type(self).__name__), extra_args)
         return (x - eps * s).to(x.dtype)
 
 
@@ -200,7 +223,7 @@ class ContinuousVDenoiser(ContinuousEpsDenoiser):
     """A v network on continuous noise levels: ``D = c_skip x + c_out v(c_in x, time_fn(sigma))``."""
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        s, v = self._net(x, _sigma_batch(sigma, x), extra_args)
+        s, v = self._net(x, _sigma_batch(sigma, x, type(self).__name__), extra_args)
         return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
 
 
@@ -212,15 +235,15 @@ class X0Denoiser(_VEDenoiser):
         self.time_fn = _identity if time_fn is None else time_fn
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        return self.inner_model(x, self.time_fn(_sigma_batch(sigma, x)), **extra_args)
+        return self.inner_model(x, self.time_fn(_sigma_batch(sigma, x, "X0Denoiser")), **extra_args)
 
 
 def get_sigmas_flow(n: int, shift: float = 1.0, device="cpu") -> torch.Tensor:
     """Flow-matching times ``[n + 1]`` from 1 to 0, uniform then shifted: ``t' = s t / (1 + (s - 1) t)``."""
     if int(n) != n or n < 1:
         raise ValueError(f"get_sigmas_flow: n must be a positive integer, got {n!r}")
-    if not shift > 0:
-        raise ValueError(f"get_sigmas_flow: shift must be > 0, got {shift!r}")
+    if not 0 < shift < math.inf:
+        raise ValueError(f"get_sigmas_flow: shift must be a finite number > 0, got {shift!r}")
     t = torch.linspace(1, 0, n + 1, device=device)
     return shift * t / (1 + (shift - 1) * t)
 
@@ -246,12 +269,15 @@ class FlowDenoiser(nn.Module):
         super().__init__()
         if not callable(inner_model):
             raise ValueError(f"FlowDenoiser: the network must be callable, got {type(inner_model).__name__}")
+        for label, value in (("time_scale", time_scale), ("shift", shift)):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"FlowDenoiser: {label} must be a finite number > 0, got {value!r}")
         self.inner_model = inner_model
         self.time_scale = float(time_scale)
         self.shift = float(shift)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        t = _sigma_batch(sigma, x)
+        t = _sigma_batch(sigma, x, "FlowDenoiser", upper=1.0 + _T_SLACK)  # flow time lives in [0, 1]
         v = self.inner_model(x, t * self.time_scale, **extra_args)
         return (x - v * append_dims(t, x.ndim)).to(x.dtype)
 

@@ -70,28 +70,35 @@ class GaussianData:
 
 
 class PlantedErrorDenoiser:
-    """A stand-in for a quantized model: ``d_hat = (1 + gain) d + bias + sqrt(var) z`` with fresh ``z`` per call.
+    """A stand-in for a quantized model: ``d_hat = (1 + gain) d + bias + sqrt(var) z + sqrt(persistent) w``.
 
-    The error ``delta = d_hat - d`` has a known joint law with ``d_hat`` on the exact marginal, so the
-    calibration target is known in closed form (:meth:`conditional_variance`).
+    ``z`` is fresh at every call; ``w`` is a field drawn once per trajectory (per sample and position) and
+    kept along it, as a real quantized network's error on nearby inputs is: errors at different steps of
+    one trajectory are then correlated (``persistent / (var + persistent)``). A call at a higher noise level
+    than the previous one starts a new trajectory. With ``persistent = 0`` the error ``delta = d_hat - d``
+    has a known joint law with ``d_hat`` on the exact marginal, so the calibration target is known in closed
+    form (:meth:`conditional_variance`).
 
     Args:
         data: the :class:`GaussianData` whose exact denoiser is corrupted.
-        var: planted noise variance per channel ``[C]`` or scalar (eps units).
+        var: planted fresh-noise variance per channel ``[C]`` or scalar (eps units).
         gain: multiplicative error ``k`` (scalar or ``[C]``).
         bias: additive error ``b`` (scalar or ``[C]``).
-        seed: seed of the private generator for ``z``.
+        seed: seed of the private generator for ``z`` and ``w``.
+        persistent: variance of the per-trajectory field ``w`` (scalar or ``[C]``).
     """
 
-    def __init__(self, data: GaussianData, var=0.0, gain=0.0, bias=0.0, seed: int = 0):
+    def __init__(self, data: GaussianData, var=0.0, gain=0.0, bias=0.0, seed: int = 0, persistent=0.0):
         self.data = data
         c = data.channels
         self.var = torch.as_tensor(var, dtype=torch.float64).expand(c).clone()
         self.gain = torch.as_tensor(gain, dtype=torch.float64).expand(c).clone()
         self.bias = torch.as_tensor(bias, dtype=torch.float64).expand(c).clone()
-        if bool((self.var < 0).any()):
-            raise ValueError("PlantedErrorDenoiser: var must be >= 0")
+        self.persistent = torch.as_tensor(persistent, dtype=torch.float64).expand(c).clone()
+        if bool((self.var < 0).any()) or bool((self.persistent < 0).any()):
+            raise ValueError("PlantedErrorDenoiser: var and persistent must be >= 0")
         self.generator = torch.Generator().manual_seed(seed)
+        self._field, self._last_sigma = None, None
 
     def __call__(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
         den = self.data.denoiser(x, sigma)
@@ -99,6 +106,12 @@ class PlantedErrorDenoiser:
         d = (x - den) / sig
         z = torch.randn(x.shape, generator=self.generator, dtype=torch.float64).to(x)
         d_hat = d * (1 + _view(self.gain, x)) + _view(self.bias, x) + z * _view(self.var.sqrt(), x)
+        if bool((self.persistent > 0).any()):
+            level = float(torch.as_tensor(sigma).reshape(-1)[0])
+            if self._field is None or self._field.shape != x.shape or level > self._last_sigma:
+                self._field = torch.randn(x.shape, generator=self.generator, dtype=torch.float64)
+            self._last_sigma = level
+            d_hat = d_hat + self._field.to(x) * _view(self.persistent.sqrt(), x)
         return x - sig * d_hat
 
     def unconditional_variance(self, sigma: float) -> torch.Tensor:

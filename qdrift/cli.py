@@ -1,13 +1,18 @@
 """The ``qdrift`` command line: ``qdrift analytic`` (analytic-Gaussian table), ``qdrift bench`` (models).
 
-Subcommands are imported only when used, so ``import qdrift`` stays light.
+Subcommands are imported only when used, so ``import qdrift`` stays light. Every command answers bad
+arguments the same way: one line ``PROG: error: MESSAGE`` on stderr and exit status 2 (:class:`ArgumentParser`).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import math
 import sys
-from typing import List, Optional
+from typing import Callable, List, NoReturn, Optional
+
+__all__ = ["main", "ArgumentParser", "int_at_least", "number"]
 
 COMMANDS = {
     "analytic": ("qdrift.analytic_bench", "excess variance removed per sampler on the analytic Gaussian"),
@@ -15,17 +20,60 @@ COMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def number(lo: float = -math.inf, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= lo`` (``> lo`` with ``strict``)."""
+    bound = f"{'>' if strict else '>='} {lo:g}" if lo > -math.inf else ""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lo or (strict and value == lo):
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}".rstrip() + f", got {text!r}")
+        return value
+
+    parse.__name__ = f"number {bound}".rstrip()
+    return parse
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print("usage: qdrift COMMAND [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:10s} {text}")
         print("\n`qdrift COMMAND --help` shows a command's options.")
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        print(f"qdrift: error: missing command; choose one of: {', '.join(COMMANDS)} (see qdrift --help)", file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"qdrift: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"qdrift: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])

@@ -27,8 +27,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    "validate_sampler_inputs",
-    "resolve_v",
     "compute_dtype",
     "channel_view",
     "drift_coefficient",
@@ -37,106 +35,16 @@ __all__ = [
     "quadrature_variance",
     "apply_drift",
     "lower_noise",
-    "check_choice",
+    "METHODS",
+    "DEFAULT_METHOD",
+    "balance_coefficient",
+    "between_evaluations",
 ]
-
-
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raises ``ValueError`` naming the valid choices when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-
-
-def validate_sampler_inputs(x: torch.Tensor, sigmas: torch.Tensor, sampler: str) -> None:
-    """Checks a sampler's ``x`` and ``sigmas`` once, at entry.
-
-    Args:
-        x: initial sample ``[B, C, ...]``, floating point, finite.
-        sigmas: 1-D schedule ``[steps + 1]``, finite, >= 0 and strictly decreasing.
-        sampler: the sampler's name, for the message.
-
-    Raises:
-        ValueError: naming the bad value and what was expected.
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{sampler}: x must be a floating-point torch.Tensor, got {_describe(x)}")
-    if x.ndim < 2:
-        raise ValueError(f"{sampler}: x must have shape [batch, channels, ...], got shape {tuple(x.shape)}")
-    if not isinstance(sigmas, torch.Tensor):
-        raise ValueError(f"{sampler}: sigmas must be a 1-D torch.Tensor, got {_describe(sigmas)}")
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
-            f"{sampler}: sigmas must be 1-D with at least 2 values (steps + 1), got shape {tuple(sigmas.shape)}"
-        )
-    if not sigmas.is_floating_point():
-        raise ValueError(f"{sampler}: sigmas must be floating point, got dtype {sigmas.dtype}")
-    if not bool(torch.isfinite(sigmas).all()):
-        raise ValueError(f"{sampler}: sigmas must be finite, got {sigmas.tolist()}")
-    if bool((sigmas < 0).any()):
-        raise ValueError(f"{sampler}: sigmas must be >= 0, got {sigmas.tolist()}")
-    if bool((sigmas[1:] >= sigmas[:-1]).any()):
-        raise ValueError(
-            f"{sampler}: sigmas must be strictly decreasing (sampling goes from noise to data; a repeated level "
-            f"makes a zero-length step), got {sigmas.tolist()}"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{sampler}: x contains NaN or inf")
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return f"{type(value).__name__}"
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the correction is computed in: float32 for half types, else ``x.dtype``."""
     return torch.promote_types(x.dtype, torch.float32)
-
-
-def resolve_v(V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0) -> Optional[torch.Tensor]:
-    """Turns the user's ``V`` into a ``[steps, C]`` (or ``[steps, 1]``) table on x's device.
-
-    Args:
-        V: None; an object with ``.at(sigmas)`` (a :class:`qdrift.Calibration`), looked up at
-            ``sigmas[:-1]``; or a tensor ``[steps, C]`` or ``[steps]`` aligned with the steps.
-        sigmas: the schedule ``[steps + 1]``.
-        x: the sample ``[B, C, ...]`` (channel count, device, dtype).
-        sampler: the sampler's name, for messages.
-        strength: multiplier on V (``>= 0``; 1 is the paper's correction, 0 turns it off).
-
-    Returns:
-        None if ``V`` is None, else a finite, non-negative table in :func:`compute_dtype` of x.
-
-    Raises:
-        ValueError: if V's shape does not match the schedule or channels, or it is negative/non-finite.
-    """
-    if not isinstance(strength, (int, float)) or not (strength >= 0) or strength != strength or strength == float("inf"):
-        raise ValueError(f"{sampler}: strength must be a finite number >= 0, got {strength!r}")
-    if V is None:
-        return None
-    steps = sigmas.numel() - 1
-    channels = x.shape[1]
-    if hasattr(V, "at") and not isinstance(V, torch.Tensor):
-        V = V.at(sigmas[:-1])
-    if not isinstance(V, torch.Tensor):
-        try:
-            V = torch.as_tensor(V)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(
-                f"{sampler}: V must be None, a Calibration or a tensor [steps, C] / [steps]; got {type(V).__name__}"
-            ) from None
-    if V.ndim == 1:
-        V = V[:, None]
-    if V.ndim != 2 or V.shape[0] != steps or V.shape[1] not in (1, channels):
-        raise ValueError(
-            f"{sampler}: V must have shape [{steps}, {channels}] or [{steps}] for {steps} steps and {channels} "
-            f"channels, got {tuple(V.shape)}"
-        )
-    V = V.to(device=x.device, dtype=compute_dtype(x))
-    if not bool(torch.isfinite(V).all()) or bool((V < 0).any()):
-        raise ValueError(f"{sampler}: V must be finite and >= 0 (a variance), got min {float(V.min())}")
-    return V * strength if strength != 1 else V
 
 
 def channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -230,3 +138,57 @@ def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
         return torch.ones_like(q), q
     new_var = budget - q
     return (new_var / budget).clamp(min=0).sqrt(), (-new_var).clamp(min=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Q-Drift v2: moment matching on a linear-Gaussian surrogate of the run (beyond the paper).
+# --------------------------------------------------------------------------------------------------------
+
+METHODS = ("paper", "exact", "correlated", "v2")
+"""``paper``: the paper's first-order rule for fresh errors (arXiv 2603.18095, Eq. 12), bit for bit.
+``exact``: each step's c from the variance balance solved exactly for the sampler as it runs (multistep
+reuse, long steps, the final step, injected noise), errors fresh at every evaluation (:class:`DriftPlan`).
+``correlated``: ``exact`` with the calibrated correlation of the error between evaluations of a trajectory.
+``v2``: gain and bias removed from the model output first (PTQD-style), then ``correlated`` on the residual."""
+
+DEFAULT_METHOD = "v2"
+
+def balance_coefficient(const: torch.Tensor, lin: torch.Tensor, quad: torch.Tensor,
+                        max_c: float = float("inf")) -> torch.Tensor:
+    """The root nearest 0 of ``const + 2 lin c + quad c^2`` per channel (the variance balance of a step).
+
+    Without a real root the vertex ``-lin / quad`` (the ``c`` that comes closest); within ``+-max_c``.
+    """
+    safe = torch.where(quad > 0, quad, torch.ones_like(quad))
+    disc = lin * lin - quad * const
+    root = disc.clamp(min=0).sqrt()
+    c1, c2 = (-lin - root) / safe, (-lin + root) / safe
+    c = torch.where(c1.abs() <= c2.abs(), c1, c2)
+    c = torch.where(disc >= 0, c, -lin / safe)
+    linear = torch.where(lin != 0, -const / (2 * lin).where(lin != 0, torch.ones_like(lin)), torch.zeros_like(lin))
+    c = torch.where(quad > 0, c, linear)
+    return c.clamp(-max_c, max_c)
+
+
+def between_evaluations(rho: torch.Tensor) -> torch.Tensor:
+    """The correlation of errors of two *different* evaluations at calibrated levels ``[S, S, C]``.
+
+    Off the diagonal it is the calibrated correlation. On it (two evaluations at the same level on
+    different inputs, e.g. Heun's second call and the next step's first) it is the mean of the neighbouring
+    levels' correlation, not the trivial 1 of an evaluation with itself.
+    """
+    s = rho.shape[0]
+    out = rho.clone()
+    if s == 1:
+        out[0, 0] = 0.0
+        return out
+    idx = torch.arange(s)
+    up = rho[idx[:-1], idx[1:]]  # rho(i, i+1) [S-1, C]
+    diag = torch.zeros(s, rho.shape[-1], dtype=rho.dtype)
+    count = torch.zeros(s, 1, dtype=rho.dtype)
+    diag[:-1] += up
+    diag[1:] += up
+    count[:-1] += 1
+    count[1:] += 1
+    out[idx, idx] = diag / count
+    return out

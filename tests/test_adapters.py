@@ -142,3 +142,70 @@ def test_half_precision_latents_keep_exact_timesteps(dtype):
     quantized = adapters.DiscreteEpsDenoiser(net, ALPHAS_CUMPROD, quantize=True).half()  # .half() must not round the grid
     quantized(x, sigma)
     assert seen[-1].tolist() == [999, 301]
+
+
+def _recording_net(seen):
+    def net(x, t, **kw):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    return net
+
+
+@pytest.mark.parametrize("make", [
+    lambda net: adapters.DiscreteEpsDenoiser(net, ALPHAS_CUMPROD),
+    lambda net: adapters.DiscreteVDenoiser(net, ALPHAS_CUMPROD, quantize=True),
+    lambda net: adapters.ContinuousEpsDenoiser(net, 0.01, 80.0),
+    lambda net: adapters.ContinuousVDenoiser(net, 0.01, 80.0),
+    lambda net: adapters.X0Denoiser(net, 0.01, 80.0),
+], ids=["discrete_eps", "discrete_v", "continuous_eps", "continuous_v", "x0"])
+@pytest.mark.parametrize("bad", [-1.0, -1e-9, float("nan"), float("inf"), [1.0, float("nan"), 2.0]])
+def test_ve_adapters_refuse_bad_sigma_before_calling_the_network(make, bad):
+    """A negative or NaN sigma used to reach the network as a NaN timestep."""
+    seen = []
+    denoiser = make(_recording_net(seen))
+    x = torch.randn(3, 2, 4)
+    sigma = torch.tensor(bad) if isinstance(bad, list) else bad
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        denoiser(x, sigma)
+    assert not seen
+
+
+@pytest.mark.parametrize("t", [1.5, 1.001, -0.1, float("nan"), float("inf")])
+def test_flow_adapter_refuses_time_outside_unit_interval(t):
+    seen = []
+    with pytest.raises(ValueError, match=r"FlowDenoiser: sigma must be in \[0, 1"):
+        adapters.FlowDenoiser(_recording_net(seen))(torch.randn(2, 2, 3), t)
+    assert not seen
+
+
+def test_flow_adapter_accepts_the_unit_interval_with_rounding_slack():
+    seen = []
+    flow = adapters.FlowDenoiser(_recording_net(seen), time_scale=1000.0)
+    for t in (0.0, 0.5, 1.0, 1.0 + 1e-7):
+        assert torch.isfinite(flow(torch.randn(2, 2, 3), t)).all()
+    for t, shift in ((1.0, 0.1), (1.0, 3.0)):
+        assert float(adapters.get_sigmas_flow(10, shift)[0]) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [{"time_scale": float("nan")}, {"time_scale": 0.0}, {"shift": -1.0},
+                                    {"shift": float("inf")}, {"time_scale": "1"}])
+def test_flow_adapter_options_are_checked(kwargs):
+    with pytest.raises(ValueError, match="FlowDenoiser"):
+        adapters.FlowDenoiser(lambda x, t: x, **kwargs)
+
+
+def test_schedule_maps_and_other_bad_adapter_inputs():
+    schedule = adapters.DiscreteSchedule(ALPHAS_CUMPROD)
+    with pytest.raises(ValueError, match="sigma_to_t"):
+        schedule.sigma_to_t(torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="t_to_sigma"):
+        schedule.t_to_sigma(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match="shift"):
+        adapters.get_sigmas_flow(5, float("inf"))
+    with pytest.raises(ValueError, match="sigma_min"):
+        adapters.ContinuousEpsDenoiser(lambda x, t: x, 0.01, float("inf"))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        adapters.ContinuousEpsDenoiser(lambda x, t: x, 0.01, 80.0)(torch.ones(2, 3, dtype=torch.long), 1.0)
+    with pytest.raises(ValueError, match="sigma must be a number"):
+        adapters.ContinuousEpsDenoiser(lambda x, t: x, 0.01, 80.0)(torch.ones(2, 3), "1.0")

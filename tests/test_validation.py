@@ -165,3 +165,268 @@ def test_stochastic_samplers_on_flow_models(name):
     else:
         with pytest.raises(ValueError, match="below t = 1"):
             qdrift.SAMPLERS[name](FlowDenoiser(lambda x, t: x), x, torch.tensor([1.0, 0.5, 0.0]), disable=True)
+
+
+# -- issue 12: model outputs, calibrations, drift clipping, knobs, schedules ------------------------------------
+
+STOCHASTIC = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+FULL_NAME = {name: fn.__name__ for name, fn in qdrift.SAMPLERS.items()}
+
+
+def _run(name, model, x, sigmas, V=None, **kw):
+    if name in STOCHASTIC and "noise_sampler" not in kw:
+        kw["noise_sampler"] = qdrift.default_noise_sampler(x, seed=0)
+    return qdrift.SAMPLERS[name](model, x, sigmas, V, disable=True, **kw)
+
+
+def _bad_after(n_good, make_bad):
+    """A model whose first ``n_good`` calls are the exact denoiser and whose later calls return ``make_bad(out)``."""
+    calls = []
+
+    def model(x, sigma, **kw):
+        calls.append(1)
+        out = DATA.denoiser(x, sigma)
+        return out if len(calls) <= n_good else make_bad(out)
+
+    return model
+
+
+BAD_OUTPUTS = {
+    "nan": (lambda out: out * float("nan"), "NaN or inf"),
+    "inf": (lambda out: out + float("inf"), "NaN or inf"),
+    "one_inf_element": (lambda out: out.index_put((torch.tensor([0]),) * out.ndim, torch.tensor(float("-inf"))),
+                        "NaN or inf"),
+    "batch_broadcasts": (lambda out: out[:1], r"shape \(1, 2, 4, 4\)"),
+    "spatial_broadcasts": (lambda out: out[..., :1], r"shape \(3, 2, 4, 1\)"),
+    "numpy": (lambda out: out.numpy(), "ndarray"),
+    "none": (lambda out: None, "NoneType"),
+    "integer": (lambda out: out.long(), "torch.int64"),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", list(BAD_OUTPUTS))
+def test_bad_model_output_raises_naming_sampler_step_and_sigma(name, bad):
+    """A NaN/inf, broadcasting, non-tensor or integer output at a later step is refused at that step."""
+    x, sigmas = _inputs()
+    make_bad, what = BAD_OUTPUTS[bad]
+    with pytest.raises(ValueError, match=what) as info:
+        _run(name, _bad_after(2, make_bad), x, sigmas, torch.full((6,), 0.05))
+    message = str(info.value)
+    assert message.startswith(FULL_NAME[name] + ": at step ")
+    step = int(message.split("at step ")[1].split()[0])
+    sigma = float(message.split("sigma=")[1].split(")")[0])
+    assert 1 <= step <= 2 and sigma == pytest.approx(float(sigmas[step]), rel=1e-5)
+
+
+def test_bad_output_message_names_the_exact_step():
+    x, sigmas = _inputs()
+    with pytest.raises(ValueError, match=r"sample_euler_qdrift: at step 4 of 6 \(sigma="):
+        _run("euler", _bad_after(4, lambda out: out * float("nan")), x, sigmas)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checked_model_returns_the_output_object_unchanged(name):
+    """The check never copies or casts: the callback sees the very tensor the model returned."""
+    x, sigmas = _inputs()
+    returned, seen = [], []
+
+    def model(x, sigma):
+        out = DATA.denoiser(x, sigma)
+        returned.append(out)
+        return out
+
+    _run(name, model, x, sigmas, callback=lambda d: seen.append(d["denoised"]))
+    assert seen and all(any(s is r for r in returned) for s in seen)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_output_in_float32_for_half_x_is_accepted(name):
+    x, sigmas = _inputs(dtype=torch.float16)
+    out = _run(name, lambda x, s: DATA.denoiser(x.float(), s.float()), x, sigmas)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def one_channel_calibration():
+    one = GaussianData([0.0], [1.0])
+    x = torch.randn(2, 1, 4, generator=torch.Generator().manual_seed(0)) * 10
+    return qdrift.calibrate(one, one, x, qdrift.get_sigmas_karras(6, 0.05, 10.0), disable=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_calibration_of_another_channel_count_is_refused(name, one_channel_calibration):
+    x, sigmas = _inputs()  # 2 channels
+    with pytest.raises(ValueError, match="1 channel.*x has 2.*another model or latent format"):
+        _run(name, DATA, x, sigmas, one_channel_calibration)
+    three = GaussianData([0.0] * 3, [1.0] * 3)
+    cal3 = qdrift.calibrate(three, three, torch.randn(2, 3, 4) * 10, sigmas, disable=True)
+    with pytest.raises(ValueError, match="3 channel.*x has 2"):
+        _run(name, DATA, x, sigmas, cal3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_tensor_v_broadcasts_over_channels(name):
+    x, sigmas = _inputs(dtype=torch.float64)
+    flat = _run(name, DATA, x, sigmas, torch.full((6,), 0.1))
+    assert torch.equal(flat, _run(name, DATA, x, sigmas, torch.full((6, 1), 0.1)))
+    assert torch.equal(flat, _run(name, DATA, x, sigmas, torch.full((6, 2), 0.1)))
+
+
+def test_drift_coefficient_above_one_is_clipped_with_a_warning():
+    """Policy: c > 1 warns (DriftClippedWarning) and clips c to 1; the run equals one with V capped at c = 1."""
+    x, sigmas = _inputs(dtype=torch.float64)
+    sig = sigmas.double()
+    gap = (sig[:-1] - sig[1:]).abs()
+    v_cap = 2 * sig[:-1] / gap  # Euler: c = |dsigma| V / (2 sigma) = 1
+    huge = torch.full((6,), 1e4, dtype=torch.float64)
+    with pytest.warns(qdrift.DriftClippedWarning, match="clipped to 1"):
+        clipped = _run("euler", DATA, x, sigmas, huge)
+    assert torch.allclose(clipped, _run("euler", DATA, x, sigmas, v_cap), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(clipped).all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qdrift.DriftClippedWarning)
+        _run("euler", DATA, x, sigmas, v_cap * 0.999)  # c just below 1: no warning
+        with pytest.raises(qdrift.DriftClippedWarning):
+            _run("euler", DATA, x, sigmas, huge)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampler_clips_huge_v(name):
+    x, sigmas = _inputs()
+    with pytest.warns(qdrift.DriftClippedWarning):
+        out = _run(name, DATA, x, sigmas, torch.full((6, 2), 1e6))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+KNOBS = {
+    "euler": ["s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler", "callback"],
+    "heun": ["s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler", "callback"],
+    "euler_ancestral": ["eta", "s_noise", "noise_sampler", "callback"],
+    "lms": ["order", "callback"],
+    "dpmpp_2m": ["callback"],
+    "dpmpp_2m_sde": ["eta", "s_noise", "noise_sampler", "callback"],
+    "dpmpp_3m_sde": ["eta", "s_noise", "noise_sampler", "callback"],
+}
+BAD_KNOB_VALUES = {
+    "s_churn": [-1.0, float("nan"), float("inf"), "1", True, None],
+    "s_tmin": [-1.0, float("nan"), "0"],
+    "s_tmax": [-1.0, float("nan"), "inf"],
+    "s_noise": [-0.5, float("nan"), float("inf"), "1"],
+    "eta": [-1.0, float("nan"), float("inf"), "1", None],
+    "order": [0, -1, 2.0, float("nan"), True, "4"],
+    "noise_sampler": [1, "randn"],
+    "callback": [1, "print"],
+}
+KNOB_CASES = [(n, k, v) for n, ks in KNOBS.items() for k in ks for v in BAD_KNOB_VALUES[k]]
+
+
+@pytest.mark.parametrize("name,knob,value", KNOB_CASES, ids=[f"{n}-{k}-{v!r}" for n, k, v in KNOB_CASES])
+def test_bad_knobs_are_refused_by_every_sampler(name, knob, value):
+    x, sigmas = _inputs()
+    calls = []
+    with pytest.raises(ValueError, match=f"{FULL_NAME[name]}: {knob} must be"):
+        qdrift.SAMPLERS[name](lambda x, s: calls.append(1) or x, x, sigmas, disable=True, **{knob: value})
+    assert not calls  # refused at entry, before any model call
+
+
+def test_knobs_accept_numpy_and_tensor_scalars_and_infinite_s_tmax():
+    import numpy as np
+
+    x, sigmas = _inputs()
+    qdrift.sample_euler_qdrift(DATA, x, sigmas, s_churn=np.float32(0.5), s_tmax=float("inf"),
+                               s_noise=torch.tensor(1.0), disable=True)
+    qdrift.sample_lms_qdrift(DATA, x, sigmas, order=np.int64(3), disable=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_precision_schedules_are_widened(name, half):
+    """float16/bfloat16 sigmas (LMS crashed in scipy, torchsde warned) run as their exact float32 values."""
+    import warnings
+
+    x, _ = _inputs()
+    sigmas = qdrift.get_sigmas_karras(6, 0.05, 10.0).to(half)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _run(name, DATA, x, sigmas)
+    assert torch.equal(out, _run(name, DATA, x, sigmas.float()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schedule_without_values_is_refused(name):
+    x, sigmas = _inputs()
+    with pytest.raises(ValueError, match="meta device"):
+        _run(name, DATA, x, sigmas.to("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+@pytest.mark.parametrize("name", NAMES)
+def test_schedule_on_another_device_is_moved(name):
+    x, sigmas = _inputs()
+    for x_dev, s_dev in (("cuda", "cpu"), ("cpu", "cuda")):
+        xd = x.to(x_dev)
+        out = _run(name, lambda x, s: DATA.denoiser(x, s.to(x.device)), xd, sigmas.to(s_dev))
+        assert out.device == xd.device and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        ([torch.zeros(0, 2, 4)], "batch 0 of x holds no samples"),
+        ([torch.randn(2, 2, 4) * 10, torch.zeros(0, 2, 4)], "batch 1 of x holds no samples"),
+        ([(torch.zeros(0, 2, 4), None)], "batch 0 of x holds no samples"),
+        ([torch.zeros(3)], r"batch 0 of x holds no samples \(shape \(3,\)\)"),
+        ([(torch.randn(2, 2, 4), [1])], "extra_args of batch 0 must be a dict"),
+        (torch.zeros(0, 2, 4), "x holds no samples"),
+        (torch.zeros(5), "x holds no samples"),
+        ([], "x held no batches"),
+        (iter([]), "x held no batches"),
+        (3, "x must be a tensor"),
+        ("abc", "x must be a tensor"),
+    ],
+)
+def test_calibrate_refuses_empty_or_malformed_input(x, match):
+    """An empty batch used to fail inside a reshape; K = 0 in any form is the documented ValueError."""
+    sigmas = qdrift.get_sigmas_karras(3, 0.05, 10.0)
+    with pytest.raises(ValueError, match=match):
+        qdrift.calibrate(DATA, DATA, x, sigmas, disable=True)
+
+
+def test_calibrate_refuses_bool_batch_size_and_widens_half_sigmas():
+    x = torch.randn(2, 2, 4, generator=torch.Generator().manual_seed(0)) * 10
+    sigmas = qdrift.get_sigmas_karras(3, 0.05, 10.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        qdrift.calibrate(DATA, DATA, x, sigmas, batch_size=True, disable=True)
+    half = qdrift.calibrate(DATA, DATA, x, sigmas.half(), disable=True)
+    assert torch.equal(half.V, qdrift.calibrate(DATA, DATA, x, sigmas.half().float(), disable=True).V)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_result_across_runs_and_threads(name):
+    """The promise in the README: the same inputs and seeds give bit-identical results, also run concurrently."""
+    import threading
+
+    x, sigmas = _inputs()
+    V = torch.full((6, 2), 0.05)
+    kw = {"s_churn": 1.0} if name in ("euler", "heun") else {}
+
+    def once():
+        noise = qdrift.default_noise_sampler(x, seed=11)
+        return qdrift.SAMPLERS[name](DATA, x, sigmas, V, disable=True, noise_sampler=noise, **kw) if (
+            name in STOCHASTIC or name in ("euler", "heun")) else qdrift.SAMPLERS[name](DATA, x, sigmas, V, disable=True)
+
+    ref = once()
+    results = [None] * 4
+
+    def worker(k):
+        results[k] = once()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None and torch.equal(r, ref) for r in results)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..cli import ArgumentParser, int_at_least, number
+
 __all__ = ["main", "build_parser", "config_from_args"]
 
 QUICK = dict(n_images=100, fid="none", fig_pool=50, batch_size=50)
@@ -68,16 +70,20 @@ def _ints(text: str) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..baselines import BASELINES
-    from ..quant import SCHEMES
+    from ..correction import METHODS
+    from ..quant import SCHEMES, SIMULATED_SCHEMES
     from .runner import MODEL_SAMPLERS, SAMPLER_SPECS
 
-    p = argparse.ArgumentParser(prog="qdrift bench", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="qdrift bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--full", action="store_true", help="the published table: 2,000 images per row, Inception FID")
     p.add_argument("--models", type=_csv(list(MODEL_SAMPLERS)), default=list(MODEL_SAMPLERS),
                    help="comma-separated: unet,dit (default both)")
-    p.add_argument("--schemes", type=_csv(list(SCHEMES)), default=list(SCHEMES), help="default w4a8,w4a4,w3a4")
+    p.add_argument("--schemes", type=_csv(list(SCHEMES)), default=list(SIMULATED_SCHEMES),
+                   help="default w4a8,w4a4,w3a4 (simulated SVDQuant/MixDQ); also the weight-only formats computed by "
+                        "their own libraries: gguf-q8_0,gguf-q5_1,gguf-q5_0,gguf-q4_1,gguf-q4_0 (pip install "
+                        "'qdrift[gguf]'), nf4,fp4 ('qdrift[bnb]'), quanto-int8,quanto-int4 ('qdrift[quanto]')")
     p.add_argument("--quant-profile", choices=["stress", "reference"], default="stress",
                    help="quantization options per scheme: stress (default: the bit widths without the float safety "
                         "nets, a clear quantization gap) or reference (the library's recipes, barely felt by these "
@@ -89,12 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-images", type=int, default=None, help="images per row (quick 100, full 2000)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampler call (quick 50, full 250)")
     p.add_argument("-K", "--K", dest="K", type=int, default=5, help="Q-Drift calibration runs (default 5)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--cfg", type=number(0.0), default=3.0, help="classifier-free guidance scale (>= 0, default 3)")
     p.add_argument("--v", choices=["scalar", "channel", "both"], default="scalar",
                    help="V per step pooled over channels (the paper's main runs; default), per channel, or both rows "
                         "(the built-in models have 1 channel, so the two coincide here)")
     p.add_argument("--dpm-form", choices=["first_order", "quadrature", "both"], default="both",
                    help="DPM-Solver++(2M) correction form(s); default both rows")
+    p.add_argument("--methods", type=_csv(list(METHODS)), default=["paper", "v2"],
+                   help="Q-Drift rows, comma-separated from paper,exact,correlated,v2 (default paper,v2; v2 is the "
+                        "library default)")
     p.add_argument("--baselines", type=_csv([b for b in BASELINES if b not in ("none", "qdrift")], allow_all=True),
                    default=[], help="extra rows: comma-separated peer baselines (ptqd,d2dpm,d2dpm_stochastic,tac,qncd,"
                                     "qdrift_gain) or 'all'")
@@ -110,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fig-scheme", choices=list(SCHEMES), default="w3a4", help="scheme of the c_i figure")
     p.add_argument("--grid-n", type=int, default=10, help="images per grid row (default 10: one per class)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder (default out/bench)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, all cores)")
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="torch threads (default: torch's choice, all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -127,12 +137,15 @@ def config_from_args(args: argparse.Namespace):
                      ("fid_boot", 0), ("fig_pool", 0), ("grid_n", 1)):
         if getattr(args, name) < lo:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a folder")
     return BenchConfig(
         models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers,
         steps=args.steps, n_images=args.n_images,
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
+        methods=tuple(args.methods),
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,
@@ -164,6 +177,13 @@ def _preflight(cfg) -> Optional[str]:
     except (FileNotFoundError, ValueError) as e:
         problems.append(f"Fashion-MNIST test set unavailable ({e}); install the Debian package dataset-fashion-mnist "
                         "or point QDRIFT_FASHION_MNIST at the idx files")
+    from ..quant import formats
+
+    for scheme in cfg.schemes:
+        if scheme in formats.FORMAT_SCHEMES and not formats.format_available(scheme):
+            module, extra = formats.FORMAT_LIBRARIES[scheme]
+            problems.append(f"scheme {scheme} needs {module} (pip install 'qdrift[{extra}]'), or leave it out of "
+                            "--schemes")
     if cfg.fid:
         from .metrics import inception_path
 

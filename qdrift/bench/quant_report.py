@@ -7,6 +7,8 @@ Usage::
 For each model and scheme it prints the mean per-layer relative output error (SVDQuant schemes: with the
 low-rank branch, without it, and plain round-to-nearest), the relative error of the network output on held-out
 sampler inputs, and optionally writes sample grids (FP | w4a8 | w4a4 | w3a4, same seeds) with the preview sampler.
+For the weight-only formats (``--schemes gguf-q4_0 nf4 ...``) it prints the share of parameters stored quantized,
+the relative weight error over them and the parameters per stored type.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant import MIXDQ_SKIP, SCHEMES, layer_error_report, quantize
+from ..quant import FORMAT_SCHEMES, MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, format_summary, layer_error_report, quantize
 from .data import NUM_CLASSES
 from .images import make_grid, save_png
 from .models import load_model
@@ -37,12 +39,18 @@ __all__ = ["QUANT_PROFILES", "quant_options", "sampler_calibration", "output_err
 #    adaLN, norms) kept in float, i.e. shortcuts, in/out projections, patch embedding, up/down samplers and the
 #    final layer quantized too. Relative output error (python -m qdrift.bench.quant_report): U-Net w4a8 1.2 %,
 #    w4a4 1.2 %, w3a4 2.5 %; DiT 0.5, 1.2, 2.7 %.
+# The weight-only formats (qdrift.quant.formats) are the libraries' own behaviour in both profiles, except that
+# bitsandbytes and quanto, which diffusers applies to nn.Linear only, also quantize Conv2d weights under "stress":
+# the shipped U-Net does with 3x3 and 1x1 convs what SD's U-Net does with Linear attention/feed-forward layers,
+# and Linear-only would leave 93 % of its weights in float (docs/bench.md).
+_CONV_FORMATS = ("nf4", "fp4", "quanto-int8", "quanto-int4")
 QUANT_PROFILES: dict[str, dict[str, dict]] = {
-    "reference": {"w4a8": {}, "w4a4": {}, "w3a4": {}},
+    "reference": {"w4a8": {}, "w4a4": {}, "w3a4": {}, **{s: {} for s in FORMAT_SCHEMES}},
     "stress": {
         "w4a8": {"weight_bits_choices": (4,), "float_act_fraction": 0.0},
         "w4a4": {"rank": 0, "skip": MIXDQ_SKIP},
         "w3a4": {"rank": 0, "skip": MIXDQ_SKIP},
+        **{s: ({"conv": True} if s in _CONV_FORMATS else {}) for s in FORMAT_SCHEMES},
     },
 }
 
@@ -100,7 +108,9 @@ def report(kinds: list[str], schemes: list[str], png_dir: Path | None = None, pr
         for scheme in schemes:
             qnet = quantize(net, scheme, sampler_calibration(kind), **quant_options(profile, scheme))
             row = {"output_rel_err": output_error(kind, net, qnet)}
-            if scheme != "w4a8":
+            if scheme in FORMAT_SCHEMES:
+                row.update(format_summary(qnet))
+            elif scheme != "w4a8":
                 row.update(layer_error_report(qnet))
             else:
                 row["mean_weight_bits"] = qnet.qdrift_quant["mean_weight_bits"]
@@ -118,7 +128,9 @@ def report(kinds: list[str], schemes: list[str], png_dir: Path | None = None, pr
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m qdrift.bench.quant_report", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", choices=["unet", "dit"])
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    p.add_argument("--schemes", nargs="+", default=list(SIMULATED_SCHEMES), choices=list(SCHEMES),
+                   help="default the simulated w4a8 w4a4 w3a4; also the weight-only formats, e.g. gguf-q4_0 nf4 "
+                        "quanto-int4")
     p.add_argument("--profile", choices=sorted(QUANT_PROFILES), default="stress",
                    help="quantization options: stress (the bench default) or reference (the library defaults)")
     p.add_argument("--png-dir", type=Path, default=None)

@@ -62,16 +62,20 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         f"- {fid}.",
         f"- Quantization: profile `{meta.get('quant_profile', 'reference')}` "
         "(qdrift.bench.quant_report.QUANT_PROFILES; `stress` = the schemes' bit widths without the float "
-        "low-rank branch, mixed precision and float layers, `reference` = the library's recipes).",
+        "low-rank branch, mixed precision and float layers, `reference` = the library's recipes; the weight-only "
+        "formats gguf-*, nf4, fp4, quanto-* are computed by their own libraries, qdrift.quant.formats).",
         f"- FD (cls): Frechet distance in the shipped classifier's 128-d features vs {meta['ref_images']} test images "
         "(strongly biased upward at small n: the `real` row, training images, is the floor at this n; compare rows, "
         "not absolute values). KID (cls) x 10^3 in the same features divided by the reference RMS. "
         "acc: the classifier agrees with the requested class (the CLIP-score analog).",
         "- dFD: paired bootstrap (same seeds) of FD(quantized) - FD(FP) on quantized rows and of FD(row) - "
         f"FD(quantized) on corrected rows, with its 95% interval ({meta['n_boot']} draws); * = interval excludes 0.",
+        "- FD to FP: Frechet distance in the classifier's features to the FP sampler's own images of the same seeds "
+        "(what Q-Drift promises to return to; 0 for the FP row).",
         "- PSNR / SSIM against the FP image of the same seed and label (higher = closer to FP). s: sampling wall "
         f"time of the row's {n} images ({meta['threads']} threads; calibration excluded, see bench.json).",
-    ]
+    ] + ([f"- qdrift {meta.get('qdrift_version', '?')} at commit {meta['git_commit']}."] if meta.get("git_commit")
+         else [])
 
 
 def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
@@ -80,7 +84,7 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = header_lines(meta) + [""]
     cols = ["model", "sampler", "steps", "scheme", "variant"]
     cols += ["FID", "dFID [95% CI]"] if has_fid else []
-    cols += ["FD (cls)", "dFD [95% CI]", "KID (cls) x1e3", "acc", "PSNR", "SSIM", "s"]
+    cols += ["FD (cls)", "dFD [95% CI]", "FD to FP", "KID (cls) x1e3", "acc", "PSNR", "SSIM", "s"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" if i < 5 else "---:" for i in range(len(cols))) + "|")
     for r in rows:
@@ -89,11 +93,11 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         if has_fid:
             cells += [_f(r.get("fid"), ".2f"), _ci(r.get("fid_ci"))]
         kid = r.get("kid")
-        cells += [_f(r.get("fd_classifier"), ".2f"), _ci(r.get("fd_classifier_ci")),
+        cells += [_f(r.get("fd_classifier"), ".2f"), _ci(r.get("fd_classifier_ci")), _f(r.get("fd_to_fp"), ".2f"),
                   _f(None if kid is None else kid * 1e3, ".2f"), _f(r.get("class_acc"), ".3f"),
                   _f(r.get("psnr"), ".2f"), _f(r.get("ssim"), ".3f"), _f(r.get("seconds"), ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
-    for metric, name in (("fid", "FID"), ("fd_classifier", "FD (cls)")):
+    for metric, name in (("fid", "FID"), ("fd_classifier", "FD (cls)"), ("fd_to_fp", "FD to the FP sampler's images")):
         gaps = gap_recovered(rows, metric)
         if not gaps:
             continue

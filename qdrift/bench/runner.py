@@ -80,6 +80,7 @@ class BenchConfig:
     cfg: float = 3.0
     v_reduce: Sequence[str] = ("scalar",)
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
+    methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -308,8 +309,13 @@ def _mean(t: torch.Tensor) -> Optional[float]:
 
 def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, images: torch.Tensor,
                 fp_images: Optional[torch.Tensor], ref_feats: Optional[Dict[str, Any]],
-                cfg: BenchConfig) -> Dict[str, Any]:
-    """Metrics of one row; ``ref_feats`` (row-paired) gives the bootstrap CI of the FD/FID difference."""
+                cfg: BenchConfig, fp_stats: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+                fp_feats: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Metrics of one row; ``ref_feats`` (row-paired) gives the bootstrap CI of the FD/FID difference.
+
+    ``fd_to_fp``: Frechet distance in the classifier's features between the row's images and the FP sampler's
+    own images of the same seeds (``fp_stats``): the distribution Q-Drift promises to return to (0 for FP).
+    """
     n = images.shape[0]
     out: Dict[str, Any] = {
         "fd_classifier": M.fid_from_features(feats["clf"], ev.ref_mu, ev.ref_sigma),
@@ -318,6 +324,11 @@ def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, imag
         "class_acc": M.class_accuracy(feats["logits"], labels),
         "psnr": None, "ssim": None, "fid": None, "fid_ci": None, "fd_classifier_ci": None,
     }
+    if fp_stats is not None:
+        out["fd_to_fp"] = 0.0 if fp_images is None else M.fid_from_features(feats["clf"], *fp_stats)
+        if ref_feats is not None and fp_images is not None:
+            b = M.paired_bootstrap_fid_diff(feats["clf"], ref_feats["clf"], *fp_stats, n_boot=cfg.n_boot)
+            out["fd_to_fp_ci"] = [b["diff"], b["lo"], b["hi"]]
     if fp_images is not None:
         out["psnr"] = _mean(M.psnr(images, fp_images))
         out["ssim"] = _mean(M.ssim(images, fp_images))
@@ -347,16 +358,21 @@ class Variant:
     v_reduce: Optional[str] = None
     form: Optional[str] = None
     baseline: Optional[str] = None
+    method: Optional[str] = None
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
+    """The rows of a block: quantized, then ``qdrift-<method>`` per method (the paper's method also per DPM
+    form, ``-quadrature``), per V reduction (``-channel`` after the first), then the baselines."""
     out = [Variant("quantized", scheme)]
-    forms = tuple(cfg.dpm_forms) if SAMPLER_SPECS[sampler].fn == "dpmpp_2m" else (None,)
-    for reduce in cfg.v_reduce:
-        suffix = "" if reduce == cfg.v_reduce[0] else f"-{reduce}"
-        for form in forms:
-            fsuffix = "" if form == forms[0] else f"-{form}"
-            out.append(Variant(f"qdrift{suffix}{fsuffix}", scheme, cfg.K, reduce, form))
+    for method in cfg.methods:
+        dpm = SAMPLER_SPECS[sampler].fn == "dpmpp_2m" and method == "paper"
+        forms = tuple(cfg.dpm_forms) if dpm else (None,)
+        for reduce in cfg.v_reduce:
+            suffix = "" if reduce == cfg.v_reduce[0] else f"-{reduce}"
+            for form in forms:
+                fsuffix = "" if form in (None, forms[0]) else f"-{form}"
+                out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}", scheme, cfg.K, reduce, form, method=method))
     for b in cfg.baselines:
         out.append(Variant(b, scheme, 0 if b == "qncd" else cfg.K, baseline=b))
     return out
@@ -377,6 +393,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
     from ..baselines import make_baseline
 
     started = time.perf_counter()
+    commit = git_commit()  # the code that runs, read before any file can change under a long run
     ev = Evaluator(cfg, log)
     n = cfg.n_images
     seeds = [EVAL_SEED + i for i in range(n)]
@@ -422,8 +439,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
 
             fp_images, fp_secs = draw(bm.fp, dict, "fp")
             fp_feats = ev.features(fp_images)
+            fp_stats = M.feature_stats(fp_feats["clf"])
             rows.append(dict(common, scheme="fp", variant="fp", K=0, seconds=fp_secs,
-                             **row_metrics(ev, fp_feats, labels, fp_images, None, None, cfg)))
+                             **row_metrics(ev, fp_feats, labels, fp_images, None, None, cfg, fp_stats)))
             grid = grids.setdefault((kind, sampler), [])
             grid.append(("FP", fp_images[: cfg.grid_n]))
 
@@ -445,6 +463,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
                     elif var.v_reduce is not None:
                         c = cal.with_options(reduce=var.v_reduce)
                         extra = {"form": var.form} if var.form is not None else {}
+                        extra["method"] = var.method
                         den = den_q
                         kw_fn = lambda c=c, extra=extra: dict(V=c, **extra)  # noqa: E731
                     else:
@@ -453,18 +472,22 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
                     feats = ev.features(images)
                     ref = fp_feats if var.name == "quantized" else q_feats
                     row = dict(common, scheme=scheme, variant=var.name, K=var.K, seconds=secs,
-                               **row_metrics(ev, feats, labels, images, fp_images, ref, cfg))
+                               **row_metrics(ev, feats, labels, images, fp_images, ref, cfg, fp_stats, fp_feats))
                     if var.K:
                         row["calib_seconds"] = cal_secs
                     if var.v_reduce is not None:
                         row["v_reduce"] = var.v_reduce
                     if var.form is not None:
                         row["form"] = var.form
+                    if var.method is not None:
+                        row["method"] = var.method
                     rows.append(row)
                     if var.name == "quantized":
                         q_images, q_feats = images, feats
-                    if var.name in ("quantized", "qdrift"):
-                        grid.append((f"{scheme} {'Q' if var.name == 'quantized' else 'Q-Drift'}", images[: cfg.grid_n]))
+                    if var.name == "quantized" or (var.method is not None and var.form in (None, cfg.dpm_forms[0])
+                                                   and var.v_reduce == cfg.v_reduce[0]):
+                        label = "Q" if var.name == "quantized" else f"Q-Drift {var.method}"
+                        grid.append((f"{scheme} {label}", images[: cfg.grid_n]))
         if cfg.fig_pool > 0:
             sampler = cfg.sampler_names(kind)[0] if cfg.sampler_names(kind) else MODEL_SAMPLERS[kind][0]
             bar.set_description(f"{kind} Fig. 2 pool")
@@ -477,8 +500,23 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
                 fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,
                 fid_boot=cfg.fid_boot if cfg.fid else None, threads=torch.get_num_threads(),
-                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__)
+                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__, git_commit=commit)
     return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations, meta=meta)
+
+
+def git_commit() -> Optional[str]:
+    """The qdrift checkout's commit (``git rev-parse HEAD``, ``+dirty`` with uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(qdrift.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
 
 
 def calibration_envelopes(bm: BenchModel, cfg: BenchConfig, sampler: str) -> Dict[str, Any]:

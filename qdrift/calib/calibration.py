@@ -3,25 +3,86 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import stat
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from .._version import __version__
-from .stats import PairedMoments
+from .stats import PairedMoments, TrajectorySums
 
-__all__ = ["Calibration", "CalibrationFileError", "load_calibration", "interpolate_log_sigma", "REDUCES"]
+__all__ = [
+    "Calibration",
+    "CalibrationFileError",
+    "CalibrationFileNotFoundError",
+    "load_calibration",
+    "interpolate_log_sigma",
+    "REDUCES",
+]
 
 REDUCES = ("channel", "scalar")
 FORMAT = "qdrift.calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the cross-step trajectory sums (tensors "traj_*"); version 1 files still load
 _TENSORS = ("sigmas", "n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+_TRAJ_PREFIX = "traj_"
+MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 
 
 class CalibrationFileError(ValueError):
     """A calibration file is unreadable, corrupt, or not a qdrift calibration."""
+
+
+class CalibrationFileNotFoundError(CalibrationFileError, FileNotFoundError):
+    """There is no calibration file at the path (both a :class:`CalibrationFileError` and a ``FileNotFoundError``)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+
+# The metadata fields qdrift itself writes and reads, each with its type (hosts may add other JSON fields).
+_META_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "K": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "trim": (lambda v: v is None or (_is_real(v) and v >= 0), "null or a number >= 0"),
+    "trajectory": (lambda v: isinstance(v, str), "a string"),
+    "model_fp": (lambda v: isinstance(v, str), "a string"),
+    "model_q": (lambda v: isinstance(v, str), "a string"),
+    "source": (lambda v: isinstance(v, str), "a string"),
+    "qdrift_version": (lambda v: isinstance(v, str), "a string"),
+    "schedule": (
+        lambda v: isinstance(v, list) and all(_is_real(s) and math.isfinite(s) for s in v),
+        "a list of finite numbers",
+    ),
+    "seconds": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
+}
+
+
+def _check_meta(meta: Dict[str, Any]) -> None:
+    """Checks the type of every metadata field qdrift uses (see ``_META_FIELDS``)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"Calibration: meta must be a dict, got {type(meta).__name__}")
+    for key, (test, expected) in _META_FIELDS.items():
+        if key in meta and not test(meta[key]):
+            raise ValueError(f"Calibration: meta[{key!r}] must be {expected}, got {meta[key]!r:.80}")
+
+
+def _json_default(value):
+    """JSON for metadata values json does not know: numpy/torch numbers as numbers, anything else as str."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return str(value)
 
 
 def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -61,6 +122,9 @@ class Calibration:
             channels: the setting of the paper's main runs).
         conditional: ``V = Var(delta | d_hat)`` if True, the "unconditional" ablation ``Var(delta)`` if False.
         meta: what was compared, the schedule, K, trim, library version (JSON-serializable).
+        trajectory: cross-step sums along the calibration trajectories (:class:`TrajectorySums`), which
+            Q-Drift v2 uses for correlated errors, the state variance and ``Cov(x, d)``; None for files
+            written before format version 2 and for statistics collected without them.
     """
 
     sigmas: torch.Tensor
@@ -68,6 +132,7 @@ class Calibration:
     reduce: str = "channel"
     conditional: bool = True
     meta: Dict[str, Any] = field(default_factory=dict)
+    trajectory: Optional[TrajectorySums] = None
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCES:
@@ -81,6 +146,14 @@ class Calibration:
             )
         if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()) or bool((s[1:] >= s[:-1]).any()):
             raise ValueError(f"Calibration: sigmas must be finite, > 0 and strictly decreasing, got {s.tolist()}")
+        if self.trajectory is not None and (
+            not isinstance(self.trajectory, TrajectorySums) or self.trajectory.shape != self.moments.shape
+        ):
+            raise ValueError(
+                f"Calibration: trajectory must be TrajectorySums of shape {self.moments.shape}, got "
+                f"{getattr(self.trajectory, 'shape', type(self.trajectory).__name__)}"
+            )
+        _check_meta(self.meta)
 
     @property
     def steps(self) -> int:
@@ -134,6 +207,71 @@ class Calibration:
             k: interpolate_log_sigma(v.expand(self.steps, self.channels), self.sigmas, query) for k, v in table.items()
         }
 
+    def error_model(self, sigmas: torch.Tensor, *, gain: bool) -> Dict[str, torch.Tensor]:
+        """The error model Q-Drift v2 corrects with, at other noise levels; each value ``[N, C]`` float64.
+
+        With ``gain=True`` the error is split as PTQD does, ``delta = k d_fp + b + r`` per (step, channel)
+        (per step only with ``reduce="scalar"``), by least squares and without shrinkage:
+        ``k = Cov(delta, d_fp) / Var(d_fp)``, ``b = E[delta] - k E[d_fp]``; ``k`` is kept only where it
+        exceeds three standard errors of the slope (pairs counted as independent), else 0, and ``1 + k``
+        within ``[1/2, 2]``. The corrected output ``(d_hat - b) / (1 + k)`` differs from ``d_fp`` by
+        ``r / (1 + k)``, whose variance ``V = Var(r) / (1 + k)^2`` is left for the drift. With
+        ``gain=False`` ``k = b = 0`` and ``V`` is this calibration's own :attr:`V`.
+
+        Keys: ``k``, ``b``, ``V``; ``var_d`` (``Var(d_fp)``), ``cov_xd`` (``Cov(x, d_fp)``) and ``var_x``
+        (variance of the FP trajectory's state) from the trajectory sums, or, without them, ``var_d`` from
+        the moments, ``cov_xd = sigma`` (exact for a VE denoiser) and ``var_x = None``. Interpolated like
+        :meth:`at`.
+        """
+        query = torch.as_tensor(sigmas).detach().double().cpu()
+        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        full = (self.steps, self.channels)
+        if gain:
+            var_fp = m.var_fp
+            cov_e_d = m.cov - var_fp  # Cov(delta, d_fp)
+            k = torch.where(var_fp > 1e-12, cov_e_d / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+            # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
+            # (where d_fp hardly varies, at the lowest noise levels, k is not identifiable).
+            var_r0 = (m.var_delta - k * cov_e_d).clamp(min=0)
+            se = (var_r0 / (m.n.clamp(min=2) * var_fp.clamp(min=1e-300))).sqrt()
+            k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
+            k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
+            b = m.mean_delta - k * m.mean_fp
+            var_r = (m.var_delta - 2 * k * cov_e_d + k * k * var_fp).clamp(min=0)
+            v = var_r / (1 + k) ** 2
+        else:
+            k = b = torch.zeros(full, dtype=torch.float64)
+            v = m.conditional_variance() if self.conditional else m.var_delta
+        table = {"k": k, "b": b, "V": v}
+        if self.trajectory is not None:
+            t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+            table.update(var_d=t.d_variance(), cov_xd=t.state_d_covariance())
+            log_var_x = t.state_variance().clamp(min=1e-300).log()
+        else:
+            table["var_d"] = m.var_fp
+        out = {key: interpolate_log_sigma(val.expand(full), self.sigmas, query) for key, val in table.items()}
+        if self.trajectory is None:
+            out["cov_xd"] = query[:, None].expand(len(query), self.channels).clone()
+            out["var_x"] = None
+        else:
+            out["var_x"] = interpolate_log_sigma(log_var_x.expand(full), self.sigmas, query).exp()
+        return out
+
+    def error_correlation(self, *, gain: bool) -> Optional[torch.Tensor]:
+        """Correlation of the (residual) error between calibrated steps ``[S, S, C]``, or None.
+
+        The residual is ``delta - k d_fp`` with :meth:`error_model`'s gain when ``gain`` is True, else
+        ``delta``. None when the calibration has no trajectory sums (format version 1).
+        """
+        if self.trajectory is None:
+            return None
+        t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+        k = torch.zeros(t.shape, dtype=torch.float64)
+        if gain:
+            k = self.error_model(self.sigmas, gain=True)["k"]
+            k = k[:, :1] if self.reduce == "scalar" else k
+        return t.residual_correlation(k).expand(self.steps, self.steps, self.channels)
+
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
         """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
         return replace(
@@ -157,7 +295,9 @@ class Calibration:
                 )
         meta = dict(self.meta)
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
-        return replace(self, moments=self.moments.merge(other.moments), meta=meta)
+        both = self.trajectory is not None and other.trajectory is not None
+        trajectory = self.trajectory.merge(other.trajectory) if both else None
+        return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory)
 
     def __repr__(self) -> str:
         return (
@@ -167,11 +307,23 @@ class Calibration:
         )
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the calibration as safetensors with JSON metadata (loads without executing code)."""
-        from safetensors.torch import save_file
+        """Writes the calibration as safetensors with JSON metadata (loads without executing code).
 
+        The file is written next to ``path`` and renamed into place, so a failed save leaves any previous
+        file intact.
+
+        Raises:
+            OSError: (its errno subclass, e.g. ``FileNotFoundError`` for a missing directory) naming the path,
+                if the file cannot be written.
+            ValueError: if ``meta`` cannot be written as JSON (e.g. it refers to itself).
+        """
+        from safetensors.torch import save
+
+        path = os.fspath(path)
         tensors = {"sigmas": self.sigmas.contiguous()}
         tensors.update({k: v.contiguous() for k, v in self.moments.tensors().items()})
+        if self.trajectory is not None:
+            tensors.update({_TRAJ_PREFIX + k: v.contiguous() for k, v in self.trajectory.tensors().items()})
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -180,35 +332,64 @@ class Calibration:
             "conditional": self.conditional,
             "meta": self.meta,
         }
-        save_file(tensors, os.fspath(path), metadata={"qdrift": json.dumps(header, default=str)})
+        try:
+            text = json.dumps(header, default=_json_default)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ValueError(f"Calibration.save: meta cannot be written as JSON ({e})") from None
+        data = save(tensors, metadata={"qdrift": text})
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+            parent = os.path.dirname(os.path.abspath(path))
+            reason = f"no such directory {parent}" if not os.path.isdir(parent) else (e.strerror or str(e))
+            raise OSError(e.errno, f"Calibration.save: cannot write {path}: {reason}") from None
 
 
 def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     """Reads a calibration written by :meth:`Calibration.save`.
 
+    Every failure to read is a :class:`CalibrationFileError` naming the file and the problem; the file is
+    only parsed (safetensors tensors and JSON metadata), never executed.
+
     Raises:
-        FileNotFoundError: if there is no such file.
-        CalibrationFileError: (a ``ValueError``) if the file is corrupt, not a qdrift calibration, from a
-            newer format, or its tensors are inconsistent.
+        CalibrationFileNotFoundError: (a ``CalibrationFileError`` and a ``FileNotFoundError``) if there is no
+            such file.
+        CalibrationFileError: (a ``ValueError``) if the path is not a regular file (a directory, a FIFO, a
+            device), the file is unreadable, corrupt, not a qdrift calibration, from a newer format, its
+            metadata has fields of the wrong type, or its tensors are inconsistent.
     """
     from safetensors import safe_open
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise CalibrationFileError(f"load_calibration: path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"load_calibration: no such file: {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CalibrationFileNotFoundError(f"load_calibration: no such file: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise CalibrationFileError(f"load_calibration: cannot access {path!r} ({e})") from None
+    if not stat.S_ISREG(mode):
+        raise CalibrationFileError(f"load_calibration: {path} is {_file_kind(mode)}, not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("qdrift")
             names = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in names & set(_TENSORS)}
+            wanted = set(_TENSORS) | {k for k in names if k.startswith(_TRAJ_PREFIX)}
+            tensors = {k: f.get_tensor(k) for k in names & wanted}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CalibrationFileError(f"load_calibration: {path} is not a readable safetensors file ({e})") from None
     if raw is None:
         raise CalibrationFileError(f"load_calibration: {path} has no 'qdrift' metadata: not a qdrift calibration")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CalibrationFileError(f"load_calibration: {path} has corrupt qdrift metadata ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; RecursionError: deep nesting
+        raise CalibrationFileError(f"load_calibration: {path} has corrupt qdrift metadata ({type(e).__name__})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CalibrationFileError(f"load_calibration: {path} is not a {FORMAT} file")
     version = header.get("format_version")
@@ -232,11 +413,27 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise CalibrationFileError(f"load_calibration: {path} has metadata 'meta' of type {type(meta).__name__}, not an object")
+    if not isinstance(header.get("qdrift_version", ""), str):
+        raise CalibrationFileError(f"load_calibration: {path} has qdrift_version {header['qdrift_version']!r}, not a string")
     reduce, conditional = header.get("reduce"), header.get("conditional")
     if reduce not in REDUCES or not isinstance(conditional, bool):
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
+    traj = {k[len(_TRAJ_PREFIX):]: v for k, v in tensors.items() if k.startswith(_TRAJ_PREFIX)}
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
-        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta))
+        trajectory = TrajectorySums(**traj) if traj else None
+        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory)
+    except TypeError as e:  # unknown or missing trajectory fields
+        raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:
-        raise CalibrationFileError(f"load_calibration: {path} is inconsistent: {e}") from None
+        raise CalibrationFileError(f"load_calibration: {path} is invalid: {e}") from None
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"

@@ -10,9 +10,9 @@ from tqdm.auto import tqdm
 
 from .._utils import to_d
 from .._version import __version__
-from ..correction import check_choice, validate_sampler_inputs
+from ..validation import check_choice, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
-from .stats import PairedMoments, batch_moments, gather_moments, sum_over_ranks
+from .stats import PairedMoments, TrajectorySums, batch_moments, gather_moments, gather_sums, sum_over_ranks
 
 __all__ = ["calibrate"]
 
@@ -23,26 +23,35 @@ Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
 def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
     """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
     if isinstance(x, torch.Tensor):
-        total = x.shape[0] if x.ndim else 0
+        total = x.shape[0] if x.ndim >= 2 else 0
         if total == 0:
             raise ValueError(f"calibrate: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
         size = total if batch_size is None else batch_size
-        if not isinstance(size, int) or size < 1:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)
         return
-    for item in x:
+    if not isinstance(x, Iterable) or isinstance(x, (str, bytes)):
+        raise ValueError(f"calibrate: x must be a tensor [K, C, ...] or an iterable of batches, got {type(x).__name__}")
+    for b, item in enumerate(x):
         if isinstance(item, torch.Tensor):
-            yield item, extra_args
+            xb, args = item, extra_args
         elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
-            yield item[0], item[1] if item[1] is not None else extra_args
+            xb, args = item[0], item[1] if item[1] is not None else extra_args
         else:
             raise ValueError(
                 "calibrate: each item of an iterable x must be a tensor [B, C, ...] or a pair (x, extra_args); "
                 f"got {type(item).__name__}"
             )
+        if xb.ndim < 2 or xb.shape[0] == 0:
+            raise ValueError(
+                f"calibrate: batch {b} of x holds no samples (shape {tuple(xb.shape)}); expected [B, C, ...] with B >= 1"
+            )
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"calibrate: the extra_args of batch {b} must be a dict or None, got {type(args).__name__}")
+        yield xb, args
 
 
 def _slice_args(extra_args, sl, total):
@@ -126,15 +135,19 @@ def calibrate(
         raise ValueError(f"calibrate: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
     steps = len(sigmas) - 1
     moments: Optional[PairedMoments] = None
+    sums: Optional[TrajectorySums] = None
     count, started = 0, time.time()
     progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
     for xb, args in _batches(x, extra_args, batch_size):
+        sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
         if moments is None:
             moments = PairedMoments.zeros(steps, xb.shape[1])
+            sums = TrajectorySums.zeros(steps, xb.shape[1])
         elif xb.shape[1] != moments.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {moments.shape[1]})")
-        moments = _run_batch(model_fp, model_q, xb, sigmas, args or {}, moments, trim, trajectory, progress)
+        batch, batch_sums = _run_batch(model_fp, model_q, xb, sigmas, args or {}, trim, trajectory, progress)
+        moments, sums = moments.merge(batch), sums.merge(batch_sums)
         count += xb.shape[0]
     progress.close()
     if moments is None:
@@ -144,6 +157,7 @@ def calibrate(
         distributed = distributed and torch.distributed.get_world_size(group) > 1
     if distributed:
         moments = gather_moments(moments, group)
+        sums = gather_sums(sums, group)
         count = sum_over_ranks(count, group)
     meta = {
         "model_fp": _describe(model_fp),
@@ -155,12 +169,13 @@ def calibrate(
         "seconds": round(time.time() - started, 3),
         "qdrift_version": __version__,
     }
-    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta)
+    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta, trajectory=sums)
 
 
-def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajectory, progress):
+def _run_batch(model_fp, model_q, x, sigmas, extra_args, trim, trajectory, progress):
+    """One batch of trajectories: per-step moments ``[S, C]`` and the cross-step sums."""
     s_in = x.new_ones([x.shape[0]])
-    rows = []
+    rows, states, ds_fp, ds_q = [], [], [], []
     for i in range(len(sigmas) - 1):
         den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
         den_q = model_q(x, sigmas[i] * s_in, **extra_args)
@@ -177,8 +192,11 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, moments, trim, trajecto
                 )
         d_fp, d_q = to_d(x, sigmas[i], den_fp), to_d(x, sigmas[i], den_q)
         rows.append(batch_moments(d_fp, d_q, trim))
+        states.append(x)
+        ds_fp.append(d_fp)
+        ds_q.append(d_q)
         # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.
         x = x + (sigmas[i + 1] - sigmas[i]) * (d_fp if trajectory == "fp" else d_q)
         progress.update(1)
     batch = PairedMoments(*(torch.cat([getattr(r, f) for r in rows]) for f in ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")))
-    return moments.merge(batch)
+    return batch, TrajectorySums.of_batch(torch.stack(states), torch.stack(ds_fp), torch.stack(ds_q))

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["DeltaMoments", "PairedMoments", "batch_moments", "gather_moments", "sum_over_ranks"]
+__all__ = ["DeltaMoments", "PairedMoments", "batch_moments", "gather_moments", "gather_sums", "sum_over_ranks"]
 
 _FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
 
@@ -211,6 +211,19 @@ def gather_moments(moments: PairedMoments, group=None) -> PairedMoments:
     return merged
 
 
+def gather_sums(sums: "TrajectorySums", group=None) -> "TrajectorySums":
+    """Adds every process's :class:`TrajectorySums` (``torch.distributed`` all-reduce), on every process."""
+    import torch.distributed as dist
+
+    device = _backend_device(group)
+    out = {}
+    for name, value in sums.tensors().items():
+        t = value.to(device)
+        dist.all_reduce(t, group=group)
+        out[name] = t.cpu()
+    return TrajectorySums(**out)
+
+
 def _backend_device(group) -> torch.device:
     """The device collectives of ``group`` need (CUDA for NCCL, else CPU)."""
     import torch.distributed as dist
@@ -227,3 +240,142 @@ def sum_over_ranks(value: int, group=None) -> int:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_backend_device(group))
     dist.all_reduce(t, group=group)
     return int(round(float(t)))
+
+
+_TRAJ_FIELDS = ("n", "sum_d", "sum_e", "sum_x", "sum_xx", "sum_xd", "sum_dd", "sum_de", "sum_ee")
+
+
+@dataclass
+class TrajectorySums:
+    """Cross-step sums of the pair ``(d_fp, delta)`` and the state ``x`` along calibration trajectories.
+
+    :class:`PairedMoments` describes each step on its own. Q-Drift v2 also needs how the error at one step
+    relates to the errors at earlier steps of the *same* trajectory (same sample, same position): a quantized
+    network's errors on nearby inputs are strongly correlated and accumulate like ``(sum_j h_j delta_j)^2``,
+    not ``sum_j h_j^2 V_j``. These are plain float64 sums over samples and spatial positions (untrimmed), so
+    merging two sets of sums is adding them, in any order, on any number of processes; memory is ``[S, S, C]``,
+    independent of K.
+
+    Attributes:
+        n: positions summed per step and channel ``[C]`` (samples x spatial positions).
+        sum_d, sum_e: ``sum d_fp`` and ``sum delta`` per step ``[S, C]``.
+        sum_x, sum_xx: ``sum x`` and ``sum x^2`` of the state the models were evaluated on ``[S, C]``.
+        sum_xd: ``sum x d_fp`` ``[S, C]`` (``Cov(x, d)``: ``sigma`` for an exact VE denoiser, not for flow).
+        sum_dd, sum_de, sum_ee: ``sum d_i d_j``, ``sum d_i delta_j``, ``sum delta_i delta_j`` ``[S, S, C]``.
+    """
+
+    n: torch.Tensor
+    sum_d: torch.Tensor
+    sum_e: torch.Tensor
+    sum_x: torch.Tensor
+    sum_xx: torch.Tensor
+    sum_xd: torch.Tensor
+    sum_dd: torch.Tensor
+    sum_de: torch.Tensor
+    sum_ee: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, torch.Tensor) or self.n.ndim != 1:
+            raise ValueError(f"TrajectorySums.n must be a 1-D tensor [C], got {self.n!r:.80}")
+        if not isinstance(self.sum_d, torch.Tensor) or self.sum_d.ndim != 2:
+            raise ValueError(f"TrajectorySums.sum_d must be a 2-D tensor [S, C], got {self.sum_d!r:.80}")
+        steps, channels = self.sum_d.shape
+        expected = {"n": (channels,), "sum_d": (steps, channels), "sum_e": (steps, channels),
+                    "sum_x": (steps, channels), "sum_xx": (steps, channels), "sum_xd": (steps, channels), "sum_dd": (steps, steps, channels),
+                    "sum_de": (steps, steps, channels), "sum_ee": (steps, steps, channels)}
+        for f in _TRAJ_FIELDS:
+            value = getattr(self, f)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[f]:
+                raise ValueError(
+                    f"TrajectorySums.{f} must be a tensor of shape {expected[f]}, got "
+                    f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                )
+            setattr(self, f, value.detach().to(device="cpu", dtype=torch.float64))
+
+    @classmethod
+    def zeros(cls, steps: int, channels: int) -> "TrajectorySums":
+        """Empty sums for ``steps`` noise levels and ``channels`` channels."""
+        s, c = steps, channels
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, s, c), z(s, s, c), z(s, s, c))
+
+    @classmethod
+    def of_batch(cls, x: torch.Tensor, d_fp: torch.Tensor, d_q: torch.Tensor) -> "TrajectorySums":
+        """Sums of one batch of trajectories.
+
+        Args:
+            x: states ``[S, B, C, ...]`` the models were evaluated on.
+            d_fp, d_q: the two models' ``d`` on them ``[S, B, C, ...]``.
+        """
+        steps, channels = x.shape[0], x.shape[2]
+        flat = lambda t: t.detach().to(torch.float64).transpose(1, 2).reshape(steps, channels, -1)  # noqa: E731
+        xs, d = flat(x), flat(d_fp)
+        e = flat(d_q) - d
+        # [C, S, P] @ [C, P, S] -> [C, S, S] -> [S, S, C]
+        outer = lambda a, b: torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0)).permute(1, 2, 0)  # noqa: E731
+        return cls(
+            n=torch.full((channels,), float(xs.shape[-1]), dtype=torch.float64),
+            sum_d=d.sum(-1), sum_e=e.sum(-1), sum_x=xs.sum(-1), sum_xx=(xs * xs).sum(-1), sum_xd=(xs * d).sum(-1),
+            sum_dd=outer(d, d), sum_de=outer(d, e), sum_ee=outer(e, e),
+        )
+
+    @property
+    def shape(self):
+        """``(S, C)``."""
+        return tuple(self.sum_d.shape)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The fields by name."""
+        return {f: getattr(self, f) for f in _TRAJ_FIELDS}
+
+    def merge(self, other: "TrajectorySums") -> "TrajectorySums":
+        """Sums of the union of both data sets (element-wise addition)."""
+        if not isinstance(other, TrajectorySums) or other.shape != self.shape:
+            raise ValueError(f"TrajectorySums.merge: need sums of shape {self.shape}, got {getattr(other, 'shape', other)}")
+        return TrajectorySums(*(getattr(self, f) + getattr(other, f) for f in _TRAJ_FIELDS))
+
+    def pooled(self) -> "TrajectorySums":
+        """Sums pooled over channels (``[.., 1]``), for one scalar per step."""
+        return TrajectorySums(*(getattr(self, f).sum(-1, keepdim=True) for f in _TRAJ_FIELDS))
+
+    def state_variance(self) -> torch.Tensor:
+        """``Var(x)`` of the calibration states per step ``[S, C]``."""
+        n = self.n.clamp(min=1)
+        return (self.sum_xx / n - (self.sum_x / n) ** 2).clamp(min=0)
+
+    def state_d_covariance(self) -> torch.Tensor:
+        """``Cov(x, d_fp)`` per step ``[S, C]``."""
+        n = self.n.clamp(min=1)
+        return self.sum_xd / n - (self.sum_x / n) * (self.sum_d / n)
+
+    def d_variance(self) -> torch.Tensor:
+        """``Var(d_fp)`` per step ``[S, C]`` (untrimmed)."""
+        n = self.n.clamp(min=1)
+        return (torch.diagonal(self.sum_dd, dim1=0, dim2=1).transpose(0, 1) / n - (self.sum_d / n) ** 2).clamp(min=0)
+
+    def residual_covariance(self, gain: torch.Tensor) -> torch.Tensor:
+        """``Cov(r_i, r_j)`` of the residual ``r = delta - k d_fp`` between steps ``[S, S, C]``.
+
+        Args:
+            gain: ``k`` per step ``[S, C]`` or ``[S, 1]`` (zeros: the covariance of delta itself).
+        """
+        n = self.n.clamp(min=1)
+        md, me = self.sum_d / n, self.sum_e / n
+        cov_dd = self.sum_dd / n - md[:, None] * md[None]
+        cov_de = self.sum_de / n - md[:, None] * me[None]  # Cov(d_i, delta_j)
+        cov_ee = self.sum_ee / n - me[:, None] * me[None]
+        ki, kj = gain[:, None], gain[None]
+        return cov_ee - kj * cov_de.transpose(0, 1) - ki * cov_de + ki * kj * cov_dd
+
+    def residual_correlation(self, gain: torch.Tensor) -> torch.Tensor:
+        """Correlation of the residual between steps ``[S, S, C]`` (1 on the diagonal, within [-1, 1])."""
+        cov = self.residual_covariance(gain)
+        var = torch.diagonal(cov, dim1=0, dim2=1).transpose(0, 1).clamp(min=0)  # [S, C]
+        scale = (var[:, None] * var[None]).sqrt()
+        rho = torch.where(scale > 0, cov / scale.clamp(min=1e-300), torch.zeros_like(cov))
+        rho = rho.clamp(-1.0, 1.0)
+        eye = torch.eye(rho.shape[0], dtype=rho.dtype)[..., None]
+        return rho * (1 - eye) + eye
+
+
+__all__ += ["TrajectorySums"]

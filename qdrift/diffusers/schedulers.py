@@ -39,6 +39,7 @@ from diffusers import (
 )
 
 from ..correction import first_order_coefficient
+from ..validation import all_finite
 
 __all__ = [
     "QDriftEulerDiscreteScheduler",
@@ -127,6 +128,12 @@ class _QDriftMixin:
             channels = sample.shape[dim]
         except IndexError:
             raise ValueError(f"channel_dim={dim} is out of range for latents of shape {tuple(sample.shape)}") from None
+        if hasattr(V, "at") and v.numel() != channels:  # only a plain tensor V broadcasts over channels
+            raise ValueError(
+                f"the calibration has {v.numel()} channel(s) but the latents have {channels} along channel_dim={dim}: "
+                "it belongs to another model or latent format (calibrate with this pipeline; a plain [steps] V "
+                "tensor applies one value to every channel)"
+            )
         if v.numel() not in (1, channels):
             raise ValueError(
                 f"the calibration has {v.numel()} channels but the latents have {channels} along channel_dim={dim} "
@@ -152,6 +159,8 @@ class _QDriftMixin:
         object, or tuple when ``return_dict=False``).
         """
         return_dict = kwargs.pop("return_dict", True)
+        if isinstance(model_output, torch.Tensor) and not all_finite(model_output):
+            raise ValueError(f"{type(self).__name__}: the model output at timestep {float(timestep):g} holds NaN or inf")
         if self._qdrift_V is None or self._qdrift_strength == 0.0:
             return super().step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
         if self.step_index is None:

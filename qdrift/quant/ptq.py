@@ -37,14 +37,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats import FORMAT_SCHEMES, quantize_format
 from .functional import ema_range, quantize_symmetric, signed_qmax
 from .layers import (LayerOp, MixDQLayer, SVDQuantLayer, channels_last, svdquant_weight, weight_columns,
                      weight_from_columns)
 
-__all__ = ["quantize", "SCHEMES", "SVDQUANT_SKIP", "MIXDQ_SKIP", "quantizable_layers", "svdquant_layer",
-           "mixdq_allocate_bits", "layer_error_report"]
+__all__ = ["quantize", "SCHEMES", "SIMULATED_SCHEMES", "SVDQUANT_SKIP", "MIXDQ_SKIP", "quantizable_layers",
+           "svdquant_layer", "mixdq_allocate_bits", "layer_error_report"]
 
-SCHEMES = ("w4a8", "w4a4", "w3a4")
+SIMULATED_SCHEMES = ("w4a8", "w4a4", "w3a4")
+SCHEMES = SIMULATED_SCHEMES + FORMAT_SCHEMES  # every scheme quantize() accepts
 
 # Regexes matched (re.search, case-insensitive) against one component of a module's dotted name.
 MIXDQ_SKIP = (r"emb", r"^time", r"^label", r"norm", r"^ada", r"^t_", r"^y_")
@@ -439,13 +441,18 @@ _DEFAULTS = {
 _DEFAULTS["w3a4"] = dict(_DEFAULTS["w4a4"], weight_bits=3)
 
 
-def quantize(model: nn.Module, scheme: str, calib_data: Any, **options: Any) -> nn.Module:
+def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: Any) -> nn.Module:
     """Return a fake-quantized deep copy of ``model`` (the original is untouched). Deterministic.
+
+    The weight-only formats of :mod:`qdrift.quant.formats` (``"gguf-q4_0"``, ``"nf4"``, ``"quanto-int4"``, ...;
+    :data:`qdrift.quant.formats.FORMAT_SCHEMES`) are computed by the formats' own libraries, need no
+    calibration data (``calib_data`` is ignored) and take the options of
+    :func:`qdrift.quant.formats.quantize_format`. The rest of this docstring is about the simulated schemes.
 
     Args:
         model: any ``nn.Module``; its ``Linear`` and ``Conv2d`` (groups=1) layers not matched by ``skip`` are
             replaced by :class:`SVDQuantLayer` (w4a4, w3a4) or :class:`MixDQLayer` (w4a8).
-        scheme: ``"w4a8"`` (MixDQ-like), ``"w4a4"`` or ``"w3a4"`` (SVDQuant-like).
+        scheme: ``"w4a8"`` (MixDQ-like), ``"w4a4"`` or ``"w3a4"`` (SVDQuant-like), or a format scheme.
         calib_data: what drives the calibration forward passes: a callable ``f(model)`` that runs the model
             (e.g. a sampler loop), a Tensor (one call ``model(x)``), or an iterable whose items are Tensors,
             tuples of positional args, ``((args...), {kwargs})`` pairs, or kwarg dicts.
@@ -467,7 +474,10 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any, **options: Any) -> 
 
     Raises:
         ValueError: unknown scheme or option, bad option value, empty calibration data, no quantizable layer.
+        ImportError: a format scheme whose library is not installed.
     """
+    if scheme in FORMAT_SCHEMES:
+        return quantize_format(model, scheme, **options)
     if scheme not in _DEFAULTS:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if not isinstance(model, nn.Module):
@@ -475,6 +485,8 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any, **options: Any) -> 
     unknown = set(options) - set(_DEFAULTS[scheme])
     if unknown:
         raise ValueError(f"unknown options for {scheme}: {sorted(unknown)}; valid: {sorted(_DEFAULTS[scheme])}")
+    if calib_data is None:
+        raise ValueError(f"scheme {scheme!r} needs calib_data (a callable running the model, a Tensor, or an iterable)")
     opts = dict(_DEFAULTS[scheme], **options)
     if isinstance(opts["skip"], str):
         opts["skip"] = (opts["skip"],)

@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import BrownianTreeNoiseSampler, half_log_snr, signal_scale
-from ._common import check_form, correct, first_order_q, resolve_flow, scale_noise, setup, weighted_q
+from ..validation import check_knobs
+from ._common import check_form, resolve_flow, scale_noise, setup, weighted_q
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -34,6 +35,17 @@ def _unit_weights(step: Callable, n: int, *coeffs) -> List[float]:
     zero = torch.zeros((), dtype=torch.float64)
     units = torch.eye(n, dtype=torch.float64)
     return [float(step(zero, *units[k], *coeffs)) for k in range(n)]
+
+
+def _terms(step: Callable, n: int, sig: List[float], i: int, *coeffs):
+    """A step ``a x + sum_k w_k D_{i-k}`` (linear in x and its ``n`` outputs) as the plan's terms
+    ``(id, A, B)`` of ``sum_j A_j x_j + sum_j B_j d_j``, with ``D_j = x_j - sigma_j d_j``."""
+    one = torch.ones((), dtype=torch.float64)
+    a = float(step(one, *torch.zeros(n, dtype=torch.float64), *coeffs))
+    w = _unit_weights(step, n, *coeffs)
+    terms = [(i - k, wk, -wk * sig[i - k]) for k, wk in enumerate(w)]
+    terms[0] = (i, a + w[0], -w[0] * sig[i])
+    return w, terms
 
 
 def _log_steps(sig: List[float], i: int, flow: bool = False) -> torch.Tensor:
@@ -69,6 +81,7 @@ def sample_dpmpp_2m_qdrift(
     *,
     strength: float = 1.0,
     form: str = "first_order",
+    method: Optional[str] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) with Q-Drift.
 
@@ -77,13 +90,20 @@ def sample_dpmpp_2m_qdrift(
     Args:
         model, x, sigmas, V, extra_args, callback, disable: as :func:`qdrift.sample_euler_qdrift`.
         strength: multiplier on V.
-        form: ``"first_order"`` or ``"quadrature"``.
+        form: ``"first_order"`` or ``"quadrature"`` (method ``"paper"`` only).
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
 
     Returns:
         The sample ``[B, C, ...]``.
     """
-    check_form(form)
-    table, extra_args, s_in, sig = setup("sample_dpmpp_2m_qdrift", x, sigmas, V, extra_args, strength)
+    method = check_form(form, method=method)
+    check_knobs("sample_dpmpp_2m_qdrift", callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength, method
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigma_fn = lambda t: t.neg().exp()  # noqa: E731
     t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
@@ -98,21 +118,29 @@ def sample_dpmpp_2m_qdrift(
         first = old_denoised is None or sigmas[i + 1] == 0
         r = None if first else (t - t_fn(sigmas[i - 1])) / h
         x_base = _step_2m(x, denoised, None if first else old_denoised, sigma_fn(t_next) / sigma_fn(t), h, r)
-        x, _ = correct(x, x_base, _q_2m(table, form, sig, i, first), sig[i], sig[i + 1], quadrature=form == "quadrature")
+        q = _q_2m(plan.table, form, sig, i, first) if form == "quadrature" else None
+        terms = _terms_2m(sig, i, first)[1] if plan.exact else None
+        x, _ = plan.step(
+            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
+        )
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
+
+
+def _terms_2m(sig, i, first):
+    """A 2M step's weights on ``D_i`` (and ``D_{i-1}``), and its terms for the plan."""
+    h = _log_steps(sig, i)
+    ratio = sig[i + 1] / sig[i]
+    if first:
+        return _terms(lambda x, a: _step_2m(x, a, None, ratio, h, None), 1, sig, i)
+    r = _log_steps(sig, i - 1) / h
+    return _terms(lambda x, a, b: _step_2m(x, a, b, ratio, h, r), 2, sig, i)
 
 
 def _q_2m(table, form, sig, i, first):
-    """Quantization variance one 2M step injects (see the sampler's docstring)."""
-    if table is None or form == "first_order":
-        return first_order_q(table, i, sig[i], sig[i + 1])
-    h = _log_steps(sig, i)
-    if first:
-        return weighted_q(table, [i], _unit_weights(_step_2m, 1, None, 0.0, h, None), sig)
-    r = _log_steps(sig, i - 1) / h
-    w = _unit_weights(lambda x, a, b: _step_2m(x, a, b, 0.0, h, r), 2)
-    return weighted_q(table, [i, i - 1], w, sig)
+    """Quantization variance one 2M step injects in the quadrature form (see the sampler's docstring)."""
+    w = _terms_2m(sig, i, first)[0]
+    return weighted_q(table, [i, i - 1][: len(w)], w, sig)
 
 
 sample_dpmpp_2m_qdrift.__doc__ = sample_dpmpp_2m_qdrift.__doc__.format(form_doc=_FORM_DOC)
@@ -143,10 +171,10 @@ def _sde_setup(x, sigmas, noise_sampler):
     return BrownianTreeNoiseSampler(x, sigma_min, sigma_max)
 
 
-def _denoising_step(x, denoised, table, form, sig, i):
+def _denoising_step(x, denoised, plan, form, sig, i):
     """The SDE solvers' last step, to sigma = 0: ``x = D`` (first order, as in k-diffusion), corrected."""
-    q = first_order_q(table, i, sig[i], 0.0) if form == "first_order" else weighted_q(table, [i], [1.0], sig)
-    return correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")[0]
+    q = weighted_q(plan.table, [i], [1.0], sig) if form == "quadrature" else None
+    return plan.step(i, x, denoised, sig[i], 0.0, q=q, quadrature=form == "quadrature")[0]
 
 
 def _sde_levels(sig, i, eta, s_noise, flow=False):
@@ -156,13 +184,6 @@ def _sde_levels(sig, i, eta, s_noise, flow=False):
     h = _log_steps(sig, i, flow)
     sigma_eff = sig[i + 1] * math.exp(-eta * float(h))
     return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
-
-
-def _check_sde(name, eta, s_noise, form, correction):
-    check_form(form, correction)
-    for label, value in (("eta", eta), ("s_noise", s_noise)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {label} must be a finite number >= 0, got {value!r}")
 
 
 def _check_flow_start(name, sig, flow):
@@ -204,6 +225,7 @@ def sample_dpmpp_2m_sde_qdrift(
     strength: float = 1.0,
     form: str = "first_order",
     correction: str = "drift",
+    method: Optional[str] = None,
     flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE with Q-Drift.
@@ -226,7 +248,11 @@ def sample_dpmpp_2m_sde_qdrift(
         noise_sampler: ``(sigma, sigma_next) -> standard normal noise``; default a Brownian tree.
         solver_type: ``"midpoint"`` or ``"heun"``.
         strength: multiplier on V.
-        form: ``"first_order"`` or ``"quadrature"``.
+        form: ``"first_order"`` or ``"quadrature"`` (method ``"paper"`` only).
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"`` or ``"noise"``.
         flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
@@ -236,9 +262,10 @@ def sample_dpmpp_2m_sde_qdrift(
     name = "sample_dpmpp_2m_sde_qdrift"
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    _check_sde(name, eta, s_noise, form, correction)
+    method = check_form(form, correction, method)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
@@ -248,7 +275,7 @@ def sample_dpmpp_2m_sde_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if sigmas[i + 1] == 0:
-            x = _denoising_step(x, denoised, table, form, sig, i)
+            x = _denoising_step(x, denoised, plan, form, sig, i)
         else:
             t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
@@ -257,25 +284,29 @@ def sample_dpmpp_2m_sde_qdrift(
             x_base = _step_2m_sde(x, denoised, old_denoised, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type, alpha)
             h_cpu, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise, flow)
             a_cpu = signal_scale(sig[i + 1], flow)
-            if table is None or form == "first_order":
-                q = first_order_q(table, i, sig[i], sigma_eff)
-            elif old_denoised is None:
-                q = weighted_q(table, [i], _unit_weights(_step_2m_sde, 1, None, 0.0, h_cpu, eta, None, solver_type, a_cpu),
-                               sig)
-            else:
-                r_cpu = h_last_cpu / h_cpu
-                step = lambda x_, a, b: _step_2m_sde(x_, a, b, 0.0, h_cpu, eta, r_cpu, solver_type, a_cpu)  # noqa: E731
-                q = weighted_q(table, [i, i - 1], _unit_weights(step, 2), sig)
-            x, factor = correct(
-                x, x_base, q, sig[i], sigma_eff,
-                quadrature=form == "quadrature", noise_std=noise_std, correction=correction,
+            q, terms = None, None
+            if plan.table is not None and (form == "quadrature" or plan.exact):
+                ratio = sig[i + 1] / sig[i]
+                if old_denoised is None:
+                    step = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
+                    w, terms = _terms(step, 1, sig, i)
+                else:
+                    r_cpu = h_last_cpu / h_cpu
+                    step = lambda x_, a, b: _step_2m_sde(x_, a, b, ratio, h_cpu, eta, r_cpu, solver_type, a_cpu)  # noqa: E731
+                    w, terms = _terms(step, 2, sig, i)
+                if form == "quadrature":
+                    q = weighted_q(plan.table, [i, i - 1][: len(w)], w, sig)
+            x, factor = plan.step(
+                i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
+                noise_std=noise_std,
+                correction=correction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])
                 x = x + scale_noise(noise * sigmas[i + 1] * (-2 * eta * h).expm1().neg().sqrt() * s_noise, factor)
             h_last, h_last_cpu = h, h_cpu
         old_denoised = denoised
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC, flow_doc=_FLOW_DOC)
@@ -325,6 +356,7 @@ def sample_dpmpp_3m_sde_qdrift(
     strength: float = 1.0,
     form: str = "first_order",
     correction: str = "drift",
+    method: Optional[str] = None,
     flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE with Q-Drift.
@@ -343,7 +375,11 @@ def sample_dpmpp_3m_sde_qdrift(
         model, x, sigmas, V, extra_args, callback, disable: as :func:`qdrift.sample_euler_qdrift`.
         eta, s_noise, noise_sampler: as k-diffusion's ``sample_dpmpp_3m_sde``.
         strength: multiplier on V.
-        form: ``"first_order"`` or ``"quadrature"``.
+        form: ``"first_order"`` or ``"quadrature"`` (method ``"paper"`` only).
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"`` or ``"noise"``.
         flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
@@ -351,9 +387,10 @@ def sample_dpmpp_3m_sde_qdrift(
         The sample ``[B, C, ...]``.
     """
     name = "sample_dpmpp_3m_sde_qdrift"
-    _check_sde(name, eta, s_noise, form, correction)
+    method = check_form(form, correction, method)
+    check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    table, extra_args, s_in, sig = setup(name, x, sigmas, V, extra_args, strength)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
@@ -365,7 +402,7 @@ def sample_dpmpp_3m_sde_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if sigmas[i + 1] == 0:
-            x = _denoising_step(x, denoised, table, form, sig, i)
+            x = _denoising_step(x, denoised, plan, form, sig, i)
         else:
             t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
@@ -373,21 +410,22 @@ def sample_dpmpp_3m_sde_qdrift(
             ratio = sigmas[i + 1] / sigmas[i] if flow else None  # the flow's x coefficient (see _step_3m_sde)
             x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta, ratio,
                                   signal_scale(sigmas[i + 1], flow))
-            if table is None or form == "first_order":
-                q = first_order_q(table, i, sig[i], sigma_eff)
-            else:
+            q, terms = None, None
+            if plan.table is not None and (form == "quadrature" or plan.exact):
                 n = 1 + (hc_1 is not None) + (hc_2 is not None)
-
                 r_cpu = sig[i + 1] / sig[i] if flow else None
 
                 def step(x_, *ds):
                     return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, hc_1, hc_2, eta, r_cpu,
                                         signal_scale(sig[i + 1], flow))
 
-                q = weighted_q(table, list(range(i, i - n, -1)), _unit_weights(step, n), sig)
-            x, factor = correct(
-                x, x_base, q, sig[i], sigma_eff,
-                quadrature=form == "quadrature", noise_std=noise_std, correction=correction,
+                w, terms = _terms(step, n, sig, i)
+                if form == "quadrature":
+                    q = weighted_q(plan.table, list(range(i, i - n, -1)), w, sig)
+            x, factor = plan.step(
+                i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
+                noise_std=noise_std,
+                correction=correction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])
@@ -395,7 +433,7 @@ def sample_dpmpp_3m_sde_qdrift(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         hc_1, hc_2 = hc, hc_1
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC, flow_doc=_FLOW_DOC)

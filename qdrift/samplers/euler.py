@@ -11,13 +11,13 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import ancestral_step, default_noise_sampler, to_d
-from ._common import CORRECTIONS, correct, first_order_q, resolve_flow, scale_noise, setup
-from ..correction import check_choice
+from ._common import CORRECTIONS, resolve_flow, scale_noise, setup
+from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
 
 
-def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
+def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan):
     """Karras et al. (2022) Algorithm 2, lines 4-6: raise the noise level to ``sigma_hat`` (stochastic churn)."""
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
     sigma_hat = sigmas[i] * (gamma + 1)
@@ -27,6 +27,7 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
         eps = noise_sampler(sigmas[i], sigma_hat) * s_noise
         if gamma > 0:
             x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+            plan.noise(s_noise * float(sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
     return x, sigma_hat, gamma
 
 
@@ -46,6 +47,7 @@ def sample_euler_qdrift(
     s_noise: float = 1.0,
     noise_sampler: Optional[Callable] = None,
     strength: float = 1.0,
+    method: Optional[str] = None,
 ) -> torch.Tensor:
     """Euler steps (Karras et al. 2022, Algorithm 2) with Q-Drift (arXiv 2603.18095, Eq. 12).
 
@@ -64,6 +66,10 @@ def sample_euler_qdrift(
         s_churn, s_tmin, s_tmax, s_noise: Karras' stochastic churn (0 churn = deterministic).
         noise_sampler: ``(sigma, sigma_next) -> noise`` for the churn; default ``torch.randn_like(x)``.
         strength: multiplier on V (1 = the paper's correction).
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
 
     With churn the step starts at ``sigma_hat`` (up to ``1.41 sigma_i``) but uses ``V_i``, the value
     calibrated at ``sigma_i``.
@@ -71,11 +77,13 @@ def sample_euler_qdrift(
     Returns:
         The sample ``[B, C, ...]`` in x's dtype.
     """
-    table, extra_args, s_in, sig = setup("sample_euler_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_euler_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
-        x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan)
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         if callback is not None:
@@ -83,9 +91,8 @@ def sample_euler_qdrift(
         dt = sigmas[i + 1] - sigma_hat
         # Euler step, its increment scaled by (1 + c_i) (paper Eq. 12; the step to sigma = 0 included).
         s_hat = sig[i] * (float(gamma) + 1)
-        q = first_order_q(table, i, s_hat, sig[i + 1])
-        x, _ = correct(x, x + d * dt, q, s_hat, sig[i + 1])
-    return x.to(dtype)
+        x, _ = plan.step(i, x, x + d * dt, s_hat, sig[i + 1])
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -103,6 +110,7 @@ def sample_euler_ancestral_qdrift(
     noise_sampler: Optional[Callable] = None,
     strength: float = 1.0,
     correction: str = "drift",
+    method: Optional[str] = None,
     flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """Ancestral Euler with Q-Drift (paper Sec. 3.2): Euler to ``sigma_down`` with ``c_i``, then fresh noise.
@@ -125,6 +133,10 @@ def sample_euler_ancestral_qdrift(
         noise_sampler: ``(sigma, sigma_next) -> standard normal noise``; default ``torch.randn_like(x)``.
         strength: multiplier on V.
         correction: ``"drift"`` or ``"noise"``.
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
     Returns:
@@ -132,7 +144,11 @@ def sample_euler_ancestral_qdrift(
     """
     check_choice("correction", correction, CORRECTIONS)
     flow = resolve_flow(model, flow, "sample_euler_ancestral_qdrift")
-    table, extra_args, s_in, sig = setup("sample_euler_ancestral_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_euler_ancestral_qdrift", eta=eta, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -141,15 +157,16 @@ def sample_euler_ancestral_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         d = to_d(x, sigmas[i], denoised)
-        # Euler step to sigma_down, increment scaled by (1 + c_i); the ancestral noise follows (after the flow
-        # form's rescaling, a no-op factor 1.0 in the VE form).
+        # Euler step to sigma_down, increment scaled by (1 + c_i); the ancestral noise follows.
+        # (the flow form rescales after the Euler part: a no-op factor 1.0 in the VE form)
         s_down, s_up, s_scale = ancestral_step(sig[i], sig[i + 1], eta, flow)
         budget = s_noise * s_up / s_scale if sig[i + 1] > 0 else 0.0
-        q = first_order_q(table, i, sig[i], s_down)
-        x, factor = correct(x, x + d * (sigma_down - sigmas[i]), q, sig[i], s_down, noise_std=budget, correction=correction)
+        x, factor = plan.step(
+            i, x, x + d * (sigma_down - sigmas[i]), sig[i], s_down, noise_std=budget, correction=correction
+        )
         if sigmas[i + 1] > 0:
             x = scale * x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
-    return x.to(dtype)
+    return model.final(x.to(dtype))
 
 
 @torch.no_grad()
@@ -168,6 +185,7 @@ def sample_heun_qdrift(
     s_noise: float = 1.0,
     noise_sampler: Optional[Callable] = None,
     strength: float = 1.0,
+    method: Optional[str] = None,
 ) -> torch.Tensor:
     """Heun steps (Karras et al. 2022, Algorithm 2) with a Q-Drift correction derived by the same rule.
 
@@ -188,11 +206,13 @@ def sample_heun_qdrift(
     Returns:
         The sample ``[B, C, ...]``.
     """
-    table, extra_args, s_in, sig = setup("sample_heun_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_heun_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                noise_sampler=noise_sampler, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
-        x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+        x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan)
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         if callback is not None:
@@ -201,15 +221,20 @@ def sample_heun_qdrift(
         s_hat = sig[i] * (float(gamma) + 1)
         if sigmas[i + 1] == 0:
             # Euler method for the last step, as in k-diffusion, with the Euler coefficient.
-            q = first_order_q(table, i, s_hat, 0.0)
-            x, _ = correct(x, x + d * dt, q, s_hat, 0.0)
+            x, _ = plan.step(i, x, x + d * dt, s_hat, 0.0)
         else:
             # Heun's method: both outputs weighted dt / 2, so Q = (dt/2)^2 (V_i + V_{i+1}).
             x_2 = x + d * dt
             denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
             d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
             d_prime = (d + d_2) / 2
+            table = plan.table
             v_next = table[min(i + 1, len(table) - 1)] if table is not None else None  # V at sigma_{i+1}
             q = None if table is None else (table[i] + v_next) * ((sig[i + 1] - s_hat) / 2) ** 2
-            x, _ = correct(x, x + d_prime * dt, q, s_hat, sig[i + 1])
-    return x.to(dtype)
+            # Both outputs carry an error; the second's state carries the first's (exact methods).
+            h = sig[i + 1] - s_hat
+            plan.evaluate(i, s_hat)
+            plan.evaluate(i + 0.5, sig[i + 1], terms=[(i, 1.0, h)])
+            terms = [(i, 1.0, h / 2), (i + 0.5, 0.0, h / 2)]
+            x, _ = plan.step(i, x, x + d_prime * dt, s_hat, sig[i + 1], terms=terms, q=q)
+    return model.final(x.to(dtype))

@@ -8,7 +8,8 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import to_d
-from ._common import check_form, correct, first_order_q, setup
+from ._common import check_form, setup
+from ..validation import check_knobs
 
 __all__ = ["sample_lms_qdrift", "lms_coefficient"]
 
@@ -47,6 +48,7 @@ def sample_lms_qdrift(
     order: int = 4,
     strength: float = 1.0,
     form: str = "first_order",
+    method: Optional[str] = None,
     final_denoise: bool = False,
 ) -> torch.Tensor:
     """Linear multistep in sigma (k-diffusion's ``sample_lms``) with Q-Drift.
@@ -64,19 +66,22 @@ def sample_lms_qdrift(
         model, x, sigmas, V, extra_args, callback, disable: as :func:`qdrift.sample_euler_qdrift`.
         order: multistep order (k-diffusion default 4).
         strength: multiplier on V.
-        form: ``"first_order"`` or ``"quadrature"``.
+        form: ``"first_order"`` or ``"quadrature"`` (method ``"paper"`` only).
+        method: the correction (:data:`qdrift.correction.METHODS`): ``"v2"`` (gain and bias removed, then
+            the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
+            ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
+            Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         final_denoise: on the step to sigma = 0 return the denoised output (a first-order step, as ComfyUI's
             ``sample_lms`` does since mid-2025) instead of k-diffusion's multistep step (the default).
 
     Returns:
         The sample ``[B, C, ...]``.
     """
-    check_form(form)
+    method = check_form(form, method=method)
     if not isinstance(final_denoise, bool):
         raise ValueError(f"sample_lms_qdrift: final_denoise must be True or False, got {final_denoise!r}")
-    if int(order) != order or order < 1:
-        raise ValueError(f"sample_lms_qdrift: order must be a positive integer, got {order!r}")
-    table, extra_args, s_in, sig = setup("sample_lms_qdrift", x, sigmas, V, extra_args, strength)
+    check_knobs("sample_lms_qdrift", order=order, callback=callback)
+    plan, model, sigmas, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigmas_cpu = sigmas.detach().cpu().numpy()  # the coefficients from the schedule's own dtype, as k-diffusion
     ds = []
@@ -89,18 +94,19 @@ def sample_lms_qdrift(
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         if final_denoise and sig[i + 1] == 0:
-            # ComfyUI's denoising step to sigma = 0: x = D, an Euler step of weight 1 on D_i, so both forms
-            # take Q = sigma_i^2 V_i.
-            q = first_order_q(table, i, sig[i], 0.0)
-            x, _ = correct(x, denoised, q, sig[i], 0.0, quadrature=form == "quadrature")
+            # ComfyUI's denoising step to sigma = 0: x = D = x - sigma_i d_i, an Euler step (the default terms).
+            x, _ = plan.step(i, x, denoised, sig[i], 0.0, quadrature=form == "quadrature")
             continue
         cur_order = min(i + 1, order)
         coeffs = [lms_coefficient(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
         x_base = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
-        if form == "quadrature" and table is not None:
+        q = None
+        if form == "quadrature" and plan.table is not None:
             # Weights a_ij on d_{i-j}: Q = sum_j a_ij^2 V_{i-j}.
-            q = sum(a**2 * table[i - j] for j, a in enumerate(coeffs))
-        else:
-            q = first_order_q(table, i, sig[i], sig[i + 1])
-        x, _ = correct(x, x_base, q, sig[i], sig[i + 1], quadrature=form == "quadrature")
-    return x.to(dtype)
+            q = sum(a**2 * plan.table[i - j] for j, a in enumerate(coeffs))
+        # x + sum_j a_ij d_{i-j}: each output is reused by `order` steps (the exact methods follow that).
+        terms = [(i - j, float(j == 0), float(a)) for j, a in enumerate(coeffs)]
+        x, _ = plan.step(
+            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
+        )
+    return model.final(x.to(dtype))

@@ -188,6 +188,15 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "stress" in capsys.readouterr().err
     assert cli.config_from_args(cli.build_parser().parse_args(["--quant-profile", "reference"])).quant_profile \
         == "reference"
+    args = cli.build_parser().parse_args([])
+    assert args.schemes == ["w4a8", "w4a4", "w3a4"]  # the quick default keeps the simulated schemes only
+    assert cli.build_parser().parse_args(["--schemes", "gguf-q4_0,nf4,quanto-int4"]).schemes == \
+        ["gguf-q4_0", "nf4", "quanto-int4"]
+    monkeypatch.setattr("qdrift.quant.formats.format_available", lambda scheme: scheme != "nf4")
+    assert cli.main(["--models", "dit", "--schemes", "gguf-q4_0,nf4", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nf4 needs bitsandbytes" in err and "qdrift[bnb]" in err and "gguf" not in err
+    monkeypatch.undo()
     monkeypatch.setattr("qdrift.bench.models.WEIGHTS_DIR", tmp_path)
     assert cli.main(["--models", "dit", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

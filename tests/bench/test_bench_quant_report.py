@@ -58,3 +58,27 @@ def test_quant_options_errors_name_the_choices():
     opts = quant_options("stress", "w4a4")
     opts["rank"] = 7  # a copy: the profile table is not mutated
     assert quant_options("stress", "w4a4")["rank"] == 0
+
+
+@pytest.mark.parametrize("scheme,module", [("gguf-q4_0", "gguf"), ("nf4", "bitsandbytes"),
+                                           ("quanto-int4", "optimum.quanto")])
+def test_format_schemes_on_the_bench_unet(scheme, module):
+    pytest.importorskip(module)
+    torch.manual_seed(0)
+    model = UNet(channels=16, mult=(1, 2)).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    calib = sampler_calibration("unet", n=4, steps=3)  # ignored by the weight-only formats
+    ref = quantize(model, scheme, calib, **quant_options("reference", scheme))
+    stress = quantize(model, scheme, calib, **quant_options("stress", scheme))
+    conv = "down.0.conv1.weight"
+    if scheme == "gguf-q4_0":  # the library's own rules in both profiles: 3x3 convs are quantized
+        assert quant_options("stress", scheme) == quant_options("reference", scheme) == {}
+        assert stress.qdrift_quant["tensors"][conv]["type"] == "Q4_0"
+        assert stress.qdrift_quant["tensors"]["time_embed.2.weight"]["type"] == "F16"  # [64, 64]: conditioning path
+    else:  # diffusers quantizes nn.Linear only; the stress profile adds the convs
+        assert ref.qdrift_quant["tensors"][conv]["type"] == "F32"
+        assert torch.equal(ref.get_parameter(conv), model.get_parameter(conv))
+        assert stress.qdrift_quant["tensors"][conv]["type"] in ("NF4", "qint4")
+    err_ref, err_stress = (output_error("unet", model, q, n=4, steps=3) for q in (ref, stress))
+    assert 0 < err_ref <= err_stress < 0.5 and (scheme == "gguf-q4_0") == (err_ref == err_stress)

@@ -346,3 +346,24 @@ def test_qdrift_euler_subclass_is_a_diffusers_scheduler():
     s = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), None)
     assert isinstance(s, EulerDiscreteScheduler) and isinstance(s, QDriftEulerDiscreteScheduler)
     assert s.qdrift_calibration is None
+
+
+def test_calibration_of_another_channel_count_and_nan_outputs_are_refused():
+    """Issue 12: a Calibration must match the latents' channels (only a plain tensor broadcasts); a NaN model
+    output is refused, with or without a calibration."""
+    sig = torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64)
+    xs = [[torch.randn(2, 1, 3, dtype=torch.float64) for _ in range(2)]]
+    one_channel = calibration_from_pairs(sig, xs, [[x * 0.5 for x in xs[0]]], [[x * 0.4 for x in xs[0]]])
+    x = torch.randn(1, C, 2, 2)
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), one_channel)
+    sched.set_timesteps(STEPS)
+    with pytest.raises(ValueError, match="1 channel.*latents have 4.*another model or latent format"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x)
+    plain = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), torch.full((STEPS,), 0.01))
+    plain.set_timesteps(STEPS)
+    assert torch.isfinite(plain.step(torch.zeros_like(x), plain.timesteps[0], x).prev_sample).all()
+    for calibration in (None, torch.full((STEPS,), 0.01)):
+        sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), calibration)
+        sched.set_timesteps(STEPS)
+        with pytest.raises(ValueError, match="model output at timestep .* NaN or inf"):
+            sched.step(torch.full_like(x, float("nan")), sched.timesteps[0], x)

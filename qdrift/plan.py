@@ -1,0 +1,348 @@
+"""The per-run correction plan: which error model a sampler run corrects, and each step's coefficient.
+
+:class:`DriftPlan` is built once per sampler call (``qdrift.samplers._common.setup``). For the paper's method
+it applies :mod:`qdrift.correction`'s first-order rule; for the exact methods (Q-Drift v2) it runs a
+per-channel linear-Gaussian surrogate of the whole run alongside the sample and solves each step's variance
+balance with :func:`qdrift.correction.balance_coefficient`. It also removes the model output's gain and bias
+(method ``v2``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .correction import (
+    DEFAULT_METHOD,
+    METHODS,
+    apply_drift,
+    balance_coefficient,
+    between_evaluations,
+    compute_dtype,
+    drift_coefficient,
+    lower_noise,
+    quadrature_coefficient,
+)
+from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
+
+__all__ = ["DriftPlan"]
+
+_PARTS = {  # method -> (exact balance, cross-step correlation, gain and bias)
+    "paper": (False, False, False),
+    "exact": (True, False, False),
+    "correlated": (True, True, False),
+    "v2": (True, True, True),
+}
+
+
+class _Sources:
+    """Independent-ish Gaussian sources of a run's surrogate, per channel, and their covariance ``[N, N, C]``.
+
+    Kinds: the initial deviation, fresh noise the sampler injects, and model errors (correlated among
+    themselves as calibrated). Vectors over sources are ``[N, C]``; the covariance grows as sources appear.
+    """
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.cov = torch.zeros(0, 0, channels, dtype=torch.float64)
+
+    def add(self, var: torch.Tensor, cov_with: Optional[torch.Tensor] = None) -> int:
+        """A new source of variance ``var`` ``[C]`` and covariance ``cov_with`` ``[N, C]`` with the others."""
+        n = self.cov.shape[0]
+        new = torch.zeros(n + 1, n + 1, self.channels, dtype=torch.float64)
+        new[:n, :n] = self.cov
+        if cov_with is not None:
+            new[n, :n] = cov_with
+            new[:n, n] = cov_with
+        new[n, n] = var
+        self.cov = new
+        return n
+
+    def pad(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` ``[n, C]`` extended with zeros to all sources ``[N, C]``."""
+        return torch.cat([g, g.new_zeros(self.cov.shape[0] - g.shape[0], self.channels)])
+
+    def unit(self, index: int, scale) -> torch.Tensor:
+        g = torch.zeros(self.cov.shape[0], self.channels, dtype=torch.float64)
+        g[index] = scale
+        return g
+
+    def covar(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``Cov(a, b)`` per channel ``[C]`` of two vectors over sources."""
+        a, b = self.pad(a), self.pad(b)
+        return torch.einsum("ac,bc,abc->c", a, b, self.cov)
+
+
+class DriftPlan:
+    """How one sampler run corrects its steps: the error model and the step rule (one object per run).
+
+    Built by the samplers' ``setup`` from ``V`` and ``method``; every sampler step calls :meth:`step` once;
+    :meth:`wrap` removes the model output's gain and bias (method ``v2``). For ``method="paper"`` it is the
+    paper's rule, bit for bit as before.
+
+    The exact methods (Q-Drift v2). The paper keeps each step's marginal by cancelling, to first order, the
+    variance a fresh error of variance ``V`` injects, ``dsigma^2 V``. A real sampler differs from that in
+    ways that matter at practical step counts: steps are long (the first-order rule under-corrects), a
+    multistep method reuses each model output in later steps with weights of opposite sign (the injected
+    variance telescopes), ancestral and SDE solvers inject noise and take deterministic steps to
+    ``sigma_eff < sigma_next``, the last step goes to 0, and a quantized network's errors at successive
+    steps of one trajectory are strongly correlated (they accumulate like ``(sum_j h_j delta_j)^2``).
+
+    So the plan runs, alongside the sample, a per-channel linear-Gaussian surrogate of the whole run and
+    chooses each ``c`` so that the surrogate's corrected state has exactly the full-precision state's
+    variance. In the surrogate the full-precision denoiser is linear around its mean,
+    ``D(x) - E D = kappa (x - E x)`` with ``kappa = 1 - sigma Cov(x, d) / Var(x)`` (exact for Gaussian
+    data, VE or flow), so ``d_j = (1 - kappa_j) y_j / sigma_j`` for a state deviation ``y_j``; the quantized
+    model adds the residual error ``e_j`` of the evaluation (variance ``V_j``; covariance
+    ``rho(sigma_a, sigma_b) sqrt(V_a V_b)`` between two evaluations of a trajectory, from the calibration's
+    cross-step statistics, or 0 with method ``exact``; 1 for the same output reused). A step is linear in
+    the states and directions of its evaluations, ``x_next = sum_j A_j x_j + sum_j B_j d_j`` (Euler:
+    ``x + h d_i``; LMS: ``x + sum_j a_j d_{i-j}``; 2M: ``ratio x + sum_j w_j D_j`` with
+    ``D_j = x_j - sigma_j d_j``), which the sampler passes as ``terms``. Writing the corrected state as the
+    full-precision one plus a difference, ``y + D``, each is a vector over the run's Gaussian sources
+    (initial deviation, injected noise, errors), and the corrected step is ``D_next = D_base + c Inc`` with
+    ``D_base`` the difference after the uncorrected step and ``Inc`` the corrected chain's increment. The
+    balance ``Var(y_next + D_next) = Var(y_next)`` is
+
+        [Var(D_base) + 2 Cov(y_next, D_base)] + 2 c [Cov(D_base + y_next, Inc)] + c^2 Var(Inc) = 0,
+
+    solved exactly (:func:`balance_coefficient`). What one step cannot absorb stays in ``D`` and the next
+    step's balance takes it up. For a fresh error, one Euler step of pure noise this is
+    ``c = |h| V / (2 sigma_eff)`` to first order; the paper's ``|h| V / (2 sigma)`` (Eq. 12) is its
+    short-step limit.
+
+    Args:
+        V: a :class:`qdrift.Calibration` or a tensor table (see :func:`resolve_v`).
+        sigmas: the schedule ``[steps + 1]``.
+        x: the initial sample (channels, device, dtype).
+        sampler: the sampler's name, for messages.
+        strength: multiplier on the correction (V, gain and bias).
+        method: one of :data:`METHODS`, or None: :data:`DEFAULT_METHOD` for a Calibration, ``"paper"`` for
+            a tensor V (it carries only the variance).
+    """
+
+    _warned_tensor = False
+    _warned_old = False
+
+    def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
+                 method: Optional[str] = None):
+        self.cal = V if (hasattr(V, "error_model") and not isinstance(V, torch.Tensor)) else None
+        if method is None:
+            method = DEFAULT_METHOD if self.cal is not None else "paper"
+        check_choice("method", method, METHODS)
+        self.sampler, self.method = sampler, method
+        self.channels, self.device = x.shape[1], x.device
+        self.table = resolve_v(V, sigmas, x, sampler, strength)  # the paper's V table (or None)
+        exact, cross, gain = _PARTS[method]
+        if self.table is not None and self.cal is None and method != "paper":
+            if not DriftPlan._warned_tensor:
+                DriftPlan._warned_tensor = True
+                warnings.warn(
+                    f"{sampler}: method={method!r} needs a Calibration (a tensor V carries only the variance); "
+                    "using the paper's rule for tensor V", stacklevel=4,
+                )
+            exact = cross = gain = False
+        self.exact = exact and self.table is not None
+        self.gain = gain and self.table is not None and strength > 0
+        self.strength = float(strength)
+        self.rho = None
+        if self.exact and cross:
+            self.rho = self.cal.error_correlation(gain=self.gain)
+            if self.rho is not None:
+                self.rho = between_evaluations(self.rho)
+            elif not DriftPlan._warned_old:
+                DriftPlan._warned_old = True
+                warnings.warn(
+                    f"{sampler}: the calibration has no cross-step statistics (written before qdrift format "
+                    "version 2, or by a host's paired trace); errors are taken as independent between steps. "
+                    "Recalibrate with qdrift.calibrate for the correlated-error correction.", stacklevel=4,
+                )
+        self._em_grid = None
+        if self.exact:
+            self._src = _Sources(self.channels)
+            var0 = self._error_model_at([float(sigmas[0])])["var_x"][0]
+            self._y = self._src.unit(self._src.add(var0), 1.0)  # full-precision state deviation
+            self._d = torch.zeros_like(self._y)  # corrected minus full-precision
+            self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
+            self._errors: list = []  # (sigma, id, source index, std [C])
+
+    @property
+    def active(self) -> bool:
+        """Whether the run corrects anything."""
+        return self.table is not None
+
+    # -- model output: gain and bias --------------------------------------------------------------------
+    def wrap(self, model):
+        """The model with its output's gain and bias removed (method ``v2``), else the model itself."""
+        if not self.gain:
+            return model
+        cal = self.cal
+        em = cal.error_model(cal.sigmas, gain=True)
+        k, b = em["k"] * self.strength, em["b"] * self.strength
+        log_s = cal.sigmas.log().flip(0).to(self.device, torch.float64)
+        k, b = k.flip(0).to(self.device), b.flip(0).to(self.device)
+
+        def corrected(x, sigma, **kwargs):
+            denoised = model(x, sigma, **kwargs)
+            s = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1)
+            if len(log_s) > 1:
+                ls = s.clamp(min=1e-300).log().clamp(float(log_s[0]), float(log_s[-1]))
+                hi = torch.searchsorted(log_s, ls).clamp(1, len(log_s) - 1)
+                lo = hi - 1
+                w = ((ls - log_s[lo]) / (log_s[hi] - log_s[lo]))[:, None]
+                kk, bb = k[lo] * (1 - w) + k[hi] * w, b[lo] * (1 - w) + b[hi] * w
+            else:
+                kk, bb = k[[0] * len(s)], b[[0] * len(s)]
+            shape = (-1, self.channels) + (1,) * (x.ndim - 2)
+            ct = compute_dtype(x)
+            sv = s.reshape((-1,) + (1,) * (x.ndim - 1)).to(ct)
+            d_hat = (x - denoised).to(ct) / sv
+            d = (d_hat - bb.reshape(shape).to(ct)) / (1 + kk.reshape(shape).to(ct))
+            return (x.to(ct) - sv * d).to(denoised.dtype)
+
+        for attr in ("is_flow", "inner_model", "name", "final"):
+            if hasattr(model, attr):
+                setattr(corrected, attr, getattr(model, attr))
+        return corrected
+
+    # -- the surrogate ----------------------------------------------------------------------------------
+    def evaluate(self, key: float, sigma: float, terms: Optional[Sequence[Tuple[float, float, float]]] = None) -> None:
+        """Records a model evaluation ``key`` at level ``sigma`` (exact methods; a no-op otherwise).
+
+        The evaluation is at the current state, or (``terms``, as :meth:`step`'s) at the uncorrected
+        intermediate state ``sum_j A_j x_j + sum_j B_j d_j`` (Heun's second call: ``[(i, 1, h)]``). Steps
+        record their own first evaluation; only intermediate states need this call.
+        """
+        if not self.exact or key in self._evals:
+            return
+        if terms is None:
+            y, d = self._y, self._d
+        else:
+            y, d = self._apply(terms)
+        em = self._error_model_at([float(sigma)])
+        std = (em["V"][0] * self.strength).sqrt()
+        rho = self._rho(float(sigma), self._errors)  # [J, C] with earlier errors
+        cov_with = torch.zeros(self._src.cov.shape[0], self.channels, dtype=torch.float64)
+        for (_, _, index, other_std), r in zip(self._errors, rho):
+            cov_with[index] = r * std * other_std
+        index = self._src.add(std * std, cov_with)
+        self._errors.append((float(sigma), key, index, std))
+        self._evals[key] = (float(sigma), em["kappa"][0], y, d, index)
+
+    def _apply(self, terms):
+        """``(y, D_base)`` after ``sum_j A_j x_j + sum_j B_j d_j`` without correction."""
+        src = self._src
+        y = torch.zeros(src.cov.shape[0], self.channels, dtype=torch.float64)
+        d = torch.zeros_like(y)
+        for key, a_coef, b_coef in terms:
+            s, kappa, y_j, d_j, index = self._evals[key]
+            slope = a_coef + b_coef * (1 - kappa) / s
+            y = y + slope * src.pad(y_j)
+            d = d + slope * src.pad(d_j)
+            d[index] += b_coef  # the evaluation's own error, in d units
+        return y, d
+
+    def noise(self, std: float, factor: Optional[torch.Tensor] = None) -> None:
+        """Records fresh noise of std ``std`` the sampler adds (times ``factor`` ``[C]`` in the corrected run)."""
+        if not self.exact or not std:
+            return
+        index = self._src.add(torch.full((self.channels,), float(std) ** 2, dtype=torch.float64))
+        self._y = self._src.pad(self._y)
+        self._d = self._src.pad(self._d)
+        self._y[index] = 1.0
+        if factor is not None:
+            self._d[index] = factor.detach().double().cpu() - 1.0
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def step(self, i: int, x: torch.Tensor, x_base: torch.Tensor, sigma: float, sigma_eff: float, *,
+             terms: Optional[Sequence[Tuple[float, float, float]]] = None, q: Optional[torch.Tensor] = None,
+             quadrature: bool = False, noise_std: Optional[float] = None, correction: str = "drift"):
+        """Corrects one step; returns ``(x after the deterministic part, factor on the sampler's noise or None)``.
+
+        Args:
+            i: step index (row of the V table; the id of the step's first evaluation).
+            x: sample before the step ``[B, C, ...]``.
+            x_base: the plain sampler's deterministic result ``[B, C, ...]``.
+            sigma: level the step starts from (and its first evaluation's); sigma_eff: level its
+                deterministic part reaches.
+            terms: the step as ``x_next = sum_j A_j x_j + sum_j B_j d_j`` over evaluations, as
+                ``(id_j, A_j, B_j)`` (see the class docstring); default ``[(i, 1, sigma_eff - sigma)]``,
+                an Euler step.
+            q: the paper rule's injected variance, when the sampler computes it itself (quadrature, Heun).
+            quadrature: the authors' DPM-Solver++ denominator (paper method only).
+            noise_std: the std of the fresh noise the sampler adds after this step (0 or None: none).
+            correction: ``"drift"`` or ``"noise"`` (lower that noise instead, drift for the rest).
+        """
+        if self.table is None:
+            return x_base, None
+        if not self.exact:
+            if q is None:
+                q = self.table[i] * (sigma - sigma_eff) ** 2
+            factor = None
+            if correction == "noise" and noise_std is not None:
+                factor, q = lower_noise(noise_std, q)
+            rule = quadrature_coefficient if quadrature else drift_coefficient
+            return apply_drift(x, x_base, clip_drift(rule(q, sigma, sigma_eff))), factor  # c <= 1, warned
+        self.evaluate(float(i), sigma)
+        terms = [(float(i), 1.0, float(sigma_eff) - float(sigma))] if terms is None else terms
+        src = self._src
+        y_next, d_base = self._apply(terms)
+        y_cur, d_cur = src.pad(self._y), src.pad(self._d)
+        inc = y_next + d_base - y_cur - d_cur
+        const = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
+        factor = None
+        if correction == "noise" and noise_std:
+            factor, left = lower_noise(noise_std, const.clamp(min=0))
+            const = const.clamp(max=0) + left
+        lin = src.covar(d_base + y_next, inc)
+        c = balance_coefficient(const, lin, src.covar(inc, inc))
+        if bool((c.abs() > MAX_DRIFT).any()):
+            # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
+            # latent format, too large a strength), or the error too large for the step. What is not absorbed
+            # stays in the surrogate and later steps take it up.
+            warnings.warn(
+                f"{self.sampler}: Q-Drift v2 needed |c| > {MAX_DRIFT:g} at step {i} and was clipped; the "
+                "calibration may belong to another model or latent format, or strength is too large",
+                DriftClippedWarning, stacklevel=3,
+            )
+            c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
+        self._y, self._d = y_next, d_base + c * inc
+        self.noise(noise_std or 0.0, factor)
+        return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
+
+    def _error_model_at(self, levels: Sequence[float]):
+        """The calibration's error model (computed once per run on its own grid) at ``levels``, with
+        ``kappa`` and ``var_x`` (the full-precision state's variance) of the linear surrogate."""
+        from .calib.calibration import interpolate_log_sigma
+
+        if self._em_grid is None:
+            em = self.cal.error_model(self.cal.sigmas, gain=self.gain)
+            self._em_grid = {k: (v.log() if k == "var_x" else v) for k, v in em.items() if v is not None}
+        query = torch.tensor(levels, dtype=torch.float64)
+        out = {k: interpolate_log_sigma(v, self.cal.sigmas, query) for k, v in self._em_grid.items()}
+        sig = query[:, None].expand(len(levels), self.channels)
+        if "var_x" in out:
+            # Var(x) grows like sigma^2 beyond the calibrated range: extend it as s^2 + sigma^2 at the top.
+            top = float(self.cal.sigmas[0])
+            s2 = (self._em_grid["var_x"][0].exp() - top**2).clamp(min=0)
+            out["var_x"] = torch.where(sig > top, s2 + sig**2, out["var_x"].exp())
+            out["kappa"] = (1 - sig * out["cov_xd"] / out["var_x"]).clamp(0, 1)
+        else:  # no trajectory sums: an exact VE denoiser's Cov(x, d) = sigma, and Var(d) = 1 - kappa
+            out["cov_xd"] = sig.clone()
+            out["kappa"] = (1 - out["var_d"]).clamp(0, 1)
+            out["var_x"] = sig**2 / (1 - out["kappa"]).clamp(min=1e-12)
+        return out
+
+    def _rho(self, sigma: float, errors: Sequence[tuple]) -> torch.Tensor:
+        """Error correlation between a new evaluation at ``sigma`` and earlier ones ``[J, C]`` (0 without
+        calibrated cross-step statistics)."""
+        if self.rho is None or not errors:
+            return torch.zeros(len(errors), self.channels, dtype=torch.float64)
+        from .calib.calibration import interpolate_log_sigma
+
+        grid = self.cal.sigmas
+        row = interpolate_log_sigma(self.rho, grid, torch.tensor([sigma], dtype=torch.float64))[0]  # [S, C]
+        other = torch.tensor([e[0] for e in errors], dtype=torch.float64)
+        return interpolate_log_sigma(row, grid, other).clamp(-1, 1)

@@ -1,0 +1,192 @@
+"""Q-Drift v2 (method="v2", the default with a Calibration): exact balance, cross-step errors, gain and bias.
+
+The analytic Gaussian has an exact denoiser and a planted "quantized" error whose law is known, so how much of the
+quantized sampler's excess final variance a correction removes is measured against exact answers.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import qdrift
+from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.calib.stats import TrajectorySums
+from qdrift.correction import balance_coefficient
+
+DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
+STOCHASTIC = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+CAL_SIGMAS = qdrift.get_sigmas_karras(40, 0.002, 80.0).double()
+
+
+def _calibration(K=5, seed=7, **planted):
+    x = DATA.prior(K, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(5))
+    return qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=seed, **planted), x, CAL_SIGMAS, disable=True)
+
+
+def _run(name, model, x, sigmas, V=None, **opts):
+    if name in STOCHASTIC:
+        opts["noise_sampler"] = qdrift.default_noise_sampler(x, seed=3)
+    return qdrift.SAMPLERS[name](model, x.clone(), sigmas, V, disable=True, **opts)
+
+
+def _removed(name, cal, steps=20, n=20000, **planted):
+    """Share of the excess final variance (quantized over FP) that the correction removes."""
+    x = DATA.prior(n, 80.0, generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(steps, 0.002, 80.0).double()
+    fp = _run(name, DATA, x, sigmas).var(0)
+    q = _run(name, PlantedErrorDenoiser(DATA, seed=1, **planted), x, sigmas).var(0)
+    out = {}
+    for method in ("paper", "v2"):
+        corr = _run(name, PlantedErrorDenoiser(DATA, seed=1, **planted), x, sigmas, cal, method=method).var(0)
+        out[method] = 1 - float((corr - fp).sum()) / float((q - fp).sum())
+    return out
+
+
+@pytest.fixture(scope="module")
+def independent_cal():
+    return _calibration(var=0.1)
+
+
+@pytest.fixture(scope="module")
+def correlated_cal():
+    return _calibration(var=0.2, persistent=0.2)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_v2_removes_the_independent_excess_at_20_steps(name, independent_cal):
+    """The paper's first-order rule under-corrects long steps (Euler ~60 %, Euler a ~40 %); v2 is within 10 %."""
+    removed = _removed(name, independent_cal, var=0.1)
+    assert 0.9 < removed["v2"] < 1.1, removed
+
+
+def test_v2_on_3m_sde_beats_the_paper(independent_cal):
+    removed = _removed("dpmpp_3m_sde", independent_cal, var=0.1)
+    assert removed["v2"] > removed["paper"] + 0.2, removed
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m"])
+def test_v2_removes_most_of_a_correlated_excess(name, correlated_cal):
+    """Half the error kept along each trajectory: the paper's rule removes under 20 %, v2 over 80 %."""
+    removed = _removed(name, correlated_cal, var=0.2, persistent=0.2)
+    assert removed["paper"] < 0.25, removed
+    assert removed["v2"] > 0.8, removed
+
+
+def test_gain_and_bias_are_removed():
+    """d_hat = 1.25 d + 0.2 + noise: the sample's mean and variance return to the FP sampler's with v2 only."""
+    planted = dict(var=0.05, gain=0.25, bias=0.2)
+    cal = _calibration(**planted)
+    x = DATA.prior(20000, 80.0, generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+    fp = qdrift.sample_euler_qdrift(DATA, x, sigmas, disable=True)
+    q = PlantedErrorDenoiser(DATA, seed=1, **planted)
+    paper = qdrift.sample_euler_qdrift(q, x, sigmas, cal, disable=True, method="paper")
+    v2 = qdrift.sample_euler_qdrift(PlantedErrorDenoiser(DATA, seed=1, **planted), x, sigmas, cal, disable=True)
+    mean_err = lambda out: float((out.mean(0) - fp.mean(0)).abs().max())  # noqa: E731
+    var_err = lambda out: float((out.var(0) / fp.var(0) - 1).abs().max())  # noqa: E731
+    assert mean_err(v2) < 0.05 < mean_err(paper)
+    assert var_err(v2) < 0.05 < var_err(paper)
+
+
+def test_calibration_default_is_v2_and_tensor_default_is_paper(independent_cal):
+    x = DATA.prior(64, 80.0, generator=torch.Generator().manual_seed(1))
+    sigmas = qdrift.get_sigmas_karras(12, 0.002, 80.0).double()
+    q = lambda: PlantedErrorDenoiser(DATA, var=0.1, seed=2)  # noqa: E731
+    default = qdrift.sample_euler_qdrift(q(), x, sigmas, independent_cal, disable=True)
+    v2 = qdrift.sample_euler_qdrift(q(), x, sigmas, independent_cal, disable=True, method="v2")
+    paper = qdrift.sample_euler_qdrift(q(), x, sigmas, independent_cal, disable=True, method="paper")
+    assert torch.equal(default, v2) and not torch.equal(default, paper)
+    table = independent_cal.at(sigmas[:-1])
+    assert torch.equal(qdrift.sample_euler_qdrift(q(), x, sigmas, table, disable=True), paper)
+
+
+@pytest.mark.parametrize("name", sorted(qdrift.SAMPLERS))
+def test_v2_at_strength_zero_is_the_plain_sampler(name, independent_cal):
+    x = DATA.prior(16, 80.0, generator=torch.Generator().manual_seed(1))
+    sigmas = qdrift.get_sigmas_karras(8, 0.002, 80.0).double()
+    plain = _run(name, DATA, x, sigmas)
+    assert torch.equal(_run(name, DATA, x, sigmas, independent_cal, strength=0.0), plain)
+
+
+@pytest.mark.parametrize("name", sorted(qdrift.SAMPLERS))
+def test_every_sampler_runs_every_method(name, correlated_cal):
+    x = DATA.prior(16, 80.0, generator=torch.Generator().manual_seed(1)).float()
+    sigmas = qdrift.get_sigmas_karras(6, 0.002, 80.0)
+    for method in ("paper", "exact", "correlated", "v2"):
+        out = _run(name, PlantedErrorDenoiser(DATA, var=0.2, persistent=0.2, seed=4), x, sigmas, correlated_cal,
+                   method=method)
+        assert out.shape == x.shape and out.dtype == x.dtype and bool(torch.isfinite(out).all())
+
+
+def test_bad_method_and_quadrature_outside_the_paper_are_refused(independent_cal):
+    x = DATA.prior(4, 80.0, generator=torch.Generator().manual_seed(1))
+    sigmas = qdrift.get_sigmas_karras(4, 0.002, 80.0).double()
+    with pytest.raises(ValueError, match="method must be one of"):
+        qdrift.sample_euler_qdrift(DATA, x, sigmas, independent_cal, disable=True, method="v3")
+    with pytest.raises(ValueError, match="method='paper'"):
+        qdrift.sample_dpmpp_2m_qdrift(DATA, x, sigmas, independent_cal, disable=True, form="quadrature", method="v2")
+    # form="quadrature" is the paper's rule: without a method it selects it.
+    out = qdrift.sample_dpmpp_2m_qdrift(DATA, x, sigmas, independent_cal, disable=True, form="quadrature")
+    ref = qdrift.sample_dpmpp_2m_qdrift(DATA, x, sigmas, independent_cal, disable=True, form="quadrature",
+                                        method="paper")
+    assert torch.equal(out, ref)
+
+
+def test_balance_coefficient_roots_vertex_and_bound():
+    # 1 + 2 (-3) c + 2 c^2 = 0: roots (3 -+ sqrt(7)) / 2; the one nearest 0 is taken.
+    c = balance_coefficient(torch.tensor([1.0]), torch.tensor([-3.0]), torch.tensor([2.0]), max_c=1.0)
+    assert torch.allclose(c, torch.tensor([(3 - 7**0.5) / 2]))
+    # No real root: the vertex -lin / quad.
+    c = balance_coefficient(torch.tensor([5.0]), torch.tensor([-1.0]), torch.tensor([1.0]), max_c=2.0)
+    assert torch.allclose(c, torch.tensor([1.0]))
+    # Linear only, and the bound.
+    assert torch.allclose(balance_coefficient(torch.tensor([1.0]), torch.tensor([-2.0]), torch.tensor([0.0])),
+                          torch.tensor([0.25]))
+    assert float(balance_coefficient(torch.tensor([100.0]), torch.tensor([-1.0]), torch.tensor([0.0]),
+                                     max_c=0.5)) == 0.5
+
+
+def test_trajectory_sums_merge_and_pool_like_one_pass():
+    gen = torch.Generator().manual_seed(0)
+    x, d, q = (torch.randn(3, 6, 2, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    whole = TrajectorySums.of_batch(x, d, q)
+    parts = TrajectorySums.of_batch(x[:, :2], d[:, :2], q[:, :2]).merge(TrajectorySums.of_batch(x[:, 2:], d[:, 2:], q[:, 2:]))
+    for name, value in whole.tensors().items():
+        assert torch.allclose(value, parts.tensors()[name]), name
+    # The cross-step covariance of delta is the plain covariance over samples and positions.
+    e = (q - d).transpose(1, 2).reshape(3, 2, -1)
+    expected = torch.stack([torch.cov(e[:, c], correction=0) for c in range(2)], -1)
+    assert torch.allclose(whole.residual_covariance(torch.zeros(3, 2, dtype=torch.float64)), expected)
+
+
+def test_calibration_keeps_cross_step_correlation(correlated_cal):
+    """Half the error persists along the trajectory: the calibrated correlation between steps is about 1/2."""
+    rho = correlated_cal.error_correlation(gain=True)
+    off = rho[~torch.eye(rho.shape[0], dtype=torch.bool)]
+    assert abs(float(off.mean()) - 0.5) < 0.05
+
+
+def test_file_round_trip_keeps_the_trajectory_and_old_files_fall_back(tmp_path, independent_cal):
+    path = tmp_path / "cal.qdrift.safetensors"
+    independent_cal.save(path)
+    loaded = qdrift.load_calibration(path)
+    for name, value in independent_cal.trajectory.tensors().items():
+        assert torch.equal(loaded.trajectory.tensors()[name], value)
+    x = DATA.prior(32, 80.0, generator=torch.Generator().manual_seed(1))
+    sigmas = qdrift.get_sigmas_karras(10, 0.002, 80.0).double()
+    q = lambda: PlantedErrorDenoiser(DATA, var=0.1, seed=2)  # noqa: E731
+    assert torch.equal(qdrift.sample_euler_qdrift(q(), x, sigmas, loaded, disable=True),
+                       qdrift.sample_euler_qdrift(q(), x, sigmas, independent_cal, disable=True))
+    # A calibration without trajectory sums (format 1, or a host's paired trace) still corrects, independently,
+    # and says so once.
+    old = type(independent_cal)(independent_cal.sigmas, independent_cal.moments, meta=dict(independent_cal.meta))
+    from qdrift.plan import DriftPlan
+
+    DriftPlan._warned_old = False
+    with pytest.warns(UserWarning, match="no cross-step statistics"):
+        out = qdrift.sample_euler_qdrift(q(), x, sigmas, old, disable=True)
+    assert bool(torch.isfinite(out).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qdrift.sample_euler_qdrift(q(), x, sigmas, old, disable=True)  # once only
