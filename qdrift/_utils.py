@@ -20,6 +20,10 @@ __all__ = [
     "get_sigmas_karras",
     "get_sigmas_exponential",
     "get_ancestral_step",
+    "get_ancestral_step_flow",
+    "ancestral_step",
+    "half_log_snr",
+    "signal_scale",
     "default_noise_sampler",
     "BrownianTreeNoiseSampler",
 ]
@@ -102,6 +106,54 @@ def get_ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: fl
     sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
+
+
+def get_ancestral_step_flow(t_from, t_to, eta: float = 1.0):
+    """The ancestral step of a rectified flow ``x_t = (1 - t) x0 + t eps`` (ComfyUI's "RF" convention).
+
+    Derivation. A deterministic step from ``t_from`` to a lower ``t_down`` leaves ``x_down ~ (1 - t_down) x0 +
+    t_down eps'``: the signal is scaled by ``1 - t_down``, not 1 as in the VE form ``x = x0 + sigma eps``, so
+    fresh noise cannot simply be added. Scaling by ``(1 - t_to) / (1 - t_down)`` gives the right signal
+    ``(1 - t_to) x0`` with noise std ``t_down (1 - t_to) / (1 - t_down)``; independent noise of std
+    ``sigma_up = sqrt(t_to^2 - t_down^2 (1 - t_to)^2 / (1 - t_down)^2)`` brings the noise to ``t_to``. ComfyUI
+    chooses ``t_down = t_to (1 + (t_to / t_from - 1) eta)`` (linear in eta: ``t_to`` at eta 0, ``t_to^2 / t_from``
+    at eta 1), taken here too so strength 0 matches its ``sample_euler_ancestral_RF``.
+
+    Returns:
+        ``(t_down, sigma_up, scale)``: step deterministically to ``t_down``, multiply by ``scale``, add
+        ``sigma_up`` times standard noise.
+    """
+    t_down = t_to * (1 + (t_to / t_from - 1) * eta)
+    scale = (1 - t_to) / (1 - t_down)
+    up2 = t_to**2 - (t_down * scale) ** 2
+    return t_down, (up2 if up2 > 0 else up2 * 0) ** 0.5, scale
+
+
+def ancestral_step(sigma_from, sigma_to, eta: float = 1.0, flow: bool = False):
+    """``(sigma_down, sigma_up, scale)`` of an ancestral step in either state form.
+
+    VE (``x = x0 + sigma eps``): k-diffusion's :func:`get_ancestral_step` and ``scale = 1.0`` (a no-op factor,
+    exact in floating point). Rectified flow: :func:`get_ancestral_step_flow`.
+    """
+    if flow:
+        return get_ancestral_step_flow(sigma_from, sigma_to, eta)
+    return (*get_ancestral_step(sigma_from, sigma_to, eta), 1.0)
+
+
+def half_log_snr(sigma, flow: bool = False):
+    """``lambda = log(alpha / sigma)`` of the state ``x = alpha x0 + sigma eps`` (DPM-Solver's time variable).
+
+    VE (k-diffusion): ``alpha = 1``, ``lambda = -log sigma``. Rectified flow (sigma = t): ``alpha = 1 - t``,
+    ``lambda = log((1 - t) / t)``. Tensors (``[]`` or ``[B]``) or Python floats.
+    """
+    if isinstance(sigma, torch.Tensor):
+        return sigma.logit().neg() if flow else sigma.log().neg()
+    return math.log((1 - sigma) / sigma) if flow else -math.log(sigma)
+
+
+def signal_scale(sigma, flow: bool = False):
+    """``alpha``, the data's coefficient in the state: ``1.0`` (VE, a no-op factor) or ``1 - t`` (flow)."""
+    return 1 - sigma if flow else 1.0
 
 
 def default_noise_sampler(x: torch.Tensor, seed: Optional[int] = None) -> NoiseSampler:

@@ -263,7 +263,7 @@ class FlowDenoiser(nn.Module):
 
     sigma_min = 0.0
     sigma_max = 1.0
-    is_flow = True  # the ancestral / SDE samplers refuse it: their noise formulas assume the VE form
+    is_flow = True  # the ancestral / SDE samplers then inject noise in the flow form (their ``flow`` option)
 
     def __init__(self, inner_model: Callable, time_scale: float = 1.0, shift: float = 1.0):
         super().__init__()

@@ -1,14 +1,15 @@
 """ComfyUI nodes for Q-Drift: "Q-Drift Calibrate" and "Q-Drift Sampler".
 
-Written against ComfyUI's custom-node interface (``INPUT_TYPES`` / ``RETURN_TYPES`` / ``FUNCTION`` classes in
-``NODE_CLASS_MAPPINGS``) and its sampling objects: ``comfy.samplers.KSAMPLER(sampler_function,
+The work (:func:`calibrate`, :func:`get_sampler`) and the input tables live here; two node forms read them: the
+classic one (``INPUT_TYPES`` / ``RETURN_TYPES`` / ``FUNCTION`` classes in ``NODE_CLASS_MAPPINGS``, below) and
+the V3 schema (``nodes_v3.py``, used when ComfyUI has ``comfy_api.v0_0_2``). ComfyUI's sampling objects used: ``comfy.samplers.KSAMPLER(sampler_function,
 extra_options)``, which calls ``sampler_function(model_k, noise, sigmas, extra_args=..., callback=...,
 disable=..., **extra_options)``; ``comfy.samplers.CFGGuider`` (guidance applied before the sampler sees the
 denoised output); ``comfy.sample.prepare_noise``; and ``comfy.utils.ProgressBar``. Checked against
-Comfy-Org/ComfyUI commit e0d4ea77 (comfy/samplers.py).
+Comfy-Org/ComfyUI a125cd84 (v0.3.64), also run inside it (tests/integrations/test_real_hosts.py).
 
-Flow models (SD3, FLUX) need nothing special: ComfyUI presents them to samplers as denoisers with
-sigma = flow time, which is what the qdrift samplers and calibration expect.
+Flow models (SD3, FLUX): ComfyUI presents them to samplers as denoisers with sigma = flow time, which is what the
+qdrift samplers and calibration expect; the ancestral/SDE samplers are told to inject noise in the flow form.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ from qdrift.hosts import (
     STOCHASTIC_SAMPLERS,
     PairedTrace,
     bind_sampler,
+    check_calibration_channels,
+    flow_sde_sigmas,
     load_calibration_cached,
     sampler_names,
     seeded_noise_factory,
 )
+
+from qdrift.hosts._bind import BROWNIAN as SDE_SAMPLERS  # the DPM++ SDE samplers (log-SNR steps, Brownian noise)
 
 try:  # ComfyUI's path registry; absent only in stripped test environments
     import folder_paths
@@ -85,126 +90,201 @@ def resolve_calibration_path(name: str) -> str:
     raise FileNotFoundError("Q-Drift calibration file not found; looked for: " + ", ".join(tried))
 
 
-def _model_sampling_name(model) -> str:
-    try:
-        return type(model.get_model_object("model_sampling")).__name__
-    except Exception:  # a stand-in or an unusual patcher
-        return type(getattr(getattr(model, "model", None), "model_sampling", None)).__name__
+def prediction_type(model) -> str:
+    """The model's prediction type (``EPS``, ``V_PREDICTION``, ``EDM``, ``CONST``, ``X0``, ...).
 
+    ComfyUI builds every ``model_sampling`` as a class named ``ModelSampling`` that mixes a sampling class
+    (``ModelSamplingDiscrete``, ``ModelSamplingDiscreteFlow``... all ``torch.nn.Module``) with a prediction class
+    (comfy/model_sampling.py); the prediction class is the first class of its MRO that is not a module.
 
-class QDriftCalibrate:
-    """Paired calibration through ComfyUI's own CFG guider (pairs taken after CFG).
+    Args:
+        model: a ComfyUI ``ModelPatcher`` (MODEL), or a ``BaseModel``.
 
-    Pass 1 samples the full-precision MODEL with Euler and records every state and denoised output; pass 2
-    evaluates the quantized MODEL on the same states. K trajectories start from K noises drawn from ``seed``.
+    Returns:
+        The prediction class's name, or ``"unknown"`` when the model carries no ``model_sampling``.
     """
+    try:
+        sampling = model.get_model_object("model_sampling")
+    except Exception:  # an unusual patcher, or a BaseModel
+        inner = getattr(model, "model", model)
+        sampling = getattr(inner, "model_sampling", None)
+    if sampling is None:
+        return "unknown"
+    for cls in type(sampling).__mro__:
+        if cls is object or issubclass(cls, torch.nn.Module) or cls.__name__.startswith("ModelSampling"):
+            continue
+        return cls.__name__
+    return type(sampling).__name__
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model_fp": ("MODEL", {"tooltip": "The full-precision model."}),
-                "model_q": ("MODEL", {"tooltip": "The quantized load of the same checkpoint (GGUF, NF4, SVDQuant...)."}),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "latent_image": ("LATENT", {"tooltip": "Sets the latent size; its first item is repeated K times."}),
-                "sigmas": ("SIGMAS", {"tooltip": "The calibration schedule (e.g. BasicScheduler)."}),
-                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
-                "K": ("INT", {"default": 5, "min": 1, "max": 4096, "tooltip": "Number of calibration trajectories."}),
-                "reduce": (REDUCE_CHOICES, {"default": "channel"}),
-                "filename_prefix": ("STRING", {"default": "qdrift/calibration"}),
-            }
-        }
 
-    RETURN_TYPES = (CALIBRATION_TYPE, "STRING")
-    RETURN_NAMES = ("calibration", "path")
-    FUNCTION = "calibrate"
-    OUTPUT_NODE = True
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Measures Q-Drift's per-step quantization-error variance V and writes a qdrift calibration file."
+def _latent_channels(model) -> Optional[int]:
+    """``latent_format.latent_channels`` of a MODEL (ComfyUI's ``BaseModel.latent_format``), if it has one."""
+    inner = getattr(model, "model", model)
+    return getattr(getattr(inner, "latent_format", None), "latent_channels", None)
 
-    def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix):
-        """Runs the two passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
 
-        Returns:
-            ``(calibration, path)``.
+# --------------------------------------------------------------------------------------------- node inputs
+# One table per node, read by the classic INPUT_TYPES and by the V3 schema (nodes_v3.py).
+CALIBRATE_INPUTS = [
+    ("model_fp", "MODEL", {"tooltip": "The full-precision model."}),
+    ("model_q", "MODEL", {"tooltip": "The quantized load of the same checkpoint (GGUF, NF4, SVDQuant...)."}),
+    ("positive", "CONDITIONING", {}),
+    ("negative", "CONDITIONING", {}),
+    ("latent_image", "LATENT", {"tooltip": "Sets the latent size; its first item is repeated K times."}),
+    ("sigmas", "SIGMAS", {"tooltip": "The calibration schedule (e.g. BasicScheduler)."}),
+    ("cfg", "FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+    ("seed", "INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    ("K", "INT", {"default": 5, "min": 1, "max": 4096, "tooltip": "Number of calibration trajectories."}),
+    ("reduce", REDUCE_CHOICES, {"default": "channel"}),
+    ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
+]
+SAMPLER_INPUTS = [
+    ("sampler_name", sampler_names(), {"default": "euler"}),
+    ("calibration_file", "STRING", {"default": "", "tooltip": "A .safetensors file from Q-Drift Calibrate: absolute, or relative to output/ or models/qdrift/. Ignored when a calibration is connected."}),
+    ("reduce", SAMPLER_REDUCE_CHOICES, {"default": "as calibrated", "tooltip": "channel: a V per latent channel; scalar: one pooled V per step (the paper's main setting)."}),
+    ("strength", "FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Multiplier on V (0 = the plain sampler, equal to ComfyUI's own)."}),
+]
+SAMPLER_OPTIONAL_INPUTS = [
+    ("calibration", CALIBRATION_TYPE, {}),
+    ("eta", "FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "Ancestral/SDE noise amount."}),
+    ("s_noise", "FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+    ("form", FORMS, {"default": "first_order", "tooltip": "DPM++ samplers: first-order c or the authors' quadrature c."}),
+    ("correction", CORRECTIONS, {"default": "drift", "tooltip": "Ancestral/SDE samplers: Q-Drift drift, or lower the injected noise."}),
+]
+CALIBRATE_DESCRIPTION = "Measures Q-Drift's per-step quantization-error variance V and writes a qdrift calibration file."
+SAMPLER_DESCRIPTION = "A qdrift sampler (Euler, Euler a, Heun, LMS, DPM++ 2M / 2M SDE / 3M SDE) corrected with a Q-Drift calibration."
+DISPLAY_NAMES = {"QDriftCalibrate": "Q-Drift Calibrate", "QDriftSampler": "Q-Drift Sampler"}
 
-        Raises:
-            ValueError: for an empty schedule, K < 1, an unknown reduce, models with different noise
-                parameterizations, or a filename prefix outside the output folder.
-        """
-        if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-            raise ValueError("Q-Drift Calibrate: sigmas must hold at least 2 values (steps + 1); connect a scheduler")
-        if int(K) < 1:
-            raise ValueError(f"Q-Drift Calibrate: K must be >= 1, got {K}")
-        if reduce not in REDUCE_CHOICES:
-            raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
-        if model_fp is model_q:
-            LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
-        kind_fp, kind_q = _model_sampling_name(model_fp), _model_sampling_name(model_q)
-        if kind_fp != kind_q:
-            raise ValueError(
-                f"Q-Drift Calibrate: the models use different noise parameterizations ({kind_fp} vs {kind_q}); "
-                "load the same checkpoint twice (full precision and quantized)"
-            )
-        latent = latent_image["samples"]
-        if hasattr(comfy.sample, "fix_empty_latent_channels"):
-            latent = comfy.sample.fix_empty_latent_channels(model_fp, latent)
-        latent = latent[:1].repeat((int(K),) + (1,) * (latent.ndim - 1))
-        noise = comfy.sample.prepare_noise(latent, int(seed))
-        steps = sigmas.numel() - 1
-        pbar = comfy.utils.ProgressBar(2 * steps)
-        callback = lambda i, denoised, x, total: pbar.update(1)  # noqa: E731 (ComfyUI's callback signature)
-        trace = PairedTrace(meta={"host": "comfyui", "cfg": float(cfg), "seed": int(seed), "model_sampling": kind_fp})
-        for model, sampler_function in ((model_fp, trace.fp_sampler()), (model_q, trace.q_sampler())):
-            guider = comfy.samplers.CFGGuider(model)
-            guider.set_conds(positive, negative)
-            guider.set_cfg(cfg)
-            guider.sample(
-                noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas,
-                denoise_mask=None, callback=callback, disable_pbar=True, seed=int(seed),
-            )
-        cal = trace.calibration(reduce=reduce)
-        path = self._next_path(filename_prefix)
-        cal.save(path)
-        LOG.info("Q-Drift Calibrate: wrote %s (%s)", path, cal)
-        return (cal, path)
+# Where ComfyUI's own sampler of the same name differs from k-diffusion's, the option that follows ComfyUI
+# (so that strength 0 is ComfyUI's sampler): its sample_lms returns the denoised output on the step to 0.
+HOST_OPTIONS: Dict[str, Dict[str, Any]] = {"lms": {"final_denoise": True}}
 
-    @staticmethod
-    def _next_path(prefix: str) -> str:
-        prefix = (prefix or "qdrift/calibration").strip().replace("\\", "/")
-        if os.path.isabs(prefix) or ".." in prefix.split("/"):
-            raise ValueError(f"Q-Drift Calibrate: filename_prefix must be relative to the output folder, got {prefix!r}")
-        base = os.path.join(_output_dir(), prefix)
-        os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
-        n = 1
-        while os.path.exists(f"{base}_{n:05d}.safetensors"):
-            n += 1
-        return f"{base}_{n:05d}.safetensors"
+
+def _classic(table) -> Dict[str, tuple]:
+    return {name: (kind, dict(opts)) for name, kind, opts in table}
+
+
+# ------------------------------------------------------------------------------------------------ the work
+def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix):
+    """Q-Drift Calibrate: runs the two passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
+
+    Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
+    and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. K trajectories start
+    from K noises drawn from ``seed``. The file records both models' prediction type.
+
+    Returns:
+        ``(calibration, path)``.
+
+    Raises:
+        ValueError: for an empty schedule, K < 1, an unknown reduce, models with different prediction types
+            (EPS / V_PREDICTION / CONST ...), or a filename prefix outside the output folder.
+    """
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError("Q-Drift Calibrate: sigmas must hold at least 2 values (steps + 1); connect a scheduler")
+    if int(K) < 1:
+        raise ValueError(f"Q-Drift Calibrate: K must be >= 1, got {K}")
+    if reduce not in REDUCE_CHOICES:
+        raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
+    if model_fp is model_q:
+        LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
+    kind_fp, kind_q = prediction_type(model_fp), prediction_type(model_q)
+    if kind_fp != kind_q:
+        raise ValueError(
+            f"Q-Drift Calibrate: the models have different prediction types ({kind_fp} vs {kind_q}); "
+            "load the same checkpoint twice (full precision and quantized)"
+        )
+    channels_fp, channels_q = _latent_channels(model_fp), _latent_channels(model_q)
+    if None not in (channels_fp, channels_q) and channels_fp != channels_q:
+        raise ValueError(
+            f"Q-Drift Calibrate: the models have different latent channel counts ({channels_fp} vs {channels_q}); "
+            "load the same checkpoint twice (full precision and quantized)"
+        )
+    latent = latent_image["samples"]
+    if hasattr(comfy.sample, "fix_empty_latent_channels"):
+        latent = comfy.sample.fix_empty_latent_channels(model_fp, latent)
+    latent = latent[:1].repeat((int(K),) + (1,) * (latent.ndim - 1))
+    noise = comfy.sample.prepare_noise(latent, int(seed))
+    steps = sigmas.numel() - 1
+    pbar = comfy.utils.ProgressBar(2 * steps)
+    callback = lambda i, denoised, x, total: pbar.update(1)  # noqa: E731 (ComfyUI's callback signature)
+    trace = PairedTrace(meta={"host": "comfyui", "cfg": float(cfg), "seed": int(seed), "prediction_type": kind_fp})
+    for model, sampler_function in ((model_fp, trace.fp_sampler()), (model_q, trace.q_sampler())):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        guider.sample(
+            noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas,
+            denoise_mask=None, callback=callback, disable_pbar=True, seed=int(seed),
+        )
+    cal = trace.calibration(reduce=reduce)
+    path = _next_path(filename_prefix)
+    cal.save(path)
+    cal.source_file = path  # named in the Q-Drift Sampler's messages when connected directly
+    LOG.info("Q-Drift Calibrate: wrote %s (%s)", path, cal)
+    return (cal, path)
+
+
+def _next_path(prefix: str) -> str:
+    prefix = (prefix or "qdrift/calibration").strip().replace("\\", "/")
+    if os.path.isabs(prefix) or ".." in prefix.split("/"):
+        raise ValueError(f"Q-Drift Calibrate: filename_prefix must be relative to the output folder, got {prefix!r}")
+    base = os.path.join(_output_dir(), prefix)
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
+    n = 1
+    while os.path.exists(f"{base}_{n:05d}.safetensors"):
+        n += 1
+    return f"{base}_{n:05d}.safetensors"
+
+
+def _base_model(model_k):
+    """The ``BaseModel`` behind the sampler's model (``model.inner_model.inner_model``, as ComfyUI's own samplers
+    reach ``model_sampling``): KSamplerX0Inpaint -> guider -> BaseModel."""
+    guider = getattr(model_k, "inner_model", None)
+    return getattr(guider, "inner_model", None)
 
 
 def _is_flow_model(model_k) -> bool:
-    """True for a rectified-flow (``model_sampling`` CONST: SD3, FLUX) model, found the way ComfyUI's own
-    samplers find it (``model.inner_model.inner_model.model_sampling``)."""
-    guider = getattr(model_k, "inner_model", None)
-    sampling = getattr(getattr(guider, "inner_model", None), "model_sampling", None)
-    return sampling is not None and any(c.__name__.endswith("CONST") for c in type(sampling).__mro__)
+    """True for a rectified-flow (prediction type CONST: SD3, FLUX) model."""
+    base = _base_model(model_k)
+    return base is not None and prediction_type(base) == "CONST"
 
 
-def _refuse_flow_for_stochastic(sampler_name: str, fn):
-    """The ancestral/SDE noise formulas assume ``x = x0 + sigma eps``; ComfyUI switches to separate "RF"
-    samplers for flow models, which qdrift does not have: say so instead of sampling wrongly."""
-    if sampler_name not in STOCHASTIC_SAMPLERS:
-        return fn
+def _flow_start(base, sigmas):
+    """The first sigma ComfyUI's own SDE samplers use on a flow model (``offset_first_sigma_for_snr``: the model's
+    ``percent_to_sigma(1e-4)`` in place of t >= 1), so strength 0 stays close to them."""
+    sampling = getattr(base, "model_sampling", None)
+    try:
+        from comfy.k_diffusion.sampling import offset_first_sigma_for_snr
+
+        return flow_sde_sigmas(sigmas, float(offset_first_sigma_for_snr(sigmas, sampling)[0]))
+    except (ImportError, AttributeError, TypeError):  # older ComfyUI, or a stripped one
+        to_sigma = getattr(sampling, "percent_to_sigma", None)
+        return flow_sde_sigmas(sigmas, float(to_sigma(1e-4)) if to_sigma is not None else None)
+
+
+def _guard(sampler_name: str, fn, calibration, source: str):
+    """The sampler as ComfyUI runs it: checks the calibration against the model being sampled first.
+
+    A calibration measured on another latent (4-channel SD1.5 vs 16-channel SD3...) is refused naming the file,
+    its channels and the model's latent format. The ancestral/SDE samplers get ``flow=True`` on flow models
+    (prediction type CONST, as ComfyUI switches to its RF formulas), and the SDE ones ComfyUI's offset first sigma
+    with their Brownian noise laid over the schedule as given, as ComfyUI's own do.
+    """
+    noise_factory = seeded_noise_factory(sampler_name)
 
     @functools.wraps(fn)
     def guarded(model, x, sigmas, *args, **kwargs):
-        if _is_flow_model(model):
-            raise ValueError(
-                f"Q-Drift Sampler: {sampler_name} injects noise in the x = x0 + sigma * eps form, but this is a "
-                "flow model (SD3/FLUX); choose euler, heun, lms or dpmpp_2m"
-            )
+        base = _base_model(model)
+        latent_format = getattr(base, "latent_format", None)
+        channels = getattr(latent_format, "latent_channels", None) or x.shape[1]
+        fmt = f" (latent format {type(latent_format).__name__})" if latent_format is not None else ""
+        check_calibration_channels(calibration, channels, source=source, model=f"the model{fmt}", host="Q-Drift Sampler")
+        if sampler_name in STOCHASTIC_SAMPLERS:
+            kwargs["flow"] = _is_flow_model(model)
+            if kwargs["flow"] and sampler_name in SDE_SAMPLERS:
+                if kwargs.get("noise_sampler") is None:
+                    kwargs["noise_sampler"] = noise_factory(x, sigmas, kwargs.get("extra_args") or {})
+                sigmas = _flow_start(base, sigmas)
         return fn(model, x, sigmas, *args, **kwargs)
 
     return guarded
@@ -216,11 +296,13 @@ def build_sampler(
     *,
     strength: float = 1.0,
     reduce: str = "as calibrated",
+    source: Optional[str] = None,
     **knobs: Any,
 ):
     """The ``comfy.samplers.KSAMPLER`` for a qdrift sampler with a calibration (used by the node).
 
-    Knobs the chosen sampler does not take (``eta`` for Euler, ``form`` for Euler a...) are dropped.
+    Knobs the chosen sampler does not take (``eta`` for Euler, ``form`` for Euler a...) are dropped; the
+    options in :data:`HOST_OPTIONS` make strength 0 equal ComfyUI's own sampler of the same name.
     """
     if sampler_name not in sampler_names():
         raise ValueError(f"Q-Drift Sampler: unknown sampler {sampler_name!r}; choose one of {sampler_names()}")
@@ -228,15 +310,68 @@ def build_sampler(
         raise ValueError(f"Q-Drift Sampler: reduce must be one of {SAMPLER_REDUCE_CHOICES}, got {reduce!r}")
     if not isinstance(strength, (int, float)) or strength < 0 or strength != strength:
         raise ValueError(f"Q-Drift Sampler: strength must be a number >= 0, got {strength!r}")
+    if source is None:
+        source = getattr(calibration, "source_file", None) or "(connected input)"
     if calibration is not None and reduce != "as calibrated":
         calibration = calibration.with_options(reduce=reduce)
-    fn = _refuse_flow_for_stochastic(
-        sampler_name, bind_sampler(sampler_name, noise_sampler_factory=seeded_noise_factory(sampler_name))
+    fn = _guard(
+        sampler_name,
+        bind_sampler(sampler_name, noise_sampler_factory=seeded_noise_factory(sampler_name)),
+        calibration,
+        source,
     )
     accepted = set(inspect.signature(qdrift.SAMPLERS[sampler_name]).parameters)
     extra = {k: v for k, v in knobs.items() if k in accepted}
+    extra.update(HOST_OPTIONS.get(sampler_name, {}))
     extra.update({"V": calibration, "strength": float(strength)})
     return comfy.samplers.KSAMPLER(fn, extra)
+
+
+def get_sampler(sampler_name, calibration_file, reduce, strength, calibration=None, **knobs):
+    """Q-Drift Sampler: the KSAMPLER for the chosen sampler with the connected or named calibration.
+
+    Raises:
+        FileNotFoundError: if the named calibration file is not found (the message lists where it looked).
+        ValueError: for a bad sampler name, reduce, strength or calibration input.
+    """
+    source = None
+    if calibration is None:
+        source = resolve_calibration_path(calibration_file)
+        calibration = load_calibration_cached(source)
+    elif not isinstance(calibration, qdrift.Calibration):
+        raise ValueError(f"Q-Drift Sampler: the calibration input is a {type(calibration).__name__}, not a qdrift Calibration")
+    return build_sampler(sampler_name, calibration, strength=strength, reduce=reduce, source=source, **knobs)
+
+
+def calibration_fingerprint(calibration_file="", **_ignored) -> str:
+    """Changes when the named calibration file on disk changes (ComfyUI caches node outputs)."""
+    try:
+        path = resolve_calibration_path(calibration_file)
+        st = os.stat(path)
+        return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+    except (OSError, ValueError):
+        return ""
+
+
+# ------------------------------------------------------------------------------------- classic node classes
+class QDriftCalibrate:
+    """Paired calibration through ComfyUI's own CFG guider (pairs taken after CFG); see :func:`calibrate`."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": _classic(CALIBRATE_INPUTS)}
+
+    RETURN_TYPES = (CALIBRATION_TYPE, "STRING")
+    RETURN_NAMES = ("calibration", "path")
+    FUNCTION = "calibrate"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = CALIBRATE_DESCRIPTION
+
+    def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix):
+        return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix)
+
+    _next_path = staticmethod(_next_path)
 
 
 class QDriftSampler:
@@ -244,59 +379,37 @@ class QDriftSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "sampler_name": (sampler_names(), {"default": "euler"}),
-                "calibration_file": ("STRING", {"default": "", "tooltip": "A .safetensors file from Q-Drift Calibrate: absolute, or relative to output/ or models/qdrift/. Ignored when a calibration is connected."}),
-                "reduce": (SAMPLER_REDUCE_CHOICES, {"default": "as calibrated", "tooltip": "channel: a V per latent channel; scalar: one pooled V per step (the paper's main setting)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip": "Multiplier on V (0 = the plain sampler)."}),
-            },
-            "optional": {
-                "calibration": (CALIBRATION_TYPE,),
-                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "Ancestral/SDE noise amount."}),
-                "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-                "form": (FORMS, {"default": "first_order", "tooltip": "DPM++ samplers: first-order c or the authors' quadrature c."}),
-                "correction": (CORRECTIONS, {"default": "drift", "tooltip": "Ancestral/SDE samplers: Q-Drift drift, or lower the injected noise."}),
-            },
-        }
+        return {"required": _classic(SAMPLER_INPUTS), "optional": _classic(SAMPLER_OPTIONAL_INPUTS)}
 
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"
     CATEGORY = CATEGORY
-    DESCRIPTION = "A qdrift sampler (Euler, Euler a, Heun, LMS, DPM++ 2M / 2M SDE / 3M SDE) corrected with a Q-Drift calibration."
+    DESCRIPTION = SAMPLER_DESCRIPTION
 
     @classmethod
     def IS_CHANGED(cls, sampler_name="", calibration_file="", reduce="", strength=1.0, calibration=None, **knobs):
         """Re-runs the node when the calibration file on disk changes (ComfyUI caches node outputs)."""
-        try:
-            path = resolve_calibration_path(calibration_file)
-            st = os.stat(path)
-            return f"{path}:{st.st_mtime_ns}:{st.st_size}"
-        except (OSError, ValueError):
-            return ""
+        return calibration_fingerprint(calibration_file)
 
     def get_sampler(self, sampler_name, calibration_file, reduce, strength, calibration=None, **knobs) -> Tuple[Any]:
-        """Returns ``(KSAMPLER,)`` for the chosen sampler with the connected or named calibration.
-
-        Raises:
-            FileNotFoundError: if the named calibration file is not found (the message lists where it looked).
-            ValueError: for a bad sampler name, reduce, strength or calibration input.
-        """
-        if calibration is None:
-            calibration = load_calibration_cached(resolve_calibration_path(calibration_file))
-        elif not isinstance(calibration, qdrift.Calibration):
-            raise ValueError(f"Q-Drift Sampler: the calibration input is a {type(calibration).__name__}, not a qdrift Calibration")
-        return (build_sampler(sampler_name, calibration, strength=strength, reduce=reduce, **knobs),)
+        return (get_sampler(sampler_name, calibration_file, reduce, strength, calibration, **knobs),)
 
 
 NODE_CLASS_MAPPINGS: Dict[str, type] = {
     "QDriftCalibrate": QDriftCalibrate,
     "QDriftSampler": QDriftSampler,
 }
-NODE_DISPLAY_NAME_MAPPINGS: Dict[str, str] = {
-    "QDriftCalibrate": "Q-Drift Calibrate",
-    "QDriftSampler": "Q-Drift Sampler",
-}
+NODE_DISPLAY_NAME_MAPPINGS: Dict[str, str] = dict(DISPLAY_NAMES)
 """Display names; the sampler choice lists every qdrift sampler (labels: ``qdrift.hosts.SAMPLER_LABELS``)."""
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "QDriftCalibrate", "QDriftSampler", "build_sampler", "SAMPLER_LABELS"]
+__all__ = [
+    "NODE_CLASS_MAPPINGS",
+    "NODE_DISPLAY_NAME_MAPPINGS",
+    "QDriftCalibrate",
+    "QDriftSampler",
+    "build_sampler",
+    "calibrate",
+    "get_sampler",
+    "prediction_type",
+    "SAMPLER_LABELS",
+]

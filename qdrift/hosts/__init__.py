@@ -11,13 +11,24 @@ Nothing in the core imports this package. It holds the two pieces every host nee
   :class:`qdrift.Calibration`.
 """
 
-from ._bind import SAMPLER_LABELS, STOCHASTIC_SAMPLERS, bind_sampler, load_calibration_cached, sampler_names, seeded_noise_factory
+from ._bind import (
+    SAMPLER_LABELS,
+    STOCHASTIC_SAMPLERS,
+    bind_sampler,
+    check_calibration_channels,
+    flow_sde_sigmas,
+    load_calibration_cached,
+    sampler_names,
+    seeded_noise_factory,
+)
 from .paired import PairedTrace, PairedTraceError, calibration_from_pairs
 
 __all__ = [
     "SAMPLER_LABELS",
     "STOCHASTIC_SAMPLERS",
     "bind_sampler",
+    "check_calibration_channels",
+    "flow_sde_sigmas",
     "load_calibration_cached",
     "sampler_names",
     "seeded_noise_factory",

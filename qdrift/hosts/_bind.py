@@ -13,7 +13,16 @@ from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
 from ..samplers import SAMPLERS
 
-__all__ = ["SAMPLER_LABELS", "STOCHASTIC_SAMPLERS", "sampler_names", "bind_sampler", "load_calibration_cached", "seeded_noise_factory"]
+__all__ = [
+    "SAMPLER_LABELS",
+    "STOCHASTIC_SAMPLERS",
+    "sampler_names",
+    "bind_sampler",
+    "load_calibration_cached",
+    "seeded_noise_factory",
+    "check_calibration_channels",
+    "flow_sde_sigmas",
+]
 
 SAMPLER_LABELS: Dict[str, str] = {
     "euler": "Euler Q-Drift",
@@ -27,7 +36,8 @@ SAMPLER_LABELS: Dict[str, str] = {
 """Short qdrift sampler name -> the label hosts show (A1111/Forge sampler list, ComfyUI choices)."""
 
 STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
-"""Samplers that inject noise in the ``x = x0 + sigma * eps`` form: hosts refuse them on flow models (SD3, FLUX)."""
+"""Samplers that inject noise: their noise formulas depend on the state form, so hosts pass ``flow=True`` for flow
+models (SD3, FLUX) and :func:`flow_sde_sigmas` for the SDE ones."""
 
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
 BROWNIAN = frozenset({"dpmpp_2m_sde", "dpmpp_3m_sde"})
@@ -183,3 +193,37 @@ def load_calibration_cached(path: str) -> Calibration:
     with _CACHE_LOCK:
         _CACHE[full] = (key, cal)
     return cal
+
+
+def check_calibration_channels(calibration: Any, channels: int, *, source: str, model: str = "the model", host: str = "Q-Drift") -> None:
+    """Refuses a calibration measured on a latent with another channel count, before sampling starts.
+
+    Args:
+        calibration: a :class:`qdrift.Calibration` (or anything with ``channels``); None passes.
+        channels: the latent channel count of the model about to be sampled.
+        source: where the calibration came from (its file name), for the message.
+        model: how to name the model (e.g. ``"the model (latent format SD15)"``).
+        host: the message prefix (the node's or extension's name).
+
+    Raises:
+        ValueError: naming the file, its channel count and the model's.
+    """
+    have = getattr(calibration, "channels", None)
+    if calibration is None or have is None or have in (1, int(channels)):
+        return
+    raise ValueError(
+        f"{host}: the calibration {source} was measured on a {have}-channel latent, but {model} has {int(channels)} "
+        "latent channels; calibrate this model"
+    )
+
+
+def flow_sde_sigmas(sigmas: torch.Tensor, start: Optional[float] = None) -> torch.Tensor:
+    """A flow schedule for the SDE samplers, whose half-log-SNR is -inf at t = 1: a first sigma >= 1 is replaced
+    by ``start`` (default ``1 - 1e-4``; ComfyUI uses its model's ``percent_to_sigma(1e-4)``). Other schedules are
+    returned as they are.
+    """
+    if sigmas.numel() < 2 or float(sigmas[0]) < 1:
+        return sigmas
+    sigmas = sigmas.clone()
+    sigmas[0] = 1 - 1e-4 if start is None else start
+    return sigmas

@@ -20,7 +20,15 @@ import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from ._bind import SAMPLER_LABELS, STOCHASTIC_SAMPLERS, bind_sampler, load_calibration_cached
+from ._bind import (
+    BROWNIAN,
+    SAMPLER_LABELS,
+    STOCHASTIC_SAMPLERS,
+    bind_sampler,
+    check_calibration_channels,
+    flow_sde_sigmas,
+    load_calibration_cached,
+)
 
 __all__ = [
     "SAMPLER_OPTIONS",
@@ -30,12 +38,14 @@ __all__ = [
     "make_sampler",
     "sampler_entries",
     "register_samplers",
+    "register_aliases",
     "active_pass",
     "is_qdrift_sampler",
     "calibration_pass",
     "run_calibration_pass",
     "PHASES",
     "REDUCE_CHOICES",
+    "STRENGTH_FROM_SETTINGS",
 ]
 
 # Default schedule and noise options per sampler, as the host's own entries of the same family use them.
@@ -50,6 +60,9 @@ SAMPLER_OPTIONS: Dict[str, Dict[str, Any]] = {
 }
 
 REDUCE_CHOICES = ["as calibrated", "channel", "scalar"]
+
+STRENGTH_FROM_SETTINGS = -1.0
+"""The per-generation panel's strength meaning "the one in Settings" (its default)."""
 
 _LOCAL = threading.local()
 
@@ -166,45 +179,52 @@ def is_flow_model(p: Any) -> bool:
     return any(k in cls.__name__ for cls in type(predictor).__mro__ for k in ("Flow", "Flux"))
 
 
+def _checkpoint_name(p: Any) -> str:
+    info = getattr(getattr(p, "sd_model", None), "sd_checkpoint_info", None)
+    name = getattr(info, "name_for_extra", None) or getattr(info, "name", None)
+    return f"the loaded checkpoint ({name})" if name else "the loaded checkpoint"
+
+
 def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None) -> Callable:
     """The function a webui ``KDiffusionSampler`` runs for the qdrift sampler ``name``.
 
-    The ancestral/SDE samplers refuse flow models (:func:`is_flow_model`) with a clear error: their noise formulas
-    assume ``x = x0 + sigma * eps``.
+    On flow models (:func:`is_flow_model`) the ancestral/SDE samplers inject noise in the flow form (``flow=True``;
+    Forge's own "Euler a" does the same through its RF variant, its DPM++ SDE samplers do not), the SDE ones from
+    ``t = 1 - 1e-4`` when the schedule starts at 1. A calibration measured on another latent channel count is
+    refused naming the file, its channels and the model's.
 
-    It keeps the qdrift sampler's signature (so the host passes ``sigmas``, ``eta``, ``noise_sampler``), reads
-    the calibration for each generation from :class:`Settings`, draws per-step noise through the host's seeded
-    ``k_diffusion.sampling.torch.randn_like``, and runs the 'Q-Drift calibrate' script's pass when one is active.
+    It keeps the qdrift sampler's signature (so the host passes ``sigmas``, ``eta``, ``noise_sampler`` and, once
+    :func:`sampler_entries` registered them, ``s_churn``...), reads the calibration for each generation from
+    :class:`Settings`, draws per-step noise through the host's seeded ``k_diffusion.sampling.torch.randn_like``,
+    and runs the 'Q-Drift calibrate' script's pass when one is active.
 
     Args:
         name: short qdrift sampler name (``"euler"``, ``"dpmpp_2m"``, ...).
         settings: where to read the calibration.
         kdiffusion_sampling: the host's ``k_diffusion.sampling`` module (for seeded noise), or None.
     """
-
-    def resolve(model, extra_args):
-        path, strength, reduce = settings.for_processing(getattr(model, "p", None))
-        cal = load_calibration_cached(resolve_calibration_path(path, settings.models_dir))
-        if reduce not in REDUCE_CHOICES:
-            raise ValueError(f"Q-Drift: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
-        if reduce != "as calibrated":
-            cal = cal.with_options(reduce=reduce)
-        return cal, strength
-
-    bound = bind_sampler(name, resolve=resolve, noise_sampler_factory=_host_noise_factory(kdiffusion_sampling))
+    bound = bind_sampler(name, noise_sampler_factory=_host_noise_factory(kdiffusion_sampling))
 
     def sampler(model, x, sigmas, V=None, extra_args=None, callback=None, disable=None, **kw):
-        if name in STOCHASTIC_SAMPLERS and is_flow_model(getattr(model, "p", None)):
-            raise ValueError(
-                f"Q-Drift: {SAMPLER_LABELS[name]} injects noise in the x = x0 + sigma * eps form, but this is a flow "
-                "model (SD3/FLUX); choose Euler, Heun, LMS or DPM++ 2M Q-Drift"
-            )
+        p = getattr(model, "p", None)
+        if name in STOCHASTIC_SAMPLERS:
+            kw["flow"] = is_flow_model(p)
+            if kw["flow"] and name in BROWNIAN:
+                sigmas = flow_sde_sigmas(sigmas)
         calib = active_pass()
         if calib is not None:
             return calib(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
-        if V is not None:
-            kw["V"] = V
-        return bound(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kw)
+        if V is None:
+            path, strength, reduce = settings.for_processing(p)
+            if reduce not in REDUCE_CHOICES:
+                raise ValueError(f"Q-Drift: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
+            path = resolve_calibration_path(path, settings.models_dir)
+            V = load_calibration_cached(path)
+            check_calibration_channels(V, x.shape[1], source=path, model=_checkpoint_name(p))
+            if reduce != "as calibrated":
+                V = V.with_options(reduce=reduce)
+            kw.setdefault("strength", strength)
+        return bound(model, x, sigmas, V, extra_args=extra_args, callback=callback, disable=disable, **kw)
 
     sampler.__signature__ = bound.__signature__
     sampler.__name__ = bound.__name__
@@ -214,23 +234,41 @@ def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None)
 
 
 def sampler_entries(
-    SamplerData: Callable, KDiffusionSampler: Callable, settings: Settings, kdiffusion_sampling: Any = None
+    SamplerData: Callable,
+    KDiffusionSampler: Callable,
+    settings: Settings,
+    kdiffusion_sampling: Any = None,
+    extra_params: Optional[Dict[Any, List[str]]] = None,
 ) -> list:
-    """One host ``SamplerData`` per qdrift sampler, labelled ``"Euler Q-Drift"``, ``"DPM++ 2M Q-Drift"``..."""
+    """One host ``SamplerData`` per qdrift sampler, labelled ``"Euler Q-Drift"``, ``"DPM++ 2M Q-Drift"``...
+
+    Args:
+        SamplerData, KDiffusionSampler: the host's classes.
+        settings: where the samplers read their calibration.
+        kdiffusion_sampling: the host's ``k_diffusion.sampling`` (seeded noise), or None.
+        extra_params: the host's ``sd_samplers_kdiffusion.sampler_extra_params``. The host passes ``s_churn``,
+            ``s_tmin``, ``s_tmax``, ``s_noise`` only to functions listed there, looked up by what the entry hands
+            ``KDiffusionSampler`` (here the function object); each qdrift function is listed with the knobs of
+            the built-in of the same name (``sample_euler``: all four; ``sample_dpmpp_2m_sde``: ``s_noise``...).
+    """
     entries = []
     for name, label in SAMPLER_LABELS.items():
         fn = make_sampler(name, settings, kdiffusion_sampling)
+        if extra_params is not None and extra_params.get(f"sample_{name}"):
+            extra_params[fn] = list(extra_params[f"sample_{name}"])
         options = dict(SAMPLER_OPTIONS[name], qdrift=name)
         entries.append(SamplerData(label, lambda model, fn=fn: KDiffusionSampler(fn, model), [f"qdrift_{name}"], options))
     return entries
 
 
 def register_samplers(sd_samplers: Any, entries: Iterable) -> List[str]:
-    """Adds the entries to the host's sampler list (Forge's ``add_sampler``, else A1111's lists + ``set_samplers``).
+    """Adds the entries to the host's sampler list (Forge's ``add_sampler``, else A1111's lists + ``set_samplers``),
+    then their aliases (:func:`register_aliases`).
 
     Returns:
         The names added (an entry whose name is already registered is skipped).
     """
+    entries = list(entries)
     added = []
     existing = {x.name for x in sd_samplers.all_samplers}
     for entry in entries:
@@ -245,6 +283,30 @@ def register_samplers(sd_samplers: Any, entries: Iterable) -> List[str]:
         added.append(entry.name)
     if added and not hasattr(sd_samplers, "add_sampler") and hasattr(sd_samplers, "set_samplers"):
         sd_samplers.set_samplers()
+    register_aliases(sd_samplers, entries)
+    return added
+
+
+def register_aliases(sd_samplers: Any, entries: Iterable) -> List[str]:
+    """Makes the aliases (``qdrift_euler``...) select the samplers through the API and pasted infotext.
+
+    Both hosts look a ``sampler_name`` up in ``all_samplers_map`` by display name only (and fall back silently to
+    the first sampler); the aliases are added there as extra keys. Forge rebuilds that map whenever an extension
+    calls ``add_sampler``, so the extension calls this again once the app has started. The memoized
+    ``get_sampler_and_scheduler`` is cleared so no earlier fallback sticks.
+
+    Returns:
+        The aliases added.
+    """
+    added = []
+    for entry in entries:
+        for alias in entry.aliases:
+            if sd_samplers.all_samplers_map.get(alias) is None:
+                sd_samplers.all_samplers_map[alias] = entry
+                added.append(alias)
+    clear = getattr(getattr(sd_samplers, "get_sampler_and_scheduler", None), "cache_clear", None)
+    if added and clear is not None:
+        clear()
     return added
 
 
@@ -278,6 +340,32 @@ def _note(processed: Any, message: str) -> None:
         processed.comments = ((processed.comments or "") + "\n" + message).strip()
 
 
+class _plain_euler_entry:
+    """While active, the host's "Euler" entry runs the calibration pass (a plain Euler trajectory).
+
+    The passes must run through a qdrift function (it records or replays), yet their images are plain Euler: the
+    infotext must say ``Sampler: Euler`` (pasting it back then selects Euler) and carry no Q-Drift settings. So the
+    generation keeps ``sampler_name = "Euler"`` and the "Euler" entry of ``all_samplers_map`` (where both hosts'
+    ``create_sampler`` looks) builds a ``KDiffusionSampler`` around the pass for the duration; it is restored after.
+    """
+
+    def __init__(self, sd_samplers: Any, KDiffusionSampler: Callable):
+        self.map = sd_samplers.all_samplers_map
+        self.original = self.map.get("Euler")
+        if self.original is None:
+            raise ValueError("Q-Drift calibrate: the webui has no 'Euler' sampler to run the calibration passes with")
+        fn = make_sampler("euler", Settings(None))  # runs the active pass; never reads settings while one is
+        self.entry = self.original._replace(constructor=lambda model: KDiffusionSampler(fn, model))
+
+    def __enter__(self):
+        self.map["Euler"] = self.entry
+        return self
+
+    def __exit__(self, *exc):
+        self.map["Euler"] = self.original
+        return False
+
+
 def run_calibration_pass(
     p: Any,
     phase: str,
@@ -286,15 +374,19 @@ def run_calibration_pass(
     reduce: str,
     *,
     process_images: Callable[[Any], Any],
+    sd_samplers: Any,
+    KDiffusionSampler: Callable,
     models_dir: Optional[str] = None,
     checkpoint: Optional[str] = None,
 ) -> Any:
     """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
 
-    Pass 1 (full-precision checkpoint loaded): generates normally with "Euler Q-Drift" replaced by a
-    recording Euler pass and saves the trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds
-    and settings, evaluates the quantized model on the recorded states, and writes the calibration.
-    K = batch count x batch size.
+    Pass 1 (full-precision checkpoint loaded): generates with plain Euler, recording the trajectory, and saves the
+    trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds and settings, evaluates the quantized
+    model on the recorded states (the images stay pass 1's full-precision Euler result), and writes the
+    calibration. K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
+    are) with a ``Q-Drift calibration pass`` field; pass 2 adds ``Q-Drift calibration written: <path>``, which
+    the API returns in ``info`` (``extra_generation_params`` and ``infotexts``).
 
     Args:
         p: the host's processing object.
@@ -303,6 +395,8 @@ def run_calibration_pass(
         out_path: calibration file to write in pass 2 (same rule).
         reduce: ``"channel"`` or ``"scalar"``.
         process_images: the host's ``modules.processing.process_images``.
+        sd_samplers: the host's ``modules.sd_samplers`` (its "Euler" entry runs the pass).
+        KDiffusionSampler: the host's ``sd_samplers_kdiffusion.KDiffusionSampler``.
         models_dir: the host's models directory.
         checkpoint: name of the loaded checkpoint, stored for the record.
 
@@ -323,10 +417,12 @@ def run_calibration_pass(
     if reduce not in ("channel", "scalar"):
         raise ValueError(f"Q-Drift calibrate: reduce must be 'channel' or 'scalar', got {reduce!r}")
     trace_file = _in_models(trace_path, models_dir)
-    p.sampler_name = SAMPLER_LABELS["euler"]
+    p.sampler_name = "Euler"
+    p.extra_generation_params["Q-Drift calibration pass"] = phase
+    plain_euler = _plain_euler_entry(sd_samplers, KDiffusionSampler)
     if phase == PHASES[0]:
         trace = PairedTrace(meta={"host": "sd-webui", "checkpoint_fp": checkpoint})
-        with calibration_pass(trace.fp_sampler()):
+        with calibration_pass(trace.fp_sampler()), plain_euler:
             processed = process_images(p)
         if not trace.runs:
             raise PairedTraceError("Q-Drift calibrate: the sampler never ran (was the generation interrupted?)")
@@ -344,7 +440,11 @@ def run_calibration_pass(
         p.seed = int(seeds[0])
     for k, v in (trace.meta.get("settings") or {}).items():
         setattr(p, k, v)
-    with calibration_pass(trace.q_sampler()):
+    out_file = _in_models(out_path, models_dir)
+    if not out_file.endswith(".safetensors"):
+        out_file += ".safetensors"
+    p.extra_generation_params["Q-Drift calibration written"] = out_file
+    with calibration_pass(trace.q_sampler()), plain_euler:
         processed = process_images(p)
     if not trace.complete:
         raise PairedTraceError(
@@ -352,9 +452,6 @@ def run_calibration_pass(
             "batch count and batch size as in pass 1"
         )
     cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint})
-    out_file = _in_models(out_path, models_dir)
-    if not out_file.endswith(".safetensors"):
-        out_file += ".safetensors"
     os.makedirs(os.path.dirname(out_file) or ".", exist_ok=True)
     cal.save(out_file)
     _note(processed, f"Q-Drift: wrote {out_file} ({cal}). Select it in Settings > Q-Drift or the Q-Drift panel.")

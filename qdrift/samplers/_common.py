@@ -59,14 +59,14 @@ def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Te
     return noise if factor is None else noise * channel_view(factor, noise).to(noise.dtype)
 
 
-def reject_flow(model, name: str) -> None:
-    """Ancestral and SDE noise formulas assume ``x = x0 + sigma eps``; a rectified-flow state is not that."""
-    if getattr(model, "is_flow", False):
-        raise ValueError(
-            f"{name}: this sampler's noise injection assumes the VE form x = x0 + sigma * eps, but the model is a "
-            "rectified flow (FlowDenoiser, sigma = t); use sample_euler_qdrift, sample_heun_qdrift, "
-            "sample_lms_qdrift or sample_dpmpp_2m_qdrift"
-        )
+def resolve_flow(model, flow: Optional[bool], name: str) -> bool:
+    """The state form a stochastic sampler injects noise for: ``flow`` when given, else the model's ``is_flow``
+    (:class:`qdrift.adapters.FlowDenoiser` sets it). Hosts pass ``flow`` (ComfyUI: prediction type CONST)."""
+    if flow is None:
+        return bool(getattr(model, "is_flow", False))
+    if not isinstance(flow, bool):
+        raise ValueError(f"{name}: flow must be True, False or None (from the model), got {flow!r}")
+    return flow
 
 
 def weighted_q(
@@ -81,4 +81,4 @@ def weighted_q(
     return q
 
 
-__all__ = ["setup", "check_form", "scale_noise", "reject_flow", "weighted_q"]
+__all__ = ["setup", "check_form", "scale_noise", "resolve_flow", "weighted_q"]

@@ -13,9 +13,9 @@ from typing import Callable, List, Optional
 import torch
 from tqdm.auto import trange
 
-from .._utils import BrownianTreeNoiseSampler
+from .._utils import BrownianTreeNoiseSampler, half_log_snr, signal_scale
 from ..validation import check_knobs
-from ._common import check_form, reject_flow, scale_noise, setup, weighted_q
+from ._common import check_form, resolve_flow, scale_noise, setup, weighted_q
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -48,9 +48,14 @@ def _terms(step: Callable, n: int, sig: List[float], i: int, *coeffs):
     return w, terms
 
 
-def _log_steps(sig: List[float], i: int) -> torch.Tensor:
-    """``h = log(sigma_i / sigma_{i+1})`` as a float64 CPU tensor (inf for the step to sigma = 0)."""
-    return torch.tensor(math.inf if sig[i + 1] == 0 else math.log(sig[i] / sig[i + 1]), dtype=torch.float64)
+def _log_steps(sig: List[float], i: int, flow: bool = False) -> torch.Tensor:
+    """``h = lambda_{i+1} - lambda_i`` as a float64 CPU tensor (inf for the step to sigma = 0): VE
+    ``log(sigma_i / sigma_{i+1})``; flow :func:`qdrift._utils.half_log_snr` differences."""
+    if sig[i + 1] == 0:
+        return torch.tensor(math.inf, dtype=torch.float64)
+    if flow:
+        return torch.tensor(half_log_snr(sig[i + 1], True) - half_log_snr(sig[i], True), dtype=torch.float64)
+    return torch.tensor(math.log(sig[i] / sig[i + 1]), dtype=torch.float64)
 
 
 def _step_2m(x, denoised, old_denoised, ratio, h, r):
@@ -141,18 +146,20 @@ def _q_2m(table, form, sig, i, first):
 sample_dpmpp_2m_qdrift.__doc__ = sample_dpmpp_2m_qdrift.__doc__.format(form_doc=_FORM_DOC)
 
 
-def _step_2m_sde(x, denoised, old_denoised, ratio, h, eta, r, solver_type):
+def _step_2m_sde(x, denoised, old_denoised, ratio, h, eta, r, solver_type, alpha=1.0):
     """The deterministic part of a DPM-Solver++(2M) SDE step (k-diffusion's form, data prediction).
 
-    ``ratio = sigma_{i+1} / sigma_i``, ``h = log(sigma_i / sigma_{i+1})``, ``r = h_{i-1} / h``.
+    ``ratio = sigma_{i+1} / sigma_i``, ``h = lambda_{i+1} - lambda_i`` (:func:`qdrift._utils.half_log_snr`),
+    ``r = h_{i-1} / h``, ``alpha = alpha_{i+1}`` the data's scale in the state (1.0 in the VE form, where this is
+    k-diffusion's expression bit for bit; ``1 - t_{i+1}`` for a flow, see :func:`sample_dpmpp_2m_sde_qdrift`).
     """
     eta_h = eta * h
-    x = ratio * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+    x = ratio * (-eta_h).exp() * x + alpha * (-h - eta_h).expm1().neg() * denoised
     if old_denoised is not None:
         if solver_type == "heun":
-            x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+            x = x + alpha * ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
         else:
-            x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            x = x + alpha * 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
     return x
 
 
@@ -170,12 +177,35 @@ def _denoising_step(x, denoised, plan, form, sig, i):
     return plan.step(i, x, denoised, sig[i], 0.0, q=q, quadrature=form == "quadrature")[0]
 
 
-def _sde_levels(sig, i, eta, s_noise):
+def _sde_levels(sig, i, eta, s_noise, flow=False):
     """Host-side ``(h, sigma_eff, noise_std)`` of an SDE step: its deterministic part reaches
-    ``sigma_eff = sigma_{i+1} exp(-eta h)``; fresh noise of std ``sigma_{i+1} sqrt(1 - exp(-2 eta h)) s_noise``."""
-    h = _log_steps(sig, i)
+    ``sigma_eff = sigma_{i+1} exp(-eta h)``; fresh noise of std ``sigma_{i+1} sqrt(1 - exp(-2 eta h)) s_noise``
+    (both state forms; only ``h`` differs)."""
+    h = _log_steps(sig, i, flow)
     sigma_eff = sig[i + 1] * math.exp(-eta * float(h))
     return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
+
+
+def _check_flow_start(name, sig, flow):
+    """A flow's half-log-SNR is -inf at t = 1: the schedule must start below it (ComfyUI offsets its first sigma
+    with ``offset_first_sigma_for_snr``; the ComfyUI node does the same before calling)."""
+    if flow and sig[0] >= 1:
+        raise ValueError(
+            f"{name}: on a flow model the schedule must start below t = 1 (log-SNR is -inf there), got {sig[0]}; "
+            "start at e.g. 1 - 1e-4"
+        )
+
+
+_FLOW_DOC = """On a rectified flow (``flow``; sigma = t, ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = 1 - t``,
+    ``sigma_t = t``) the DPM-Solver++ SDE step is the same exponential integrator in ``lambda = log(alpha /
+    sigma)`` (Lu et al. 2022; ComfyUI computes both forms this way):
+    ``x_{i+1} = (sigma_{i+1} / sigma_i) e^{-eta h} x_i + alpha_{i+1} (1 - e^{-(1 + eta) h}) D_i + ...
+    + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z`` with ``h = lambda_{i+1} - lambda_i``. In the VE form
+    ``alpha = 1`` and ``lambda = -log sigma`` (k-diffusion's expressions, kept bit for bit); for a flow
+    ``lambda = log((1 - t) / t)`` and every denoised term carries ``alpha_{i+1} = 1 - t_{i+1}``. The noise
+    the x term keeps is ``(t_{i+1} / t_i) e^{-eta h} t_i = t_{i+1} e^{-eta h}``, so ``sigma_eff`` and the
+    fresh noise std keep their formulas in ``t`` with the flow's ``h``; the correction is applied as for the
+    VE form with sigma = t (the paper's flow heuristic). The schedule must start below t = 1."""
 
 
 @torch.no_grad()
@@ -196,6 +226,7 @@ def sample_dpmpp_2m_sde_qdrift(
     form: str = "first_order",
     correction: str = "drift",
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE with Q-Drift.
 
@@ -205,6 +236,8 @@ def sample_dpmpp_2m_sde_qdrift(
     deterministic increment by ``(1 + c_i)`` with ``sigma_eff`` in place of ``sigma_{{i+1}}``;
     ``correction="noise"`` lowers the fresh noise's variance by the step's quantization variance instead
     (leftover, and the final denoising step, by drift).
+
+    {flow_doc}
 
     {form_doc}
 
@@ -221,6 +254,7 @@ def sample_dpmpp_2m_sde_qdrift(
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"`` or ``"noise"``.
+        flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -230,8 +264,9 @@ def sample_dpmpp_2m_sde_qdrift(
         raise ValueError(f"{name}: solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
-    reject_flow(model, name)
+    flow = resolve_flow(model, flow, name)
     plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     old_denoised, h_last, h_last_cpu = None, None, None
@@ -242,20 +277,22 @@ def sample_dpmpp_2m_sde_qdrift(
         if sigmas[i + 1] == 0:
             x = _denoising_step(x, denoised, plan, form, sig, i)
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
             r = None if old_denoised is None else h_last / h
-            x_base = _step_2m_sde(x, denoised, old_denoised, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type)
-            h_cpu, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise)
+            alpha = signal_scale(sigmas[i + 1], flow)
+            x_base = _step_2m_sde(x, denoised, old_denoised, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type, alpha)
+            h_cpu, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise, flow)
+            a_cpu = signal_scale(sig[i + 1], flow)
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
                 ratio = sig[i + 1] / sig[i]
                 if old_denoised is None:
-                    step = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type)  # noqa: E731
+                    step = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
                     w, terms = _terms(step, 1, sig, i)
                 else:
                     r_cpu = h_last_cpu / h_cpu
-                    step = lambda x_, a, b: _step_2m_sde(x_, a, b, ratio, h_cpu, eta, r_cpu, solver_type)  # noqa: E731
+                    step = lambda x_, a, b: _step_2m_sde(x_, a, b, ratio, h_cpu, eta, r_cpu, solver_type, a_cpu)  # noqa: E731
                     w, terms = _terms(step, 2, sig, i)
                 if form == "quadrature":
                     q = weighted_q(plan.table, [i, i - 1][: len(w)], w, sig)
@@ -272,13 +309,19 @@ def sample_dpmpp_2m_sde_qdrift(
     return model.final(x.to(dtype))
 
 
-sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)
+sample_dpmpp_2m_sde_qdrift.__doc__ = sample_dpmpp_2m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC, flow_doc=_FLOW_DOC)
 
 
-def _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta):
-    """The deterministic part of a DPM-Solver++(3M) SDE step (k-diffusion's form)."""
+def _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta, ratio=None, alpha=1.0):
+    """The deterministic part of a DPM-Solver++(3M) SDE step (k-diffusion's form).
+
+    VE form (``ratio=None``, ``alpha=1.0``): k-diffusion's expressions bit for bit, the x coefficient
+    ``exp(-(1 + eta) h)``. Flow form: the x coefficient ``ratio exp(-eta h)`` (``ratio = t_{i+1} / t_i``; equal to
+    the former in the VE form only) and ``alpha = 1 - t_{i+1}`` on every denoised term.
+    """
     h_eta = h * (eta + 1)
-    x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+    decay = torch.exp(-h_eta) if ratio is None else ratio * (-h * eta).exp()
+    x = decay * x + alpha * (-h_eta).expm1().neg() * denoised
     if h_2 is not None:
         r0 = h_1 / h
         r1 = h_2 / h
@@ -288,12 +331,12 @@ def _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta):
         d2 = (d1_0 - d1_1) / (r0 + r1)
         phi_2 = h_eta.neg().expm1() / h_eta + 1
         phi_3 = phi_2 / h_eta - 0.5
-        x = x + phi_2 * d1 - phi_3 * d2
+        x = x + (alpha * phi_2) * d1 - (alpha * phi_3) * d2
     elif h_1 is not None:
         r = h_1 / h
         d = (denoised - denoised_1) / r
         phi_2 = h_eta.neg().expm1() / h_eta + 1
-        x = x + phi_2 * d
+        x = x + (alpha * phi_2) * d
     return x
 
 
@@ -314,6 +357,7 @@ def sample_dpmpp_3m_sde_qdrift(
     form: str = "first_order",
     correction: str = "drift",
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE with Q-Drift.
 
@@ -322,6 +366,8 @@ def sample_dpmpp_3m_sde_qdrift(
     the module docstring); the fresh variance a step injects is ``(sigma_i - sigma_eff)^2 V_i`` in the
     first-order form, ``sum_j (w_j sigma_j)^2 V_j`` in the quadrature form. Noise handling as in
     :func:`sample_dpmpp_2m_sde_qdrift`.
+
+    {flow_doc}
 
     {form_doc}
 
@@ -335,6 +381,7 @@ def sample_dpmpp_3m_sde_qdrift(
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"`` or ``"noise"``.
+        flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -342,8 +389,9 @@ def sample_dpmpp_3m_sde_qdrift(
     name = "sample_dpmpp_3m_sde_qdrift"
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
-    reject_flow(model, name)
+    flow = resolve_flow(model, flow, name)
     plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = _sde_setup(x, sigmas, noise_sampler)
     denoised_1, denoised_2 = None, None
@@ -356,16 +404,20 @@ def sample_dpmpp_3m_sde_qdrift(
         if sigmas[i + 1] == 0:
             x = _denoising_step(x, denoised, plan, form, sig, i)
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
-            hc, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise)
-            x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta)
+            hc, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise, flow)
+            ratio = sigmas[i + 1] / sigmas[i] if flow else None  # the flow's x coefficient (see _step_3m_sde)
+            x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta, ratio,
+                                  signal_scale(sigmas[i + 1], flow))
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
                 n = 1 + (hc_1 is not None) + (hc_2 is not None)
+                r_cpu = sig[i + 1] / sig[i] if flow else None
 
                 def step(x_, *ds):
-                    return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, hc_1, hc_2, eta)
+                    return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, hc_1, hc_2, eta, r_cpu,
+                                        signal_scale(sig[i + 1], flow))
 
                 w, terms = _terms(step, n, sig, i)
                 if form == "quadrature":
@@ -384,4 +436,4 @@ def sample_dpmpp_3m_sde_qdrift(
     return model.final(x.to(dtype))
 
 
-sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC)
+sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC, flow_doc=_FLOW_DOC)

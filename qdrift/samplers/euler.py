@@ -10,8 +10,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import trange
 
-from .._utils import default_noise_sampler, get_ancestral_step, to_d
-from ._common import CORRECTIONS, reject_flow, scale_noise, setup
+from .._utils import ancestral_step, default_noise_sampler, to_d
+from ._common import CORRECTIONS, resolve_flow, scale_noise, setup
 from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
@@ -111,8 +111,15 @@ def sample_euler_ancestral_qdrift(
     strength: float = 1.0,
     correction: str = "drift",
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """Ancestral Euler with Q-Drift (paper Sec. 3.2): Euler to ``sigma_down`` with ``c_i``, then fresh noise.
+
+    On a rectified flow (``flow``; sigma = t, ``x = (1 - t) x0 + t eps``) the step follows
+    :func:`qdrift._utils.get_ancestral_step_flow` (derivation there; ComfyUI's ``sample_euler_ancestral_RF``):
+    Euler to ``t_down``, scale by ``(1 - t_{i+1}) / (1 - t_down)``, then noise of std ``sigma_up``. The drift
+    ``c_i`` acts on the Euler part with ``sigma = t`` (the paper's flow heuristic, as for flow Euler); the
+    ``"noise"`` budget is the fresh noise expressed before the scaling.
 
     ``correction="drift"`` (the paper): ``c_i = |sigma_down - sigma_i| V_i / (2 sigma_i)``, ancestral noise
     unchanged. ``correction="noise"``: the ancestral noise variance ``(s_noise sigma_up)^2`` is lowered by the
@@ -130,12 +137,13 @@ def sample_euler_ancestral_qdrift(
             the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
+        flow: the state form: None takes the model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
     """
     check_choice("correction", correction, CORRECTIONS)
-    reject_flow(model, "sample_euler_ancestral_qdrift")
+    flow = resolve_flow(model, flow, "sample_euler_ancestral_qdrift")
     check_knobs("sample_euler_ancestral_qdrift", eta=eta, s_noise=s_noise,
                 noise_sampler=noise_sampler, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup(
@@ -145,18 +153,19 @@ def sample_euler_ancestral_qdrift(
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        sigma_down, sigma_up, scale = ancestral_step(sigmas[i], sigmas[i + 1], eta, flow)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         d = to_d(x, sigmas[i], denoised)
         # Euler step to sigma_down, increment scaled by (1 + c_i); the ancestral noise follows.
-        s_down, s_up = get_ancestral_step(sig[i], sig[i + 1], eta=eta)
-        budget = s_noise * s_up if sig[i + 1] > 0 else 0.0
+        # (the flow form rescales after the Euler part: a no-op factor 1.0 in the VE form)
+        s_down, s_up, s_scale = ancestral_step(sig[i], sig[i + 1], eta, flow)
+        budget = s_noise * s_up / s_scale if sig[i + 1] > 0 else 0.0
         x, factor = plan.step(
             i, x, x + d * (sigma_down - sigmas[i]), sig[i], s_down, noise_std=budget, correction=correction
         )
         if sigmas[i + 1] > 0:
-            x = x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
+            x = scale * x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
     return model.final(x.to(dtype))
 
 

@@ -49,6 +49,7 @@ def sample_lms_qdrift(
     strength: float = 1.0,
     form: str = "first_order",
     method: Optional[str] = None,
+    final_denoise: bool = False,
 ) -> torch.Tensor:
     """Linear multistep in sigma (k-diffusion's ``sample_lms``) with Q-Drift.
 
@@ -70,11 +71,15 @@ def sample_lms_qdrift(
             the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
+        final_denoise: on the step to sigma = 0 return the denoised output (a first-order step, as ComfyUI's
+            ``sample_lms`` does since mid-2025) instead of k-diffusion's multistep step (the default).
 
     Returns:
         The sample ``[B, C, ...]``.
     """
     method = check_form(form, method=method)
+    if not isinstance(final_denoise, bool):
+        raise ValueError(f"sample_lms_qdrift: final_denoise must be True or False, got {final_denoise!r}")
     check_knobs("sample_lms_qdrift", order=order, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
@@ -88,6 +93,10 @@ def sample_lms_qdrift(
             ds.pop(0)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        if final_denoise and sig[i + 1] == 0:
+            # ComfyUI's denoising step to sigma = 0: x = D = x - sigma_i d_i, an Euler step (the default terms).
+            x, _ = plan.step(i, x, denoised, sig[i], 0.0, quadrature=form == "quadrature")
+            continue
         cur_order = min(i + 1, order)
         coeffs = [lms_coefficient(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
         x_base = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))

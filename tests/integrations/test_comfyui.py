@@ -11,40 +11,62 @@ import torch
 
 import comfy_standin
 import qdrift
+import qdrift.hosts
 from qdrift.hosts import seeded_noise_factory
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "integrations" / "comfyui"
 
 
+HOST_MODULES = ("comfy", "comfy.samplers", "comfy.sample", "comfy.utils", "folder_paths", "comfy_api", "comfy_api.v0_0_2")
+PACK = "qdrift_comfyui_nodes_under_test"
+
+
+def load_pack():
+    """ComfyUI imports custom_nodes/<name>/__init__.py as a package named after the folder."""
+    spec = importlib.util.spec_from_file_location(PACK, NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def _host(tmp_path, v3):
+    saved = {k: sys.modules.get(k) for k in HOST_MODULES}
+    ns = comfy_standin.install(tmp_path, v3=v3)
+    try:
+        pack = load_pack()
+        comfy_standin.ProgressBar.instances.clear()
+        yield pack, ns, tmp_path
+    finally:
+        for k in [m for m in sys.modules if m == PACK or m.startswith(PACK + ".")]:
+            del sys.modules[k]
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
 @pytest.fixture()
 def host(tmp_path):
-    saved = {k: sys.modules.get(k) for k in ("comfy", "comfy.samplers", "comfy.sample", "comfy.utils", "folder_paths")}
-    ns = comfy_standin.install(tmp_path)
-    # ComfyUI imports custom_nodes/<name>/__init__.py as a package named after the folder.
-    name = "qdrift_comfyui_nodes_under_test"
-    spec = importlib.util.spec_from_file_location(name, NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[name] = pack
-    spec.loader.exec_module(pack)
-    comfy_standin.ProgressBar.instances.clear()
-    yield pack, ns, tmp_path
-    for k in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
-        del sys.modules[k]
-    for k, v in saved.items():
-        if v is None:
-            sys.modules.pop(k, None)
-        else:
-            sys.modules[k] = v
+    """A ComfyUI without comfy_api.v0_0_2: the pack exports the classic form."""
+    yield from _host(tmp_path, v3=False)
+
+
+@pytest.fixture()
+def host_v3(tmp_path):
+    """ComfyUI v0.3.64: comfy_api.v0_0_2 is there, the pack exports the V3 entry point."""
+    yield from _host(tmp_path, v3=True)
 
 
 def cond(value):
     return [[torch.full((1, 3, 8), float(value)), {}]]
 
 
-def models(flow=False, error=0.3):
-    fp = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow))
-    q = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow, error=error))
+def models(flow=False, error=0.3, **kw):
+    fp = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow, **kw))
+    q = comfy_standin.ModelPatcher(comfy_standin.ToyNet(flow=flow, error=error, **kw))
     return fp, q
 
 
@@ -84,6 +106,7 @@ def test_calibrate_node_writes_a_calibration(host, flow):
     assert os.path.isfile(path) and path.startswith(str(out)) and path.endswith(".safetensors")
     loaded = qdrift.load_calibration(path)
     assert loaded.steps == 6 and loaded.channels == 4 and loaded.meta["K"] == 3 and loaded.meta["host"] == "comfyui"
+    assert loaded.meta["prediction_type"] == ("CONST" if flow else "EPS")
     assert torch.allclose(loaded.V, cal.V) and bool((cal.V > 0).all())
     bar = comfy_standin.ProgressBar.instances[-1]
     assert bar.total == 12 and bar.current == 12  # both passes report through ComfyUI's progress bar
@@ -144,6 +167,7 @@ def test_sampler_node_through_ksampler(host, name):
     params = inspect.signature(fn).parameters
     x0 = noise * (1 + sig[0] ** 2) ** 0.5  # ComfyUI's max_denoise noise scaling
     kw = {"eta": 1.0} if "eta" in params else {}
+    kw.update(pack.nodes.HOST_OPTIONS.get(name, {}))  # where ComfyUI's sampler differs from k-diffusion's
     noise_sampler = seeded_noise_factory(name)(x0, sig, {"seed": 9})
     if "noise_sampler" in params and noise_sampler is not None:
         kw["noise_sampler"] = noise_sampler
@@ -212,7 +236,7 @@ def test_clear_errors(host):
         node.get_sampler("euler", "", "as calibrated", 1.0, calibration="x")
     fp, _ = models()
     flow_fp, _ = models(flow=True)
-    with pytest.raises(ValueError, match="different noise parameterizations"):
+    with pytest.raises(ValueError, match=r"different prediction types \(EPS vs CONST\)"):
         calibrate(pack, fp, flow_fp)
     with pytest.raises(ValueError, match="relative to the output folder"):
         pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"]._next_path("../escape")
@@ -251,16 +275,168 @@ def test_flow_model_as_comfyui_presents_it(host, name):
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])
-def test_stochastic_samplers_refuse_flow_models(host, name):
-    """ComfyUI runs flow models with separate RF ancestral samplers; the qdrift ones must not sample them wrongly."""
+def test_stochastic_samplers_run_flow_models_in_the_flow_form(host, name):
+    """ComfyUI samples flow models with its RF formulas; the node passes flow=True (they used to be refused), and
+    for the SDE samplers starts below t = 1 with the Brownian noise laid over the schedule as given."""
     pack, ns, _ = host
     fp, q = models(flow=True)
     node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
     cal, _ = calibrate(pack, fp, q, flow=True)
-    (sampler,) = node.get_sampler(name, "", "as calibrated", 1.0, calibration=cal)
+    sig = sigmas_for(True)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
+
+    def run(strength):
+        (sampler,) = node.get_sampler(name, "", "as calibrated", strength, calibration=cal)
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(1.0)
+        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
+
+    on, off = run(1.0), run(0.0)
+    assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
     g = ns.comfy_samplers.CFGGuider(q)
     g.set_conds(cond(1.0), cond(0.0))
     g.set_cfg(1.0)
-    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 2)
-    with pytest.raises(ValueError, match="flow model"):
-        g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(True), seed=2)
+    g.inner_model = q.model
+    x0 = noise * sig[0]
+    kw = {"flow": True, "noise_sampler": seeded_noise_factory(name)(x0, sig, {"seed": 2})}
+    ref_sig = qdrift.hosts.flow_sde_sigmas(sig) if name != "euler_ancestral" else sig
+    ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), x0, ref_sig, cal, disable=True, **kw)
+    assert torch.allclose(on, ref, atol=1e-5)
+    ve = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), x0, ref_sig, cal, disable=True,
+                               **dict(kw, flow=False, noise_sampler=seeded_noise_factory(name)(x0, sig, {"seed": 2})))
+    assert not torch.allclose(on, ve, atol=1e-3)  # the flow form is what the node ran
+
+
+def test_prediction_types_compared_not_class_names(host):
+    """ComfyUI names every model_sampling class ``ModelSampling``: an EPS model calibrated against a
+    v-prediction model must be refused (the old name comparison let it through)."""
+    pack, _, _ = host
+    eps, _ = models()
+    v_fp = comfy_standin.ModelPatcher(comfy_standin.ToyNet(prediction=comfy_standin.V_PREDICTION))
+    assert type(eps.get_model_object("model_sampling")).__name__ == type(v_fp.get_model_object("model_sampling")).__name__
+    assert pack.nodes.prediction_type(eps) == "EPS" and pack.nodes.prediction_type(v_fp) == "V_PREDICTION"
+    with pytest.raises(ValueError, match=r"different prediction types \(EPS vs V_PREDICTION\)"):
+        calibrate(pack, eps, v_fp)
+    sd3 = comfy_standin.ModelPatcher(comfy_standin.ToyNet(latent_format=comfy_standin.SD3()))
+    with pytest.raises(ValueError, match=r"different latent channel counts \(4 vs 16\)"):
+        calibrate(pack, eps, sd3)
+
+
+def test_lms_strength_zero_is_comfyuis_lms(host, kdiff):
+    """ComfyUI's sample_lms (since mid-2025) returns the denoised output on the step to sigma = 0; k-diffusion's
+    (and qdrift's default) take a multistep step there. The node must follow the host. Reference: k-diffusion's
+    LMS up to the last positive sigma (its coefficients depend only on the sigmas so far), then x = D."""
+    pack, ns, _ = host
+    fp, q = models()
+    cal, _ = calibrate(pack, fp, q)
+    sig = sigmas_for(False)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 1)
+
+    def guider():
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        return g
+
+    (off,) = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]().get_sampler("lms", "", "as calibrated", 0.0, calibration=cal)
+    out = guider().sample(noise, torch.zeros_like(noise), off, sig, seed=1)
+    g = guider()
+    g.inner_model = q.model
+    model = lambda x, s, **k: g(x, s)  # noqa: E731
+    x = kdiff.sample_lms(model, noise * (1 + sig[0] ** 2) ** 0.5, sig[:-1], disable=True)
+    ref = model(x, sig[-2] * x.new_ones([x.shape[0]]))
+    assert torch.equal(out, ref)
+    multistep = kdiff.sample_lms(model, noise * (1 + sig[0] ** 2) ** 0.5, sig, disable=True)
+    assert not torch.allclose(out, multistep, atol=1e-4)  # the two final steps do differ on this model
+    (on,) = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]().get_sampler("lms", "", "as calibrated", 1.0, calibration=cal)
+    assert not torch.allclose(guider().sample(noise, torch.zeros_like(noise), on, sig, seed=1), ref, atol=1e-4)
+
+
+def test_channel_mismatch_is_refused_naming_file_and_channels(host):
+    """A 4-channel calibration on a 16-channel model: refused before sampling, naming the file, its channels and
+    the model's latent format (it used to fail inside the sampler with a message about V's shape)."""
+    pack, ns, out = host
+    fp, q = models()
+    _, path = calibrate(pack, fp, q)
+    sd3 = comfy_standin.ModelPatcher(comfy_standin.ToyNet(latent_format=comfy_standin.SD3()))
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 16, 6, 6), 1)
+    for name, kw in ((os.path.basename(path)[:-12], {}), ("", {"calibration": qdrift.load_calibration(path)})):
+        (sampler,) = node.get_sampler("euler", os.path.relpath(path, out) if name else "", "as calibrated", 1.0, **kw)
+        g = ns.comfy_samplers.CFGGuider(sd3)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        with pytest.raises(ValueError) as err:
+            g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(False), seed=1)
+        msg = str(err.value)
+        assert "4-channel" in msg and "16 latent channels" in msg and "SD3" in msg, msg
+        if name:
+            assert os.path.basename(path) in msg, msg
+    # the calibration straight from the Calibrate node names the file it wrote
+    cal, path2 = calibrate(pack, fp, q)
+    (sampler,) = node.get_sampler("euler", "", "as calibrated", 1.0, calibration=cal)
+    g = ns.comfy_samplers.CFGGuider(sd3)
+    g.set_conds(cond(1.0), cond(0.0))
+    g.set_cfg(3.0)
+    with pytest.raises(ValueError, match=os.path.basename(path2)):
+        g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(False), seed=1)
+
+
+def test_missing_qdrift_message_gives_a_command_that_works(monkeypatch):
+    """qdrift is not on the package index: the message must not say 'pip install qdrift' and must name the
+    checkout the pack sits in; requirements.txt must not ask pip for 'qdrift' either."""
+    monkeypatch.setitem(sys.modules, "qdrift", None)  # import qdrift -> ImportError
+    try:
+        with pytest.raises(ImportError) as err:
+            load_pack()
+    finally:
+        sys.modules.pop(PACK, None)
+    msg = str(err.value)
+    assert f'python -m pip install --no-deps "{ROOT}"' in msg, msg
+    assert "pip install qdrift" not in msg
+    lines = [ln.strip() for ln in (NODE_DIR / "requirements.txt").read_text().splitlines()]
+    assert [ln for ln in lines if ln and not ln.startswith("#")] == []
+
+
+def test_v3_schema_is_exported_when_comfy_api_has_it(host_v3):
+    """With comfy_api.v0_0_2 the pack exports only comfy_entrypoint (ComfyUI would prefer classic mappings if both
+    were exported); the V3 nodes keep the classic ids, inputs and results."""
+    pack, ns, out = host_v3
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and hasattr(pack, "comfy_entrypoint")
+    form, mapping, display = comfy_standin.load_custom_node(pack)
+    assert form == "v3" and set(mapping) == {"QDriftCalibrate", "QDriftSampler"}
+    assert display == {"QDriftCalibrate": "Q-Drift Calibrate", "QDriftSampler": "Q-Drift Sampler"}
+    classic = {"QDriftCalibrate": pack.nodes.QDriftCalibrate, "QDriftSampler": pack.nodes.QDriftSampler}
+    for node_id, cls in mapping.items():
+        schema = cls.GET_SCHEMA()
+        spec = classic[node_id].INPUT_TYPES()
+        want = [(n, "COMBO" if isinstance(k[0], list) else k[0], section == "optional")
+                for section in ("required", "optional") for n, k in spec.get(section, {}).items()]
+        assert [(i.id, i.io_type, i.optional) for i in schema.inputs] == want
+        assert [o.io_type for o in schema.outputs] == list(classic[node_id].RETURN_TYPES)
+    assert mapping["QDriftCalibrate"].GET_SCHEMA().is_output_node
+    fp, q = models()
+    cal, path = mapping["QDriftCalibrate"].execute(
+        fp, q, cond(1.0), cond(0.0), {"samples": torch.zeros(1, 4, 6, 6)}, sigmas_for(False), 3.0, 123, 3, "channel",
+        "qdrift/v3").result
+    assert os.path.isfile(path) and qdrift.load_calibration(path).meta["prediction_type"] == "EPS"
+    assert mapping["QDriftSampler"].fingerprint_inputs(calibration_file=path)
+    (sampler,) = mapping["QDriftSampler"].execute("dpmpp_2m", path, "as calibrated", 1.0).result
+    (classic_sampler,) = pack.nodes.QDriftSampler().get_sampler("dpmpp_2m", path, "as calibrated", 1.0)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, 4, 6, 6), 1)
+
+    def run(s):
+        g = ns.comfy_samplers.CFGGuider(q)
+        g.set_conds(cond(1.0), cond(0.0))
+        g.set_cfg(3.0)
+        return g.sample(noise, torch.zeros_like(noise), s, sigmas_for(False), seed=1)
+
+    assert torch.equal(run(sampler), run(classic_sampler))
+
+
+def test_classic_form_without_comfy_api(host):
+    pack, _, _ = host
+    assert not hasattr(pack, "comfy_entrypoint")
+    form, mapping, _ = comfy_standin.load_custom_node(pack)
+    assert form == "classic" and set(mapping) == {"QDriftCalibrate", "QDriftSampler"}

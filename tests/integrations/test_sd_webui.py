@@ -2,7 +2,9 @@
 
 import importlib.util
 import inspect
+import json
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -51,10 +53,10 @@ def make_calibration(host, error=0.3, name="cal.safetensors", reduce="channel"):
 
 def test_samplers_registered_as_sampler_data(host):
     names = [x.name for x in host.sd_samplers.all_samplers]
-    assert names[:2] == ["Euler", "Euler a"] and names[2:] == LABELS
+    assert names[:3] == ["Euler", "Euler a", "DPM++ 2M SDE"] and names[3:] == LABELS
     assert set(LABELS) <= set(host.sd_samplers.all_samplers_map)
     assert host.sd_samplers.set_samplers_calls >= 1  # the sampler dropdown lists are rebuilt
-    for entry in host.sd_samplers.all_samplers[2:]:
+    for entry in host.sd_samplers.all_samplers[3:]:
         assert isinstance(entry, webui_standin.SamplerData) and entry.aliases[0].startswith("qdrift_")
     # loading the script again (UI reload) adds nothing twice
     load_script(EXT / "scripts" / "qdrift_samplers.py", "again")
@@ -64,7 +66,7 @@ def test_samplers_registered_as_sampler_data(host):
 
 
 def test_signature_inspection_sees_what_the_host_passes(host):
-    for entry in host.sd_samplers.all_samplers[2:]:
+    for entry in host.sd_samplers.all_samplers[3:]:
         params = inspect.signature(entry.constructor(host.model).func).parameters
         assert "sigmas" in params, entry.name
         assert not {"n", "sigma_min", "sigma_max", "sigma_sched"} & set(params), entry.name
@@ -180,20 +182,74 @@ def test_calibration_script_errors(host):
         script.run(webui_standin.Processing(), webui.PHASES[1], "t.safetensors", "c.safetensors", "channel")
 
 
+def _run_install(host, monkeypatch, installed=None, ext_dir=EXT):
+    """Runs an extension's install.py as the webui does, with qdrift at version ``installed`` (None: absent)."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+
+    def version(name):
+        if name != "qdrift":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    host.pip.clear()
+    load_script(pathlib.Path(ext_dir) / "install.py", "qdrift_install_under_test")
+    return list(host.pip)
+
+
 def test_install_py_never_installs_torch(host, monkeypatch):
     monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip[0] == f'install --no-deps "{ROOT}"'  # this checkout
-    assert all(cmd.startswith("install --no-deps ") for cmd in host.pip)
-    assert not any("torch" == part or part.startswith("torch=") for cmd in host.pip for part in cmd.split())
-    host.pip.clear()
-    host.installed |= {"qdrift", "numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip == []
-    host.installed.discard("qdrift")
-    monkeypatch.setenv("QDRIFT_PIP_SPEC", "qdrift==9.9")
-    load_script(EXT / "install.py", "qdrift_install_under_test")
-    assert host.pip == ["install --no-deps qdrift==9.9"]
+    pip = _run_install(host, monkeypatch)
+    assert pip[0] == f'install --no-deps "{ROOT}"'  # this checkout
+    assert all(cmd.startswith("install --no-deps ") for cmd in pip)
+    assert not any("torch" == part or part.startswith("torch=") for cmd in pip for part in cmd.split())
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    assert _run_install(host, monkeypatch, installed=qdrift.__version__) == []
+    monkeypatch.setenv("QDRIFT_PIP_SPEC", "/somewhere/qdrift")
+    assert _run_install(host, monkeypatch) == ["install --no-deps /somewhere/qdrift"]
+
+
+def test_install_py_refreshes_a_stale_install(host, monkeypatch):
+    """install.py used to skip once qdrift was importable, so updating the checkout never reached the webui."""
+    monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    assert _run_install(host, monkeypatch, installed="0.0.1") == [f'install --no-deps --force-reinstall "{ROOT}"']
+
+
+def test_copied_extension_installs_from_its_bundle(host, monkeypatch, tmp_path, capsys):
+    """A copy has no checkout around it: install.py used to fall back to the package index, where qdrift is not.
+    A bundle (bundle.py) ships the source; a plain copy says what to do and asks pip for nothing that fails."""
+    import shutil
+    import subprocess
+
+    monkeypatch.delenv("QDRIFT_PIP_SPEC", raising=False)
+    host.installed |= {"numpy", "scipy", "einops", "tqdm", "safetensors", "torchsde", "trampoline"}
+    plain = tmp_path / "webui" / "extensions" / "plain"
+    shutil.copytree(EXT, plain)
+    assert _run_install(host, monkeypatch, ext_dir=plain) == []
+    assert "not on the package index" in capsys.readouterr().out
+    bundled = tmp_path / "webui" / "extensions" / "qdrift"
+    bundle = load_script(EXT / "bundle.py", "qdrift_bundle_under_test")
+    assert bundle.bundle(str(bundled)) == str(bundled)
+    assert (bundled / "scripts" / "qdrift_samplers.py").is_file() and (bundled / "install.py").is_file()
+    src = bundled / "qdrift-src"
+    assert _run_install(host, monkeypatch, ext_dir=bundled) == [f'install --no-deps "{src}"']
+    assert _run_install(host, monkeypatch, installed="0.0.1", ext_dir=bundled) == [
+        f'install --no-deps --force-reinstall "{src}"']
+    assert _run_install(host, monkeypatch, installed=qdrift.__version__, ext_dir=bundled) == []
+    with pytest.raises(ValueError, match="inside the qdrift checkout"):
+        bundle.bundle(str(ROOT / "somewhere"))
+    if not host.forge:
+        return  # the build below does not depend on the host; once is enough
+    # and pip can build what install.py points at (offline: no build isolation)
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(src)], check=True, capture_output=True)
+    assert [w.name for w in wheels.iterdir()] == [f"qdrift-{qdrift.__version__}-py3-none-any.whl"]
 
 
 class PredictionFlux:  # the name and prediction_type of Forge's flow predictor (backend/modules/k_prediction.py)
@@ -215,18 +271,30 @@ def _sd_model(host, flow):
 
 
 @pytest.mark.parametrize("label", LABELS)
-def test_stochastic_samplers_refuse_flow_models(host, label):
+def test_flow_models_get_the_flow_form(host, label):
+    """On a flow model the ancestral/SDE samplers run with flow=True (they used to be refused): their result
+    changes with the model's form; the deterministic ones do not depend on it."""
     make_calibration(host)
     host.shared.opts.qdrift_calibration = "cal.safetensors"
     host.model = webui_standin.ToyModel(error=0.3)
     stochastic = label.startswith(("Euler a", "DPM++ 2M SDE", "DPM++ 3M SDE"))
-    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=True))
+    runs = {}
+    host.model.sigmas = host.model.sigmas.clamp(max=0.95)  # a schedule a flow can have (t < 1), for both runs
+    for flow in (True, False):
+        p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=flow))
+        runs[flow] = host.processing.process_images(p).images
+        assert torch.isfinite(runs[flow]).all()
     if stochastic:
-        with pytest.raises(ValueError, match="flow model.*choose Euler"):
-            host.processing.process_images(p)
-    else:
-        assert torch.isfinite(host.processing.process_images(p).images).all()
-    p = webui_standin.Processing(sampler_name=label, sd_model=_sd_model(host, flow=False))
+        assert not torch.allclose(runs[True], runs[False], atol=1e-3)
+
+
+def test_flow_sde_from_t_one_starts_below_it(host):
+    """Forge's flow schedules start at t = 1, where the SDE samplers' log-SNR is -inf: they start at 1 - 1e-4."""
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    host.model = webui_standin.ToyModel(error=0.3)
+    host.model.sigmas = torch.linspace(0.01, 1.0, 1000)
+    p = webui_standin.Processing(sampler_name="DPM++ 2M SDE Q-Drift", sd_model=_sd_model(host, flow=True))
     assert torch.isfinite(host.processing.process_images(p).images).all()
 
 
@@ -243,3 +311,101 @@ def test_is_flow_model_reads_only_what_is_there():
     deep = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(
         predictor=PredictionDiscreteFlow()))))
     assert webui.is_flow_model(SimpleNamespace(sd_model=deep))
+
+
+def _strength_zero(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    host.shared.opts.qdrift_strength = 0.0
+    host.model = webui_standin.ToyModel(error=0.3)
+
+
+@pytest.mark.parametrize("builtin,label,setting", [
+    ("Euler", "Euler Q-Drift", {"s_churn": 0.5}),
+    ("Euler", "Euler Q-Drift", {"s_churn": 2.0, "s_tmin": 1.0, "s_tmax": 5.0, "s_noise": 0.7}),
+    ("DPM++ 2M SDE", "DPM++ 2M SDE Q-Drift", {"s_noise": 0.5}),
+])
+def test_sampler_settings_reach_the_qdrift_samplers(host, builtin, label, setting):
+    """The host passes s_churn / s_tmin / s_tmax / s_noise only to functions in sampler_extra_params: at strength 0
+    a Q-Drift sampler must equal the built-in with the same settings (they used to be dropped)."""
+    _strength_zero(host)
+    runs = {}
+    for name in (builtin, label):
+        p = webui_standin.Processing(sampler_name=name, **setting)
+        runs[name] = (host.processing.process_images(p).images, p.extra_generation_params)
+    assert torch.allclose(runs[label][0], runs[builtin][0], atol=1e-5, rtol=1e-5)
+    default = host.processing.process_images(webui_standin.Processing(sampler_name=label)).images
+    assert (default - runs[label][0]).abs().max() > 1e-2  # the setting does change the result
+    sigma_fields = {k: v for k, v in runs[builtin][1].items() if k.startswith("Sigma")}
+    assert sigma_fields and {k: runs[label][1][k] for k in sigma_fields} == sigma_fields  # infotext records them
+
+
+def test_aliases_select_the_samplers_through_the_api(host):
+    """Both hosts look sampler_name up by display name only and silently fall back to the first sampler."""
+    _strength_zero(host)
+    p, info = host.api_txt2img("qdrift_dpmpp_2m")
+    assert p.sampler_name == "DPM++ 2M Q-Drift" and info["sampler_name"] == "DPM++ 2M Q-Drift"
+    assert host.api_txt2img("DPM++ 2M Q-Drift")[0].sampler_name == "DPM++ 2M Q-Drift"  # the display name too
+    if host.forge:  # another extension adding a sampler rebuilds the map; the app-start hook adds them again
+        host.sd_samplers.add_sampler(webui_standin.SamplerData("Other", None, [], {}))
+        host.sd_samplers.get_sampler_and_scheduler.cache_clear()
+        assert host.api_txt2img("qdrift_euler")[0].sampler_name == "Euler"  # the host's silent fallback
+        for fn in host.app_started_callbacks:
+            fn(None, None)
+    assert host.api_txt2img("qdrift_euler")[0].sampler_name == "Euler Q-Drift"
+
+
+def test_calibration_passes_are_plain_euler_in_the_infotext(host):
+    """The passes' images are plain Euler: their infotext must say so (pasting it back selects Euler) and carry
+    none of the settings' Q-Drift fields; pass 2 names the file it wrote in the API's info."""
+    host.always_on.append((host.ext.QDriftPanel(), ("", None)))
+    host.shared.opts.qdrift_calibration = "some_other.safetensors"  # set, but not what the passes use
+    euler_entry = host.sd_samplers.all_samplers_map["Euler"]
+    script = host.calib_script.QDriftCalibrateScript()
+    p1 = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    first = script.run(p1, webui.PHASES[0], "trace.safetensors", "cal.safetensors", "channel")
+    euler = host.processing.process_images(webui_standin.Processing(sampler_name="Euler")).images  # built-in, fp
+    host.model = webui_standin.ToyModel(error=0.3)
+    second = script.run(webui_standin.Processing(), webui.PHASES[1], "trace.safetensors", "cal.safetensors", "channel")
+    written = str(host.tmp_path / "models" / "qdrift" / "cal.safetensors")
+    for processed, phase in ((first, webui.PHASES[0]), (second, webui.PHASES[1])):
+        info = json.loads(processed.js())
+        fields = webui_standin.parse_infotext(info["infotexts"][0])
+        assert fields["Sampler"] == "Euler" and info["sampler_name"] == "Euler", fields
+        assert fields["Q-Drift calibration pass"] == phase
+        assert "Q-Drift calibration" not in fields and "Q-Drift strength" not in fields, fields
+    info = json.loads(second.js())
+    assert info["extra_generation_params"]["Q-Drift calibration written"] == written
+    assert webui_standin.parse_infotext(info["infotexts"][0])["Q-Drift calibration written"] == written
+    assert host.sd_samplers.all_samplers_map["Euler"] is euler_entry  # the host's Euler is back
+    # both passes' images are the built-in Euler's on the full-precision model
+    assert torch.allclose(first.images, euler, atol=1e-6) and torch.allclose(second.images, euler, atol=1e-6)
+    assert bool((qdrift.load_calibration(written).V > 0).all())
+
+
+def test_channel_mismatch_names_file_and_channels(host):
+    make_calibration(host)
+    host.shared.opts.qdrift_calibration = "cal.safetensors"
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift", latent_channels=16)
+    with pytest.raises(ValueError) as err:
+        host.processing.process_images(p)
+    msg = str(err.value)
+    assert str(host.tmp_path / "models" / "qdrift" / "cal.safetensors") in msg, msg
+    assert "4-channel" in msg and "16 latent channels" in msg, msg
+
+
+def test_panel_defaults_leave_the_settings_strength(host):
+    """The webui hands the panel's initial values to every generation (the API's too when it gives no args): the
+    slider's default must not override Settings > Q-Drift strength (found running inside Forge dfdcbab6)."""
+    panel = host.ext.QDriftPanel()
+    calibration, strength = panel.ui(False)  # built at start-up, with Settings' strength still at its default
+    _strength_zero(host)  # then Settings > Q-Drift strength set to 0
+    host.always_on.append((panel, (calibration.kw["value"], strength.kw["value"])))
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    off = host.processing.process_images(p).images
+    assert not hasattr(p, "qdrift_strength") and p.extra_generation_params["Q-Drift strength"] == 0.0
+    euler = host.processing.process_images(webui_standin.Processing(sampler_name="Euler")).images
+    assert torch.allclose(off, euler, atol=1e-6)
+    host.always_on[-1] = (panel, ("", 1.0))  # a per-generation strength still wins
+    on = host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift")).images
+    assert not torch.allclose(on, euler, atol=1e-4)

@@ -1,9 +1,10 @@
 """A minimal stand-in for the parts of Forge / AUTOMATIC1111 the Q-Drift extension touches.
 
-The webuis cannot be installed here (they clone repositories and pull CUDA torch at launch). Only the
+CI cannot reach the webuis' repositories (and they clone more and pull CUDA torch at launch). Only the
 registration and call surface is mirrored, from lllyasviel/stable-diffusion-webui-forge dfdcbab6
-(modules/sd_samplers.py, sd_samplers_common.py, sd_samplers_kdiffusion.py), which follows
-AUTOMATIC1111/stable-diffusion-webui 1.6+:
+(modules/sd_samplers.py, sd_samplers_common.py, sd_samplers_kdiffusion.py, processing.py, api/api.py), which
+follows AUTOMATIC1111/stable-diffusion-webui 1.6+; tests/integrations/test_real_hosts.py runs the extension
+inside a real checkout (WEBUI_PATH):
 
 - ``SamplerData(name, constructor, aliases, options)``; ``sd_samplers.all_samplers`` / ``all_samplers_map`` /
   ``set_samplers()``; Forge adds ``add_sampler(data)`` (``forge=True`` here);
@@ -13,14 +14,24 @@ AUTOMATIC1111/stable-diffusion-webui 1.6+:
   (``inspect.signature(self.func).parameters``), a ``noise_sampler`` when ``options["brownian_noise"]``, and
   calls ``func(model_wrap_cfg, x, extra_args={cond, image_cond, uncond, cond_scale, s_min_uncond},
   disable=False, callback=..., **kw)``;
+- ``sd_samplers_kdiffusion.sampler_extra_params`` (Forge's table): ``KDiffusionSampler.__init__`` looks the knobs
+  up with ``sampler_extra_params.get(funcname, [])`` (``funcname`` is what the entry passed: a name or a
+  function), and ``Sampler.initialize`` passes ``p.s_churn``... for those knobs only, if they are parameters;
+- ``sd_samplers.get_sampler_and_scheduler`` (memoized): ``all_samplers_map.get(name, first sampler)``, by name
+  only, silently falling back; ``create_sampler`` looks the entry up in ``all_samplers_map`` at generation
+  time; ``api.validate_sampler_name``;
+- ``processing.create_infotext``: ``Sampler: <p.sampler_name>`` and ``p.extra_generation_params``;
+  ``Processed.js()`` (the API's ``info``) holds ``extra_generation_params`` and ``infotexts``, not ``comments``;
 - ``k_diffusion.sampling.torch`` is replaced per generation by an object whose ``randn_like`` draws the
   seeded per-step noise;
-- ``scripts.Script`` / ``scripts.AlwaysVisible``, ``script_callbacks.on_ui_settings``, ``shared.opts.add_option``
+- ``scripts.Script`` / ``scripts.AlwaysVisible``, ``script_callbacks.on_ui_settings`` / ``on_app_started``, ``shared.opts.add_option``
   / ``shared.OptionInfo``, ``paths.models_path``, ``processing.process_images(p)``; ``launch.is_installed`` /
   ``launch.run_pip``; and the few gradio components the scripts build.
 """
 
+import functools
 import inspect
+import json
 import sys
 import types
 from collections import namedtuple
@@ -71,19 +82,44 @@ class SamplerData(SamplerDataTuple):
         return steps * 2 if self.options.get("second_order", False) else steps
 
 
+SAMPLER_EXTRA_PARAMS = {  # Forge dfdcbab6 modules/sd_samplers_kdiffusion.py
+    "sample_euler": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
+    "sample_heun": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
+    "sample_dpm_2": ["s_churn", "s_tmin", "s_tmax", "s_noise"],
+    "sample_dpm_fast": ["s_noise"],
+    "sample_dpm_2_ancestral": ["s_noise"],
+    "sample_dpmpp_2s_ancestral": ["s_noise"],
+    "sample_dpmpp_sde": ["s_noise"],
+    "sample_dpmpp_2m_sde": ["s_noise"],
+    "sample_dpmpp_3m_sde": ["s_noise"],
+}
+
+
 class KDiffusionSampler:
+    sampler_extra_params = None  # set to the host's table by Host
+
     def __init__(self, funcname, sd_model, options=None):
         self.funcname = funcname
+        self.extra_params = self.sampler_extra_params.get(funcname, [])
         self.func = funcname if callable(funcname) else getattr(sys.modules["k_diffusion.sampling"], funcname)
         self.model_wrap_cfg = CFGDenoiser(sd_model)
         self.config = None
         self.options = options or {}
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = 0.0, 0.0, float("inf"), 1.0
 
     def initialize(self, p):
         self.model_wrap_cfg.p = p
         kw = {}
-        if "eta" in inspect.signature(self.func).parameters:
+        parameters = inspect.signature(self.func).parameters
+        for name in self.extra_params:
+            if hasattr(p, name) and name in parameters:
+                kw[name] = getattr(p, name)
+        if "eta" in parameters:
             kw["eta"] = p.eta if p.eta is not None else 1.0
+        labels = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+        for name, label in labels.items():  # the settings' values, recorded in the infotext when not default
+            if name in kw and getattr(p, name) != getattr(self, name):
+                p.extra_generation_params[label] = getattr(p, name)
         return kw
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
@@ -139,16 +175,44 @@ class Processing:
         self.steps, self.cfg_scale, self.width, self.height = 6, 3.0, 48, 48
         self.batch_size, self.n_iter = 2, 1
         self.sampler_name, self.scheduler, self.eta = "Euler", "Automatic", None
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = 0.0, 0.0, float("inf"), 1.0
         self.enable_hr = False
         self.extra_generation_params = {}
         self.__dict__.update(kw)
 
 
+def create_infotext(p):
+    """``processing.create_infotext``: ``Sampler`` is ``p.sampler_name``; extension fields follow."""
+    params = {"Steps": p.steps, "Sampler": p.sampler_name, "Schedule type": p.scheduler, "CFG scale": p.cfg_scale,
+              "Seed": p.seed}
+    params.update(p.extra_generation_params)
+    return ", ".join(f"{k}: {json.dumps(v) if isinstance(v, str) and (',' in v or ':' in v) else v}"
+                     for k, v in params.items() if v is not None)
+
+
+def parse_infotext(text):
+    """The ``{key: value}`` of an infotext line (``infotext_utils.parse_generation_parameters``, simplified)."""
+    out = {}
+    for part in __import__("re").findall(r'\s*([\w .-]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', text):
+        key, value = part
+        out[key.strip()] = json.loads(value) if value.startswith('"') else value
+    return out
+
+
 class Processed:
-    def __init__(self, latents, seed):
+    def __init__(self, p, latents, seed, infotexts):
         self.images = latents
         self.seed = seed
         self.comments = ""
+        self.sampler_name = p.sampler_name
+        self.extra_generation_params = p.extra_generation_params
+        self.infotexts = infotexts
+
+    def js(self):
+        """The API's ``info``: no ``comments`` in it."""
+        return json.dumps({"seed": self.seed, "sampler_name": self.sampler_name,
+                           "extra_generation_params": self.extra_generation_params, "infotexts": self.infotexts},
+                          default=lambda o: None)
 
 
 class Host:
@@ -159,6 +223,8 @@ class Host:
         self.forge = forge
         self.model = ToyModel()
         self.settings_callbacks = []
+        self.app_started_callbacks = []
+        self.always_on = []  # (script, args) whose process(p, *args) runs in every generation
         self.pip = []
         self.installed = set()
         self.modules = self._build()
@@ -167,9 +233,13 @@ class Host:
         host = self
         modules = types.ModuleType("modules")
         sd_samplers = types.ModuleType("modules.sd_samplers")
+        extra_params = {k: list(v) for k, v in SAMPLER_EXTRA_PARAMS.items()}  # this host's table
+        K = type("KDiffusionSampler", (KDiffusionSampler,), {"sampler_extra_params": extra_params})
         sd_samplers.all_samplers = [
-            SamplerData("Euler", lambda model: KDiffusionSampler("sample_euler", model), ["k_euler"], {}),
-            SamplerData("Euler a", lambda model: KDiffusionSampler("sample_euler_ancestral", model), ["k_euler_a"], {"uses_ensd": True}),
+            SamplerData("Euler", lambda model: K("sample_euler", model), ["k_euler"], {}),
+            SamplerData("Euler a", lambda model: K("sample_euler_ancestral", model), ["k_euler_a"], {"uses_ensd": True}),
+            SamplerData("DPM++ 2M SDE", lambda model: K("sample_dpmpp_2m_sde", model), ["k_dpmpp_2m_sde"],
+                        {"scheduler": "exponential", "brownian_noise": True}),
         ]
         sd_samplers.all_samplers_map = {x.name: x for x in sd_samplers.all_samplers}
         sd_samplers.set_samplers_calls = 0
@@ -179,6 +249,13 @@ class Host:
             sd_samplers.samplers = list(sd_samplers.all_samplers)
 
         sd_samplers.set_samplers = set_samplers
+
+        @functools.cache
+        def get_sampler_and_scheduler(sampler_name, scheduler_name, *, convert_automatic=True):
+            default = sd_samplers.all_samplers[0]
+            return sd_samplers.all_samplers_map.get(sampler_name or default.name, default).name, scheduler_name
+
+        sd_samplers.get_sampler_and_scheduler = get_sampler_and_scheduler
         if self.forge:
             def add_sampler(sampler):
                 if sampler.name not in [x.name for x in sd_samplers.all_samplers]:
@@ -190,7 +267,8 @@ class Host:
         common = types.ModuleType("modules.sd_samplers_common")
         common.SamplerData = SamplerData
         kdiff = types.ModuleType("modules.sd_samplers_kdiffusion")
-        kdiff.KDiffusionSampler = KDiffusionSampler
+        kdiff.sampler_extra_params = extra_params
+        kdiff.KDiffusionSampler = K
         scripts = types.ModuleType("modules.scripts")
 
         class Script:
@@ -201,6 +279,7 @@ class Host:
         scripts.AlwaysVisible = object()
         callbacks = types.ModuleType("modules.script_callbacks")
         callbacks.on_ui_settings = lambda fn: host.settings_callbacks.append(fn)
+        callbacks.on_app_started = lambda fn: host.app_started_callbacks.append(fn)
         shared = types.ModuleType("modules.shared")
 
         class OptionInfo:
@@ -266,7 +345,10 @@ class Host:
                 sys.modules[k] = v
 
     def process_images(self, p):
-        """txt2img: for each batch, seeded noise, the chosen sampler, the hijacked k-diffusion torch."""
+        """txt2img: the always-on scripts' ``process``, then for each batch seeded noise, the chosen sampler (looked
+        up at generation time, ``create_sampler``), the hijacked k-diffusion torch; then the infotexts."""
+        for script, args in self.always_on:
+            script.process(p, *args)
         config = self.sd_samplers.all_samplers_map[p.sampler_name]
         kds = sys.modules["k_diffusion.sampling"]
         saved_torch = kds.torch
@@ -277,11 +359,22 @@ class Host:
         try:
             for it in range(p.n_iter):
                 seeds = p.all_seeds[it * p.batch_size:(it + 1) * p.batch_size]
-                x = torch.stack([torch.randn(4, p.height // 8, p.width // 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+                channels = getattr(p, "latent_channels", 4)
+                x = torch.stack([torch.randn(channels, p.height // 8, p.width // 8,
+                                             generator=torch.Generator().manual_seed(s)) for s in seeds])
                 kds.torch = self.hijack = TorchHijack(seeds[0])
                 sampler = config.constructor(self.model)
                 sampler.config = config
                 outs.append(sampler.sample(p, x, cond, uncond))
         finally:
             kds.torch = saved_torch
-        return Processed(torch.cat(outs), p.seed)
+        return Processed(p, torch.cat(outs), p.seed, [create_infotext(p)] * (p.batch_size * p.n_iter))
+
+    def api_txt2img(self, sampler_name, **fields):
+        """``POST /sdapi/v1/txt2img``: the name through ``get_sampler_and_scheduler`` and ``validate_sampler_name``;
+        returns ``(p, info)`` with ``info`` = ``Processed.js()`` parsed."""
+        name, _ = self.sd_samplers.get_sampler_and_scheduler(sampler_name, "Automatic")
+        if name not in self.sd_samplers.all_samplers_map:
+            raise ValueError("Sampler not found")
+        p = Processing(sampler_name=name, **fields)
+        return p, json.loads(self.process_images(p).js())

@@ -7,7 +7,8 @@ K = batch count x batch size. See the "Host integrations" section of the qdrift 
 
 import gradio as gr
 
-from modules import processing, scripts, shared
+from modules import processing, scripts, sd_samplers, shared
+from modules.sd_samplers_kdiffusion import KDiffusionSampler
 
 from qdrift.hosts import webui
 
@@ -42,5 +43,6 @@ class QDriftCalibrateScript(scripts.Script):
         checkpoint = getattr(shared.opts, "sd_model_checkpoint", None)
         return webui.run_calibration_pass(
             p, phase, trace_path, out_path, reduce,
-            process_images=processing.process_images, models_dir=MODELS_DIR, checkpoint=checkpoint,
+            process_images=processing.process_images, sd_samplers=sd_samplers, KDiffusionSampler=KDiffusionSampler,
+            models_dir=MODELS_DIR, checkpoint=checkpoint,
         )

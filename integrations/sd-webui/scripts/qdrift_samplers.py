@@ -1,7 +1,7 @@
 """Q-Drift samplers for Stable Diffusion WebUI Forge and AUTOMATIC1111 (1.6+).
 
 Registers "Euler Q-Drift", "Euler a Q-Drift", "Heun Q-Drift", "LMS Q-Drift", "DPM++ 2M Q-Drift",
-"DPM++ 2M SDE Q-Drift" and "DPM++ 3M SDE Q-Drift" as sampler entries, adds a "Q-Drift" settings section
+"DPM++ 2M SDE Q-Drift" and "DPM++ 3M SDE Q-Drift" as sampler entries (aliases ``qdrift_euler``... select them too), adds a "Q-Drift" settings section
 (calibration file, strength, V per channel or pooled) and a per-generation "Q-Drift" panel. The logic lives
 in ``qdrift.hosts.webui``; this file only hands it the host's modules.
 """
@@ -10,7 +10,7 @@ import os
 
 import gradio as gr
 
-from modules import script_callbacks, scripts, sd_samplers, sd_samplers_common, shared
+from modules import script_callbacks, scripts, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion, shared
 from modules.sd_samplers_kdiffusion import KDiffusionSampler
 
 from qdrift.hosts import webui
@@ -28,8 +28,19 @@ except ImportError:  # the host always has it; the seeded-noise hook is skipped 
     kdiffusion_sampling = None
 
 SETTINGS = webui.Settings(shared.opts, MODELS_DIR)
-ENTRIES = webui.sampler_entries(sd_samplers_common.SamplerData, KDiffusionSampler, SETTINGS, kdiffusion_sampling)
+# sampler_extra_params: the host passes s_churn / s_tmin / s_tmax / s_noise only to the functions listed there.
+ENTRIES = webui.sampler_entries(sd_samplers_common.SamplerData, KDiffusionSampler, SETTINGS, kdiffusion_sampling,
+                                getattr(sd_samplers_kdiffusion, "sampler_extra_params", None))
 REGISTERED = webui.register_samplers(sd_samplers, ENTRIES)
+
+
+def on_app_started(*_args):
+    """Forge rebuilds the sampler map whenever an extension adds a sampler: add the aliases again."""
+    webui.register_aliases(sd_samplers, ENTRIES)
+
+
+if hasattr(script_callbacks, "on_app_started"):
+    script_callbacks.on_app_started(on_app_started)
 
 
 def on_ui_settings():
@@ -65,8 +76,10 @@ class QDriftPanel(scripts.Script):
     def ui(self, is_img2img):
         with gr.Accordion("Q-Drift", open=False):
             calibration = gr.Textbox(label="Calibration file (empty: the one in Settings > Q-Drift)", value="")
-            strength = gr.Slider(label="Strength", minimum=0.0, maximum=5.0, step=0.05,
-                                 value=float(getattr(shared.opts, "qdrift_strength", 1.0)))
+            # -1: the strength in Settings. A slider always has a value, and the webui hands its initial value to
+            # every generation (the API's too, when no args are given): any other default would override Settings.
+            strength = gr.Slider(label="Strength (-1: the one in Settings)", minimum=-1.0, maximum=5.0, step=0.05,
+                                 value=webui.STRENGTH_FROM_SETTINGS)
         return [calibration, strength]
 
     def process(self, p, calibration="", strength=None, *args):
@@ -74,7 +87,7 @@ class QDriftPanel(scripts.Script):
             return
         if calibration and calibration.strip():
             p.qdrift_calibration = calibration.strip()
-        if strength is not None:
+        if strength is not None and float(strength) >= 0:
             p.qdrift_strength = float(strength)
         path, value, reduce = SETTINGS.for_processing(p)
         p.extra_generation_params["Q-Drift calibration"] = os.path.basename(path) if path else "(none)"
