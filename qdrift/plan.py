@@ -255,6 +255,12 @@ class DriftPlan:
         if factor is not None:
             self._d[index] = factor.detach().double().cpu() - 1.0
 
+    def rescale(self, factor: float) -> None:
+        """Records that the sampler scales the whole state by ``factor`` (a flow's ancestral step)."""
+        if self.exact and factor != 1.0:
+            self._y = self._y * float(factor)
+            self._d = self._d * float(factor)
+
     # -- the step ---------------------------------------------------------------------------------------
     def step(self, i: int, x: torch.Tensor, x_base: torch.Tensor, sigma: float, sigma_eff: float, *,
              terms: Optional[Sequence[Tuple[float, float, float]]] = None, q: Optional[torch.Tensor] = None,

@@ -166,6 +166,7 @@ def sample_euler_ancestral_qdrift(
         )
         if sigmas[i + 1] > 0:
             x = scale * x + scale_noise(noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up, factor)
+            plan.rescale(s_scale)
     return model.final(x.to(dtype))
 
 
