@@ -334,7 +334,7 @@ class DriftPlan:
             top = float(self.cal.sigmas[0])
             s2 = (self._em_grid["var_x"][0].exp() - top**2).clamp(min=0)
             out["var_x"] = torch.where(sig > top, s2 + sig**2, out["var_x"].exp())
-            out["kappa"] = (1 - sig * out["cov_xd"] / out["var_x"]).clamp(0, 1)
+            out["kappa"] = (1 - sig * out["cov_xd"] / out["var_x"]).clamp(min=0)  # > 1 is a flow's (x0 = x / (1 - t))
         else:  # no trajectory sums: an exact VE denoiser's Cov(x, d) = sigma, and Var(d) = 1 - kappa
             out["cov_xd"] = sig.clone()
             out["kappa"] = (1 - out["var_d"]).clamp(0, 1)
