@@ -315,7 +315,7 @@ class Webui:
         if "images" not in r:
             return None, r
         info = json.loads(r["info"])
-        return torch.load(info["extra_generation_params"]["Probe latent"]), info
+        return torch.load(info["extra_generation_params"]["Probe latent"], weights_only=True), info
 
 
 @pytest.fixture(scope="module")
