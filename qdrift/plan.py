@@ -168,11 +168,6 @@ class DriftPlan:
             self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
             self._errors: list = []  # (sigma, id, source index, std [C])
 
-    @property
-    def active(self) -> bool:
-        """Whether the run corrects anything."""
-        return self.table is not None
-
     # -- model output: gain and bias --------------------------------------------------------------------
     def wrap(self, model):
         """The model with its output's gain and bias removed (method ``v2``), else the model itself."""
