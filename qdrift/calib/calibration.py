@@ -227,17 +227,13 @@ class Calibration:
         m = self.moments.pooled() if self.reduce == "scalar" else self.moments
         full = (self.steps, self.channels)
         if gain:
-            var_fp = m.var_fp
-            cov_e_d = m.cov - var_fp  # Cov(delta, d_fp)
-            k = torch.where(var_fp > 1e-12, cov_e_d / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+            k = m.gain_slope()
             # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
             # (where d_fp hardly varies, at the lowest noise levels, k is not identifiable).
-            var_r0 = (m.var_delta - k * cov_e_d).clamp(min=0)
-            se = (var_r0 / (m.n.clamp(min=2) * var_fp.clamp(min=1e-300))).sqrt()
+            se = (m.gain_residual(k)[1] / (m.n.clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
             k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
             k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
-            b = m.mean_delta - k * m.mean_fp
-            var_r = (m.var_delta - 2 * k * cov_e_d + k * k * var_fp).clamp(min=0)
+            b, var_r = m.gain_residual(k)
             v = var_r / (1 + k) ** 2
         else:
             k = b = torch.zeros(full, dtype=torch.float64)
