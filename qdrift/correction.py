@@ -32,6 +32,7 @@ __all__ = [
     "drift_coefficient",
     "first_order_coefficient",
     "quadrature_coefficient",
+    "injected_variance",
     "quadrature_variance",
     "apply_drift",
     "lower_noise",
@@ -75,22 +76,35 @@ def first_order_coefficient(v: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
     return drift_coefficient(v * gap * gap, sigma, sigma_eff)
 
 
+def injected_variance(weights: Sequence[float], vs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Q = sum_j w_j^2 V_j``: the variance a step injects through its weights ``w_j`` on the outputs ``d_j``.
+
+    Errors at different evaluations are taken as independent (the paper's assumption, Eq. 44). Euler:
+    ``w = [dsigma]``; Heun: both outputs weighted ``dsigma / 2``; LMS: its coefficients ``a_ij`` on
+    ``d_{i-j}``; DPM-Solver++: see :func:`quadrature_variance`.
+
+    Args:
+        weights: the step's coefficients on ``d_i, d_{i-1}, ...`` (x units per unit of d).
+        vs: the V rows ``[C]`` of those outputs, same order.
+    """
+    q = torch.zeros_like(vs[0])
+    for w, v in zip(weights, vs):
+        q = q + float(w) ** 2 * v
+    return q
+
+
 def quadrature_variance(weights: Sequence[float], sigmas: Sequence, vs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``Q = sum_j (w_j sigma_j)^2 V_j``: variance a step injects through its weights on denoised outputs.
 
     A denoised output is ``D_j = x_j - sigma_j d_j``, so an error of variance ``V_j`` in ``d_j`` is an error
-    of variance ``sigma_j^2 V_j`` in ``D_j``; errors at different evaluations are taken as independent
-    (the paper's assumption, Eq. 44).
+    of variance ``sigma_j^2 V_j`` in ``D_j`` (:func:`injected_variance` with weights ``w_j sigma_j``).
 
     Args:
         weights: the step's coefficients on ``D_i, D_{i-1}, ...`` (same order as ``sigmas`` and ``vs``).
         sigmas: the noise levels those outputs were evaluated at.
         vs: their V rows ``[C]``.
     """
-    q = torch.zeros_like(vs[0])
-    for w, s, v in zip(weights, sigmas, vs):
-        q = q + (float(w) * float(s)) ** 2 * v
-    return q
+    return injected_variance([float(w) * float(s) for w, s in zip(weights, sigmas)], vs)
 
 
 def quadrature_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
