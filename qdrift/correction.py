@@ -35,6 +35,7 @@ __all__ = [
     "injected_variance",
     "quadrature_variance",
     "apply_drift",
+    "scale_increment",
     "lower_noise",
     "METHODS",
     "DEFAULT_METHOD",
@@ -48,9 +49,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshapes a per-channel vector ``[C]`` (or ``[1]``) to broadcast over ``x`` ``[B, C, ...]``."""
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+def channel_view(v: torch.Tensor, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """Reshapes a per-channel vector ``[C]`` (or ``[1]``) to broadcast over ``x`` along ``channel_dim``
+    (``[B, C, ...]`` by default; diffusers' packed latents keep channels last)."""
+    shape = [1] * x.ndim
+    shape[channel_dim] = -1
+    return v.reshape(shape)
 
 
 def drift_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
@@ -118,18 +122,26 @@ def quadrature_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
 def apply_drift(x: torch.Tensor, x_base: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
     """Scales a step's deterministic increment by ``(1 + c)``: ``x_base + c (x_base - x)``.
 
-    Written so that ``c = 0`` returns ``x_base`` bit for bit. ``c`` ``[C]`` is applied per channel in
-    :func:`compute_dtype`; the result has x's dtype.
-
     Args:
         x: sample before the step ``[B, C, ...]``.
         x_base: the uncorrected sampler's result of the deterministic part ``[B, C, ...]``.
         c: per-channel coefficient ``[C]`` or ``[1]``, or None for no correction.
     """
+    return x_base if c is None else scale_increment(x_base, x_base - x, c)
+
+
+def scale_increment(
+    x_base: torch.Tensor, increment: torch.Tensor, c: Optional[torch.Tensor], channel_dim: int = 1
+) -> torch.Tensor:
+    """``x_base + c * increment``: the step whose deterministic increment is ``increment`` scaled by ``(1 + c)``.
+
+    Written so that ``c = 0`` returns ``x_base`` bit for bit. ``c`` ``[C]`` is applied per channel (along
+    ``channel_dim``) in :func:`compute_dtype`; the result has x_base's dtype.
+    """
     if c is None:
         return x_base
     ct = compute_dtype(x_base)
-    step = (x_base - x).to(ct) * channel_view(c, x_base)
+    step = increment.to(ct) * channel_view(c, x_base, channel_dim)
     return x_base + step.to(x_base.dtype)
 
 

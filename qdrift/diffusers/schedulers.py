@@ -38,7 +38,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from ..correction import first_order_coefficient
+from ..correction import first_order_coefficient, scale_increment
 from ..validation import all_finite
 
 __all__ = [
@@ -49,13 +49,6 @@ __all__ = [
     "qdrift_scheduler",
     "SUPPORTED_SCHEDULERS",
 ]
-
-
-def channel_shape(ndim: int, channel_dim: int, channels: int):
-    """Shape that broadcasts a per-channel vector ``[C]`` along ``channel_dim`` of an ``ndim`` tensor."""
-    shape = [1] * ndim
-    shape[channel_dim] = channels
-    return shape
 
 
 class _QDriftMixin:
@@ -172,8 +165,7 @@ class _QDriftMixin:
         delta, sigma, sigma_eff = self._qdrift_increment(i, model_output, sample, out, kwargs)
         v = self._qdrift_v(i, sigma, prev)
         # Q-Drift: scale the deterministic increment by (1 + c_i), c_i = |sigma_eff - sigma| V_i / (2 sigma) (Eq. 12).
-        c = first_order_coefficient(v, sigma, sigma_eff).reshape(channel_shape(prev.ndim, self._qdrift_channel_dim, v.numel()))
-        new_prev = (prev.to(torch.float32) + c * delta).to(prev.dtype)
+        new_prev = scale_increment(prev, delta, first_order_coefficient(v, sigma, sigma_eff), self._qdrift_channel_dim)
         out.prev_sample = new_prev
         if return_dict:
             return out
