@@ -170,12 +170,16 @@ def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
 # Q-Drift v2: moment matching on a linear-Gaussian surrogate of the run (beyond the paper).
 # --------------------------------------------------------------------------------------------------------
 
-METHODS = ("paper", "exact", "correlated", "v2")
+METHODS = ("paper", "exact", "correlated", "v2", "matched")
 """``paper``: the paper's first-order rule for fresh errors (arXiv 2603.18095, Eq. 12), bit for bit.
 ``exact``: each step's c from the variance balance solved exactly for the sampler as it runs (multistep
 reuse, long steps, the final step, injected noise), errors fresh at every evaluation (:class:`DriftPlan`).
 ``correlated``: ``exact`` with the calibrated correlation of the error between evaluations of a trajectory.
-``v2``: gain and bias removed from the model output first (PTQD-style), then ``correlated`` on the residual."""
+``v2``: gain and bias removed from the model output first (PTQD-style), then ``correlated`` on the residual.
+``matched``: each step's c (and a per-channel mean shift) measured by moment matching
+(:func:`qdrift.calib.match_moments`): the quantized sampler, run from the full-precision run's initial noise,
+is corrected so its per-channel variance and mean follow the full-precision run's, step by step; needs a
+calibration that carries those tables."""
 
 DEFAULT_METHOD = "v2"
 

@@ -14,6 +14,7 @@ from .calibration import (
     interpolate_log_sigma,
     load_calibration,
 )
+from .match import match_moments
 from .run import calibrate
 from .stats import PairedAccumulator, PairedMoments, TrajectorySums, batch_moments, gather_moments
 from .trace import PairedTrace, PairedTraceError, calibration_from_pairs
@@ -33,4 +34,5 @@ __all__ = [
     "gather_moments",
     "interpolate_log_sigma",
     "load_calibration",
+    "match_moments",
 ]
