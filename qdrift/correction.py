@@ -36,6 +36,8 @@ __all__ = [
     "quadrature_variance",
     "apply_drift",
     "scale_increment",
+    "frequency_bands",
+    "scale_increment_bands",
     "lower_noise",
     "METHODS",
     "DEFAULT_METHOD",
@@ -142,6 +144,43 @@ def scale_increment(
         return x_base
     ct = compute_dtype(x_base)
     step = increment.to(ct) * channel_view(c, x_base, channel_dim)
+    return x_base + step.to(x_base.dtype)
+
+
+def frequency_bands(spatial: Sequence[int], bands: int, device=None) -> torch.Tensor:
+    """Radial frequency band of every FFT bin of a ``spatial`` grid (``torch.fft.fftn`` layout), ``[*spatial]``.
+
+    ``bands`` equal-width rings in normalized radial frequency ``|f| = sqrt(sum_k f_k^2)`` (``f_k`` in cycles
+    per sample, ``[-1/2, 1/2]``) from 0 to the grid's largest ``|f|``; band 0 holds the zero frequency. Being
+    in normalized frequency, a band means the same scale of detail at every resolution.
+    """
+    if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+        raise ValueError(f"bands must be a positive integer, got {bands!r}")
+    if bands > 1 and not spatial:
+        raise ValueError("frequency bands need spatial axes: a sample with no spatial axes has one band")
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) for n in spatial], indexing="ij")
+    radius = torch.zeros(tuple(spatial), dtype=torch.float64)
+    for g in grids:
+        radius = radius + g * g
+    radius = radius.sqrt()
+    top = float(radius.max()) if radius.numel() else 0.0
+    band = (radius / top * bands).floor().long() if top > 0 else torch.zeros_like(radius, dtype=torch.long)
+    return band.clamp(max=bands - 1).to(device) if device is not None else band.clamp(max=bands - 1)
+
+
+def scale_increment_bands(x_base: torch.Tensor, increment: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``x_base + c(f) * increment`` with ``c`` per channel and radial frequency band ``[C, NB]``.
+
+    The increment is split into :func:`frequency_bands` over the spatial axes (an FFT), each band scaled by
+    its ``(1 + c)``, and brought back; with one band it equals :func:`scale_increment`. Computed in
+    :func:`compute_dtype` (an FFT does not take half precision); the result has x_base's dtype.
+    """
+    ct = compute_dtype(x_base)
+    dims = tuple(range(2, x_base.ndim))
+    band = frequency_bands(x_base.shape[2:], c.shape[-1], device=x_base.device)
+    gain = c.to(device=x_base.device, dtype=ct)[:, band]  # [C, *spatial]
+    spectrum = torch.fft.fftn(increment.to(ct), dim=dims)
+    step = torch.fft.ifftn(spectrum * gain, dim=dims).real
     return x_base + step.to(x_base.dtype)
 
 

@@ -25,6 +25,7 @@ from .correction import (
     drift_coefficient,
     lower_noise,
     quadrature_coefficient,
+    scale_increment_bands,
 )
 from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
 
@@ -295,7 +296,10 @@ class DriftPlan:
             c, shift = self.matcher.match_step(i, x, x_base, float(sigma), float(sigma_eff))
             if c is None:
                 return x_base, None
-            x_new = apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x)))
+            if c.ndim == 2:  # per frequency band
+                x_new = scale_increment_bands(x_base, x_base - x, c)
+            else:
+                x_new = apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x)))
             return x_new + channel_view(shift.to(device=x.device, dtype=compute_dtype(x)), x_new).to(x_new.dtype), None
         if self.table is None:
             return x_base, None
@@ -401,5 +405,5 @@ class _MatchedTable:
         gap = abs(sigma - sigma_eff)
         q = torch.tensor([sigma], dtype=torch.float64)
         v, rate = self._interp(self.v, self.sigmas, q)[0], self._interp(self.rate, self.sigmas, q)[0]
-        c = clip_drift(v * gap / (2 * sigma)) if sigma > 0 else torch.zeros_like(v)
-        return c.clamp(min=-MAX_DRIFT), rate * gap
+        c = v * gap / (2 * sigma) if sigma > 0 else torch.zeros_like(v)
+        return clip_drift(c.flatten()).reshape(c.shape).clamp(min=-MAX_DRIFT), rate * gap

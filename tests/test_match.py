@@ -108,3 +108,52 @@ def test_matched_tables_file_round_trip_merge_and_errors(tmp_path):
         qdrift.match_moments(cal, DATA, model, _prior(2, 5, (4, 4)), SIGMAS, "euler", sampler_kwargs={"V": None})
     with pytest.raises(ValueError, match="matched\\['V'\\] must be finite"):
         qdrift.Calibration(cal.sigmas, cal.moments, matched={**cal.matched, "V": cal.matched["V"][:3]})
+
+
+class HighFrequencyError:
+    """The exact denoiser plus spatially high-pass error (noise minus its 3x3 blur): speckle, as coarse
+    activations give; it adds variance mostly to the upper frequency bands."""
+
+    data = GaussianData([0.0], [1.0])
+
+    def __init__(self, seed, amp=0.5):
+        self.g, self.amp = torch.Generator().manual_seed(seed), amp
+
+    def __call__(self, x, sigma, **_):
+        z = torch.randn(x.shape, generator=self.g, dtype=x.dtype)
+        blur = torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return self.data.denoiser(x, sigma) - s * self.amp * (z - blur)
+
+
+def test_frequency_bands_match_the_spectrum_where_one_c_per_channel_cannot():
+    from qdrift.correction import frequency_bands, scale_increment, scale_increment_bands
+
+    data = HighFrequencyError.data
+    prior = lambda n, seed: data.prior(n, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    cal = qdrift.calibrate(data, HighFrequencyError(1), prior(4, 5), CAL_SIGMAS, disable=True)
+    per_channel = qdrift.match_moments(cal, data, HighFrequencyError(2), prior(8, 6), SIGMAS, "euler")
+    banded = qdrift.match_moments(cal, data, HighFrequencyError(2), prior(8, 6), SIGMAS, "euler", bands=4)
+    assert banded.matched["V"].shape == (20, 1, 4) and banded.meta["match"]["bands"] == 4
+    band = frequency_bands((16, 16), 4)
+
+    def power(y):  # [4] power per band of the centered samples
+        s = torch.fft.fftn(y - y.mean(), dim=(2, 3)).abs() ** 2
+        return torch.zeros(4, dtype=torch.float64).index_add_(0, band.reshape(-1), s.sum((0, 1)).reshape(-1))
+
+    x = prior(200, 0)
+    fp = power(qdrift.sample_euler_qdrift(data, x, SIGMAS, disable=True))
+    q = power(qdrift.sample_euler_qdrift(HighFrequencyError(3), x, SIGMAS, disable=True))
+    removed = {}
+    for label, cal_ in (("channel", per_channel), ("bands", banded)):
+        c = power(qdrift.sample_euler_qdrift(HighFrequencyError(3), x, SIGMAS, cal_, disable=True))
+        removed[label] = (1 - (c - fp) / (q - fp)).tolist()
+    assert all(0.75 < r < 1.25 for r in removed["bands"][1:]), removed  # every band with a clear excess
+    assert removed["channel"][1] > 1.3, removed  # one c per channel over-smooths the low frequencies
+    # one band is the per-channel rule; the FFT round trip costs rounding only
+    x0, xb, c = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([0.1, -0.2, 0.3])
+    assert torch.allclose(scale_increment(xb, xb - x0, c), scale_increment_bands(xb, xb - x0, c[:, None]), atol=1e-6)
+    with pytest.raises(ValueError, match="bands must be a positive integer"):
+        frequency_bands((4, 4), 0)
+    with pytest.raises(ValueError, match="need spatial axes"):
+        qdrift.match_moments(cal, data, HighFrequencyError(2), torch.randn(4, 1), SIGMAS, "euler", bands=2)

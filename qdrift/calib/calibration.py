@@ -98,10 +98,10 @@ def _check_matched(matched, channels: int) -> Dict[str, torch.Tensor]:
     if s.ndim != 1 or len(s) < 1 or bool((s <= 0).any()) or bool((s[1:] >= s[:-1]).any()):
         raise ValueError("Calibration: matched['sigmas'] must be 1-D, > 0 and strictly decreasing")
     for k in ("V", "shift"):
-        if tuple(out[k].shape) != (len(s), channels) or not bool(torch.isfinite(out[k]).all()):
-            raise ValueError(
-                f"Calibration: matched[{k!r}] must be finite of shape ({len(s)}, {channels}), got {tuple(out[k].shape)}"
-            )
+        ok = tuple(out[k].shape[:2]) == (len(s), channels) and (out[k].ndim == 2 or (k == "V" and out[k].ndim == 3))
+        if not ok or not bool(torch.isfinite(out[k]).all()):
+            shape = f"({len(s)}, {channels})" + (" or (.., .., bands)" if k == "V" else "")
+            raise ValueError(f"Calibration: matched[{k!r}] must be finite of shape {shape}, got {tuple(out[k].shape)}")
     return out
 
 
@@ -148,7 +148,8 @@ class Calibration:
         matched: moment-matching tables (:func:`qdrift.calib.match_moments`), or None: ``sigmas`` ``[M]``
             (the matched run's levels, strictly decreasing), ``V`` ``[M, C]`` (the effective V of each
             measured ``c``, ``2 sigma c / |sigma - sigma_eff|``; negative where the quantized run was too
-            smooth) and ``shift`` ``[M, C]`` (the mean shift per unit step length); ``meta["match"]`` says
+            smooth; ``[M, C, NB]`` per radial frequency band, see :func:`qdrift.correction.frequency_bands`)
+            and ``shift`` ``[M, C]`` (the mean shift per unit step length); ``meta["match"]`` says
             which sampler, K, and whether the output's gain and bias were removed. Method ``matched`` uses them.
     """
 

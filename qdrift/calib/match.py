@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
-from ..correction import balance_coefficient
+from ..correction import balance_coefficient, frequency_bands
 from ..validation import MAX_DRIFT
 from .calibration import Calibration
 from .run import _batches
@@ -43,37 +43,66 @@ def _channel_stats(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64).transpose(0, 1).reshape(t.shape[1], -1)
 
 
-class _Recorder:
-    """Records the per-channel mean and variance of each step's deterministic result (full-precision run)."""
+def _centered_spectrum(t: torch.Tensor) -> torch.Tensor:
+    """FFT over the spatial axes of ``[B, C, ...]`` after removing each channel's mean over batch and positions."""
+    t = t.detach().to(torch.float64)
+    mean = t.transpose(0, 1).reshape(t.shape[1], -1).mean(1)
+    centered = t - mean.reshape((1, -1) + (1,) * (t.ndim - 2))
+    return torch.fft.fftn(centered, dim=tuple(range(2, t.ndim)))
 
-    def __init__(self, calibration: Calibration):
-        self.calibration = calibration
+
+def _band_sum(values: torch.Tensor, band: torch.Tensor, bands: int) -> torch.Tensor:
+    """Sums ``[B, C, *spatial]`` over the batch and over each band's bins: ``[C, NB]``."""
+    flat = values.sum(0).reshape(values.shape[1], -1)
+    out = torch.zeros(values.shape[1], bands, dtype=flat.dtype)
+    return out.index_add_(1, band.reshape(-1), flat)
+
+
+class _Recorder:
+    """Records the per-channel mean and variance (per band: power) of each step's deterministic result."""
+
+    def __init__(self, calibration: Calibration, bands: int):
+        self.calibration, self.bands = calibration, bands
         self.gain = False
         self.targets: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def match_step(self, i, x, x_base, sigma, sigma_eff):
         t = _channel_stats(x_base)
-        self.targets[i] = (t.mean(1), t.var(1, correction=0))
+        if self.bands == 1:
+            spread = t.var(1, correction=0)
+        else:
+            band = frequency_bands(x_base.shape[2:], self.bands)
+            spread = _band_sum(_centered_spectrum(x_base).abs() ** 2, band, self.bands)
+        self.targets[i] = (t.mean(1), spread)
         return None, None
 
 
 class _Solver:
-    """Solves each step's ``c`` and shift so the quantized run follows the recorded moments."""
+    """Solves each step's ``c`` (per channel, or per channel and band) and shift so the quantized run follows
+    the recorded moments."""
 
-    def __init__(self, calibration: Calibration, targets, gain: bool, mean: bool):
-        self.calibration, self.targets, self.gain, self.mean = calibration, targets, gain, mean
+    def __init__(self, calibration: Calibration, targets, gain: bool, mean: bool, bands: int):
+        self.calibration, self.targets, self.gain, self.mean, self.bands = calibration, targets, gain, mean, bands
         self.rows: Dict[int, Tuple[float, float, torch.Tensor, torch.Tensor]] = {}
 
     def match_step(self, i, x, x_base, sigma, sigma_eff):
         if i not in self.targets:
             raise RuntimeError(f"match_moments: the quantized run took step {i}, the full-precision run did not")
-        mean_fp, var_fp = self.targets[i]
+        mean_fp, spread_fp = self.targets[i]
         xb, inc = _channel_stats(x_base), _channel_stats(x_base - x)
         mb, mi = xb.mean(1), inc.mean(1)
-        var_b, var_i = xb.var(1, correction=0), inc.var(1, correction=0)
-        cov = ((xb - mb[:, None]) * (inc - mi[:, None])).mean(1)
-        c = balance_coefficient(var_b - var_fp, cov, var_i).clamp(-MAX_DRIFT, MAX_DRIFT)
-        shift = mean_fp - (mb + c * mi) if self.mean else torch.zeros_like(c)
+        if self.bands == 1:
+            var_b, var_i = xb.var(1, correction=0), inc.var(1, correction=0)
+            cov = ((xb - mb[:, None]) * (inc - mi[:, None])).mean(1)
+        else:  # Parseval per band: powers and cross-power of the centered spectra
+            band = frequency_bands(x_base.shape[2:], self.bands)
+            sb, si = _centered_spectrum(x_base), _centered_spectrum(x_base - x)
+            var_b = _band_sum(sb.abs() ** 2, band, self.bands)
+            var_i = _band_sum(si.abs() ** 2, band, self.bands)
+            cov = _band_sum((sb * si.conj()).real, band, self.bands)
+        c = balance_coefficient(var_b - spread_fp, cov, var_i).clamp(-MAX_DRIFT, MAX_DRIFT)
+        c0 = c if c.ndim == 1 else c[:, 0]  # the zero frequency's band carries the mean
+        shift = mean_fp - (mb + c0 * mi) if self.mean else torch.zeros_like(mb)
         self.rows[i] = (sigma, sigma_eff, c, shift)
         return c, shift
 
@@ -101,6 +130,7 @@ def match_moments(
     *,
     mean: bool = True,
     gain: bool = True,
+    bands: int = 1,
     batch_size: Optional[int] = None,
     seed: int = 0,
     sampler_kwargs: Optional[Dict[str, Any]] = None,
@@ -122,6 +152,10 @@ def match_moments(
         mean: also match the per-channel mean (a shift per step); False matches the variance only.
         gain: remove the calibration's gain and bias from the quantized output (method ``v2``'s output
             correction) before matching.
+        bands: match per channel (1) or per channel and radial frequency band (``> 1``,
+            :func:`qdrift.correction.frequency_bands`): the increment is then scaled per band through an FFT
+            over the spatial axes, so excess high-frequency noise (speckle) and low-frequency drift get their
+            own ``c`` (exact for stationary Gaussian data, whose bands are independent).
         batch_size: split a tensor ``x`` into batches of this size (None: one batch).
         seed: seeds the sampler noise of stochastic samplers (the same for both runs of a batch).
         sampler_kwargs: further sampler options (``eta``, ``s_noise``, ``order``, ...).
@@ -145,6 +179,8 @@ def match_moments(
             raise ValueError(f"match_moments: sampler_kwargs may not set {reserved!r}; the pass sets it")
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"match_moments: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+        raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
     started = time.time()
     sums: Dict[int, List] = {}
     count = 0
@@ -154,9 +190,11 @@ def match_moments(
                 f"match_moments: x has {xb.shape[1]} channels, the calibration {calibration.channels}"
             )
         options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
-        recorder = _Recorder(calibration)
+        if bands > 1 and xb.ndim < 3:
+            raise ValueError("match_moments: frequency bands need spatial axes; x has none (use bands=1)")
+        recorder = _Recorder(calibration, bands)
         _run(info, model_fp, xb, sigmas, recorder, seed + b, options)
-        solver = _Solver(calibration, recorder.targets, gain, mean)
+        solver = _Solver(calibration, recorder.targets, gain, mean, bands)
         _run(info, model_q, xb, sigmas, solver, seed + b, options)
         n = xb.shape[0]
         for i, (sigma, sigma_eff, c, shift) in solver.rows.items():
@@ -182,6 +220,7 @@ def match_moments(
         "K": count,
         "gain": bool(gain),
         "mean": bool(mean),
+        "bands": bands,
         "steps": len(sigmas) - 1,
         "schedule": sigmas.detach().double().cpu().tolist(),
         "seconds": round(time.time() - started, 3),
