@@ -374,6 +374,12 @@ class DriftPlan:
         return interpolate_log_sigma(row, grid, other).clamp(-1, 1)
 
 
+def _sampler_names():
+    from .samplers import REGISTRY  # the samplers import the plan; the registry is read at run time
+
+    return REGISTRY
+
+
 class _MatchedTable:
     """The moment-matching tables of a calibration (:attr:`qdrift.Calibration.matched`) applied to any schedule.
 
@@ -393,8 +399,8 @@ class _MatchedTable:
         self.sigmas, self.v, self.rate = m["sigmas"], m["V"] * strength, m["shift"] * strength
         info = cal.meta.get("match") or {}
         self.gain = bool(info.get("gain", False))
-        matched_on = info.get("sampler")
-        if matched_on and matched_on != sampler.replace("sample_", "").replace("_qdrift", ""):
+        matched_on, running = info.get("sampler"), sampler.replace("sample_", "").replace("_qdrift", "")
+        if matched_on and matched_on != running and running in _sampler_names():
             warnings.warn(
                 f"{sampler}: the calibration's moment-matching tables were measured with the {matched_on!r} sampler; "
                 "on another sampler they hold only to first order (run qdrift.calib.match_moments with this one)",
