@@ -84,6 +84,43 @@ def test_vp_schedule_sd_range():
     assert sig[0].item() == pytest.approx(0.0292, abs=1e-3) and sig[-1].item() == pytest.approx(14.61, abs=0.05)
 
 
+def _patchify_reference(net, x):  # the reshape / transpose layout the einops patterns replaced
+    return net.patch_embed(x).flatten(2).transpose(1, 2)
+
+
+def _unpatchify_reference(net, h):
+    b, p, g, c = h.shape[0], net.patch, net.grid, net.in_channels
+    return h.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+
+@pytest.mark.parametrize("patch, channels", [(2, 1), (4, 1), (7, 3)])
+def test_dit_patchify_unpatchify_match_the_reshape_layout(patch, channels):
+    torch.manual_seed(patch)
+    net = DiT(patch=patch, dim=16, depth=1, heads=2, in_channels=channels)
+    x = torch.randn(3, channels, 28, 28)
+    assert torch.equal(net.patchify(x), _patchify_reference(net, x))
+    h = torch.randn(3, net.grid**2, patch * patch * channels)
+    assert torch.equal(net.unpatchify(h), _unpatchify_reference(net, h))
+    # unpatchify inverts the token layout: pixel (i, j) of channel c is token (i // p, j // p), entry (i % p, j % p, c)
+    img = net.unpatchify(h)
+    i, j, c = 13, 22, channels - 1
+    tok, ent = (i // patch) * net.grid + j // patch, ((i % patch) * patch + j % patch) * channels + c
+    assert img[1, c, i, j] == h[1, tok, ent]
+
+
+def test_shipped_dit_output_unchanged_by_einops(monkeypatch):
+    if not (weights_dir() / "dit.safetensors").is_file():
+        pytest.skip("dit not trained yet")
+    net = load_model("dit")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, generator=g), torch.tensor([0, 4, 9, NULL_LABEL])
+    with torch.no_grad():
+        out = net(x, t, y)
+        monkeypatch.setattr(DiT, "patchify", _patchify_reference)
+        monkeypatch.setattr(DiT, "unpatchify", _unpatchify_reference)
+        assert torch.equal(out, net(x, t, y))
+
+
 def test_load_model_roundtrip(tmp_path):
     from safetensors.torch import save_file
 
