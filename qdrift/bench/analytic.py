@@ -31,13 +31,14 @@ import time
 import torch
 
 import qdrift
+from qdrift.baselines import is_stochastic_sampler
 from qdrift.cli import ArgumentParser, int_at_least, number
 
 from .gaussian import GaussianData, PlantedErrorDenoiser
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-STOCHASTIC = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+STOCHASTIC = {name for name in qdrift.SAMPLERS if is_stochastic_sampler(name)}  # euler_ancestral and the SDEs
 MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"}
 METHODS = ("paper", "exact", "correlated", "v2")
 ERRORS = ("independent", "correlated")

@@ -16,7 +16,6 @@ signed: negative = under-dispersed).
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from typing import Dict, List, Sequence
@@ -24,7 +23,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from qdrift._utils import default_noise_sampler, get_sigmas_karras
-from qdrift.baselines import BASELINES, make_baseline
+from qdrift.baselines import BASELINES, is_stochastic_sampler, make_baseline
 from qdrift.samplers import SAMPLERS
 
 from .gaussian import AnalyticCalibration, GaussianData, PlantedErrorDenoiser, channel_stats
@@ -68,7 +67,7 @@ def run_one(method: str, sampler: str, case: str, calibration, *, n: int, shape,
     x = DATA.prior(n, float(sigmas[0]), spatial=tuple(shape[1:]), generator=gen)
     fn = SAMPLERS[sampler]
     kwargs = {"disable": True}
-    if "noise_sampler" in inspect.signature(fn).parameters:
+    if is_stochastic_sampler(sampler):
         kwargs["noise_sampler"] = default_noise_sampler(x, seed=seed + 1)
     if method == "fp":
         model = DATA.denoiser

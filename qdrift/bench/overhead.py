@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import qdrift
+from qdrift.baselines import is_stochastic_sampler
 
 
 class SmallConvNet(nn.Module):
@@ -50,7 +51,7 @@ def time_samplers(repeats: int, steps: int, batch: int):
         times = {"none": [], "V": []}
         for r in range(repeats + 1):
             for label, v in (("none", None), ("V", V)) if r % 2 else (("V", V), ("none", None)):
-                kw = {"noise_sampler": qdrift.default_noise_sampler(x, seed=0)} if "sde" in name or "ancestral" in name else {}
+                kw = {"noise_sampler": qdrift.default_noise_sampler(x, seed=0)} if is_stochastic_sampler(name) else {}
                 t0 = time.perf_counter()
                 fn(model, x, sigmas, v, disable=True, **kw)
                 if r:  # the first round warms up
