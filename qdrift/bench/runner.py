@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import qdrift
-from qdrift.baselines import is_stochastic_sampler
+from qdrift.baselines import is_stochastic_sampler, make_baseline
 
 from . import metrics as M
 from .data import NUM_CLASSES, load_fashion_mnist, to_model_range
@@ -415,8 +415,6 @@ def progress_total(cfg: BenchConfig, n_batches: int) -> int:
 def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block) -> RowSampling:
     """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift), or a baseline."""
     if var.baseline is not None:
-        from ..baselines import make_baseline
-
         den = make_baseline(var.baseline, den_q, cal)
         return RowSampling(den, partial(den.sampler_kwargs, block.fn, block.sigmas), den.reset)
     if var.v_reduce is not None:
