@@ -9,7 +9,7 @@ The data is per-channel Gaussian, so the exact denoiser and the exact final vari
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
 
 torch.manual_seed(0)
 data = GaussianData(mean=[0.5, -1.0, 0.0], std=[1.0, 0.5, 2.0])

@@ -94,7 +94,7 @@ class DiscreteSchedule(nn.Module):
     """A discrete VP schedule from ``alphas_cumprod`` with sigma <-> timestep maps (both ways interpolated).
 
     Args:
-        alphas_cumprod: ``abar_t`` ``[T]``, decreasing in t, in (0, 1].
+        alphas_cumprod: ``abar_t`` ``[T]``, decreasing in t, in (0, 1) (1 is rejected: sigma = 0 has no log-sigma).
         quantize: round timesteps to integers (for networks that only accept integer t).
     """
 

@@ -15,7 +15,7 @@ from typing import Callable, List, NoReturn, Optional
 __all__ = ["main", "ArgumentParser", "int_at_least", "number"]
 
 COMMANDS = {
-    "analytic": ("qdrift.analytic_bench", "excess variance removed per sampler on the analytic Gaussian"),
+    "analytic": ("qdrift.bench.analytic", "excess variance removed per sampler on the analytic Gaussian"),
     "bench": ("qdrift.bench.cli", "FP vs quantized vs Q-Drift on the built-in models (Table 1 in miniature)"),
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qdrift import adapters
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

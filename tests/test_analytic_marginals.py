@@ -1,6 +1,6 @@
 """The corrections on the analytic Gaussian: convergence order, and excess variance removed.
 
-The planted "quantized" model adds fresh N(0, v) eps-noise per call (qdrift.analytic), so the
+The planted "quantized" model adds fresh N(0, v) eps-noise per call (qdrift.bench.gaussian), so the
 variance it injects is known; the numbers the README reports come from benchmarks/analytic_gaussian.py.
 """
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 STOCHASTIC = {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}

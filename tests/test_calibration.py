@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
 from qdrift.calib import CalibrationFileError, PairedMoments, batch_moments
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 from qdrift.calib import CalibrationFileError, CalibrationFileNotFoundError
 
 from calib_loader import Loader

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import qdrift
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 
 DATA = GaussianData([0.5, -1.0], [1.0, 0.5])
 SIGMAS = qdrift.get_sigmas_karras(6, 0.05, 20.0).double()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import qdrift
 from qdrift import adapters
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 
 from calib_loader import Loader
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 
 DATA = GaussianData([0.3, -1.0, 0.5], [1.0, 0.5, 2.0])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
 from qdrift.calib.stats import TrajectorySums
 from qdrift.correction import balance_coefficient
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qdrift
-from qdrift.analytic import GaussianData
+from qdrift.bench.gaussian import GaussianData
 
 DATA = GaussianData([0.2, -0.3], [1.0, 0.7])
 NAMES = list(qdrift.SAMPLERS)

@@ -1,5 +1,10 @@
-"""Reference benchmark pieces: Fashion-MNIST data, the built-in U-Net / DiT / classifier, training, metrics.
+"""The library code of every benchmark (the runnable scripts in ``benchmarks/`` only call ``main()`` here).
 
-Submodules are imported on demand (``qdrift.bench.models``, ``.data``, ``.metrics``, ``.train``, ``.images``,
-``.quant_report``) so that ``import qdrift.bench`` stays cheap.
+- analytic Gaussian: ``gaussian`` (data with an exact denoiser, the planted-error model, its exact moments),
+  ``analytic`` (``qdrift analytic``), ``baselines_gaussian`` (peer baselines), ``overhead`` (cost of Q-Drift);
+- the model bench (``qdrift bench``): ``models``, ``data``, ``train``, ``guidance``, ``runner``, ``metrics``,
+  ``report``, ``figures``, ``images``, ``quant_report``, ``cli``.
+
+Submodules are imported on demand, so ``import qdrift.bench`` (and ``import qdrift.bench.gaussian``) stays cheap.
+The core never imports this package.
 """

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..cli import ArgumentParser, int_at_least, number
 
@@ -158,14 +158,17 @@ def _mode(args: argparse.Namespace, preset: dict, fid: str) -> str:
     return ("full" if args.full else "quick") if kept else "custom"
 
 
-def _preflight(cfg) -> Optional[str]:
-    """A message saying what is missing (weights, data, FID weights) and how to get it, or None."""
-    from . import runner
+def _preflight(cfg, shipped_models: bool = True) -> Optional[str]:
+    """A message saying what is missing (weights, data, FID weights) and how to get it, or None.
+
+    ``shipped_models=False``: the denoisers come from elsewhere (``main(load_net=...)``), so only the classifier's
+    weights are checked.
+    """
     from .data import load_fashion_mnist
     from .models import weights_dir
 
     problems = []
-    names = (list(cfg.models) if runner.load_bench_model is runner._DEFAULT_LOADER else []) + ["classifier"]
+    names = (list(cfg.models) if shipped_models else []) + ["classifier"]
     for name in names:
         path = weights_dir() / f"{name}.safetensors"
         if not path.is_file():
@@ -234,7 +237,14 @@ def write_outputs(result: dict, cfg) -> Dict[str, str]:
     return files
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, load_net: Optional[Callable[[str], Any]] = None) -> int:
+    """Run ``qdrift bench`` with the arguments ``argv`` (default: the command line); returns the exit status.
+
+    Args:
+        argv: command-line arguments.
+        load_net: ``load_net(kind) -> nn.Module`` for ``"unet"`` / ``"dit"`` instead of the shipped weights (the
+            tests pass tiny untrained networks).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -245,10 +255,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    problem = _preflight(cfg)
+    problem = _preflight(cfg, shipped_models=load_net is None)
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    from .models import load_model
     from .report import markdown_table
     from .runner import run_bench
 
@@ -257,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"qdrift bench: {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    result = run_bench(cfg, log=log)
+    result = run_bench(cfg, log=log, load_net=load_net or load_model)
     files = write_outputs(result, cfg)
     print(markdown_table(result["rows"], result["meta"]))
     print(f"wrote {', '.join(sorted(set(files.values())))} ({time.perf_counter() - t0:.0f} s)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 __all__ = ["NULL_LABEL", "UNet", "DiT", "Classifier", "vp_alphas_cumprod", "build_model", "load_model",
@@ -284,18 +285,23 @@ class DiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, C, H, W]`` -> tokens ``[B, grid^2, dim]`` (the stride-``patch`` conv, row-major patches)."""
+        return rearrange(self.patch_embed(x), "b d gh gw -> b (gh gw) d")
+
+    def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, grid^2, patch^2 C]`` -> image ``[B, C, H, W]`` (the inverse of the patch layout)."""
+        p, g = self.patch, self.grid
+        return rearrange(h, "b (gh gw) (ph pw c) -> b c (gh ph) (gw pw)", gh=g, gw=g, ph=p, pw=p)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         y = _check_inputs(x, t, y, self.in_channels, self.image_size)
-        b = x.shape[0]
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
+        h = self.patchify(x) + self.pos
         c = self.time_embed(timestep_embedding(t * 1000.0, self.config["dim"])) + self.label_emb(y)
         for blk in self.blocks:
             h = blk(h, c)
         shift, scale = self.final.ada(F.silu(c))[:, None].chunk(2, dim=-1)
-        h = self.final.linear(self.final.norm(h) * (1 + scale) + shift)
-        p, g = self.patch, self.grid
-        h = h.reshape(b, g, g, p, p, self.in_channels).permute(0, 5, 1, 3, 2, 4)
-        return h.reshape(b, self.in_channels, g * p, g * p)
+        return self.unpatchify(self.final.linear(self.final.norm(h) * (1 + scale) + shift))
 
 
 # ----------------------------------------------------------------------------------------------------------------

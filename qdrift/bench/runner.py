@@ -6,9 +6,11 @@ with Q-Drift, whose ``V`` is calibrated with :func:`qdrift.calibrate` on ``K`` r
 seed-label pairs) are disjoint from the evaluation ones. Optional rows: the other V reduction, the other
 DPM-Solver++(2M) form, and the peer baselines of :mod:`qdrift.baselines`.
 
-Networks reach the samplers through the core's adapters (U-Net: :class:`qdrift.adapters.DiscreteEpsDenoiser`
-on its ``alphas_cumprod``; DiT: :class:`qdrift.adapters.FlowDenoiser`), with classifier-free guidance inside
-the network callable (:class:`GuidedNet`), so calibration pairs are taken after CFG.
+Networks reach the samplers through the core's adapters with classifier-free guidance inside the network
+callable (:mod:`qdrift.bench.guidance`), so calibration pairs are taken after CFG.
+
+The run reads as plan, sample, measure: :func:`run_bench` plans the evaluation set and the (model, sampler)
+blocks, :func:`sample_row` draws one row's images batch by batch, :func:`variant_row` measures them.
 
 Seeds: evaluation image ``i`` uses its own generator seeded ``EVAL_SEED + i`` (initial noise, then the
 ancestral sampler's noise) and label ``i % 10``, so an image is the same whatever ``n`` or the batch size.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,14 +33,15 @@ import torch
 from torch import nn
 
 import qdrift
-from qdrift.adapters import DiscreteEpsDenoiser, FlowDenoiser, get_sigmas_flow
+from qdrift.baselines import is_stochastic_sampler, make_baseline
 
 from . import metrics as M
 from .data import NUM_CLASSES, load_fashion_mnist, to_model_range
-from .models import NULL_LABEL, load_model, vp_alphas_cumprod
+from .guidance import GuidedNet, schedule, wrap_denoiser
+from .models import load_model
 
 __all__ = ["SAMPLER_SPECS", "MODEL_SAMPLERS", "EVAL_SEED", "CAL_SEED", "FIG_SEED", "BenchConfig", "GuidedNet",
-           "BenchModel", "Evaluator", "run_bench", "c_coefficients"]
+           "BenchModel", "Evaluator", "run_bench", "run_block", "sample_row", "variant_row", "c_coefficients"]
 
 EVAL_SEED = 1_000_000
 CAL_SEED = 2_000_000
@@ -103,43 +107,6 @@ class BenchConfig:
         return int(self.steps.get(sampler, SAMPLER_SPECS[sampler].steps))
 
 
-class GuidedNet(nn.Module):
-    """Classifier-free guidance inside the network callable: ``out_u + scale * (out_c - out_u)``.
-
-    Call: ``net(x [B, C, H, W], t [B], y [B] int) -> [B, C, H, W]`` (one batched call of the wrapped network on
-    ``[x; x]`` with labels ``[y; null]``). ``scale = 1`` calls the network once, conditionally.
-    """
-
-    def __init__(self, net: nn.Module, scale: float) -> None:
-        super().__init__()
-        self.net = net
-        self.scale = float(scale)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.scale == 1.0:
-            return self.net(x, t, y)
-        null = torch.full_like(y, NULL_LABEL)
-        out_c, out_u = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return out_u + self.scale * (out_c - out_u)
-
-
-def wrap_denoiser(kind: str, net: nn.Module, cfg: float) -> nn.Module:
-    """The k-diffusion denoiser ``D(x, sigma, y=labels)`` of a benchmark network, guidance included."""
-    guided = GuidedNet(net, cfg)
-    if kind == "unet":
-        return DiscreteEpsDenoiser(guided, vp_alphas_cumprod())
-    if kind == "dit":
-        return FlowDenoiser(guided)
-    raise ValueError(f"unknown model kind {kind!r}; expected 'unet' or 'dit'")
-
-
-def schedule(kind: str, denoiser: nn.Module, steps: int) -> torch.Tensor:
-    """Sampling schedule ``[steps + 1]``: Karras (rho 7) over the U-Net's VP range, uniform flow time for the DiT."""
-    if kind == "unet":
-        return denoiser.get_sigmas(steps).to(torch.float32)
-    return get_sigmas_flow(steps).to(torch.float32)
-
-
 def c_coefficients(V: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """The paper's Euler coefficients ``c_i = |dsigma_i| V_i / (2 sigma_i)`` (Eq. 12) ``[S, C]``."""
     s = sigmas.double()
@@ -162,19 +129,13 @@ class BenchModel:
     quant_seconds: Dict[str, float] = field(default_factory=dict)
 
 
-def load_bench_model(kind: str) -> nn.Module:
-    """The shipped network (a hook the tests replace with tiny untrained ones)."""
-    return load_model(kind)
-
-
-_DEFAULT_LOADER = load_bench_model
-
-
-def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Callable[[str], None]) -> BenchModel:
+def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Callable[[str], None],
+                  load_net: Callable[[str], nn.Module] = load_model) -> BenchModel:
+    """Load the network ``kind`` with ``load_net`` (default: the shipped weights) and quantize it per scheme."""
     from ..quant import quantize
     from .quant_report import quant_options, sampler_calibration
 
-    net = load_bench_model(kind).float().eval()
+    net = load_net(kind).float().eval()
     bm = BenchModel(kind, net, wrap_denoiser(kind, net, cfg.cfg))
     for scheme in schemes:
         t0 = time.perf_counter()
@@ -224,7 +185,7 @@ def sample_images(kind: str, denoiser: Callable, sampler: str, sigmas: torch.Ten
     noise = PerImageNoise(seeds)
     x = noise.draw() * float(sigmas[0])
     kw = dict(sampler_kwargs)
-    if SAMPLER_SPECS[sampler].fn == "euler_ancestral":
+    if is_stochastic_sampler(SAMPLER_SPECS[sampler].fn):
         kw["noise_sampler"] = noise
     out = fn(denoiser, x, sigmas, kw.pop("V", None), extra_args={"y": labels}, disable=True, **kw)
     return out.clamp(-1, 1)
@@ -345,7 +306,7 @@ def row_metrics(ev: Evaluator, feats: Dict[str, Any], labels: torch.Tensor, imag
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the run
+# the rows of a block
 
 
 @dataclass
@@ -378,130 +339,247 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     return out
 
 
-def _batches(n: int, size: int) -> List[Tuple[int, int]]:
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
+# ----------------------------------------------------------------------------------------------------------------
+# the run: plan
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run the benchmark; returns ``{"rows": [...], "grids": {...}, "fig": {...}, "meta": {...}}``.
+@dataclass(frozen=True)
+class EvalSet:
+    """The evaluation images every row draws: seeds ``EVAL_SEED + i``, labels ``i % 10``, and the batches."""
+
+    seeds: List[int]
+    labels: torch.Tensor
+    batches: List[Tuple[int, int]]
+
+    @classmethod
+    def for_config(cls, cfg: BenchConfig) -> "EvalSet":
+        n = cfg.n_images
+        batches = [(i, min(n, i + cfg.batch_size)) for i in range(0, n, cfg.batch_size)]
+        return cls([EVAL_SEED + i for i in range(n)], eval_labels(n), batches)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One (model, sampler) block: its schedule and the fields every row of it shares."""
+
+    kind: str
+    sampler: str
+    steps: int
+    sigmas: torch.Tensor
+
+    @property
+    def fn(self) -> str:
+        return SAMPLER_SPECS[self.sampler].fn
+
+    def common(self, n: int, cfg_scale: float) -> Dict[str, Any]:
+        return dict(model=self.kind, sampler=self.sampler, sampler_fn=self.fn, steps=self.steps, n_images=n,
+                    cfg_scale=cfg_scale)
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row samples: the denoiser, its sampler options (rebuilt for every batch, after ``reset``)."""
+
+    denoiser: Callable
+    kwargs: Callable[[], Dict[str, Any]] = dict
+    reset: Optional[Callable[[], None]] = None
+
+
+@dataclass(frozen=True)
+class FPReference:
+    """The FP row of a block: its images, features and classifier-feature statistics (what rows compare to)."""
+
+    images: torch.Tensor
+    feats: Dict[str, Any]
+    stats: Tuple[np.ndarray, np.ndarray]
+
+
+def model_schemes(cfg: BenchConfig) -> List[str]:
+    """The schemes a model is quantized with: the table's, plus the Fig. 2 scheme when the figure is drawn."""
+    schemes = list(cfg.schemes)
+    if cfg.fig_pool > 0 and cfg.fig_scheme not in schemes:
+        schemes.append(cfg.fig_scheme)
+    return schemes
+
+
+def progress_total(cfg: BenchConfig, n_batches: int) -> int:
+    """Sampler calls of the whole run (the progress bar's total): per block, the FP row and every variant row."""
+    return sum(n_batches * (1 + len(cfg.schemes) * len(variants_for(cfg, s, "x")))
+               for m in cfg.models for s in cfg.sampler_names(m))
+
+
+def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block) -> RowSampling:
+    """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift), or a baseline."""
+    if var.baseline is not None:
+        den = make_baseline(var.baseline, den_q, cal)
+        return RowSampling(den, partial(den.sampler_kwargs, block.fn, block.sigmas), den.reset)
+    if var.v_reduce is not None:
+        extra = {"form": var.form} if var.form is not None else {}
+        return RowSampling(den_q, partial(dict, V=cal.with_options(reduce=var.v_reduce), **extra, method=var.method))
+    return RowSampling(den_q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run: sample
+
+
+def sample_row(block: Block, how: RowSampling, evalset: EvalSet, bar: Any, desc: str) -> Tuple[torch.Tensor, float]:
+    """All evaluation images of one row, batch by batch; returns ``([n, 1, 28, 28], sampling seconds)``."""
+    bar.set_description(f"{block.kind} {block.sampler} {desc}")
+    parts, secs = [], 0.0
+    for a, b in evalset.batches:
+        if how.reset is not None:
+            how.reset()
+        t0 = time.perf_counter()
+        parts.append(sample_images(block.kind, how.denoiser, block.sampler, block.sigmas, evalset.seeds[a:b],
+                                   evalset.labels[a:b], how.kwargs()))
+        secs += time.perf_counter() - t0
+        bar.update(1)
+    return torch.cat(parts), secs
+
+
+def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int) -> Tuple[Any, float]:
+    """Q-Drift's ``K``-run calibration of one scheme at the block's schedule (seeds ``CAL_SEED + k``) and its
+    wall time."""
+    t0 = time.perf_counter()
+    x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
+    cal = qdrift.calibrate(bm.fp, bm.quantized[scheme], x_cal, block.sigmas, {"y": calib_labels(K)},
+                           reduce="channel", disable=True)
+    return cal, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run: measure
+
+
+def real_row(ev: Evaluator, evalset: EvalSet, cfg: BenchConfig) -> Dict[str, Any]:
+    """The row of real training images (the metrics' floor at this n)."""
+    real = real_images(evalset.n)
+    return dict(model="real", scheme="—", sampler=None, sampler_fn=None, steps=0, variant="train images", K=0,
+                n_images=evalset.n, cfg_scale=None, seconds=None,
+                **row_metrics(ev, ev.features(real), evalset.labels, real, None, None, cfg))
+
+
+def fp_row(ev: Evaluator, block: Block, images: torch.Tensor, secs: float, evalset: EvalSet,
+           cfg: BenchConfig) -> Tuple[Dict[str, Any], FPReference]:
+    """The FP row of a block and the reference the block's other rows are measured against."""
+    feats = ev.features(images)
+    fp = FPReference(images, feats, M.feature_stats(feats["clf"]))
+    row = dict(block.common(evalset.n, cfg.cfg), scheme="fp", variant="fp", K=0, seconds=secs,
+               **row_metrics(ev, feats, evalset.labels, images, None, None, cfg, fp.stats))
+    return row, fp
+
+
+def variant_row(ev: Evaluator, block: Block, var: Variant, images: torch.Tensor, feats: Dict[str, Any], secs: float,
+                cal_secs: float, ref: Optional[Dict[str, Any]], fp: FPReference, evalset: EvalSet,
+                cfg: BenchConfig) -> Dict[str, Any]:
+    """One variant's row; ``ref`` (the quantized row's features, None for that row) pairs the bootstrap CIs."""
+    row = dict(block.common(evalset.n, cfg.cfg), scheme=var.scheme, variant=var.name, K=var.K, seconds=secs,
+               **row_metrics(ev, feats, evalset.labels, images, fp.images, ref, cfg, fp.stats, fp.feats))
+    if var.K:
+        row["calib_seconds"] = cal_secs
+    for key in ("v_reduce", "form", "method"):
+        if getattr(var, key) is not None:
+            row[key] = getattr(var, key)
+    return row
+
+
+def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
+    """The grid row label of a variant (the quantized row and each method's main Q-Drift row), or None."""
+    if var.name == "quantized":
+        return f"{var.scheme} Q"
+    if var.method is not None and var.form in (None, cfg.dpm_forms[0]) and var.v_reduce == cfg.v_reduce[0]:
+        return f"{var.scheme} Q-Drift {var.method}"
+    return None
+
+
+def run_meta(cfg: BenchConfig, started: float, commit: Optional[str]) -> Dict[str, Any]:
+    """The run's settings, seeds, threads, time and code version."""
+    return dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=cfg.n_images, batch_size=cfg.batch_size,
+                K=cfg.K, cfg_scale=cfg.cfg,
+                eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
+                calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
+                fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,
+                fid_boot=cfg.fid_boot if cfg.fid else None, threads=torch.get_num_threads(),
+                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__, git_commit=commit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg: BenchConfig, bar: Any,
+              grid: List[Tuple[str, torch.Tensor]], calibrations: Dict[Tuple[str, str, str], Any]
+              ) -> List[Dict[str, Any]]:
+    """The rows of one (model, sampler) block: FP, then per scheme the quantized, Q-Drift and baseline rows.
+
+    Appends the block's grid rows to ``grid`` and its calibrations to ``calibrations``.
+    """
+    images, secs = sample_row(block, RowSampling(bm.fp), evalset, bar, "fp")
+    row, fp = fp_row(ev, block, images, secs, evalset, cfg)
+    rows = [row]
+    grid.append(("FP", images[: cfg.grid_n]))
+    for scheme in cfg.schemes:
+        cal, cal_secs = calibrate_block(bm, scheme, block, cfg.K)
+        calibrations[(block.kind, scheme, block.sampler)] = cal
+        q_feats = None
+        for var in variants_for(cfg, block.sampler, scheme):
+            how = variant_sampling(var, bm.quantized[scheme], cal, block)
+            images, secs = sample_row(block, how, evalset, bar, f"{scheme} {var.name}")
+            feats = ev.features(images)
+            ref = fp.feats if var.name == "quantized" else q_feats
+            rows.append(variant_row(ev, block, var, images, feats, secs, cal_secs, ref, fp, evalset, cfg))
+            if var.name == "quantized":
+                q_feats = feats
+            label = grid_label(var, cfg)
+            if label is not None:
+                grid.append((label, images[: cfg.grid_n]))
+    return rows
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
+              load_net: Callable[[str], nn.Module] = load_model) -> Dict[str, Any]:
+    """Run the benchmark; returns ``{"rows": [...], "grids": {...}, "fig": {...}, "calibrations": {...},
+    "meta": {...}}``.
 
     Images are not written here (see :mod:`qdrift.bench.cli`); the returned ``grids`` hold the first
     ``cfg.grid_n`` images of every row.
+
+    Args:
+        cfg: the run's settings.
+        log: progress messages.
+        load_net: ``load_net(kind) -> nn.Module``, the network of ``"unet"`` / ``"dit"`` (default: the shipped
+            weights, :func:`qdrift.bench.models.load_model`).
     """
     from tqdm.auto import tqdm
-
-    from ..baselines import make_baseline
 
     started = time.perf_counter()
     commit = git_commit()  # the code that runs, read before any file can change under a long run
     ev = Evaluator(cfg, log)
-    n = cfg.n_images
-    seeds = [EVAL_SEED + i for i in range(n)]
-    labels = eval_labels(n)
-    batches = _batches(n, cfg.batch_size)
-    rows: List[Dict[str, Any]] = []
+    evalset = EvalSet.for_config(cfg)
+    rows = [real_row(ev, evalset, cfg)]
     grids: Dict[Tuple[str, str], List[Tuple[str, torch.Tensor]]] = {}
     calibrations: Dict[Tuple[str, str, str], Any] = {}
     fig: Dict[str, Any] = {}
-
-    real = real_images(n)
-    rows.append(dict(model="real", scheme="—", sampler=None, sampler_fn=None, steps=0, variant="train images", K=0,
-                     n_images=n, cfg_scale=None, seconds=None,
-                     **row_metrics(ev, ev.features(real), labels, real, None, None, cfg)))
-
-    plan = [(m, s) for m in cfg.models for s in cfg.sampler_names(m)]
-    n_units = sum(len(batches) * (1 + len(cfg.schemes) * len(variants_for(cfg, s, "x"))) for _, s in plan)
-    bar = tqdm(total=n_units, desc="qdrift bench", unit="batch", disable=not cfg.progress, dynamic_ncols=True)
-
+    bar = tqdm(total=progress_total(cfg, len(evalset.batches)), desc="qdrift bench", unit="batch",
+               disable=not cfg.progress, dynamic_ncols=True)
     for kind in cfg.models:
-        schemes = list(cfg.schemes)
-        if cfg.fig_pool > 0 and cfg.fig_scheme not in schemes:
-            schemes.append(cfg.fig_scheme)
-        bm = prepare_model(kind, cfg, schemes, log)
+        bm = prepare_model(kind, cfg, model_schemes(cfg), log, load_net)
         for sampler in cfg.sampler_names(kind):
-            spec = SAMPLER_SPECS[sampler]
             steps = cfg.steps_for(sampler)
-            sigmas = schedule(kind, bm.fp, steps)
-            common = dict(model=kind, sampler=sampler, sampler_fn=spec.fn, steps=steps, n_images=n, cfg_scale=cfg.cfg)
-
-            def draw(den: Callable, kwargs_fn: Callable[[], Dict[str, Any]], desc: str,
-                     reset: Optional[Callable[[], None]] = None) -> Tuple[torch.Tensor, float]:
-                bar.set_description(f"{kind} {sampler} {desc}")
-                parts, secs = [], 0.0
-                for a, b in batches:
-                    if reset is not None:
-                        reset()
-                    t0 = time.perf_counter()
-                    parts.append(sample_images(kind, den, sampler, sigmas, seeds[a:b], labels[a:b], kwargs_fn()))
-                    secs += time.perf_counter() - t0
-                    bar.update(1)
-                return torch.cat(parts), secs
-
-            fp_images, fp_secs = draw(bm.fp, dict, "fp")
-            fp_feats = ev.features(fp_images)
-            fp_stats = M.feature_stats(fp_feats["clf"])
-            rows.append(dict(common, scheme="fp", variant="fp", K=0, seconds=fp_secs,
-                             **row_metrics(ev, fp_feats, labels, fp_images, None, None, cfg, fp_stats)))
-            grid = grids.setdefault((kind, sampler), [])
-            grid.append(("FP", fp_images[: cfg.grid_n]))
-
-            for scheme in cfg.schemes:
-                den_q = bm.quantized[scheme]
-                t0 = time.perf_counter()
-                x_cal = initial_noise([CAL_SEED + k for k in range(cfg.K)], float(sigmas[0]))
-                cal = qdrift.calibrate(bm.fp, den_q, x_cal, sigmas, {"y": calib_labels(cfg.K)}, reduce="channel",
-                                       disable=True)
-                cal_secs = time.perf_counter() - t0
-                calibrations[(kind, scheme, sampler)] = cal
-                q_images, q_feats = None, None
-                for var in variants_for(cfg, sampler, scheme):
-                    reset = None
-                    if var.baseline is not None:
-                        den = make_baseline(var.baseline, den_q, cal)
-                        reset = den.reset
-                        kw_fn = lambda den=den: den.sampler_kwargs(spec.fn, sigmas)  # noqa: E731
-                    elif var.v_reduce is not None:
-                        c = cal.with_options(reduce=var.v_reduce)
-                        extra = {"form": var.form} if var.form is not None else {}
-                        extra["method"] = var.method
-                        den = den_q
-                        kw_fn = lambda c=c, extra=extra: dict(V=c, **extra)  # noqa: E731
-                    else:
-                        den, kw_fn = den_q, dict
-                    images, secs = draw(den, kw_fn, f"{scheme} {var.name}", reset)
-                    feats = ev.features(images)
-                    ref = fp_feats if var.name == "quantized" else q_feats
-                    row = dict(common, scheme=scheme, variant=var.name, K=var.K, seconds=secs,
-                               **row_metrics(ev, feats, labels, images, fp_images, ref, cfg, fp_stats, fp_feats))
-                    if var.K:
-                        row["calib_seconds"] = cal_secs
-                    if var.v_reduce is not None:
-                        row["v_reduce"] = var.v_reduce
-                    if var.form is not None:
-                        row["form"] = var.form
-                    if var.method is not None:
-                        row["method"] = var.method
-                    rows.append(row)
-                    if var.name == "quantized":
-                        q_images, q_feats = images, feats
-                    if var.name == "quantized" or (var.method is not None and var.form in (None, cfg.dpm_forms[0])
-                                                   and var.v_reduce == cfg.v_reduce[0]):
-                        label = "Q" if var.name == "quantized" else f"Q-Drift {var.method}"
-                        grid.append((f"{scheme} {label}", images[: cfg.grid_n]))
+            block = Block(kind, sampler, steps, schedule(kind, bm.fp, steps))
+            rows += run_block(ev, bm, block, evalset, cfg, bar, grids.setdefault((kind, sampler), []), calibrations)
         if cfg.fig_pool > 0:
             sampler = cfg.sampler_names(kind)[0] if cfg.sampler_names(kind) else MODEL_SAMPLERS[kind][0]
             bar.set_description(f"{kind} Fig. 2 pool")
             fig[kind] = calibration_envelopes(bm, cfg, sampler)
         del bm
     bar.close()
-    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=n, batch_size=cfg.batch_size, K=cfg.K,
-                cfg_scale=cfg.cfg,
-                eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
-                calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
-                fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,
-                fid_boot=cfg.fid_boot if cfg.fid else None, threads=torch.get_num_threads(),
-                seconds=time.perf_counter() - started, qdrift_version=qdrift.__version__, git_commit=commit)
-    return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations, meta=meta)
+    return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations, meta=run_meta(cfg, started, commit))
 
 
 def git_commit() -> Optional[str]:

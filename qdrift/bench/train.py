@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdrift import sample_euler_qdrift
+
 from .data import NUM_CLASSES, load_fashion_mnist, to_model_range
+from .guidance import schedule, wrap_denoiser
 from .images import make_grid, save_png
 from .models import NULL_LABEL, build_model, count_params, vp_alphas_cumprod, weights_dir
 
@@ -64,56 +65,32 @@ def diffusion_loss(kind: str, net: nn.Module, x0: torch.Tensor, y: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# preview sampler (self-contained; the benchmark proper uses qdrift's samplers and adapters)
+# preview sampler: the core's Euler on the bench's guided denoiser and schedule
 
 
 @torch.no_grad()
 def sample_preview(kind: str, net: nn.Module, labels: torch.Tensor, *, steps: int = 30, cfg: float = 3.0,
                    seed: int = 0) -> torch.Tensor:
-    """Draw images with a plain Euler sampler and classifier-free guidance.
+    """Draw images with the core's Euler sampler (:func:`qdrift.sample_euler_qdrift`, ``V=None``) and
+    classifier-free guidance (:func:`qdrift.bench.guidance.wrap_denoiser`).
 
-    U-Net: k-diffusion-style Euler on Karras sigmas (rho 7) over the VP schedule's range, eps model called as
-    ``net(x / sqrt(sigma^2 + 1), t(sigma), y)`` with ``t`` interpolated in log-sigma. DiT: flow Euler from t = 1
-    to 0 on a uniform grid.
+    U-Net: Karras sigmas (rho 7) over the VP schedule's range through :class:`qdrift.adapters.DiscreteEpsDenoiser`;
+    DiT: flow Euler from t = 1 to 0 on a uniform grid through :class:`qdrift.adapters.FlowDenoiser` (the bench's
+    :func:`qdrift.bench.guidance.schedule`).
 
     Args:
         kind: ``"unet"`` or ``"dit"``.
-        net: the network.
+        net: the network ``net(x, t, y)``.
         labels: ``[N]`` class labels.
         steps: Euler steps; cfg: guidance scale (1 = no guidance); seed: initial noise seed.
 
     Returns:
         ``[N, 1, 28, 28]`` images, clipped to [-1, 1].
     """
-    g = torch.Generator().manual_seed(seed)
-    n = labels.shape[0]
-    null = torch.full_like(labels, NULL_LABEL)
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-        return out_u + cfg * (out_c - out_u)
-
-    if kind == "unet":
-        ac = vp_alphas_cumprod()
-        log_sig = ((1 - ac) / ac).sqrt().log()
-        smin, smax, rho = log_sig[0].exp().item(), log_sig[-1].exp().item(), 7.0
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        sigmas = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
-        x = torch.randn(n, 1, 28, 28, generator=g) * sigmas[0].item()
-        idx = torch.arange(log_sig.shape[0], dtype=torch.float64)
-        for i in range(steps):
-            s = sigmas[i].item()
-            t = torch.tensor([float(np.interp(math.log(s), log_sig.numpy(), idx.numpy()))])
-            eps = guided(x / math.sqrt(s * s + 1), t.expand(n))
-            x = x + (sigmas[i + 1].item() - s) * eps  # Euler: dx/dsigma = eps
-        return x.clamp(-1, 1)
-    ts = torch.linspace(1, 0, steps + 1)
-    x = torch.randn(n, 1, 28, 28, generator=g)
-    for i in range(steps):
-        v = guided(x, ts[i].expand(n))
-        x = x + (ts[i + 1] - ts[i]) * v  # flow Euler: dx/dt = v
-    return x.clamp(-1, 1)
+    den = wrap_denoiser(kind, net, cfg)
+    sigmas = schedule(kind, den, steps)
+    x = torch.randn(labels.shape[0], 1, 28, 28, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    return sample_euler_qdrift(den, x, sigmas, extra_args={"y": labels}, disable=True).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

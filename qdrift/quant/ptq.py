@@ -458,10 +458,10 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: A
             tuples of positional args, ``((args...), {kwargs})`` pairs, or kwarg dicts.
         **options: scheme settings (defaults in brackets).
             Common: ``skip`` [scheme list] regexes of name components to keep in float.
-            ``budget`` [2**18] activation elements kept per layer (evenly over the calibration calls) for the
-            SVDQuant grid search.
             w4a4/w3a4: ``weight_bits`` [4/3], ``act_bits`` [4], ``group_size`` [64], ``rank`` [None: use
-            ``rank_fraction``], ``rank_fraction`` [1/16], ``lowrank_iters`` [2], ``alphas`` [0, 0.1, ..., 1].
+            ``rank_fraction``], ``rank_fraction`` [1/16], ``lowrank_iters`` [2], ``alphas`` [0, 0.1, ..., 1],
+            ``budget`` [2**18] activation elements kept per layer (evenly over the calibration calls) for the
+            SVDQuant grid search (w4a8 keeps only activation ranges, so it rejects ``budget``).
             w4a8: ``avg_weight_bits`` [4.0], ``weight_bits_choices`` [(2, 4, 8)], ``act_bits`` [8],
             ``ema_momentum`` [0.95], ``float_act_fraction`` [0.01], ``sensitivity_calls`` [4] recorded model
             calls replayed for the sensitivity analysis, ``sensitivity_rows`` [8] batch rows kept per replayed call
@@ -482,6 +482,9 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: A
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if scheme == "w4a8" and "budget" in options:
+        raise ValueError("budget (activation elements kept per layer for the SVDQuant grid search) applies to w4a4 "
+                         "and w3a4 only; w4a8 keeps only per-layer activation ranges")
     unknown = set(options) - set(_DEFAULTS[scheme])
     if unknown:
         raise ValueError(f"unknown options for {scheme}: {sorted(unknown)}; valid: {sorted(_DEFAULTS[scheme])}")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
 from qdrift.baselines import (
     BASELINES,
     D2DPM,
@@ -20,8 +19,8 @@ from qdrift.baselines import (
     ptqd_gain_bias,
     tac_gain_from_moments,
 )
-from qdrift.baselines.analytic import AnalyticCalibration
 from qdrift._utils import get_sigmas_karras
+from qdrift.bench.gaussian import AnalyticCalibration, GaussianData, PlantedErrorDenoiser
 
 torch.set_num_threads(1)
 

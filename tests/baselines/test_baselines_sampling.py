@@ -11,9 +11,8 @@ import torch
 
 import qdrift
 from qdrift._utils import default_noise_sampler, get_sigmas_karras
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
 from qdrift.baselines import make_baseline, ptqd_gain_bias, lookup_moments
-from qdrift.baselines.analytic import AnalyticCalibration, channel_stats
+from qdrift.bench.gaussian import AnalyticCalibration, GaussianData, PlantedErrorDenoiser, channel_stats
 from qdrift.samplers import SAMPLERS
 
 torch.set_num_threads(1)

@@ -84,6 +84,91 @@ def test_vp_schedule_sd_range():
     assert sig[0].item() == pytest.approx(0.0292, abs=1e-3) and sig[-1].item() == pytest.approx(14.61, abs=0.05)
 
 
+def _patchify_reference(net, x):  # the reshape / transpose layout the einops patterns replaced
+    return net.patch_embed(x).flatten(2).transpose(1, 2)
+
+
+def _unpatchify_reference(net, h):
+    b, p, g, c = h.shape[0], net.patch, net.grid, net.in_channels
+    return h.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+
+@pytest.mark.parametrize("patch, channels", [(2, 1), (4, 1), (7, 3)])
+def test_dit_patchify_unpatchify_match_the_reshape_layout(patch, channels):
+    torch.manual_seed(patch)
+    net = DiT(patch=patch, dim=16, depth=1, heads=2, in_channels=channels)
+    x = torch.randn(3, channels, 28, 28)
+    assert torch.equal(net.patchify(x), _patchify_reference(net, x))
+    h = torch.randn(3, net.grid**2, patch * patch * channels)
+    assert torch.equal(net.unpatchify(h), _unpatchify_reference(net, h))
+    # unpatchify inverts the token layout: pixel (i, j) of channel c is token (i // p, j // p), entry (i % p, j % p, c)
+    img = net.unpatchify(h)
+    i, j, c = 13, 22, channels - 1
+    tok, ent = (i // patch) * net.grid + j // patch, ((i % patch) * patch + j % patch) * channels + c
+    assert img[1, c, i, j] == h[1, tok, ent]
+
+
+def test_shipped_dit_output_unchanged_by_einops(monkeypatch):
+    if not (weights_dir() / "dit.safetensors").is_file():
+        pytest.skip("dit not trained yet")
+    net = load_model("dit")
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 28, 28, generator=g), torch.rand(4, generator=g), torch.tensor([0, 4, 9, NULL_LABEL])
+    with torch.no_grad():
+        out = net(x, t, y)
+        monkeypatch.setattr(DiT, "patchify", _patchify_reference)
+        monkeypatch.setattr(DiT, "unpatchify", _unpatchify_reference)
+        assert torch.equal(out, net(x, t, y))
+
+
+def _preview_reference(kind, net, labels, steps, cfg, seed):
+    """The stand-alone Euler + CFG the preview sampler used to be (Karras over the VP range / uniform flow time)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+
+    def guided(x, t):
+        y = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
+        out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), y).chunk(2)
+        return out_u + cfg * (out_c - out_u)
+
+    if kind == "unet":
+        log_sig = ((1 - vp_alphas_cumprod()) / vp_alphas_cumprod()).sqrt().log()
+        smin, smax = log_sig[0].exp().item(), log_sig[-1].exp().item()
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        sigmas = torch.cat([(smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7, torch.zeros(1)])
+        x = torch.randn(n, 1, 28, 28, generator=g) * sigmas[0].item()
+        for i in range(steps):
+            s = sigmas[i].item()
+            t = torch.tensor([float(np.interp(math.log(s), log_sig.numpy(), np.arange(1000.0)))]).expand(n)
+            x = x + (sigmas[i + 1].item() - s) * guided(x / math.sqrt(s * s + 1), t)
+        return x.clamp(-1, 1)
+    ts = torch.linspace(1, 0, steps + 1)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    for i in range(steps):
+        x = x + (ts[i + 1] - ts[i]) * guided(x, ts[i].expand(n))
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_sample_preview_is_the_core_euler_on_the_guided_denoiser(kind):
+    from qdrift.bench.train import sample_preview
+
+    torch.manual_seed(0)
+    net = UNet(channels=8, mult=(1, 2), blocks=1, heads=2) if kind == "unet" else DiT(patch=7, dim=32, depth=1, heads=2)
+    last = net.conv_out if kind == "unet" else net.final.linear
+    torch.nn.init.normal_(last.weight, std=0.05)
+    if kind == "dit":
+        torch.nn.init.normal_(net.final.ada.weight, std=0.05)
+    labels = torch.tensor([0, 3, 7])
+    with torch.no_grad():
+        ref = _preview_reference(kind, net.eval(), labels, steps=4, cfg=3.0, seed=5)
+    out = sample_preview(kind, net, labels, steps=4, cfg=3.0, seed=5)
+    assert out.shape == (3, 1, 28, 28) and out.std() > 0.05
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
 def test_load_model_roundtrip(tmp_path):
     from safetensors.torch import save_file
 

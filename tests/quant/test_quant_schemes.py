@@ -174,6 +174,17 @@ def test_layer_error_report_lowrank_helps_on_outlier_model():
         layer_error_report(net)
 
 
+def test_budget_bounds_the_svdquant_activation_sample():
+    """``budget`` is honoured where it means something: the grid search's per-layer activation sample."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    full = quantize(net, "w4a4", [x], rank=0)
+    small = quantize(net, "w4a4", [x], rank=0, budget=8 * 4)  # 4 rows of the first layer's 8 inputs
+    assert small.qdrift_quant["options"]["budget"] == 32
+    with torch.no_grad():
+        assert not torch.equal(full(x), small(x))  # a 4-row sample picks other smoothing than 256 rows
+
+
 def test_callable_and_tensor_calib_data():
     net = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
     x = torch.randn(32, 8)
@@ -189,6 +200,8 @@ def test_bad_input_raises_valueerror():
         quantize(model, "w2a2", calib())
     with pytest.raises(ValueError, match="unknown options"):
         quantize(model, "w4a4", calib(), ranks=3)
+    with pytest.raises(ValueError, match="budget .* applies to w4a4 and w3a4 only"):
+        quantize(model, "w4a8", calib(), budget=1 << 10)
     with pytest.raises(ValueError, match="empty"):
         quantize(model, "w4a4", [])
     with pytest.raises(ValueError, match="calib_data"):

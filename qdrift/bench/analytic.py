@@ -1,0 +1,136 @@
+"""How much of the quantization-induced excess variance each sampler's correction removes (analytic Gaussian).
+
+Data: per channel N(mu_c, s_c^2) with an exact denoiser. "Quantized" model: the exact eps estimate plus a planted
+error (:class:`qdrift.bench.gaussian.PlantedErrorDenoiser`): ``--error independent`` is fresh N(0, v) noise at
+every call (the paper's error model); ``--error correlated`` is half of it fresh and half a per-trajectory field
+kept along the trajectory (a real network's errors at successive steps are strongly correlated). Every variant
+of a sampler starts from the same noise and uses the same sampler noise (common random numbers), so differences
+are the correction's.
+
+    excess removed = 1 - (Var_corrected - Var_fp) / (Var_quantized - Var_fp)      (summed over channels)
+
+100 % means the corrected quantized sampler ends with exactly the full-precision sampler's variance;
+above 100 % it over-corrects (the sample ends under-dispersed).
+
+Variants: ``paper (oracle V)`` is the paper's rule with the planted per-call variance; every other column uses
+``qdrift.calibrate`` (K trajectories of 16x16 "latents"), with the method named: ``paper`` (first order,
+conditional V = Var(delta | d_hat), the paper's statistic), ``exact``, ``correlated`` and ``v2`` (the library
+default) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
+stochastic samplers also with ``correction="noise"``.
+
+Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated] [--markdown out.md]
+      (or python benchmarks/analytic_gaussian.py, the same)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+import qdrift
+from qdrift.baselines import is_stochastic_sampler
+from qdrift.cli import ArgumentParser, int_at_least, number
+
+from .gaussian import GaussianData, PlantedErrorDenoiser
+
+DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+STOCHASTIC = {name for name in qdrift.SAMPLERS if is_stochastic_sampler(name)}  # euler_ancestral and the SDEs
+MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+METHODS = ("paper", "exact", "correlated", "v2")
+ERRORS = ("independent", "correlated")
+
+
+def planted(kind: str, v: float, seed: int) -> PlantedErrorDenoiser:
+    """The planted "quantized" model: total per-call error variance ``v`` (eps units)."""
+    if kind == "independent":
+        return PlantedErrorDenoiser(DATA, var=v, seed=seed)
+    return PlantedErrorDenoiser(DATA, var=v / 2, persistent=v / 2, seed=seed)
+
+
+def columns(name):
+    """(label, V source, sampler options) of the corrected runs of one sampler."""
+    out = [("paper (oracle V)", "oracle", {"method": "paper"})]
+    out += [(m, "cal", {"method": m}) for m in METHODS]
+    if name in MULTISTEP:
+        out.append(("paper, quadrature", "cal", {"method": "paper", "form": "quadrature"}))
+    if name in STOCHASTIC:
+        out += [("paper, noise", "cal", {"method": "paper", "correction": "noise"}),
+                ("v2, noise", "cal", {"method": "v2", "correction": "noise"})]
+    return out
+
+
+def run(name, x_T, sigmas, model, V, seed, **opts):
+    fn = qdrift.SAMPLERS[name]
+    if name in STOCHASTIC:
+        opts["noise_sampler"] = qdrift.default_noise_sampler(x_T, seed=seed)
+    return fn(model, x_T.clone(), sigmas, V, disable=True, **opts)
+
+
+def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0):
+    """Returns ``{sampler: {column label: excess removed %}}`` and the final variances vs FP."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T = DATA.prior(n, SIGMA_MAX, generator=gen)
+    sigmas = qdrift.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
+    # Calibrate once (Euler FP trajectories on a finer schedule), reuse at every sampler's sigmas.
+    cal_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
+    cal = qdrift.calibrate(DATA, planted(error, v, seed + 1), cal_x,
+                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True)
+    oracle = torch.full((steps, DATA.channels), v)
+    table = {}
+    for name in qdrift.SAMPLERS:
+        fp = run(name, x_T, sigmas, DATA, None, seed + 2).var(0)
+        q = run(name, x_T, sigmas, planted(error, v, seed + 3), None, seed + 2).var(0)
+        excess = float((q - fp).sum())
+        row = {"quantized vs FP": 100.0 * float(((q / fp) - 1).mean())}
+        for label, source, opts in columns(name):
+            V = oracle if source == "oracle" else cal
+            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), V, seed + 2, **opts).var(0)
+            row[label] = 100.0 * (1 - float((corr - fp).sum()) / excess)
+        table[name] = row
+    return table
+
+
+def to_markdown(table, args) -> str:
+    labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, noise"]
+    error = (f"fresh N(0, {args.v}) eps-noise per call" if args.error == "independent" else
+             f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
+    head = (f"Analytic Gaussian, {args.steps} Karras steps ({SIGMA_MAX} -> {SIGMA_MIN}), planted error: {error}; "
+            f"N = {args.n} samples, calibration K = {args.K}. Share of the excess final variance removed "
+            "(100 % = the FP sampler's variance); first column: the quantized sampler's final variance vs FP.\n\n"
+            "| sampler | quantized vs FP | " + " | ".join(labels) + " |\n"
+            "|---|" + "---:|" * (len(labels) + 1) + "\n")
+    lines = []
+    for name, row in table.items():
+        cells = [f"{row['quantized vs FP']:+.1f} %"] + [f"{row[k]:.1f} %" if k in row else "" for k in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="qdrift analytic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int_at_least(2), default=200_000, help="samples per run (>= 2: a variance needs two)")
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="sampler steps")
+    p.add_argument("--v", type=number(0.0, strict=True), default=0.1, help="planted eps-noise variance (> 0)")
+    p.add_argument("--K", type=int_at_least(1), default=5, help="calibration trajectories (16x16 spatial each)")
+    p.add_argument("--error", choices=ERRORS, default="independent",
+                   help="planted error: fresh per call (the paper's model) or half kept along each trajectory")
+    p.add_argument("--markdown", help="also write the table to this file")
+    args = p.parse_args(argv)
+    if args.markdown and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown))):
+        p.error(f"--markdown: no such directory for {args.markdown!r}")
+    t0 = time.time()
+    table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error), args)
+    print(table)
+    print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
