@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.analytic import GaussianData, PlantedErrorDenoiser
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
 from qdrift.samplers import REGISTRY
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])

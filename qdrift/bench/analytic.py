@@ -14,8 +14,9 @@ above 100 % it over-corrects (the sample ends under-dispersed).
 
 Variants: ``paper (oracle V)`` is the paper's rule with the planted per-call variance; every other column uses
 ``qdrift.calibrate`` (K trajectories of 16x16 "latents"), with the method named: ``paper`` (first order,
-conditional V = Var(delta | d_hat), the paper's statistic), ``exact``, ``correlated`` and ``v2`` (the library
-default) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
+conditional V = Var(delta | d_hat), the paper's statistic), ``exact``, ``correlated``, ``v2`` (the library
+default for a calibration without matching tables) and ``matched`` (``qdrift.match_moments`` on each sampler's
+own schedule from K further noises) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
 stochastic samplers also with ``correction="noise"``.
 
 Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated] [--markdown out.md]
@@ -31,16 +32,16 @@ import time
 import torch
 
 import qdrift
-from qdrift.baselines import is_stochastic_sampler
+from qdrift.samplers import sampler_names
 from qdrift.cli import ArgumentParser, int_at_least, number
 
 from .gaussian import GaussianData, PlantedErrorDenoiser
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
-STOCHASTIC = {name for name in qdrift.SAMPLERS if is_stochastic_sampler(name)}  # euler_ancestral and the SDEs
-MULTISTEP = {"lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde"}
-METHODS = ("paper", "exact", "correlated", "v2")
+STOCHASTIC = set(sampler_names(stochastic=True))  # euler_ancestral and the SDEs
+MULTISTEP = set(sampler_names(multistep=True))
+METHODS = ("paper", "exact", "correlated", "v2", "matched")
 ERRORS = ("independent", "correlated")
 
 
@@ -80,14 +81,17 @@ def measure(n: int, steps: int, v: float, K: int, error: str = "independent", se
     cal = qdrift.calibrate(DATA, planted(error, v, seed + 1), cal_x,
                            qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True)
     oracle = torch.full((steps, DATA.channels), v)
+    match_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     table = {}
     for name in qdrift.SAMPLERS:
+        # moment matching runs the sampler itself (this schedule), from K more calibration noises
+        matched = qdrift.match_moments(cal, DATA, planted(error, v, seed + 4), match_x, sigmas, name, seed=seed + 5)
         fp = run(name, x_T, sigmas, DATA, None, seed + 2).var(0)
         q = run(name, x_T, sigmas, planted(error, v, seed + 3), None, seed + 2).var(0)
         excess = float((q - fp).sum())
         row = {"quantized vs FP": 100.0 * float(((q / fp) - 1).mean())}
         for label, source, opts in columns(name):
-            V = oracle if source == "oracle" else cal
+            V = oracle if source == "oracle" else (matched if opts.get("method") == "matched" else cal)
             corr = run(name, x_T, sigmas, planted(error, v, seed + 3), V, seed + 2, **opts).var(0)
             row[label] = 100.0 * (1 - float((corr - fp).sum()) / excess)
         table[name] = row

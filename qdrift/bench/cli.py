@@ -102,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpm-form", choices=["first_order", "quadrature", "both"], default="both",
                    help="DPM-Solver++(2M) correction form(s); default both rows")
     p.add_argument("--methods", type=_csv(list(METHODS)), default=["paper", "v2"],
-                   help="Q-Drift rows, comma-separated from paper,exact,correlated,v2 (default paper,v2; v2 is the "
-                        "library default)")
+                   help="Q-Drift rows, comma-separated from paper,exact,correlated,v2,matched (default paper,v2; v2 "
+                        "is the library default for a calibration, matched runs qdrift.match_moments on each block)")
+    p.add_argument("--match-bands", type=_ints, default=[1],
+                   help="frequency bands of the 'matched' rows, comma-separated, one row each (default 1: per "
+                        "channel; e.g. 1,4)")
     p.add_argument("--baselines", type=_csv([b for b in BASELINES if b not in ("none", "qdrift")], allow_all=True),
                    default=[], help="extra rows: comma-separated peer baselines (ptqd,d2dpm,d2dpm_stochastic,tac,qncd,"
                                     "qdrift_gain) or 'all'")
@@ -145,7 +148,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods), match_bands=tuple(args.match_bands),
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,

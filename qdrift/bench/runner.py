@@ -34,6 +34,7 @@ from torch import nn
 
 import qdrift
 from qdrift.baselines import is_stochastic_sampler, make_baseline
+from qdrift.correction import first_order_coefficient
 
 from . import metrics as M
 from .data import NUM_CLASSES, load_fashion_mnist, to_model_range
@@ -85,6 +86,7 @@ class BenchConfig:
     v_reduce: Sequence[str] = ("scalar",)
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
+    match_bands: Sequence[int] = (1,)  # frequency bands of the "matched" rows (one row each; 1 = per channel)
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -108,10 +110,10 @@ class BenchConfig:
 
 
 def c_coefficients(V: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """The paper's Euler coefficients ``c_i = |dsigma_i| V_i / (2 sigma_i)`` (Eq. 12) ``[S, C]``."""
-    s = sigmas.double()
-    ds = (s[:-1] - s[1:]).abs()[:, None]
-    return (ds * V.double() / (2 * s[:-1, None])).float()
+    """The paper's Euler coefficients ``c_i = |dsigma_i| V_i / (2 sigma_i)`` (Eq. 12) ``[S, C]``
+    (:func:`qdrift.correction.first_order_coefficient` per step)."""
+    s = sigmas.double().tolist()
+    return torch.stack([first_order_coefficient(V[i].double(), s[i], s[i + 1]) for i in range(len(s) - 1)]).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,6 +322,7 @@ class Variant:
     form: Optional[str] = None
     baseline: Optional[str] = None
     method: Optional[str] = None
+    bands: int = 1  # moment matching's frequency bands (method "matched")
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
@@ -327,6 +330,10 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     form, ``-quadrature``), per V reduction (``-channel`` after the first), then the baselines."""
     out = [Variant("quantized", scheme)]
     for method in cfg.methods:
+        if method == "matched":  # its own tables: one row per band count, V's reduction does not apply
+            out += [Variant("qdrift-matched" + ("" if b == 1 else f"-b{b}"), scheme, cfg.K, cfg.v_reduce[0],
+                            method=method, bands=b) for b in cfg.match_bands]
+            continue
         dpm = SAMPLER_SPECS[sampler].fn == "dpmpp_2m" and method == "paper"
         forms = tuple(cfg.dpm_forms) if dpm else (None,)
         for reduce in cfg.v_reduce:
@@ -452,6 +459,16 @@ def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int) -> Tuple[
     return cal, time.perf_counter() - t0
 
 
+def match_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, bands: int) -> Tuple[Any, float]:
+    """Moment matching (``qdrift.match_moments``) of one scheme on the block's sampler and schedule, from the
+    calibration's ``K`` noises; returns the calibration with its tables and the matching pass's wall time."""
+    t0 = time.perf_counter()
+    x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
+    matched = qdrift.match_moments(cal, bm.fp, bm.quantized[scheme], x_cal, block.sigmas, block.fn,
+                                   {"y": calib_labels(K)}, bands=bands, seed=CAL_SEED)
+    return matched, time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the run: measure
 
@@ -526,13 +543,18 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
     for scheme in cfg.schemes:
         cal, cal_secs = calibrate_block(bm, scheme, block, cfg.K)
         calibrations[(block.kind, scheme, block.sampler)] = cal
-        q_feats = None
+        q_feats, matched = None, {}
         for var in variants_for(cfg, block.sampler, scheme):
-            how = variant_sampling(var, bm.quantized[scheme], cal, block)
+            use, use_secs = cal, cal_secs
+            if var.method == "matched":
+                if var.bands not in matched:
+                    matched[var.bands] = match_block(bm, scheme, block, cfg.K, cal, var.bands)
+                use, use_secs = matched[var.bands][0], cal_secs + matched[var.bands][1]
+            how = variant_sampling(var, bm.quantized[scheme], use, block)
             images, secs = sample_row(block, how, evalset, bar, f"{scheme} {var.name}")
             feats = ev.features(images)
             ref = fp.feats if var.name == "quantized" else q_feats
-            rows.append(variant_row(ev, block, var, images, feats, secs, cal_secs, ref, fp, evalset, cfg))
+            rows.append(variant_row(ev, block, var, images, feats, secs, use_secs, ref, fp, evalset, cfg))
             if var.name == "quantized":
                 q_feats = feats
             label = grid_label(var, cfg)
