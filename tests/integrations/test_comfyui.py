@@ -246,6 +246,16 @@ def test_clear_errors(host):
         node.get_sampler("euler", str(bad), "as calibrated", 1.0)
 
 
+def _guider(ns, q, inner=False):
+    """ComfyUI's CFG guider on ``q`` at scale 1 (conditional only); ``inner`` exposes the model as a denoiser."""
+    g = ns.comfy_samplers.CFGGuider(q)
+    g.set_conds(cond(1.0), cond(0.0))
+    g.set_cfg(1.0)
+    if inner:
+        g.inner_model = q.model
+    return g
+
+
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
 def test_flow_model_as_comfyui_presents_it(host, name):
     """SD3/FLUX: sigma = flow time, D = x - t v; the sampler needs nothing special."""
@@ -258,18 +268,12 @@ def test_flow_model_as_comfyui_presents_it(host, name):
 
     def run(strength):
         (sampler,) = node.get_sampler(name, "", "as calibrated", strength, calibration=cal)
-        g = ns.comfy_samplers.CFGGuider(q)
-        g.set_conds(cond(1.0), cond(0.0))
-        g.set_cfg(1.0)
-        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
+        return _guider(ns, q).sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
 
     on, off = run(1.0), run(0.0)
     assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
     # and it is the core sampler on the guided flow denoiser (sigma = t, noise scaled by t)
-    g = ns.comfy_samplers.CFGGuider(q)
-    g.set_conds(cond(1.0), cond(0.0))
-    g.set_cfg(1.0)
-    g.inner_model = q.model
+    g = _guider(ns, q, inner=True)
     ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True)
     assert torch.allclose(on, ref, atol=1e-5)
 
@@ -287,17 +291,11 @@ def test_stochastic_samplers_run_flow_models_in_the_flow_form(host, name):
 
     def run(strength):
         (sampler,) = node.get_sampler(name, "", "as calibrated", strength, calibration=cal)
-        g = ns.comfy_samplers.CFGGuider(q)
-        g.set_conds(cond(1.0), cond(0.0))
-        g.set_cfg(1.0)
-        return g.sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
+        return _guider(ns, q).sample(noise, torch.zeros_like(noise), sampler, sig, seed=2)
 
     on, off = run(1.0), run(0.0)
     assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
-    g = ns.comfy_samplers.CFGGuider(q)
-    g.set_conds(cond(1.0), cond(0.0))
-    g.set_cfg(1.0)
-    g.inner_model = q.model
+    g = _guider(ns, q, inner=True)
     x0 = noise * sig[0]
     kw = {"flow": True, "noise_sampler": seeded_noise_factory(name)(x0, sig, {"seed": 2})}
     ref_sig = qdrift.hosts.flow_sde_sigmas(sig) if name != "euler_ancestral" else sig
