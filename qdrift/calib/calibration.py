@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .._version import __version__
-from .stats import PairedMoments, TrajectorySums
+from .stats import MOMENT_FIELDS, PairedMoments, TrajectorySums
 
 __all__ = [
     "Calibration",
@@ -27,7 +27,7 @@ __all__ = [
 REDUCES = ("channel", "scalar")
 FORMAT = "qdrift.calibration"
 FORMAT_VERSION = 2  # 2 adds the cross-step trajectory sums (tensors "traj_*"); version 1 files still load
-_TENSORS = ("sigmas", "n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+_TENSORS = ("sigmas",) + MOMENT_FIELDS
 _TRAJ_PREFIX = "traj_"
 MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 

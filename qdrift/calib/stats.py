@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from einops import rearrange
 
 __all__ = ["DeltaMoments", "PairedMoments", "batch_moments", "gather_moments", "gather_sums", "sum_over_ranks"]
 
-_FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+MOMENT_FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
+"""The fields of :class:`PairedMoments` (and the moment tensors of a calibration file), in order."""
+_FIELDS = MOMENT_FIELDS
 
 
 class DeltaMoments:
@@ -329,8 +332,8 @@ class TrajectorySums:
             x: states ``[S, B, C, ...]`` the models were evaluated on.
             d_fp, d_q: the two models' ``d`` on them ``[S, B, C, ...]``.
         """
-        steps, channels = x.shape[0], x.shape[2]
-        flat = lambda t: t.detach().to(torch.float64).transpose(1, 2).reshape(steps, channels, -1)  # noqa: E731
+        channels = x.shape[2]
+        flat = lambda t: rearrange(t.detach().to(torch.float64), "s b c ... -> s c (b ...)")  # noqa: E731
         xs, d = flat(x), flat(d_fp)
         e = flat(d_q) - d
         # [C, S, P] @ [C, P, S] -> [C, S, S] -> [S, S, C]

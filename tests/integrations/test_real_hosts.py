@@ -168,26 +168,25 @@ def tiny_sd3(comfy):
     return model, (positive, negative), torch.zeros(1, 16, 8, 8)
 
 
-@pytest.fixture(scope="module")
-def sd15(comfy):
-    model, conds, latent = tiny_sd15(comfy)
+def _calibrated(comfy, tiny, scheduler, prefix):
+    """A tiny real model, its 4-bit copy, a 6-step schedule and the Q-Drift Calibrate node's result on them."""
+    model, conds, latent = tiny(comfy)
     fp, q = _patcher(comfy, model), _patcher(comfy, _rounded_4bit(model))
-    sigmas = comfy.samplers.calculate_sigmas(fp.get_model_object("model_sampling"), "karras", 6)
+    sigmas = comfy.samplers.calculate_sigmas(fp.get_model_object("model_sampling"), scheduler, 6)
     cal, path = run_node(comfy, "QDriftCalibrate", model_fp=fp, model_q=q, positive=conds[0], negative=conds[1],
                          latent_image={"samples": latent}, sigmas=sigmas, cfg=3.0, seed=5, K=2, reduce="channel",
-                         filename_prefix="qdrift/sd15")
+                         filename_prefix=prefix)
     return types.SimpleNamespace(fp=fp, q=q, conds=conds, latent=latent, sigmas=sigmas, cal=cal, path=path)
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return _calibrated(comfy, tiny_sd15, "karras", "qdrift/sd15")
 
 
 @pytest.fixture(scope="module")
 def sd3(comfy):
-    model, conds, latent = tiny_sd3(comfy)
-    fp, q = _patcher(comfy, model), _patcher(comfy, _rounded_4bit(model))
-    sigmas = comfy.samplers.calculate_sigmas(fp.get_model_object("model_sampling"), "simple", 6)
-    cal, path = run_node(comfy, "QDriftCalibrate", model_fp=fp, model_q=q, positive=conds[0], negative=conds[1],
-                         latent_image={"samples": latent}, sigmas=sigmas, cfg=3.0, seed=5, K=2, reduce="channel",
-                         filename_prefix="qdrift/sd3")
-    return types.SimpleNamespace(fp=fp, q=q, conds=conds, latent=latent, sigmas=sigmas, cal=cal, path=path)
+    return _calibrated(comfy, tiny_sd3, "simple", "qdrift/sd3")
 
 
 def sample(comfy, case, sampler, seed=11):
