@@ -9,8 +9,9 @@ schemes and the adaptations made for tiny models; or weight-only formats compute
 
 from .formats import FORMAT_SCHEMES, format_available, format_summary, gguf_plan, quantize_format
 from .functional import (ema_range, quantize_asymmetric, quantize_symmetric, quantize_symmetric_groups,
-                         quantize_unsigned_groups, signed_qmax)
+                         quantize_unsigned_groups, round_ste, signed_qmax)
 from .layers import MixDQLayer, SVDQuantLayer
+from .reconstruct import RECONSTRUCTIONS, CalibSamples, ReconConfig, record_calib_samples
 from .ptq import (MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, SVDQUANT_SKIP, layer_error_report, mixdq_allocate_bits,
                   quantizable_layers, quantize, svdquant_layer)
 
@@ -19,5 +20,5 @@ __all__ = [
     "format_summary", "gguf_plan", "SVDQUANT_SKIP", "MIXDQ_SKIP", "quantizable_layers", "svdquant_layer",
     "mixdq_allocate_bits", "layer_error_report", "SVDQuantLayer", "MixDQLayer", "signed_qmax",
     "quantize_symmetric", "quantize_symmetric_groups", "quantize_unsigned_groups", "quantize_asymmetric",
-    "ema_range",
+    "ema_range", "round_ste", "RECONSTRUCTIONS", "CalibSamples", "ReconConfig", "record_calib_samples",
 ]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 __all__ = ["FORMAT_SCHEMES", "FORMAT_LIBRARIES", "GGUF_KEEP", "GGUF_SMALL", "GGUF_ROW", "format_available",
-           "gguf_plan", "quantize_format", "format_summary"]
+           "gguf_plan", "quantize_format", "format_summary", "format_grids", "RECON_FORMATS"]
 
 GGUF_TYPES = {"gguf-q8_0": "Q8_0", "gguf-q5_1": "Q5_1", "gguf-q5_0": "Q5_0", "gguf-q4_1": "Q4_1", "gguf-q4_0": "Q4_0"}
 BNB_TYPES = {"nf4": "nf4", "fp4": "fp4"}
@@ -281,3 +281,22 @@ def format_summary(qmodel: nn.Module) -> dict:
     return dict(quantized_params=qn, total_params=total, quantized_share=qn / max(1, total),
                 weight_rel_err=sum(t["sq_err"] for t in quant) / max(1e-30, sum(t["sq_norm"] for t in quant)),
                 types=types)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grids for learned rounding (qdrift.quant.reconstruct)
+
+RECON_FORMATS: tuple = ()  # format schemes whose rounding reconstruct() can learn
+
+
+def format_grids(qmodel: nn.Module, model: nn.Module) -> dict:
+    """``{module name: ("weight", target, lo, hi)}``: each quantized weight's neighbouring grid values.
+
+    Raises:
+        ValueError: the format's grid cannot be read back (names the schemes that support reconstruction).
+    """
+    scheme = qmodel.qdrift_quant["scheme"]
+    from .ptq import SIMULATED_SCHEMES
+
+    raise ValueError(f"reconstruction is not supported for scheme {scheme!r}; it is for "
+                     f"{', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
