@@ -23,6 +23,7 @@ from .calib import (
     PairedMoments,
     calibrate,
     load_calibration,
+    match_moments,
 )
 from .samplers import (
     SAMPLERS,
@@ -52,6 +53,7 @@ __all__ = [
     "CalibrationFileNotFoundError",
     "PairedMoments",
     "load_calibration",
+    "match_moments",
     "DriftClippedWarning",
     "to_d",
     "append_dims",

@@ -32,8 +32,12 @@ __all__ = [
     "drift_coefficient",
     "first_order_coefficient",
     "quadrature_coefficient",
+    "injected_variance",
     "quadrature_variance",
     "apply_drift",
+    "scale_increment",
+    "frequency_bands",
+    "scale_increment_bands",
     "lower_noise",
     "METHODS",
     "DEFAULT_METHOD",
@@ -47,9 +51,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshapes a per-channel vector ``[C]`` (or ``[1]``) to broadcast over ``x`` ``[B, C, ...]``."""
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+def channel_view(v: torch.Tensor, x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """Reshapes a per-channel vector ``[C]`` (or ``[1]``) to broadcast over ``x`` along ``channel_dim``
+    (``[B, C, ...]`` by default; diffusers' packed latents keep channels last)."""
+    shape = [1] * x.ndim
+    shape[channel_dim] = -1
+    return v.reshape(shape)
 
 
 def drift_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
@@ -75,22 +82,35 @@ def first_order_coefficient(v: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
     return drift_coefficient(v * gap * gap, sigma, sigma_eff)
 
 
+def injected_variance(weights: Sequence[float], vs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Q = sum_j w_j^2 V_j``: the variance a step injects through its weights ``w_j`` on the outputs ``d_j``.
+
+    Errors at different evaluations are taken as independent (the paper's assumption, Eq. 44). Euler:
+    ``w = [dsigma]``; Heun: both outputs weighted ``dsigma / 2``; LMS: its coefficients ``a_ij`` on
+    ``d_{i-j}``; DPM-Solver++: see :func:`quadrature_variance`.
+
+    Args:
+        weights: the step's coefficients on ``d_i, d_{i-1}, ...`` (x units per unit of d).
+        vs: the V rows ``[C]`` of those outputs, same order.
+    """
+    q = torch.zeros_like(vs[0])
+    for w, v in zip(weights, vs):
+        q = q + float(w) ** 2 * v
+    return q
+
+
 def quadrature_variance(weights: Sequence[float], sigmas: Sequence, vs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``Q = sum_j (w_j sigma_j)^2 V_j``: variance a step injects through its weights on denoised outputs.
 
     A denoised output is ``D_j = x_j - sigma_j d_j``, so an error of variance ``V_j`` in ``d_j`` is an error
-    of variance ``sigma_j^2 V_j`` in ``D_j``; errors at different evaluations are taken as independent
-    (the paper's assumption, Eq. 44).
+    of variance ``sigma_j^2 V_j`` in ``D_j`` (:func:`injected_variance` with weights ``w_j sigma_j``).
 
     Args:
         weights: the step's coefficients on ``D_i, D_{i-1}, ...`` (same order as ``sigmas`` and ``vs``).
         sigmas: the noise levels those outputs were evaluated at.
         vs: their V rows ``[C]``.
     """
-    q = torch.zeros_like(vs[0])
-    for w, s, v in zip(weights, sigmas, vs):
-        q = q + (float(w) * float(s)) ** 2 * v
-    return q
+    return injected_variance([float(w) * float(s) for w, s in zip(weights, sigmas)], vs)
 
 
 def quadrature_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
@@ -104,18 +124,63 @@ def quadrature_coefficient(q: torch.Tensor, sigma, sigma_eff) -> torch.Tensor:
 def apply_drift(x: torch.Tensor, x_base: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
     """Scales a step's deterministic increment by ``(1 + c)``: ``x_base + c (x_base - x)``.
 
-    Written so that ``c = 0`` returns ``x_base`` bit for bit. ``c`` ``[C]`` is applied per channel in
-    :func:`compute_dtype`; the result has x's dtype.
-
     Args:
         x: sample before the step ``[B, C, ...]``.
         x_base: the uncorrected sampler's result of the deterministic part ``[B, C, ...]``.
         c: per-channel coefficient ``[C]`` or ``[1]``, or None for no correction.
     """
+    return x_base if c is None else scale_increment(x_base, x_base - x, c)
+
+
+def scale_increment(
+    x_base: torch.Tensor, increment: torch.Tensor, c: Optional[torch.Tensor], channel_dim: int = 1
+) -> torch.Tensor:
+    """``x_base + c * increment``: the step whose deterministic increment is ``increment`` scaled by ``(1 + c)``.
+
+    Written so that ``c = 0`` returns ``x_base`` bit for bit. ``c`` ``[C]`` is applied per channel (along
+    ``channel_dim``) in :func:`compute_dtype`; the result has x_base's dtype.
+    """
     if c is None:
         return x_base
     ct = compute_dtype(x_base)
-    step = (x_base - x).to(ct) * channel_view(c, x_base)
+    step = increment.to(ct) * channel_view(c, x_base, channel_dim)
+    return x_base + step.to(x_base.dtype)
+
+
+def frequency_bands(spatial: Sequence[int], bands: int, device=None) -> torch.Tensor:
+    """Radial frequency band of every FFT bin of a ``spatial`` grid (``torch.fft.fftn`` layout), ``[*spatial]``.
+
+    ``bands`` equal-width rings in normalized radial frequency ``|f| = sqrt(sum_k f_k^2)`` (``f_k`` in cycles
+    per sample, ``[-1/2, 1/2]``) from 0 to the grid's largest ``|f|``; band 0 holds the zero frequency. Being
+    in normalized frequency, a band means the same scale of detail at every resolution.
+    """
+    if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+        raise ValueError(f"bands must be a positive integer, got {bands!r}")
+    if bands > 1 and not spatial:
+        raise ValueError("frequency bands need spatial axes: a sample with no spatial axes has one band")
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) for n in spatial], indexing="ij")
+    radius = torch.zeros(tuple(spatial), dtype=torch.float64)
+    for g in grids:
+        radius = radius + g * g
+    radius = radius.sqrt()
+    top = float(radius.max()) if radius.numel() else 0.0
+    band = (radius / top * bands).floor().long() if top > 0 else torch.zeros_like(radius, dtype=torch.long)
+    return band.clamp(max=bands - 1).to(device) if device is not None else band.clamp(max=bands - 1)
+
+
+def scale_increment_bands(x_base: torch.Tensor, increment: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``x_base + c(f) * increment`` with ``c`` per channel and radial frequency band ``[C, NB]``.
+
+    The increment is split into :func:`frequency_bands` over the spatial axes (an FFT), each band scaled by
+    its ``(1 + c)``, and brought back; with one band it equals :func:`scale_increment`. Computed in
+    :func:`compute_dtype` (an FFT does not take half precision); the result has x_base's dtype.
+    """
+    ct = compute_dtype(x_base)
+    dims = tuple(range(2, x_base.ndim))
+    band = frequency_bands(x_base.shape[2:], c.shape[-1], device=x_base.device)
+    gain = c.to(device=x_base.device, dtype=ct)[:, band]  # [C, *spatial]
+    spectrum = torch.fft.fftn(increment.to(ct), dim=dims)
+    step = torch.fft.ifftn(spectrum * gain, dim=dims).real
     return x_base + step.to(x_base.dtype)
 
 
@@ -144,12 +209,16 @@ def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]
 # Q-Drift v2: moment matching on a linear-Gaussian surrogate of the run (beyond the paper).
 # --------------------------------------------------------------------------------------------------------
 
-METHODS = ("paper", "exact", "correlated", "v2")
+METHODS = ("paper", "exact", "correlated", "v2", "matched")
 """``paper``: the paper's first-order rule for fresh errors (arXiv 2603.18095, Eq. 12), bit for bit.
 ``exact``: each step's c from the variance balance solved exactly for the sampler as it runs (multistep
 reuse, long steps, the final step, injected noise), errors fresh at every evaluation (:class:`DriftPlan`).
 ``correlated``: ``exact`` with the calibrated correlation of the error between evaluations of a trajectory.
-``v2``: gain and bias removed from the model output first (PTQD-style), then ``correlated`` on the residual."""
+``v2``: gain and bias removed from the model output first (PTQD-style), then ``correlated`` on the residual.
+``matched``: each step's c (and a per-channel mean shift) measured by moment matching
+(:func:`qdrift.calib.match_moments`): the quantized sampler, run from the full-precision run's initial noise,
+is corrected so its per-channel variance and mean follow the full-precision run's, step by step; needs a
+calibration that carries those tables."""
 
 DEFAULT_METHOD = "v2"
 

@@ -20,10 +20,12 @@ from .correction import (
     apply_drift,
     balance_coefficient,
     between_evaluations,
+    channel_view,
     compute_dtype,
     drift_coefficient,
     lower_noise,
     quadrature_coefficient,
+    scale_increment_bands,
 )
 from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
 
@@ -34,6 +36,7 @@ _PARTS = {  # method -> (exact balance, cross-step correlation, gain and bias)
     "exact": (True, False, False),
     "correlated": (True, True, False),
     "v2": (True, True, True),
+    "matched": (False, False, False),  # the gain option is the matching pass's, see :meth:`DriftPlan.__init__`
 }
 
 
@@ -128,14 +131,27 @@ class DriftPlan:
 
     def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
                  method: Optional[str] = None):
+        # A moment-matching pass (qdrift.calib.match_moments) hands the plan its probe in place of V.
+        self.matcher = V if hasattr(V, "match_step") else None
+        if self.matcher is not None:
+            V, method = self.matcher.calibration, "matched"
         self.cal = V if (hasattr(V, "error_model") and not isinstance(V, torch.Tensor)) else None
         if method is None:
-            method = DEFAULT_METHOD if self.cal is not None else "paper"
+            method = "paper" if self.cal is None else ("matched" if self.cal.matched is not None else DEFAULT_METHOD)
         check_choice("method", method, METHODS)
         self.sampler, self.method = sampler, method
         self.channels, self.device = x.shape[1], x.device
-        self.table = resolve_v(V, sigmas, x, sampler, strength)  # the paper's V table (or None)
+        self.table = None if V is None else resolve_v(V, sigmas, x, sampler, strength)  # the paper's V (or None)
         exact, cross, gain = _PARTS[method]
+        if method == "matched" and self.matcher is None:
+            if self.cal is None or self.cal.matched is None:
+                raise ValueError(
+                    f"{sampler}: method='matched' needs a Calibration with moment-matching tables "
+                    "(qdrift.calib.match_moments); this one has none"
+                )
+            self.matcher = _MatchedTable(self.cal, sampler, strength) if strength > 0 else None
+        if method == "matched":
+            gain = self.matcher is not None and self.matcher.gain
         if self.table is not None and self.cal is None and method != "paper":
             if not DriftPlan._warned_tensor:
                 DriftPlan._warned_tensor = True
@@ -276,6 +292,15 @@ class DriftPlan:
             noise_std: the std of the fresh noise the sampler adds after this step (0 or None: none).
             correction: ``"drift"`` or ``"noise"`` (lower that noise instead, drift for the rest).
         """
+        if self.matcher is not None:
+            c, shift = self.matcher.match_step(i, x, x_base, float(sigma), float(sigma_eff))
+            if c is None:
+                return x_base, None
+            if c.ndim == 2:  # per frequency band
+                x_new = scale_increment_bands(x_base, x_base - x, c)
+            else:
+                x_new = apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x)))
+            return x_new + channel_view(shift.to(device=x.device, dtype=compute_dtype(x)), x_new).to(x_new.dtype), None
         if self.table is None:
             return x_base, None
         if not self.exact:
@@ -347,3 +372,44 @@ class DriftPlan:
         row = interpolate_log_sigma(self.rho, grid, torch.tensor([sigma], dtype=torch.float64))[0]  # [S, C]
         other = torch.tensor([e[0] for e in errors], dtype=torch.float64)
         return interpolate_log_sigma(row, grid, other).clamp(-1, 1)
+
+
+def _sampler_names():
+    from .samplers import REGISTRY  # the samplers import the plan; the registry is read at run time
+
+    return REGISTRY
+
+
+class _MatchedTable:
+    """The moment-matching tables of a calibration (:attr:`qdrift.Calibration.matched`) applied to any schedule.
+
+    The matching pass measures, per step, the ``c`` and mean shift that keep the quantized run's per-channel
+    variance and mean on the full-precision run's, and stores them per unit of step length at the step's
+    level: ``V_eff = 2 sigma c / |sigma - sigma_eff|`` (the V the paper's first-order rule would need for that
+    ``c``) and ``shift / |sigma - sigma_eff|``. Here they are read back at this run's levels, interpolated in
+    log-sigma, and turned into this run's ``c`` and shift, so one table serves other step counts (exactly on
+    the matched schedule; to first order in the step length elsewhere).
+    """
+
+    def __init__(self, cal, sampler: str, strength: float):
+        from .calib.calibration import interpolate_log_sigma
+
+        self._interp = interpolate_log_sigma
+        m = cal.matched
+        self.sigmas, self.v, self.rate = m["sigmas"], m["V"] * strength, m["shift"] * strength
+        info = cal.meta.get("match") or {}
+        self.gain = bool(info.get("gain", False))
+        matched_on, running = info.get("sampler"), sampler.replace("sample_", "").replace("_qdrift", "")
+        if matched_on and matched_on != running and running in _sampler_names():
+            warnings.warn(
+                f"{sampler}: the calibration's moment-matching tables were measured with the {matched_on!r} sampler; "
+                "on another sampler they hold only to first order (run qdrift.calib.match_moments with this one)",
+                stacklevel=5,
+            )
+
+    def match_step(self, i, x, x_base, sigma: float, sigma_eff: float):
+        gap = abs(sigma - sigma_eff)
+        q = torch.tensor([sigma], dtype=torch.float64)
+        v, rate = self._interp(self.v, self.sigmas, q)[0], self._interp(self.rate, self.sigmas, q)[0]
+        c = v * gap / (2 * sigma) if sigma > 0 else torch.zeros_like(v)
+        return clip_drift(c.flatten()).reshape(c.shape).clamp(min=-MAX_DRIFT), rate * gap

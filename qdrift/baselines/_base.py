@@ -15,14 +15,13 @@ batch and spatial positions per channel along the full-precision trajectory. The
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
 from .._utils import append_dims
-from ..calib.stats import DeltaMoments
+from ..calib.stats import DeltaMoments, PairedMoments
 
 __all__ = ["JointMoments", "lookup_moments", "CorrectedDenoiser", "is_stochastic_sampler"]
 
@@ -52,11 +51,6 @@ class JointMoments(DeltaMoments):
     var_q: torch.Tensor
     cov: torch.Tensor
 
-    @property
-    def cov_delta_fp(self) -> torch.Tensor:
-        """``Cov(delta, d) = Cov(d, d_hat) - Var(d)`` ``[N, C]``."""
-        return self.cov - self.var_fp
-
     def affine(self, a: torch.Tensor, c: torch.Tensor) -> "JointMoments":
         """Moments of ``(d, a * d_hat + c)``: what is left after an affine output correction.
 
@@ -73,19 +67,15 @@ class JointMoments(DeltaMoments):
         )
 
     def pooled(self) -> "JointMoments":
-        """Moments pooled over channels ``[N, 1]`` (law of total variance; channels hold equal counts)."""
+        """Moments pooled over channels ``[N, 1]`` (law of total variance; channels hold equal counts).
 
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            return t.mean(dim=1, keepdim=True)
-
-        m_f, m_q = mean(self.mean_fp), mean(self.mean_q)
-        return JointMoments(
-            mean_fp=m_f,
-            mean_q=m_q,
-            var_fp=mean(self.var_fp) + mean((self.mean_fp - m_f) ** 2),
-            var_q=mean(self.var_q) + mean((self.mean_q - m_q) ** 2),
-            cov=mean(self.cov) + mean((self.mean_fp - m_f) * (self.mean_q - m_q)),
-        )
+        The core's :meth:`PairedMoments.pooled` with one unit of count per channel.
+        """
+        p = PairedMoments(
+            n=torch.ones_like(self.mean_fp), mean_fp=self.mean_fp, mean_q=self.mean_q,
+            m2_fp=self.var_fp, m2_q=self.var_q, c_fq=self.cov,
+        ).pooled()
+        return JointMoments(mean_fp=p.mean_fp, mean_q=p.mean_q, var_fp=p.var_fp, var_q=p.var_q, cov=p.cov)
 
 
 def lookup_moments(calibration: Any, sigmas: torch.Tensor) -> JointMoments:
@@ -128,27 +118,14 @@ def is_stochastic_sampler(sampler: Union[str, Callable]) -> bool:
     """True when ``sampler`` injects noise and accepts ``correction="noise"`` (ancestral / SDE samplers).
 
     Args:
-        sampler: a qdrift sampler function or its short name in ``qdrift.SAMPLERS``.
+        sampler: a qdrift sampler function or its short name (:data:`qdrift.samplers.REGISTRY`).
 
     Raises:
-        ValueError: for an unknown sampler name.
+        ValueError: for anything that is not a qdrift sampler.
     """
-    fn = _resolve_sampler(sampler)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "correction" in params
+    from ..samplers import sampler_info  # the baselines depend on the core, never the other way round
 
-
-def _resolve_sampler(sampler: Union[str, Callable]) -> Callable:
-    if callable(sampler):
-        return sampler
-    from ..samplers import SAMPLERS as samplers  # the baselines depend on the core, never the other way round
-
-    if sampler not in samplers:
-        raise ValueError(f"sampler must be a function or one of {', '.join(repr(s) for s in samplers)}; got {sampler!r}")
-    return samplers[sampler]
+    return sampler_info(sampler).stochastic
 
 
 def _check_positive_schedule(sigmas: torch.Tensor, who: str) -> torch.Tensor:

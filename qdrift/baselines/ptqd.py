@@ -39,13 +39,10 @@ def ptqd_gain_bias(m: JointMoments, *, per_channel: bool = False, clip_negative:
         ``(k, b, var_r)``: gain ``[N, C or 1]``, bias ``[N, C]`` and residual variance ``Var(r)`` ``[N, C]``,
         float64.
     """
-    src = m if per_channel else m.pooled()
-    var_fp = src.var_fp
-    k = torch.where(var_fp > 1e-12, src.cov_delta_fp / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+    k = (m if per_channel else m.pooled()).gain_slope()
     if clip_negative:
         k = k.clamp(min=0.0)
-    b = m.mean_delta - k * m.mean_fp
-    var_r = (m.var_delta - 2.0 * k * m.cov_delta_fp + k * k * m.var_fp).clamp(min=0.0)
+    b, var_r = m.gain_residual(k)
     return k, b, var_r
 
 

@@ -1,4 +1,11 @@
-"""Calibration: paired statistics of the quantization error, and the Calibration file format."""
+"""Calibration, in one home: paired statistics of the quantization error and the Calibration file format.
+
+- :func:`calibrate`: both models in memory, evaluated step by step on the same states (Algorithm 1);
+- :class:`PairedTrace`: the same in two passes (record the full-precision trajectory, then evaluate the
+  quantized model on it) for two models that do not fit in memory together and for host applications;
+- both feed one :class:`PairedAccumulator` (per-step moments and cross-step sums) and return a
+  :class:`Calibration`.
+"""
 
 from .calibration import (
     Calibration,
@@ -7,17 +14,25 @@ from .calibration import (
     interpolate_log_sigma,
     load_calibration,
 )
+from .match import match_moments
 from .run import calibrate
-from .stats import PairedMoments, batch_moments, gather_moments
+from .stats import PairedAccumulator, PairedMoments, TrajectorySums, batch_moments, gather_moments
+from .trace import PairedTrace, PairedTraceError, calibration_from_pairs
 
 __all__ = [
     "Calibration",
     "CalibrationFileError",
     "CalibrationFileNotFoundError",
+    "PairedAccumulator",
     "PairedMoments",
+    "PairedTrace",
+    "PairedTraceError",
+    "TrajectorySums",
+    "calibration_from_pairs",
     "batch_moments",
     "calibrate",
     "gather_moments",
     "interpolate_log_sigma",
     "load_calibration",
+    "match_moments",
 ]

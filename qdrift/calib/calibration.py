@@ -85,6 +85,26 @@ def _json_default(value):
     return str(value)
 
 
+_MATCH_KEYS = ("sigmas", "V", "shift")
+_MATCH_PREFIX = "match_"
+
+
+def _check_matched(matched, channels: int) -> Dict[str, torch.Tensor]:
+    """Validates moment-matching tables (see :attr:`Calibration.matched`); returns them as float64 CPU tensors."""
+    if not isinstance(matched, dict) or set(matched) != set(_MATCH_KEYS):
+        raise ValueError(f"Calibration: matched must be a dict with keys {_MATCH_KEYS}, got {matched!r:.80}")
+    out = {k: torch.as_tensor(v).detach().to(device="cpu", dtype=torch.float64) for k, v in matched.items()}
+    s = out["sigmas"]
+    if s.ndim != 1 or len(s) < 1 or bool((s <= 0).any()) or bool((s[1:] >= s[:-1]).any()):
+        raise ValueError("Calibration: matched['sigmas'] must be 1-D, > 0 and strictly decreasing")
+    for k in ("V", "shift"):
+        ok = tuple(out[k].shape[:2]) == (len(s), channels) and (out[k].ndim == 2 or (k == "V" and out[k].ndim == 3))
+        if not ok or not bool(torch.isfinite(out[k]).all()):
+            shape = f"({len(s)}, {channels})" + (" or (.., .., bands)" if k == "V" else "")
+            raise ValueError(f"Calibration: matched[{k!r}] must be finite of shape {shape}, got {tuple(out[k].shape)}")
+    return out
+
+
 def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Interpolates rows of ``table`` linearly in log-sigma, clamped at the ends.
 
@@ -125,6 +145,12 @@ class Calibration:
         trajectory: cross-step sums along the calibration trajectories (:class:`TrajectorySums`), which
             Q-Drift v2 uses for correlated errors, the state variance and ``Cov(x, d)``; None for files
             written before format version 2 and for statistics collected without them.
+        matched: moment-matching tables (:func:`qdrift.calib.match_moments`), or None: ``sigmas`` ``[M]``
+            (the matched run's levels, strictly decreasing), ``V`` ``[M, C]`` (the effective V of each
+            measured ``c``, ``2 sigma c / |sigma - sigma_eff|``; negative where the quantized run was too
+            smooth; ``[M, C, NB]`` per radial frequency band, see :func:`qdrift.correction.frequency_bands`)
+            and ``shift`` ``[M, C]`` (the mean shift per unit step length); ``meta["match"]`` says
+            which sampler, K, and whether the output's gain and bias were removed. Method ``matched`` uses them.
     """
 
     sigmas: torch.Tensor
@@ -133,6 +159,7 @@ class Calibration:
     conditional: bool = True
     meta: Dict[str, Any] = field(default_factory=dict)
     trajectory: Optional[TrajectorySums] = None
+    matched: Optional[Dict[str, torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCES:
@@ -153,6 +180,8 @@ class Calibration:
                 f"Calibration: trajectory must be TrajectorySums of shape {self.moments.shape}, got "
                 f"{getattr(self.trajectory, 'shape', type(self.trajectory).__name__)}"
             )
+        if self.matched is not None:
+            self.matched = _check_matched(self.matched, self.channels)
         _check_meta(self.meta)
 
     @property
@@ -227,17 +256,13 @@ class Calibration:
         m = self.moments.pooled() if self.reduce == "scalar" else self.moments
         full = (self.steps, self.channels)
         if gain:
-            var_fp = m.var_fp
-            cov_e_d = m.cov - var_fp  # Cov(delta, d_fp)
-            k = torch.where(var_fp > 1e-12, cov_e_d / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+            k = m.gain_slope()
             # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
             # (where d_fp hardly varies, at the lowest noise levels, k is not identifiable).
-            var_r0 = (m.var_delta - k * cov_e_d).clamp(min=0)
-            se = (var_r0 / (m.n.clamp(min=2) * var_fp.clamp(min=1e-300))).sqrt()
+            se = (m.gain_residual(k)[1] / (m.n.clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
             k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
             k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
-            b = m.mean_delta - k * m.mean_fp
-            var_r = (m.var_delta - 2 * k * cov_e_d + k * k * var_fp).clamp(min=0)
+            b, var_r = m.gain_residual(k)
             v = var_r / (1 + k) ** 2
         else:
             k = b = torch.zeros(full, dtype=torch.float64)
@@ -297,7 +322,8 @@ class Calibration:
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
         both = self.trajectory is not None and other.trajectory is not None
         trajectory = self.trajectory.merge(other.trajectory) if both else None
-        return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory)
+        return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory,
+                       matched=_merge_matched(self, other))
 
     def __repr__(self) -> str:
         return (
@@ -324,6 +350,8 @@ class Calibration:
         tensors.update({k: v.contiguous() for k, v in self.moments.tensors().items()})
         if self.trajectory is not None:
             tensors.update({_TRAJ_PREFIX + k: v.contiguous() for k, v in self.trajectory.tensors().items()})
+        if self.matched is not None:
+            tensors.update({_MATCH_PREFIX + k: v.contiguous() for k, v in self.matched.items()})
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -380,7 +408,7 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("qdrift")
             names = set(f.keys())
-            wanted = set(_TENSORS) | {k for k in names if k.startswith(_TRAJ_PREFIX)}
+            wanted = set(_TENSORS) | {k for k in names if k.startswith((_TRAJ_PREFIX, _MATCH_PREFIX))}
             tensors = {k: f.get_tensor(k) for k in names & wanted}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CalibrationFileError(f"load_calibration: {path} is not a readable safetensors file ({e})") from None
@@ -419,10 +447,12 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     if reduce not in REDUCES or not isinstance(conditional, bool):
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
     traj = {k[len(_TRAJ_PREFIX):]: v for k, v in tensors.items() if k.startswith(_TRAJ_PREFIX)}
+    matched = {k[len(_MATCH_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MATCH_PREFIX)}
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
         trajectory = TrajectorySums(**traj) if traj else None
-        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory)
+        return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory,
+                           matched=matched or None)
     except TypeError as e:  # unknown or missing trajectory fields
         raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:
@@ -437,3 +467,19 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "a special file"
+
+
+def _merge_matched(a: Calibration, b: Calibration) -> Optional[Dict[str, torch.Tensor]]:
+    """Moment-matching tables of two merged calibrations: their K-weighted mean when both were matched the same
+    way on the same levels, else those of the one that has them (None when neither or both differ)."""
+    if a.matched is None or b.matched is None:
+        return a.matched if b.matched is None else b.matched
+    ma, mb = a.meta.get("match") or {}, b.meta.get("match") or {}
+    same = {k: ma.get(k) for k in ("sampler", "gain", "mean")} == {k: mb.get(k) for k in ("sampler", "gain", "mean")}
+    if not same or a.matched["sigmas"].shape != b.matched["sigmas"].shape or not torch.allclose(
+        a.matched["sigmas"], b.matched["sigmas"], rtol=1e-9
+    ):
+        return None
+    ka, kb = float(ma.get("K", 1)), float(mb.get("K", 1))
+    mix = {k: (ka * a.matched[k] + kb * b.matched[k]) / (ka + kb) for k in ("V", "shift")}
+    return {"sigmas": a.matched["sigmas"], **mix}

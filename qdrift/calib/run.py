@@ -12,7 +12,7 @@ from .._utils import to_d
 from .._version import __version__
 from ..validation import check_choice, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
-from .stats import PairedMoments, TrajectorySums, batch_moments, gather_moments, gather_sums, sum_over_ranks
+from .stats import PairedAccumulator
 
 __all__ = ["calibrate"]
 
@@ -133,49 +133,40 @@ def calibrate(
         raise ValueError(f"calibrate: extra_args must be a dict or None, got {type(extra_args).__name__}")
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"calibrate: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
-    steps = len(sigmas) - 1
-    moments: Optional[PairedMoments] = None
-    sums: Optional[TrajectorySums] = None
-    count, started = 0, time.time()
+    acc = PairedAccumulator(trim)
+    started = time.time()
     progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
     for xb, args in _batches(x, extra_args, batch_size):
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
-        if moments is None:
-            moments = PairedMoments.zeros(steps, xb.shape[1])
-            sums = TrajectorySums.zeros(steps, xb.shape[1])
-        elif xb.shape[1] != moments.shape[1]:
-            raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {moments.shape[1]})")
-        batch, batch_sums = _run_batch(model_fp, model_q, xb, sigmas, args or {}, trim, trajectory, progress)
-        moments, sums = moments.merge(batch), sums.merge(batch_sums)
-        count += xb.shape[0]
+        if acc.shape is not None and xb.shape[1] != acc.shape[1]:
+            raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
+        acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))
     progress.close()
-    if moments is None:
+    if acc.moments is None:
         raise ValueError("calibrate: x held no batches")
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         distributed = distributed and torch.distributed.get_world_size(group) > 1
     if distributed:
-        moments = gather_moments(moments, group)
-        sums = gather_sums(sums, group)
-        count = sum_over_ranks(count, group)
+        acc.gather(group)
     meta = {
         "model_fp": _describe(model_fp),
         "model_q": _describe(model_q),
-        "K": count,
+        "K": acc.count,
         "trim": trim,
         "trajectory": trajectory,
         "schedule": sigmas.detach().double().cpu().tolist(),
         "seconds": round(time.time() - started, 3),
         "qdrift_version": __version__,
     }
-    return Calibration(sigmas[:-1], moments, reduce, bool(conditional), meta, trajectory=sums)
+    return Calibration(sigmas[:-1], acc.moments, reduce, bool(conditional), meta, trajectory=acc.sums)
 
 
-def _run_batch(model_fp, model_q, x, sigmas, extra_args, trim, trajectory, progress):
-    """One batch of trajectories: per-step moments ``[S, C]`` and the cross-step sums."""
+def _run_batch(model_fp, model_q, x, sigmas, extra_args, trajectory, progress):
+    """One batch of trajectories: the states and both models' ``d`` on them, each ``[S, B, C, ...]``."""
     s_in = x.new_ones([x.shape[0]])
-    rows, states, ds_fp, ds_q = [], [], [], []
+    states, ds_fp, ds_q = [], [], []
     for i in range(len(sigmas) - 1):
         den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
         den_q = model_q(x, sigmas[i] * s_in, **extra_args)
@@ -191,12 +182,10 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, trim, trajectory, progr
                     "calibration from it would be meaningless"
                 )
         d_fp, d_q = to_d(x, sigmas[i], den_fp), to_d(x, sigmas[i], den_q)
-        rows.append(batch_moments(d_fp, d_q, trim))
         states.append(x)
         ds_fp.append(d_fp)
         ds_q.append(d_q)
         # Follow the full-precision Euler trajectory (Algorithm 1), or the quantized one.
         x = x + (sigmas[i + 1] - sigmas[i]) * (d_fp if trajectory == "fp" else d_q)
         progress.update(1)
-    batch = PairedMoments(*(torch.cat([getattr(r, f) for r in rows]) for f in ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")))
-    return batch, TrajectorySums.of_batch(torch.stack(states), torch.stack(ds_fp), torch.stack(ds_q))
+    return torch.stack(states), torch.stack(ds_fp), torch.stack(ds_q)

@@ -38,6 +38,28 @@ class DeltaMoments:
         """``Cov(delta, d_hat) = Var(d_q) - Cov(d_fp, d_q)`` ``[S, C]``."""
         return self.var_q - self.cov
 
+    @property
+    def cov_delta_fp(self) -> torch.Tensor:
+        """``Cov(delta, d_fp) = Cov(d_fp, d_q) - Var(d_fp)`` ``[S, C]``."""
+        return self.cov - self.var_fp
+
+    def gain_slope(self) -> torch.Tensor:
+        """The least-squares slope ``k = Cov(delta, d_fp) / Var(d_fp)`` of the error on the full-precision
+        output (PTQD's correlated part, arXiv 2305.10657) ``[S, C]``; 0 where ``d_fp`` does not vary."""
+        var_fp = self.var_fp
+        return torch.where(var_fp > 1e-12, self.cov_delta_fp / var_fp.clamp(min=1e-12), torch.zeros_like(var_fp))
+
+    def gain_residual(self, k: torch.Tensor):
+        """Bias and residual variance of the split ``delta = k d_fp + b + r`` for a given gain ``k``.
+
+        Returns:
+            ``(b, var_r)``: ``b = E[delta] - k E[d_fp]`` and ``Var(r) = Var(delta) - 2 k Cov(delta, d_fp) +
+            k^2 Var(d_fp)``, each ``[S, C]``.
+        """
+        b = self.mean_delta - k * self.mean_fp
+        var_r = (self.var_delta - 2.0 * k * self.cov_delta_fp + k * k * self.var_fp).clamp(min=0.0)
+        return b, var_r
+
     def conditional_variance(self) -> torch.Tensor:
         """``Var(delta | d_hat) = Var(delta) - Cov(delta, d_hat)^2 / Var(d_hat)`` ``[S, C]`` (paper Eq. 9).
 
@@ -378,4 +400,79 @@ class TrajectorySums:
         return rho * (1 - eye) + eye
 
 
-__all__ += ["TrajectorySums"]
+
+
+class PairedAccumulator:
+    """Streams paired trajectories into the statistics a :class:`qdrift.Calibration` holds.
+
+    The one accumulator behind :func:`qdrift.calibrate` and :class:`qdrift.calib.PairedTrace`: per
+    (step, channel) :class:`PairedMoments` (``delta`` outliers trimmed per sample) and the cross-step
+    :class:`TrajectorySums`. Adding batches in any order, or merging accumulators (:meth:`merge`,
+    :meth:`gather`), gives the statistics of all the data at once; memory does not grow with the number of
+    trajectories.
+
+    Args:
+        trim: ``delta`` outlier trimming in standard deviations (see :func:`batch_moments`); None or 0 keeps all.
+    """
+
+    def __init__(self, trim: Optional[float] = 4.0):
+        self.trim = trim
+        self.moments: Optional[PairedMoments] = None
+        self.sums: Optional["TrajectorySums"] = None
+        self.count = 0
+
+    @property
+    def shape(self):
+        """``(S, C)``, or None before the first batch."""
+        return None if self.moments is None else self.moments.shape
+
+    def add(self, x: torch.Tensor, d_fp: torch.Tensor, d_q: torch.Tensor, who: str = "calibrate") -> None:
+        """Adds one batch of trajectories.
+
+        Args:
+            x: the states the models were evaluated on ``[S, B, C, ...]``.
+            d_fp, d_q: the two models' ``d = (x - D) / sigma`` on them, same shape.
+            who: the caller named in error messages.
+
+        Raises:
+            ValueError: if the shapes disagree with each other or with earlier batches.
+        """
+        if x.ndim < 3 or x.shape != d_fp.shape or x.shape != d_q.shape:
+            raise ValueError(
+                f"{who}: states and both models' d must share one shape [S, B, C, ...], got {tuple(x.shape)}, "
+                f"{tuple(d_fp.shape)}, {tuple(d_q.shape)}"
+            )
+        steps, channels = x.shape[0], x.shape[2]
+        if self.shape is not None and self.shape != (steps, channels):
+            raise ValueError(
+                f"{who}: this batch has {steps} steps and {channels} channels, earlier ones {self.shape[0]} and "
+                f"{self.shape[1]}"
+            )
+        rows = [batch_moments(d_fp[i], d_q[i], self.trim) for i in range(steps)]
+        moments = PairedMoments(**{f: torch.cat([getattr(r, f) for r in rows]) for f in _FIELDS})
+        sums = TrajectorySums.of_batch(x, d_fp, d_q)
+        self.moments = moments if self.moments is None else self.moments.merge(moments)
+        self.sums = sums if self.sums is None else self.sums.merge(sums)
+        self.count += int(x.shape[1])
+
+    def merge(self, other: "PairedAccumulator") -> "PairedAccumulator":
+        """A new accumulator holding both data sets."""
+        out = PairedAccumulator(self.trim)
+        for part in (self, other):
+            if part.moments is None:
+                continue
+            if out.moments is not None and out.shape != part.shape:
+                raise ValueError(f"PairedAccumulator.merge: shapes differ ({out.shape} vs {part.shape})")
+            out.moments = part.moments if out.moments is None else out.moments.merge(part.moments)
+            out.sums = part.sums if out.sums is None else out.sums.merge(part.sums)
+            out.count += part.count
+        return out
+
+    def gather(self, group=None) -> None:
+        """Merges every ``torch.distributed`` rank's statistics into this accumulator, on every rank."""
+        self.moments = gather_moments(self.moments, group)
+        self.sums = gather_sums(self.sums, group)
+        self.count = sum_over_ranks(self.count, group)
+
+
+__all__ += ["TrajectorySums", "PairedAccumulator"]

@@ -16,7 +16,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..calib.calibration import Calibration
-from ..hosts.paired import PairedTrace, PairedTraceError
+from ..calib.trace import PairedTrace, PairedTraceError
 from .schedulers import _diffusers_base, _step_with_signature
 
 __all__ = ["calibrate_pipeline"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Type
+from typing import Any, Optional, Type
 
 import torch
 from diffusers import (
@@ -38,8 +38,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from ..correction import first_order_coefficient
-from ..validation import all_finite
+from ..correction import DEFAULT_METHOD, METHODS, first_order_coefficient, scale_increment
+from ..validation import all_finite, check_choice
 
 __all__ = [
     "QDriftEulerDiscreteScheduler",
@@ -51,22 +51,20 @@ __all__ = [
 ]
 
 
-def channel_shape(ndim: int, channel_dim: int, channels: int):
-    """Shape that broadcasts a per-channel vector ``[C]`` along ``channel_dim`` of an ``ndim`` tensor."""
-    shape = [1] * ndim
-    shape[channel_dim] = channels
-    return shape
-
-
 class _QDriftMixin:
     """Shared state and ``step`` override. Subclasses provide :meth:`_qdrift_increment`."""
 
     _qdrift_V: Any = None
     _qdrift_strength: float = 1.0
     _qdrift_channel_dim: int = 1
+    _qdrift_method: Optional[str] = None
+    _qdrift_plan: Any = None
+    _qdrift_plans = True  # the Euler family runs the core's DriftPlan (every method); DPM++ the paper / matched rule
 
     # ---------------------------------------------------------------- configuration
-    def set_calibration(self, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1) -> "_QDriftMixin":
+    def set_calibration(
+        self, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1, method: Optional[str] = None
+    ) -> "_QDriftMixin":
         """Attaches the Q-Drift calibration (not part of the diffusers config; set it after ``from_config``).
 
         Args:
@@ -75,6 +73,11 @@ class _QDriftMixin:
             strength: multiplier on V (1 = the paper's correction, 0 = off).
             channel_dim: the latents' channel axis (1 for ``[B, C, H, W]`` latents; -1 for packed
                 ``[B, tokens, C]`` latents such as FLUX's).
+            method: the correction (:data:`qdrift.correction.METHODS`), as for the core samplers: None takes
+                ``"matched"`` for a calibration with moment-matching tables, ``"v2"`` for other calibrations
+                and ``"paper"`` for a V table. The DPM-Solver++ scheduler's multistep weights are its own, so
+                there the error-model methods (``exact``, ``correlated``, ``v2``) use the paper's rule and
+                ``matched`` applies its tables without the output's gain and bias correction.
 
         Returns:
             self.
@@ -96,11 +99,26 @@ class _QDriftMixin:
                 raise ValueError(
                     f"a V table must be [steps, C] or [steps], finite and >= 0; got shape {tuple(calibration.shape)}"
                 )
+        if method is not None:
+            check_choice("method", method, METHODS)
+            if method != "paper" and not hasattr(calibration, "error_model"):
+                raise ValueError(f"method={method!r} needs a qdrift.Calibration; a V table carries only the variance")
         self._qdrift_check_config()
         self._qdrift_V = calibration
         self._qdrift_strength = float(strength)
         self._qdrift_channel_dim = channel_dim
+        self._qdrift_method = method
+        self._qdrift_plan = None
         return self
+
+    def _qdrift_resolved_method(self) -> str:
+        cal, method = self._qdrift_V, self._qdrift_method
+        if method is None:
+            method = "paper" if not hasattr(cal, "error_model") else (
+                "matched" if cal.matched is not None else DEFAULT_METHOD)
+        if method not in ("paper", "matched") and not self._qdrift_plans:
+            return "paper"
+        return method
 
     @property
     def qdrift_calibration(self) -> Any:
@@ -171,9 +189,13 @@ class _QDriftMixin:
         prev = out.prev_sample
         delta, sigma, sigma_eff = self._qdrift_increment(i, model_output, sample, out, kwargs)
         v = self._qdrift_v(i, sigma, prev)
-        # Q-Drift: scale the deterministic increment by (1 + c_i), c_i = |sigma_eff - sigma| V_i / (2 sigma) (Eq. 12).
-        c = first_order_coefficient(v, sigma, sigma_eff).reshape(channel_shape(prev.ndim, self._qdrift_channel_dim, v.numel()))
-        new_prev = (prev.to(torch.float32) + c * delta).to(prev.dtype)
+        method = self._qdrift_resolved_method()
+        if method == "paper":
+            # Q-Drift: scale the deterministic increment by (1 + c_i), c_i = |sigma_eff - sigma| V_i / (2 sigma) (Eq. 12).
+            c = first_order_coefficient(v, sigma, sigma_eff)
+            new_prev = scale_increment(prev, delta, c, self._qdrift_channel_dim)
+        else:
+            new_prev = self._qdrift_plan_step(i, method, sample, prev, delta, sigma, sigma_eff)
         out.prev_sample = new_prev
         if return_dict:
             return out
@@ -181,6 +203,42 @@ class _QDriftMixin:
 
     def _qdrift_check_call(self, i: int, kwargs) -> None:
         """Raises ``ValueError`` for step options the correction does not cover."""
+
+    def _qdrift_noise_std(self, i: int) -> float:
+        """Std of the fresh noise the step adds after its deterministic part (0: none)."""
+        return 0.0
+
+    def _qdrift_plan_step(self, i, method, sample, prev, delta, sigma, sigma_eff):
+        """The core's :class:`qdrift.plan.DriftPlan` on this step (one plan per run, built at its first step).
+
+        The plan works on ``[B, C, ...]`` states; with ``channel_dim != 1`` the latents are viewed that way.
+        The output correction of methods ``v2`` / ``matched`` (the calibrated gain and bias) acts on the
+        step's direction ``d = delta / (sigma_eff - sigma)`` as in the core samplers: ``(d - b) / (1 + k)``.
+        """
+        from ..plan import DriftPlan
+
+        dim = self._qdrift_channel_dim
+        x = sample.to(torch.float32).movedim(dim, 1)
+        inc = delta.movedim(dim, 1)
+        if self._qdrift_plan is None or i == 0:
+            sigmas = torch.tensor([self._qdrift_level(j) for j in range(len(self.timesteps) + 1)], dtype=torch.float64)
+            self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method)
+        plan = self._qdrift_plan
+        if plan.gain and self._qdrift_plans:
+            em = self._qdrift_V.error_model(torch.tensor([sigma], dtype=torch.float64), gain=True)
+            k, b = (em["k"][0] * self._qdrift_strength).float(), (em["b"][0] * self._qdrift_strength).float()
+            view = (1, -1) + (1,) * (x.ndim - 2)
+            h = sigma_eff - sigma
+            inc = (inc - (b * h).reshape(view).to(inc.device)) / (1 + k).reshape(view).to(inc.device)
+        base = x + inc
+        corrected, _ = plan.step(i, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
+        # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)
+        change = ((corrected - base) + (inc - delta.movedim(dim, 1))).movedim(1, dim)
+        return prev + change.to(prev.dtype)
+
+    def _qdrift_level(self, j: int) -> float:
+        """Noise level ``j`` of this run's schedule in the calibration's space (0 past the last step)."""
+        return _float(self.sigmas[j]) if j < len(self.sigmas) else 0.0
 
 
 def _diffusers_base(cls) -> type:
@@ -241,6 +299,10 @@ class QDriftEulerAncestralDiscreteScheduler(_QDriftMixin, EulerAncestralDiscrete
         d = (x - out.pred_original_sample.to(torch.float32)) / s_from
         return d * (s_down - s_from), s_from, s_down
 
+    def _qdrift_noise_std(self, i):
+        s_from, s_to = _float(self.sigmas[i]), _float(self.sigmas[i + 1])
+        return math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0))
+
 
 class QDriftFlowMatchEulerDiscreteScheduler(_QDriftMixin, FlowMatchEulerDiscreteScheduler):
     """``FlowMatchEulerDiscreteScheduler`` with Q-Drift in flow time (``delta_x = dt * v``)."""
@@ -264,8 +326,17 @@ class QDriftDPMSolverMultistepScheduler(_QDriftMixin, DPMSolverMultistepSchedule
     """``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``) with Q-Drift.
 
     The step's whole increment is scaled in ``y = x / alpha_t`` space, ``y_next = y + (1 + c)(y_base - y)``,
-    with the first-order ``c = |dsigma| V / (2 sigma)`` in VE sigma (the form the core's samplers default to).
+    with the first-order ``c = |dsigma| V / (2 sigma)`` in VE sigma (the form the core's samplers default to),
+    or the moment-matching tables (method ``"matched"``) read at those levels.
     """
+
+    _qdrift_plans = False
+
+    def _qdrift_level(self, j: int) -> float:
+        if j >= len(self.sigmas):
+            return 0.0
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[j])
+        return _float(sigma) / _float(alpha) if _float(alpha) > 0 else 0.0
 
     def _qdrift_check_config(self):
         if self.config.algorithm_type != "dpmsolver++":
@@ -309,7 +380,7 @@ def _qdrift_class(scheduler: Any) -> Type[_QDriftMixin]:
 
 
 def qdrift_scheduler(
-    scheduler: Any, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1
+    scheduler: Any, calibration: Any, *, strength: float = 1.0, channel_dim: int = 1, method: Optional[str] = None
 ) -> _QDriftMixin:
     """Returns a Q-Drift version of a diffusers scheduler, built from its config.
 
@@ -326,6 +397,7 @@ def qdrift_scheduler(
             :meth:`QDriftEulerDiscreteScheduler.set_calibration`).
         strength: multiplier on V.
         channel_dim: the latents' channel axis (-1 for packed FLUX latents).
+        method: the correction (None: as the core samplers choose; see ``set_calibration``).
 
     Returns:
         A new scheduler of the matching ``QDrift*`` class with the same config (the original is unchanged).
@@ -335,4 +407,4 @@ def qdrift_scheduler(
     """
     qcls = _qdrift_class(scheduler)
     new = qcls.from_config(scheduler.config)
-    return new.set_calibration(calibration, strength=strength, channel_dim=channel_dim)
+    return new.set_calibration(calibration, strength=strength, channel_dim=channel_dim, method=method)

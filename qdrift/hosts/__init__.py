@@ -5,10 +5,10 @@ Nothing in the core imports this package. It holds the two pieces every host nee
 - :func:`bind_sampler`: a qdrift sampler with its calibration bound, exposing the k-diffusion contract
   ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **knobs)`` and a signature that hosts
   which inspect it (A1111/Forge look for ``sigmas``, ``eta``, ``noise_sampler``...) read correctly.
-- :class:`PairedTrace`: two-pass paired calibration for hosts that hold one model at a time: pass 1 runs
-  the full-precision Euler trajectory and records ``(x_i, D_fp(x_i))``; pass 2 evaluates the quantized
-  model on the recorded ``x_i``; :meth:`PairedTrace.calibration` turns the pairs into a
-  :class:`qdrift.Calibration`.
+- :class:`PairedTrace` (re-exported from its home, :mod:`qdrift.calib.trace`): two-pass paired calibration
+  for hosts that hold one model at a time: pass 1 runs the full-precision Euler trajectory and records
+  ``(x_i, D_fp(x_i))``; pass 2 evaluates the quantized model on the recorded ``x_i``;
+  :meth:`PairedTrace.calibration` turns the pairs into a :class:`qdrift.Calibration`.
 """
 
 from ._bind import (
@@ -21,7 +21,7 @@ from ._bind import (
     sampler_names,
     seeded_noise_factory,
 )
-from .paired import PairedTrace, PairedTraceError, calibration_from_pairs
+from ..calib.trace import PairedTrace, PairedTraceError, calibration_from_pairs  # re-exported for the hosts
 
 __all__ = [
     "SAMPLER_LABELS",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
-from ..samplers import SAMPLERS
+from ..samplers import REGISTRY, SAMPLERS, sampler_info, sampler_names
 
 __all__ = [
     "SAMPLER_LABELS",
@@ -24,23 +24,15 @@ __all__ = [
     "flow_sde_sigmas",
 ]
 
-SAMPLER_LABELS: Dict[str, str] = {
-    "euler": "Euler Q-Drift",
-    "euler_ancestral": "Euler a Q-Drift",
-    "heun": "Heun Q-Drift",
-    "lms": "LMS Q-Drift",
-    "dpmpp_2m": "DPM++ 2M Q-Drift",
-    "dpmpp_2m_sde": "DPM++ 2M SDE Q-Drift",
-    "dpmpp_3m_sde": "DPM++ 3M SDE Q-Drift",
-}
+SAMPLER_LABELS: Dict[str, str] = {name: f"{info.label} Q-Drift" for name, info in REGISTRY.items()}
 """Short qdrift sampler name -> the label hosts show (A1111/Forge sampler list, ComfyUI choices)."""
 
-STOCHASTIC_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
+STOCHASTIC_SAMPLERS = tuple(sampler_names(stochastic=True))
 """Samplers that inject noise: their noise formulas depend on the state form, so hosts pass ``flow=True`` for flow
 models (SD3, FLUX) and :func:`flow_sde_sigmas` for the SDE ones."""
 
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
-BROWNIAN = frozenset({"dpmpp_2m_sde", "dpmpp_3m_sde"})
+BROWNIAN = frozenset(sampler_names(brownian=True))
 
 _UNSET = object()
 
@@ -48,15 +40,10 @@ NoiseFactory = Callable[[torch.Tensor, torch.Tensor, Dict[str, Any]], Optional[C
 Resolver = Callable[[Any, Dict[str, Any]], Tuple[Any, float]]
 
 
-def sampler_names() -> List[str]:
-    """The short names of every qdrift sampler (``qdrift.SAMPLERS`` keys), in a stable order."""
-    return list(SAMPLERS)
-
-
 def _check_name(name: str) -> Callable:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown qdrift sampler {name!r}; choose one of {', '.join(map(repr, SAMPLERS))}")
-    return SAMPLERS[name]
+    if not isinstance(name, str):
+        raise ValueError(f"a qdrift sampler is named by its short name, one of {', '.join(map(repr, SAMPLERS))}; got {name!r}")
+    return sampler_info(name).fn
 
 
 def _knobs(fn: Callable) -> Dict[str, inspect.Parameter]:

@@ -20,6 +20,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from ..samplers import REGISTRY
 from ._bind import (
     BROWNIAN,
     SAMPLER_LABELS,
@@ -49,14 +50,16 @@ __all__ = [
 ]
 
 # Default schedule and noise options per sampler, as the host's own entries of the same family use them.
-SAMPLER_OPTIONS: Dict[str, Dict[str, Any]] = {
-    "euler": {},
+_HOST_OPTIONS: Dict[str, Dict[str, Any]] = {
     "euler_ancestral": {"uses_ensd": True},
     "heun": {"second_order": True},
-    "lms": {},
     "dpmpp_2m": {"scheduler": "karras"},
-    "dpmpp_2m_sde": {"scheduler": "exponential", "brownian_noise": True},
-    "dpmpp_3m_sde": {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True},
+    "dpmpp_2m_sde": {"scheduler": "exponential"},
+    "dpmpp_3m_sde": {"scheduler": "exponential", "discard_next_to_last_sigma": True},
+}
+SAMPLER_OPTIONS: Dict[str, Dict[str, Any]] = {
+    name: {**_HOST_OPTIONS.get(name, {}), **({"brownian_noise": True} if info.brownian else {})}
+    for name, info in REGISTRY.items()
 }
 
 REDUCE_CHOICES = ["as calibrated", "channel", "scalar"]
@@ -406,7 +409,7 @@ def run_calibration_pass(
     Raises:
         ValueError: for an unknown phase, Hires. fix enabled, or passes that do not match.
     """
-    from .paired import PairedTrace, PairedTraceError
+    from ..calib.trace import PairedTrace, PairedTraceError
 
     if phase not in PHASES:
         raise ValueError(f"Q-Drift calibrate: pass must be one of {PHASES}, got {phase!r}")

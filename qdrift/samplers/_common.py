@@ -69,16 +69,4 @@ def resolve_flow(model, flow: Optional[bool], name: str) -> bool:
     return flow
 
 
-def weighted_q(
-    table: Optional[torch.Tensor], steps: List[int], weights: List[float], sig: List[float]
-) -> Optional[torch.Tensor]:
-    """``Q = sum_j (w_j sigma_j)^2 V_j`` over the outputs of steps ``steps`` (quadrature form)."""
-    if table is None:
-        return None
-    q = torch.zeros_like(table[0])
-    for j, w in zip(steps, weights):
-        q = q + (w * sig[j]) ** 2 * table[j]
-    return q
-
-
-__all__ = ["setup", "check_form", "scale_noise", "resolve_flow", "weighted_q"]
+__all__ = ["setup", "check_form", "scale_noise", "resolve_flow"]

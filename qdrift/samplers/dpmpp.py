@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import BrownianTreeNoiseSampler, half_log_snr, signal_scale
+from ..correction import quadrature_variance
 from ..validation import check_knobs
-from ._common import check_form, resolve_flow, scale_noise, setup, weighted_q
+from ._common import check_form, resolve_flow, scale_noise, setup
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -137,10 +138,17 @@ def _terms_2m(sig, i, first):
     return _terms(lambda x, a, b: _step_2m(x, a, b, ratio, h, r), 2, sig, i)
 
 
+def _quadrature(table, steps, weights, sig):
+    """The authors' quadrature ``Q`` over the outputs of ``steps`` (:func:`qdrift.correction.quadrature_variance`)."""
+    if table is None:
+        return None
+    return quadrature_variance(weights, [sig[j] for j in steps], [table[j] for j in steps])
+
+
 def _q_2m(table, form, sig, i, first):
     """Quantization variance one 2M step injects in the quadrature form (see the sampler's docstring)."""
     w = _terms_2m(sig, i, first)[0]
-    return weighted_q(table, [i, i - 1][: len(w)], w, sig)
+    return _quadrature(table, [i, i - 1][: len(w)], w, sig)
 
 
 sample_dpmpp_2m_qdrift.__doc__ = sample_dpmpp_2m_qdrift.__doc__.format(form_doc=_FORM_DOC)
@@ -173,7 +181,7 @@ def _sde_setup(x, sigmas, noise_sampler):
 
 def _denoising_step(x, denoised, plan, form, sig, i):
     """The SDE solvers' last step, to sigma = 0: ``x = D`` (first order, as in k-diffusion), corrected."""
-    q = weighted_q(plan.table, [i], [1.0], sig) if form == "quadrature" else None
+    q = _quadrature(plan.table, [i], [1.0], sig) if form == "quadrature" else None
     return plan.step(i, x, denoised, sig[i], 0.0, q=q, quadrature=form == "quadrature")[0]
 
 
@@ -295,7 +303,7 @@ def sample_dpmpp_2m_sde_qdrift(
                     step = lambda x_, a, b: _step_2m_sde(x_, a, b, ratio, h_cpu, eta, r_cpu, solver_type, a_cpu)  # noqa: E731
                     w, terms = _terms(step, 2, sig, i)
                 if form == "quadrature":
-                    q = weighted_q(plan.table, [i, i - 1][: len(w)], w, sig)
+                    q = _quadrature(plan.table, [i, i - 1][: len(w)], w, sig)
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,
@@ -421,7 +429,7 @@ def sample_dpmpp_3m_sde_qdrift(
 
                 w, terms = _terms(step, n, sig, i)
                 if form == "quadrature":
-                    q = weighted_q(plan.table, list(range(i, i - n, -1)), w, sig)
+                    q = _quadrature(plan.table, list(range(i, i - n, -1)), w, sig)
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import ancestral_step, default_noise_sampler, to_d
+from ..correction import injected_variance
 from ._common import CORRECTIONS, resolve_flow, scale_noise, setup
 from ..validation import check_choice, check_knobs
 
@@ -231,7 +232,8 @@ def sample_heun_qdrift(
             d_prime = (d + d_2) / 2
             table = plan.table
             v_next = table[min(i + 1, len(table) - 1)] if table is not None else None  # V at sigma_{i+1}
-            q = None if table is None else (table[i] + v_next) * ((sig[i + 1] - s_hat) / 2) ** 2
+            # one weight on the sum V_i + V_{i+1}: the same Q, computed as the paper's rule always was
+            q = None if table is None else injected_variance([(sig[i + 1] - s_hat) / 2], [table[i] + v_next])
             # Both outputs carry an error; the second's state carries the first's (exact methods).
             h = sig[i + 1] - s_hat
             plan.evaluate(i, s_hat)

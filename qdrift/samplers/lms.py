@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import trange
 
 from .._utils import to_d
+from ..correction import injected_variance
 from ._common import check_form, setup
 from ..validation import check_knobs
 
@@ -103,7 +104,7 @@ def sample_lms_qdrift(
         q = None
         if form == "quadrature" and plan.table is not None:
             # Weights a_ij on d_{i-j}: Q = sum_j a_ij^2 V_{i-j}.
-            q = sum(a**2 * plan.table[i - j] for j, a in enumerate(coeffs))
+            q = injected_variance(coeffs, [plan.table[i - j] for j in range(cur_order)])
         # x + sum_j a_ij d_{i-j}: each output is reused by `order` steps (the exact methods follow that).
         terms = [(i - j, float(j == 0), float(a)) for j, a in enumerate(coeffs)]
         x, _ = plan.step(

@@ -367,3 +367,51 @@ def test_calibration_of_another_channel_count_and_nan_outputs_are_refused():
         sched.set_timesteps(STEPS)
         with pytest.raises(ValueError, match="model output at timestep .* NaN or inf"):
             sched.step(torch.full_like(x, float("nan")), sched.timesteps[0], x)
+
+
+def eps_model_q(x_in, t):
+    """The 'quantized' network: a gain, an offset and a nonlinear error on eps_model's output."""
+    return eps_model(x_in, t) * 1.1 + 0.05 + 0.05 * torch.sin(3 * x_in)
+
+
+def _denoiser_of(net, flow):
+    if flow:
+        return lambda x, s, **k: x - s.view(-1, 1, 1, 1) * net(x, None)
+    return lambda x, s, **k: x - s.view(-1, 1, 1, 1) * net(x / (s.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5, None)
+
+
+@pytest.mark.parametrize("method", ["v2", "exact", "matched"])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "flow_euler"])
+def test_wrapper_matches_core_sampler_for_every_method(name, method):
+    """With a real Calibration the diffusers step runs the core's DriftPlan: the same result as the core sampler
+    with the same method (Q-Drift v2's gain and bias, exact balance, moment-matching tables)."""
+    flow = name == "flow_euler"
+    core_name = "euler_ancestral" if name == "euler_ancestral" else "euler"
+    sched = SCHEDULERS[name]()
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    fp, q = _denoiser_of(eps_model, flow), _denoiser_of(eps_model_q, flow)
+    noise = torch.randn(6, C, 4, 4, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True)
+    if method == "matched":
+        cal = qdrift.match_moments(cal, fp, q, noise, sigmas, core_name)
+    assert float(cal.error_model(cal.sigmas, gain=True)["k"].abs().max()) > 0  # a gain to correct
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def core(V, **kw):
+        if name == "euler_ancestral":
+            g = torch.Generator().manual_seed(11)
+            kw["noise_sampler"] = lambda s, sn: torch.randn(x.shape, generator=g)
+        return qdrift.SAMPLERS[core_name](q, x, sigmas, V, disable=True, **kw)
+
+    sched = qdrift_scheduler(SCHEDULERS[name](), cal, method=method)
+    sched.set_timesteps(STEPS)
+    gen = torch.Generator().manual_seed(11)
+    kwargs = {"generator": gen} if name == "euler_ancestral" else {}
+    out_diff = x
+    for t in sched.timesteps:
+        x_in = out_diff if flow else sched.scale_model_input(out_diff, t)
+        out_diff = sched.step(eps_model_q(x_in, t), t, out_diff, return_dict=False, **kwargs)[0]
+    out_core = core(cal, method=method)
+    assert torch.allclose(out_diff, out_core, rtol=1e-4, atol=1e-4), (out_diff - out_core).abs().max()
+    assert (core(None) - out_core).abs().max() > 1e-4  # the correction is not a no-op here

@@ -1,0 +1,366 @@
+"""Two-pass paired calibration: record the full-precision trajectory, then evaluate the quantized model on it.
+
+Q-Drift's calibration (arXiv 2603.18095, Sec. 3.1) evaluates the full-precision and the quantized model on
+the same states ``x_i`` of the full-precision Euler trajectory and fits the joint Gaussian of
+``(d_hat, delta)`` per step. :func:`qdrift.calibrate` does it with both models in memory. When they do not fit
+together (two large checkpoints), or a host application loads one checkpoint at a time and owns the guidance
+(CFG), the pairs are taken in two passes, here as k-diffusion samplers:
+
+1. **record**: :meth:`PairedTrace.fp_sampler` is a k-diffusion sampler that runs Euler with the
+   full-precision (guided) denoiser and stores ``x_i`` and ``D_fp(x_i)`` per step;
+2. **replay**: :meth:`PairedTrace.q_sampler` is a k-diffusion sampler that ignores its own trajectory and
+   evaluates the quantized (guided) denoiser on the recorded ``x_i``, storing ``D_q(x_i)``.
+
+:meth:`PairedTrace.calibration` then forms ``d = (x - D) / sigma`` for both and feeds the same accumulator
+as :func:`qdrift.calibrate` (:class:`qdrift.calib.stats.PairedAccumulator`: per-(step, channel) moments with
+delta outliers trimmed per sample, and the cross-step sums Q-Drift v2 needs), so a trace gives the same
+calibration as ``calibrate`` on the same trajectories. Hosts (ComfyUI, Forge/A1111, diffusers) use it through
+:mod:`qdrift.hosts` and :mod:`qdrift.diffusers`. A trace can be
+saved between the passes (safetensors + JSON metadata, never pickle), so the passes may be two separate
+generations in a host UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .._utils import to_d
+from .._version import __version__
+from .calibration import REDUCES, Calibration
+from .stats import PairedAccumulator
+
+try:  # tqdm is a core dependency; the fallback keeps this module importable in stripped hosts
+    from tqdm.auto import trange
+except ImportError:  # pragma: no cover
+    def trange(n, disable=None):
+        return range(n)
+
+__all__ = ["PairedTrace", "PairedTraceError", "calibration_from_pairs"]
+
+TRACE_FORMAT = "qdrift.paired_trace"
+TRACE_VERSION = 1
+
+
+class PairedTraceError(ValueError):
+    """The two passes do not match (schedule, batch shape, starting noise) or a trace file is invalid."""
+
+
+def calibration_from_pairs(
+    sigmas: torch.Tensor,
+    xs: Sequence[Sequence[torch.Tensor]],
+    denoised_fp: Sequence[Sequence[torch.Tensor]],
+    denoised_q: Sequence[Sequence[torch.Tensor]],
+    *,
+    reduce: str = "channel",
+    conditional: bool = True,
+    trim: Optional[float] = 4.0,
+    meta: Optional[Dict[str, Any]] = None,
+) -> Calibration:
+    """Builds a :class:`qdrift.Calibration` from recorded paired denoiser outputs.
+
+    Args:
+        sigmas: the schedule ``[S + 1]`` (the calibrated levels are ``sigmas[:S]``, all > 0).
+        xs: per batch, the ``S`` states ``x_i`` ``[B, C, ...]`` the models were evaluated on.
+        denoised_fp: per batch, ``D_fp(x_i)`` for each step, same shapes.
+        denoised_q: per batch, ``D_q(x_i)`` for each step, same shapes.
+        reduce: ``"channel"`` or ``"scalar"`` (one pooled V per step).
+        conditional: V = Var(delta | d_hat) (True, the paper) or Var(delta).
+        trim: delta outlier trimming in standard deviations (the authors use 4); None or 0 keeps all.
+        meta: extra JSON-serializable metadata stored in the calibration.
+
+    Returns:
+        The calibration (``K`` in its metadata is the number of trajectories).
+
+    Raises:
+        ValueError: if the lists are empty, ragged, or shapes disagree.
+    """
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if sig.ndim != 1 or sig.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sig.shape)}")
+    steps = sig.numel() - 1
+    if bool((sig[:steps] <= 0).any()):
+        raise ValueError(f"only the last sigma may be 0, got {sig.tolist()}")
+    if not xs or len(xs) != len(denoised_fp) or len(xs) != len(denoised_q):
+        raise ValueError(
+            f"need the same number (>= 1) of batches of x, D_fp and D_q, got {len(xs)}, {len(denoised_fp)}, "
+            f"{len(denoised_q)}"
+        )
+    acc = PairedAccumulator(trim)
+    for b, (xb, fb, qb) in enumerate(zip(xs, denoised_fp, denoised_q)):
+        if not (len(xb) == len(fb) == len(qb) == steps):
+            raise ValueError(
+                f"batch {b}: expected {steps} steps of x, D_fp and D_q, got {len(xb)}, {len(fb)}, {len(qb)}"
+            )
+        x = torch.stack([t.to(torch.float64) for t in xb])
+        d_fp = to_d(x, sig[:steps], torch.stack(list(fb)).to(x))
+        d_q = to_d(x, sig[:steps], torch.stack(list(qb)).to(x))
+        acc.add(x, d_fp, d_q, who="calibration_from_pairs")
+    info = {"K": acc.count, "trim": trim, "source": "qdrift.calib.trace", "qdrift_version": __version__}
+    info.update(meta or {})
+    return Calibration(
+        sig[:steps].clone(), acc.moments, reduce=reduce, conditional=conditional, meta=info, trajectory=acc.sums
+    )
+
+
+class PairedTrace:
+    """Records a full-precision Euler pass and replays its states for the quantized model.
+
+    Each call of :meth:`fp_sampler`'s function records one batch (a "run"); each call of :meth:`q_sampler`'s
+    function replays the next recorded run, in order. All runs share one schedule.
+
+    Attributes:
+        sigmas: the schedule ``[S + 1]`` (float64, CPU) or None before the first run.
+        runs: per run, a dict with ``x`` (``[S, B, C, ...]``, the states), ``fp`` (``D_fp``, same shape),
+            ``q`` (``D_q`` or None until replayed) and ``final`` (``[B, C, ...]``, the FP Euler result).
+        meta: free JSON-serializable metadata (seeds, prompts, checkpoint names) kept with a saved trace.
+    """
+
+    def __init__(self, meta: Optional[Dict[str, Any]] = None):
+        self.sigmas: Optional[torch.Tensor] = None
+        self.runs: List[Dict[str, Optional[torch.Tensor]]] = []
+        self.meta: Dict[str, Any] = dict(meta or {})
+        self._replayed = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def steps(self) -> int:
+        """Number of recorded steps ``S`` (0 before the first run)."""
+        return 0 if self.sigmas is None else self.sigmas.numel() - 1
+
+    @property
+    def replayed(self) -> int:
+        """How many runs have their quantized outputs."""
+        return sum(r["q"] is not None for r in self.runs)
+
+    @property
+    def complete(self) -> bool:
+        """True when every recorded run has been replayed with the quantized model."""
+        return bool(self.runs) and self.replayed == len(self.runs)
+
+    def reset_replay(self) -> None:
+        """Forgets the quantized outputs, so the runs can be replayed again (e.g. with another model)."""
+        for r in self.runs:
+            r["q"] = None
+        self._replayed = 0
+
+    def _check_schedule(self, sigmas: torch.Tensor, who: str) -> torch.Tensor:
+        if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+            raise PairedTraceError(f"{who}: sigmas must be a 1-D tensor with at least 2 values")
+        sig = sigmas.detach().to("cpu", torch.float64)
+        if bool((sig[:-1] <= 0).any()) or bool((sig[1:] > sig[:-1]).any()):
+            raise PairedTraceError(f"{who}: sigmas must be positive (except the last) and non-increasing, got {sig.tolist()}")
+        if self.sigmas is None:
+            self.sigmas = sig
+        elif sig.shape != self.sigmas.shape or not torch.allclose(sig, self.sigmas, rtol=1e-5, atol=1e-8):
+            raise PairedTraceError(
+                f"{who}: this pass uses a different schedule ({sig.numel() - 1} steps, sigma {float(sig[0]):.5g}.."
+                f"{float(sig[-2]):.5g}) than the recorded one ({self.steps} steps, sigma {float(self.sigmas[0]):.5g}.."
+                f"{float(self.sigmas[-2]):.5g}): use the same steps, scheduler and denoise in both passes"
+            )
+        return sig
+
+    # ------------------------------------------------------------------ the two passes, as k-diffusion samplers
+    def fp_sampler(self):
+        """A k-diffusion sampler that runs full-precision Euler and records one run per call.
+
+        Returns:
+            ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x_final``.
+        """
+
+        @torch.no_grad()
+        def sample_qdrift_record_fp(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
+            sig = self._check_schedule(sigmas, "Q-Drift calibration (full-precision pass)")
+            extra_args = {} if extra_args is None else extra_args
+            s_in = x.new_ones([x.shape[0]])
+            xs, fps = [], []
+            for i in trange(len(sig) - 1, disable=disable):
+                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                xs.append(x.detach().to("cpu", torch.float32))
+                fps.append(denoised.detach().to("cpu", torch.float32))
+                if callback is not None:
+                    callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+                # Full-precision Euler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_fp (the calibration trajectory).
+                x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            self.runs.append(
+                {"x": torch.stack(xs), "fp": torch.stack(fps), "q": None, "final": x.detach().to("cpu", torch.float32)}
+            )
+            return x
+
+        return sample_qdrift_record_fp
+
+    def q_sampler(self, *, atol: float = 1e-3):
+        """A k-diffusion sampler that evaluates the (quantized) model on the next recorded run's states.
+
+        Its own ``x`` must be the same starting noise as the recorded run (same seed, size and schedule);
+        it returns the recorded full-precision result, so the host shows a normal image.
+
+        Args:
+            atol: tolerance (relative to the noise scale ``sigmas[0]``) for the starting-noise check.
+
+        Returns:
+            ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x_final``.
+        """
+
+        @torch.no_grad()
+        def sample_qdrift_replay_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
+            who = "Q-Drift calibration (quantized pass)"
+            if self._replayed >= len(self.runs):
+                raise PairedTraceError(
+                    f"{who}: all {len(self.runs)} recorded run(s) are already replayed; run the full-precision "
+                    "pass first, with the same batch count and size"
+                )
+            self._check_schedule(sigmas, who)
+            run = self.runs[self._replayed]
+            if tuple(run["x"].shape[1:]) != tuple(x.shape):
+                raise PairedTraceError(
+                    f"{who}: batch shape {tuple(x.shape)} differs from the recorded {tuple(run['x'].shape[1:])}: use "
+                    "the same size and batch size in both passes"
+                )
+            scale = max(float(sigmas[0]), 1.0)
+            gap = float((x.detach().to("cpu", torch.float32) - run["x"][0]).abs().max())
+            if gap > atol * scale:
+                raise PairedTraceError(
+                    f"{who}: the starting noise differs from the recorded run (max difference {gap:.3g}): use the "
+                    "same seed(s) in both passes"
+                )
+            extra_args = {} if extra_args is None else extra_args
+            s_in = x.new_ones([x.shape[0]])
+            qs = []
+            for i in trange(self.steps, disable=disable):
+                xi = run["x"][i].to(device=x.device, dtype=x.dtype)
+                denoised = model(xi, sigmas[i] * s_in, **extra_args)
+                qs.append(denoised.detach().to("cpu", torch.float32))
+                if callback is not None:
+                    callback({"x": xi, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+            run["q"] = torch.stack(qs)
+            self._replayed += 1
+            return run["final"].to(device=x.device, dtype=x.dtype)
+
+        return sample_qdrift_replay_q
+
+    # ------------------------------------------------------------------ direct recording (diffusers)
+    def add_run(self, sigmas: torch.Tensor, xs: Sequence[torch.Tensor], denoised_fp: Sequence[torch.Tensor], final: torch.Tensor) -> int:
+        """Adds a recorded full-precision run (for hosts that record outside a k-diffusion sampler).
+
+        Returns:
+            The run's index.
+        """
+        self._check_schedule(sigmas, "PairedTrace.add_run")
+        if len(xs) != self.steps or len(denoised_fp) != self.steps:
+            raise PairedTraceError(f"PairedTrace.add_run: expected {self.steps} states and outputs, got {len(xs)}, {len(denoised_fp)}")
+        self.runs.append(
+            {
+                "x": torch.stack([t.detach().to("cpu", torch.float32) for t in xs]),
+                "fp": torch.stack([t.detach().to("cpu", torch.float32) for t in denoised_fp]),
+                "q": None,
+                "final": final.detach().to("cpu", torch.float32),
+            }
+        )
+        return len(self.runs) - 1
+
+    def set_q(self, run: int, denoised_q: Sequence[torch.Tensor]) -> None:
+        """Stores the quantized outputs of run ``run`` (one ``[B, C, ...]`` per step)."""
+        if not 0 <= run < len(self.runs):
+            raise PairedTraceError(f"PairedTrace.set_q: no run {run} (have {len(self.runs)})")
+        if len(denoised_q) != self.steps:
+            raise PairedTraceError(f"PairedTrace.set_q: expected {self.steps} outputs, got {len(denoised_q)}")
+        q = torch.stack([t.detach().to("cpu", torch.float32) for t in denoised_q])
+        if q.shape != self.runs[run]["fp"].shape:
+            raise PairedTraceError(f"PairedTrace.set_q: shape {tuple(q.shape)} != recorded {tuple(self.runs[run]['fp'].shape)}")
+        self.runs[run]["q"] = q
+
+    # ------------------------------------------------------------------ result
+    def calibration(
+        self,
+        *,
+        reduce: str = "channel",
+        conditional: bool = True,
+        trim: Optional[float] = 4.0,
+        meta: Optional[Dict[str, Any]] = None,
+    ) -> Calibration:
+        """The :class:`qdrift.Calibration` of every replayed run.
+
+        Raises:
+            PairedTraceError: if no run was replayed yet.
+        """
+        done = [r for r in self.runs if r["q"] is not None]
+        if not done:
+            raise PairedTraceError(
+                "no paired data yet: record the full-precision pass, then replay it with the quantized model"
+            )
+        info = dict(self.meta)
+        info.update(meta or {})
+        return calibration_from_pairs(
+            self.sigmas,
+            [list(r["x"]) for r in done],
+            [list(r["fp"]) for r in done],
+            [list(r["q"]) for r in done],
+            reduce=reduce,
+            conditional=conditional,
+            trim=trim,
+            meta=info,
+        )
+
+    # ------------------------------------------------------------------ file
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the trace (safetensors + JSON metadata; no pickle)."""
+        from safetensors.torch import save_file
+
+        if self.sigmas is None:
+            raise PairedTraceError("PairedTrace.save: nothing recorded yet")
+        tensors = {"sigmas": self.sigmas.contiguous()}
+        for k, r in enumerate(self.runs):
+            for f in ("x", "fp", "q", "final"):
+                if r[f] is not None:
+                    tensors[f"run{k}.{f}"] = r[f].contiguous()
+        header = {"format": TRACE_FORMAT, "format_version": TRACE_VERSION, "runs": len(self.runs), "meta": self.meta}
+        save_file(tensors, os.fspath(path), metadata={"qdrift": json.dumps(header, default=str)})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "PairedTrace":
+        """Reads a trace written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: if there is no such file.
+            PairedTraceError: if it is not a valid qdrift paired trace.
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Q-Drift trace file not found: {os.path.abspath(path)}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("qdrift")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            header = json.loads(raw or "null")
+        except Exception as e:  # corrupt header or JSON
+            raise PairedTraceError(f"{path} is not a readable qdrift paired trace ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
+            raise PairedTraceError(f"{path} is not a qdrift paired trace (format {TRACE_FORMAT!r})")
+        if not isinstance(header.get("format_version"), int) or header["format_version"] > TRACE_VERSION:
+            raise PairedTraceError(f"{path} has trace format_version {header.get('format_version')!r}: upgrade qdrift")
+        trace = cls(meta=header.get("meta") or {})
+        if "sigmas" not in tensors:
+            raise PairedTraceError(f"{path} lacks its schedule")
+        trace.sigmas = tensors["sigmas"].to(torch.float64)
+        for k in range(int(header.get("runs", 0))):
+            try:
+                run = {f: tensors.get(f"run{k}.{f}") for f in ("x", "fp", "q", "final")}
+            except KeyError:  # pragma: no cover
+                run = {}
+            if run.get("x") is None or run.get("fp") is None or run.get("final") is None:
+                raise PairedTraceError(f"{path}: run {k} is incomplete")
+            if run["x"].shape[0] != trace.steps or run["fp"].shape != run["x"].shape:
+                raise PairedTraceError(f"{path}: run {k} has inconsistent shapes")
+            trace.runs.append(run)
+        trace._replayed = 0
+        while trace._replayed < len(trace.runs) and trace.runs[trace._replayed]["q"] is not None:
+            trace._replayed += 1
+        return trace
