@@ -72,6 +72,8 @@ class BenchConfig:
     models: Sequence[str] = ("unet", "dit")
     schemes: Sequence[str] = ("w4a8", "w4a4", "w3a4")
     quant_profile: str = "stress"  # options per scheme: qdrift.bench.quant_report.QUANT_PROFILES
+    ptq: str = "none"  # weight rounding: none | brecq | gac (qdrift.bench.quant_report.bench_quantize)
+    ptq_options: Dict[str, Any] = field(default_factory=dict)  # qdrift.quant.ReconConfig fields
     samplers: Optional[Sequence[str]] = None  # None: every sampler of each model
     steps: Dict[str, int] = field(default_factory=dict)  # per-sampler step overrides
     n_images: int = 100
@@ -160,6 +162,7 @@ class BenchModel:
     fp: nn.Module
     quantized: Dict[str, nn.Module] = field(default_factory=dict)
     quant_seconds: Dict[str, float] = field(default_factory=dict)
+    quant_info: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def load_bench_model(kind: str) -> nn.Module:
@@ -171,15 +174,21 @@ _DEFAULT_LOADER = load_bench_model
 
 
 def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Callable[[str], None]) -> BenchModel:
-    from ..quant import quantize
-    from .quant_report import quant_options, sampler_calibration
+    from .quant_report import bench_quantize
 
     net = load_bench_model(kind).float().eval()
     bm = BenchModel(kind, net, wrap_denoiser(kind, net, cfg.cfg))
     for scheme in schemes:
         t0 = time.perf_counter()
-        qnet = quantize(net, scheme, sampler_calibration(kind), **quant_options(cfg.quant_profile, scheme))
+        qnet = bench_quantize(kind, net, scheme, cfg.quant_profile, cfg.ptq, dict(cfg.ptq_options, progress=cfg.progress)
+                              if cfg.ptq != "none" else None)
         bm.quant_seconds[scheme] = time.perf_counter() - t0
+        rec = qnet.qdrift_quant.get("reconstruction", {})
+        bm.quant_info[scheme] = dict(ptq=cfg.ptq, seconds=bm.quant_seconds[scheme],
+                                     output_rel_err=qnet.qdrift_quant["output_rel_err"],
+                                     reconstruction_seconds=rec.get("seconds"),
+                                     block_err=({b: [e["err_rtn"], e["err"]] for b, e in rec["blocks"].items()}
+                                                if rec else None))
         bm.quantized[scheme] = wrap_denoiser(kind, qnet, cfg.cfg)
         log(f"quantized {kind} with {scheme} in {bm.quant_seconds[scheme]:.1f} s")
     return bm
@@ -393,6 +402,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
     from ..baselines import make_baseline
 
     started = time.perf_counter()
+    quant_info: Dict[str, Dict[str, Any]] = {}
     commit = git_commit()  # the code that runs, read before any file can change under a long run
     ev = Evaluator(cfg, log)
     n = cfg.n_images
@@ -418,6 +428,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
         if cfg.fig_pool > 0 and cfg.fig_scheme not in schemes:
             schemes.append(cfg.fig_scheme)
         bm = prepare_model(kind, cfg, schemes, log)
+        quant_info.update({f"{kind}/{scheme}": info for scheme, info in bm.quant_info.items()})
         for sampler in cfg.sampler_names(kind):
             spec = SAMPLER_SPECS[sampler]
             steps = cfg.steps_for(sampler)
@@ -494,7 +505,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> Dict[str,
             fig[kind] = calibration_envelopes(bm, cfg, sampler)
         del bm
     bar.close()
-    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=n, batch_size=cfg.batch_size, K=cfg.K,
+    meta = dict(mode=cfg.mode, quant_profile=cfg.quant_profile, ptq=cfg.ptq, ptq_options=dict(cfg.ptq_options),
+                quant=quant_info, n_images=n, batch_size=cfg.batch_size, K=cfg.K,
                 cfg_scale=cfg.cfg,
                 eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",

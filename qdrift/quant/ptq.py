@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import FORMAT_SCHEMES, quantize_format
+from .formats import FORMAT_SCHEMES, RECON_FORMATS, quantize_format
 from .functional import ema_range, quantize_symmetric, signed_qmax
 from .reconstruct import RECONSTRUCTIONS, CalibSamples, ReconConfig, reconstruct
 from .layers import (LayerOp, MixDQLayer, SVDQuantLayer, channels_last, svdquant_weight, weight_columns,
@@ -495,6 +495,9 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, *, reconstru
             raise ValueError(f"reconstruction={reconstruction!r} needs calib_data as qdrift.quant.CalibSamples "
                              "(timestep-tagged inputs recorded from full-precision sampler trajectories, e.g. "
                              f"record_calib_samples(model, run)), got {type(calib_data).__name__}")
+        if scheme in FORMAT_SCHEMES and scheme not in RECON_FORMATS:
+            raise ValueError(f"reconstruction is not supported for scheme {scheme!r} (its grid is not read back from "
+                             f"its library); it is for {', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
         recon_cfg = ReconConfig.from_options(reconstruction_options)
         qmodel = quantize(model, scheme, calib_data, **options)
         was_training = model.training

@@ -85,6 +85,42 @@ def test_adaround_stays_on_grid_and_beats_round_to_nearest(scheme):
     assert output_mse(net, rec, samples) < (0.9 if scheme == "w4a8" else 1.0) * output_mse(net, rtn, samples)
 
 
+class Wide(nn.Module):
+    """Rows of 64 inputs: wide enough for GGUF's blocks of 32 and bitsandbytes' blocks of 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.silu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("scheme,module", [("gguf-q4_0", "gguf"), ("gguf-q4_1", "gguf"), ("nf4", "bitsandbytes")])
+def test_formats_learn_rounding_on_their_own_grid(scheme, module):
+    pytest.importorskip(module)
+    torch.manual_seed(0)
+    net = Wide().eval()
+    x, t = torch.randn(96, 64, generator=torch.Generator().manual_seed(0)), torch.arange(96.0) % 4
+    samples = CalibSamples((x, t), t)
+    rtn = quantize(net, scheme)
+    rec = quantize(net, scheme, samples, reconstruction="brecq", reconstruction_options=FAST)
+    grids = R._layer_grids(rtn, net)
+    assert grids  # GGUF keeps fc2 (512 values) in F32; NF4 quantizes both
+    for name, (_, _, lo, hi) in grids.items():
+        for q in (rtn, rec):  # the library's round-to-nearest and the learned rounding: both on the grid
+            w = q.get_submodule(name).weight.double()
+            assert bool((((w - lo).abs() < 1e-6) | ((w - hi).abs() < 1e-6)).all())
+    assert output_mse(net, rec, samples) < output_mse(net, rtn, samples)
+
+
+def test_quanto_reconstruction_raises_naming_the_supported_schemes():
+    net = Wide().eval()
+    samples = CalibSamples((torch.randn(8, 64), torch.arange(8.0)), torch.arange(8.0))
+    with pytest.raises(ValueError, match="'quanto-int4'.*w4a8, w4a4, w3a4, gguf-q8_0.*nf4, fp4"):
+        quantize(net, "quanto-int4", samples, reconstruction="brecq")
+
+
 def test_gac_with_frozen_equal_weights_is_brecq():
     net, samples = tiny_model(1), tiny_samples(seed=1)
     brecq = quantize(net, "w4a8", samples, reconstruction="brecq", reconstruction_options=dict(FAST, iters=60),
