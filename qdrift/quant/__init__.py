@@ -4,7 +4,8 @@
 simulated ``"w4a8"`` (MixDQ-like), ``"w4a4"`` and ``"w3a4"`` (SVDQuant-like), see :mod:`qdrift.quant.ptq` for the
 schemes and the adaptations made for tiny models; or weight-only formats computed by their own libraries
 (``"gguf-q8_0"`` .. ``"gguf-q4_0"``, ``"nf4"``, ``"fp4"``, ``"quanto-int8"``, ``"quanto-int4"``), see
-:mod:`qdrift.quant.formats`.
+:mod:`qdrift.quant.formats`. ``quantize(..., reconstruction="brecq" | "gac")`` then learns the weights' rounding
+block by block on timestep-tagged calibration samples (:class:`CalibSamples`), see :mod:`qdrift.quant.reconstruct`.
 """
 
 from .formats import FORMAT_SCHEMES, format_available, format_summary, gguf_plan, quantize_format

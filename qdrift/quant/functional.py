@@ -1,9 +1,9 @@
 """Fake-quantization primitives (quantize then dequantize, in floating point).
 
 Every function returns a tensor of the input's shape and dtype whose values lie on the quantization grid
-described in its docstring. Rounding is round-half-to-even (``torch.round``), as in integer kernels. Activation quantizers round through
-:func:`round_ste`: the same values, with a straight-through gradient (identity inside the clamp range), so that
-block reconstruction (:mod:`qdrift.quant.reconstruct`) can backpropagate through quantized activations.
+described in its docstring. Rounding is round-half-to-even (``torch.round``), as in integer kernels. Activation
+quantizers round through :func:`round_ste`: the same values, with a straight-through gradient (identity inside the
+clamp range), so that block reconstruction (:mod:`qdrift.quant.reconstruct`) can backpropagate through them.
 """
 
 from __future__ import annotations
