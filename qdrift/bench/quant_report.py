@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant import (FORMAT_SCHEMES, MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, format_summary, layer_error_report, quantize,
-                     record_calib_samples)
+from ..quant import (FORMAT_SCHEMES, MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, format_summary, layer_error_report,
+                     quantize, record_calib_samples)
 from .data import NUM_CLASSES
 from .images import make_grid, save_png
 from .models import load_model

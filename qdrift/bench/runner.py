@@ -180,8 +180,8 @@ def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Call
     bm = BenchModel(kind, net, wrap_denoiser(kind, net, cfg.cfg))
     for scheme in schemes:
         t0 = time.perf_counter()
-        qnet = bench_quantize(kind, net, scheme, cfg.quant_profile, cfg.ptq, dict(cfg.ptq_options, progress=cfg.progress)
-                              if cfg.ptq != "none" else None)
+        ptq_options = dict(cfg.ptq_options, progress=cfg.progress) if cfg.ptq != "none" else None
+        qnet = bench_quantize(kind, net, scheme, cfg.quant_profile, cfg.ptq, ptq_options)
         bm.quant_seconds[scheme] = time.perf_counter() - t0
         rec = qnet.qdrift_quant.get("reconstruction", {})
         bm.quant_info[scheme] = dict(ptq=cfg.ptq, seconds=bm.quant_seconds[scheme],

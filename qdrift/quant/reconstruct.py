@@ -43,7 +43,6 @@ are read from the formats' own libraries (:mod:`qdrift.quant.formats`, see ``_fo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
