@@ -514,18 +514,37 @@ def _gac_update(prob: _BlockProblem, s: torch.Tensor, opt: torch.optim.Optimizer
                 gen: torch.Generator) -> dict[str, float]:
     """``cfg.gac_steps`` outer updates of ``s`` on one block; returns L_GM / L_MSE before and after."""
     hist: dict[str, float] = {}
-    for step in range(cfg.gac_steps):
-        batch = torch.randperm(train_idx.numel(), generator=gen)[:cfg.batch_size]  # the whole split if it fits
-        V1, l_gm, l_mse = _gac_losses(prob, s, train_idx, batch, val_idx, val_group, cfg.tau, cfg.lr)
-        if step == 0:
-            hist.update(l_gm_before=float(l_gm.detach()), l_mse_before=float(l_mse.detach()))
-        g_val = torch.autograd.grad(l_gm + l_mse, V1, retain_graph=True)  # grad_{V'} L_val (HVPs inside)
-        (ds,) = torch.autograd.grad(V1, s, grad_outputs=g_val)  # (dV'/ds)^T grad_{V'} L_val
-        opt.zero_grad()
-        s.grad = ds
-        opt.step()
-        hist.update(l_gm_last=float(l_gm.detach()), l_mse_last=float(l_mse.detach()))
+    with _math_attention():  # CPU flash attention has no double backward; the math kernel does
+        for step in range(cfg.gac_steps):
+            _gac_step(prob, s, opt, train_idx, val_idx, val_group, cfg, gen, hist, step)
     return hist
+
+
+def _math_attention():
+    """Context forcing ``scaled_dot_product_attention`` onto its composite (twice differentiable) math kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no sdpa_kernel: the kernel choice is left to torch
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _gac_step(prob: _BlockProblem, s: torch.Tensor, opt: torch.optim.Optimizer, train_idx: torch.Tensor,
+              val_idx: torch.Tensor, val_group: torch.Tensor, cfg: ReconConfig, gen: torch.Generator,
+              hist: dict[str, float], step: int) -> None:
+    """One outer update of ``s``: virtual step, validation losses, ``dL_val/ds``, Adam."""
+    batch = torch.randperm(train_idx.numel(), generator=gen)[:cfg.batch_size]  # the whole split if it fits
+    V1, l_gm, l_mse = _gac_losses(prob, s, train_idx, batch, val_idx, val_group, cfg.tau, cfg.lr)
+    if step == 0:
+        hist.update(l_gm_before=float(l_gm.detach()), l_mse_before=float(l_mse.detach()))
+    g_val = torch.autograd.grad(l_gm + l_mse, V1, retain_graph=True)  # grad_{V'} L_val (HVPs inside)
+    (ds,) = torch.autograd.grad(V1, s, grad_outputs=g_val)  # (dV'/ds)^T grad_{V'} L_val
+    opt.zero_grad()
+    s.grad = ds
+    opt.step()
+    hist.update(l_gm_last=float(l_gm.detach()), l_mse_last=float(l_mse.detach()))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -261,3 +261,35 @@ def test_input_validation():
     one_t = CalibSamples(samples.args, torch.zeros(len(samples)))
     with pytest.raises(ValueError, match="at least 2 distinct timesteps"):
         quantize(net, "w4a8", one_t, reconstruction="gac", reconstruction_options={"iters": 1})
+
+
+class Attn(nn.Module):
+    """Self-attention between two quantized linear layers (the GAC meta-gradient differentiates through SDPA twice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(a.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w3a4"])
+def test_gac_through_attention(scheme):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attn()
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.attn(x)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    t = torch.arange(40.0) % 4
+    samples = CalibSamples((torch.randn(40, 6, 16), t), t)
+    q = quantize(net, scheme, samples, reconstruction="gac", reconstruction_options=dict(iters=5, gac_steps=2),
+                 **STRESS[scheme])
+    assert "gac" in q.qdrift_quant["reconstruction"]["blocks"]["attn"]
