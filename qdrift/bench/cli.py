@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization options per scheme: stress (default: the bit widths without the float safety "
                         "nets, a clear quantization gap) or reference (the library's recipes, barely felt by these "
                         "small models); see qdrift.bench.quant_report.QUANT_PROFILES")
+    p.add_argument("--ptq", choices=["none", "brecq", "gac"], default="none",
+                   help="weight rounding of the schemes: none (default, round to nearest: the published rows), brecq "
+                        "(block reconstruction, AdaRound) or gac (BRECQ with gradient-aligned sample weights, arXiv "
+                        "2602.01289); see qdrift.quant.reconstruct")
+    p.add_argument("--ptq-iters", type=int_at_least(1), default=None,
+                   help="reconstruction steps per block with --ptq brecq|gac (default qdrift.quant.ReconConfig's)")
     p.add_argument("--samplers", type=_csv(list(SAMPLER_SPECS)), default=None,
                    help="subset of euler,euler_ancestral,dpmpp_2m (U-Net) and flow_euler (DiT); default all")
     p.add_argument("--steps", type=_steps, default={},
@@ -144,6 +150,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--out {args.out} exists and is not a folder")
     return BenchConfig(
         models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers,
+        ptq=args.ptq, ptq_options={} if args.ptq_iters is None or args.ptq == "none" else {"iters": args.ptq_iters},
         steps=args.steps, n_images=args.n_images,
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),

@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..quant import FORMAT_SCHEMES, MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, format_summary, layer_error_report, quantize
+from ..quant import (FORMAT_SCHEMES, MIXDQ_SKIP, SCHEMES, SIMULATED_SCHEMES, format_summary, layer_error_report,
+                     quantize, record_calib_samples)
 from .data import NUM_CLASSES
 from .images import make_grid, save_png
 from .models import load_model
 from .train import sample_preview
 
-__all__ = ["QUANT_PROFILES", "quant_options", "sampler_calibration", "output_error", "report"]
+__all__ = ["QUANT_PROFILES", "PTQ_CHOICES", "quant_options", "sampler_calibration", "sampler_samples", "bench_quantize",
+           "output_error", "report"]
+
+PTQ_CHOICES = ("none", "brecq", "gac")  # qdrift bench --ptq: the weight rounding (qdrift.quant.reconstruct)
 
 # Options handed to :func:`qdrift.quant.quantize` per bench profile and scheme. The bit widths are always the
 # scheme's own; the profiles differ in the float safety nets a 1-3M-parameter model gets from the recipes.
@@ -74,6 +78,37 @@ def sampler_calibration(kind: str, n: int = 16, steps: int = 10, cfg: float = 3.
     """
     labels = torch.arange(n) % NUM_CLASSES
     return lambda model: sample_preview(kind, model, labels, steps=steps, cfg=cfg, seed=seed)
+
+
+def sampler_samples(kind: str, net: nn.Module, n: int = 16, steps: int = 10, cfg: float = 3.0, seed: int = 1000):
+    """The calls :func:`sampler_calibration` makes, recorded as timestep-tagged :class:`qdrift.quant.CalibSamples`.
+
+    Replayed in the same batches, they give the scheme's activation calibration exactly the inputs of the callable.
+    """
+    return record_calib_samples(net, sampler_calibration(kind, n, steps, cfg, seed), timestep_arg=1)
+
+
+def bench_quantize(kind: str, net: nn.Module, scheme: str, profile: str = "stress", ptq: str = "none",
+                   ptq_options: dict | None = None, calib_n: int = 16, calib_steps: int = 10,
+                   error_n: int = 20) -> nn.Module:
+    """The bench's quantization of ``net``: the profile's options, then the ``ptq`` weight rounding.
+
+    ``ptq="none"`` is round to nearest with the preview-sampler callable as calibration (the published rows);
+    ``"brecq"`` / ``"gac"`` record those calls as timestep-tagged samples and reconstruct block by block
+    (:mod:`qdrift.quant.reconstruct`, options ``ptq_options``). The returned model's ``qdrift_quant`` gains
+    ``ptq`` and ``output_rel_err`` (:func:`output_error` on ``error_n`` images). ``calib_n`` images with
+    ``calib_steps`` preview steps drive the calibration (bench: 16 and 10).
+    """
+    if ptq not in PTQ_CHOICES:
+        raise ValueError(f"unknown ptq {ptq!r}; expected one of {PTQ_CHOICES}")
+    if ptq == "none":
+        qnet = quantize(net, scheme, sampler_calibration(kind, calib_n, calib_steps), **quant_options(profile, scheme))
+    else:
+        qnet = quantize(net, scheme, sampler_samples(kind, net, calib_n, calib_steps), reconstruction=ptq,
+                        reconstruction_options=ptq_options, **quant_options(profile, scheme))
+    qnet.qdrift_quant["ptq"] = ptq
+    qnet.qdrift_quant["output_rel_err"] = output_error(kind, net, qnet, n=error_n)
+    return qnet
 
 
 class _Recorder(nn.Module):

@@ -77,6 +77,8 @@ class BenchConfig:
     models: Sequence[str] = ("unet", "dit")
     schemes: Sequence[str] = ("w4a8", "w4a4", "w3a4")
     quant_profile: str = "stress"  # options per scheme: qdrift.bench.quant_report.QUANT_PROFILES
+    ptq: str = "none"  # weight rounding: none | brecq | gac (qdrift.bench.quant_report.bench_quantize)
+    ptq_options: Dict[str, Any] = field(default_factory=dict)  # qdrift.quant.ReconConfig fields
     samplers: Optional[Sequence[str]] = None  # None: every sampler of each model
     steps: Dict[str, int] = field(default_factory=dict)  # per-sampler step overrides
     n_images: int = 100
@@ -129,20 +131,28 @@ class BenchModel:
     fp: nn.Module
     quantized: Dict[str, nn.Module] = field(default_factory=dict)
     quant_seconds: Dict[str, float] = field(default_factory=dict)
+    quant_info: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def prepare_model(kind: str, cfg: BenchConfig, schemes: Sequence[str], log: Callable[[str], None],
                   load_net: Callable[[str], nn.Module] = load_model) -> BenchModel:
-    """Load the network ``kind`` with ``load_net`` (default: the shipped weights) and quantize it per scheme."""
-    from ..quant import quantize
-    from .quant_report import quant_options, sampler_calibration
+    """Load the network ``kind`` with ``load_net`` (default: the shipped weights) and quantize it per scheme
+    (with the run's ``--ptq`` reconstruction)."""
+    from .quant_report import bench_quantize
 
     net = load_net(kind).float().eval()
     bm = BenchModel(kind, net, wrap_denoiser(kind, net, cfg.cfg))
     for scheme in schemes:
         t0 = time.perf_counter()
-        qnet = quantize(net, scheme, sampler_calibration(kind), **quant_options(cfg.quant_profile, scheme))
+        ptq_options = dict(cfg.ptq_options, progress=cfg.progress) if cfg.ptq != "none" else None
+        qnet = bench_quantize(kind, net, scheme, cfg.quant_profile, cfg.ptq, ptq_options)
         bm.quant_seconds[scheme] = time.perf_counter() - t0
+        rec = qnet.qdrift_quant.get("reconstruction", {})
+        bm.quant_info[scheme] = dict(ptq=cfg.ptq, seconds=bm.quant_seconds[scheme],
+                                     output_rel_err=qnet.qdrift_quant["output_rel_err"],
+                                     reconstruction_seconds=rec.get("seconds"),
+                                     block_err=({b: [e["err_rtn"], e["err"]] for b, e in rec["blocks"].items()}
+                                                if rec else None))
         bm.quantized[scheme] = wrap_denoiser(kind, qnet, cfg.cfg)
         log(f"quantized {kind} with {scheme} in {bm.quant_seconds[scheme]:.1f} s")
     return bm
@@ -514,9 +524,12 @@ def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
     return None
 
 
-def run_meta(cfg: BenchConfig, started: float, commit: Optional[str]) -> Dict[str, Any]:
-    """The run's settings, seeds, threads, time and code version."""
-    return dict(mode=cfg.mode, quant_profile=cfg.quant_profile, n_images=cfg.n_images, batch_size=cfg.batch_size,
+def run_meta(cfg: BenchConfig, started: float, commit: Optional[str],
+             quant_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The run's settings, seeds, quantization (PTQ reconstruction, per-scheme output error), threads, time and
+    code version."""
+    return dict(mode=cfg.mode, quant_profile=cfg.quant_profile, ptq=cfg.ptq, ptq_options=dict(cfg.ptq_options),
+                quant=dict(quant_info or {}), n_images=cfg.n_images, batch_size=cfg.batch_size,
                 K=cfg.K, cfg_scale=cfg.cfg,
                 eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
@@ -580,6 +593,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    quant_info: Dict[str, Dict[str, Any]] = {}
     commit = git_commit()  # the code that runs, read before any file can change under a long run
     ev = Evaluator(cfg, log)
     evalset = EvalSet.for_config(cfg)
@@ -591,6 +605,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                disable=not cfg.progress, dynamic_ncols=True)
     for kind in cfg.models:
         bm = prepare_model(kind, cfg, model_schemes(cfg), log, load_net)
+        quant_info.update({f"{kind}/{scheme}": info for scheme, info in bm.quant_info.items()})
         for sampler in cfg.sampler_names(kind):
             steps = cfg.steps_for(sampler)
             block = Block(kind, sampler, steps, schedule(kind, bm.fp, steps))
@@ -601,7 +616,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
             fig[kind] = calibration_envelopes(bm, cfg, sampler)
         del bm
     bar.close()
-    return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations, meta=run_meta(cfg, started, commit))
+    return dict(rows=rows, grids=grids, fig=fig, calibrations=calibrations,
+                meta=run_meta(cfg, started, commit, quant_info))
 
 
 def git_commit() -> Optional[str]:

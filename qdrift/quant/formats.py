@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 __all__ = ["FORMAT_SCHEMES", "FORMAT_LIBRARIES", "GGUF_KEEP", "GGUF_SMALL", "GGUF_ROW", "format_available",
-           "gguf_plan", "quantize_format", "format_summary"]
+           "gguf_plan", "quantize_format", "format_summary", "format_grids", "RECON_FORMATS"]
 
 GGUF_TYPES = {"gguf-q8_0": "Q8_0", "gguf-q5_1": "Q5_1", "gguf-q5_0": "Q5_0", "gguf-q4_1": "Q4_1", "gguf-q4_0": "Q4_0"}
 BNB_TYPES = {"nf4": "nf4", "fp4": "fp4"}
@@ -281,3 +281,82 @@ def format_summary(qmodel: nn.Module) -> dict:
     return dict(quantized_params=qn, total_params=total, quantized_share=qn / max(1, total),
                 weight_rel_err=sum(t["sq_err"] for t in quant) / max(1e-30, sum(t["sq_norm"] for t in quant)),
                 types=types)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grids for learned rounding (qdrift.quant.reconstruct)
+
+RECON_FORMATS = tuple(GGUF_TYPES) + tuple(BNB_TYPES)  # format schemes whose rounding reconstruct() can learn
+
+# GGUF integer levels k of each type: weight = d * k (symmetric) or m + d * k (``_1`` types), d and m per block of 32
+_GGUF_LEVELS = {"Q8_0": (-128, 127, False), "Q5_0": (-16, 15, False), "Q4_0": (-8, 7, False),
+                "Q5_1": (0, 31, True), "Q4_1": (0, 15, True)}
+
+
+def _gguf_neighbours(gguf, w: torch.Tensor, qtype: str, stored: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid values below and above each weight, with the block scales (and minima) gguf-py stores."""
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    data = w.detach().to(torch.float16).float().cpu().numpy().reshape(stored)
+    packed = gguf.quants.quantize(data, t)
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    raw = packed.reshape(-1, size)
+    d = torch.from_numpy(raw[:, 0:2].copy().view("float16").astype("float64")).reshape(-1)
+    qmin, qmax, affine = _GGUF_LEVELS[qtype]
+    m = torch.from_numpy(raw[:, 2:4].copy().view("float16").astype("float64")).reshape(-1) if affine else 0 * d
+    x = torch.from_numpy(data.astype("float64")).reshape(-1, block)
+    k = torch.floor((x - m[:, None]) / torch.where(d == 0, 1.0, d)[:, None]).clamp(qmin, qmax)
+    lo = m[:, None] + d[:, None] * k
+    hi = m[:, None] + d[:, None] * (k + 1).clamp(qmin, qmax)
+    return lo.reshape(w.shape), hi.reshape(w.shape)
+
+
+def _bnb_neighbours(w: torch.Tensor, scheme: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 / FP4: the two codebook entries (times the block's absmax) bracketing each weight."""
+    import bitsandbytes.functional as bnbf
+
+    flat = w.detach().float().reshape(-1).contiguous()
+    _, state = bnbf.quantize_4bit(flat, blocksize=blocksize, quant_type=BNB_TYPES[scheme], compress_statistics=False)
+    code = torch.unique(state.code.double().cpu())  # sorted codebook
+    absmax = state.absmax.double().cpu().repeat_interleave(blocksize)[: flat.numel()]
+    x = flat.double() / torch.where(absmax == 0, 1.0, absmax)
+    j = torch.searchsorted(code, x, right=True).clamp(1, code.numel() - 1)
+    below = x < code[0]
+    lo = torch.where(below, code[0], code[j - 1]) * absmax
+    hi = torch.where(below | (x >= code[-1]), torch.where(below, code[0], code[-1]), code[j]) * absmax
+    return lo.reshape(w.shape), hi.reshape(w.shape)
+
+
+def format_grids(qmodel: nn.Module, model: nn.Module) -> dict:
+    """``{module name: ("weight", target, lo, hi)}`` for the quantized ``Linear``/``Conv2d`` weights of a format.
+
+    The grid is the format's own, read from its library: GGUF's per-block ``d`` (and ``m``) from gguf-py's packed
+    blocks (levels ``d k`` or ``m + d k``); bitsandbytes' codebook (NF4 or FP4, non-uniform) times each block's
+    absmax, so learned rounding chooses between the two codebook entries that bracket the weight. optimum-quanto's
+    scales are not exposed in a stable way: ``"quanto-*"`` raise.
+
+    Raises:
+        ValueError: a scheme without readable grid (names the schemes that support reconstruction).
+    """
+    from .ptq import SIMULATED_SCHEMES
+
+    rep = qmodel.qdrift_quant
+    scheme = rep["scheme"]
+    if scheme not in RECON_FORMATS:
+        raise ValueError(f"reconstruction is not supported for scheme {scheme!r} (its grid is not read back from "
+                         f"its library); it is for {', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
+    gguf = _require(scheme) if scheme in GGUF_TYPES else None
+    out = {}
+    for name, mod in qmodel.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        entry = rep["tensors"].get(f"{name}.weight")
+        if entry is None or entry["reason"] != "quantized":
+            continue
+        w = model.get_submodule(name).weight.detach()
+        if gguf is not None:
+            lo, hi = _gguf_neighbours(gguf, w, entry["type"], entry["stored_shape"])
+        else:
+            lo, hi = _bnb_neighbours(w, scheme, rep["options"]["blocksize"])
+        target = w.to(torch.float16).double() if gguf is not None else w.double()  # GGUF quantizes the F16 file
+        out[name] = ("weight", target, lo, hi)
+    return out

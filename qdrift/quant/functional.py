@@ -1,7 +1,9 @@
 """Fake-quantization primitives (quantize then dequantize, in floating point).
 
 Every function returns a tensor of the input's shape and dtype whose values lie on the quantization grid
-described in its docstring. Rounding is round-half-to-even (``torch.round``), as in integer kernels.
+described in its docstring. Rounding is round-half-to-even (``torch.round``), as in integer kernels. Activation
+quantizers round through :func:`round_ste`: the same values, with a straight-through gradient (identity inside the
+clamp range), so that block reconstruction (:mod:`qdrift.quant.reconstruct`) can backpropagate through them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,30 @@ __all__ = [
     "quantize_unsigned_groups",
     "quantize_asymmetric",
     "ema_range",
+    "round_ste",
 ]
 
 _EPS = 1e-12
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round(x)`` (bitwise the same values) with a straight-through gradient ``d round(x) / dx = 1``.
+
+    Twice differentiable (its backward is the identity), as the GAC meta-gradient needs.
+    """
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.round(x)
+    return _RoundSTE.apply(x)
 
 
 def signed_qmax(bits: int) -> int:
@@ -90,7 +113,7 @@ def quantize_symmetric_groups(x: torch.Tensor, bits: int, group_size: int) -> to
     qmax = signed_qmax(bits)
     g, n = _grouped(x, group_size)
     scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / qmax
-    q = torch.clamp(torch.round(g / scale), -qmax, qmax) * scale
+    q = torch.clamp(round_ste(g / scale), -qmax, qmax) * scale
     return q.reshape(*x.shape[:-1], -1)[..., :n]
 
 
@@ -116,7 +139,7 @@ def quantize_unsigned_groups(x: torch.Tensor, bits: int, group_size: int, shift:
     u = torch.clamp(x + shift, min=0.0)
     g, n = _grouped(u, group_size)
     scale = g.amax(dim=-1, keepdim=True).clamp_min(_EPS) / levels
-    q = torch.clamp(torch.round(g / scale), 0, levels) * scale
+    q = torch.clamp(round_ste(g / scale), 0, levels) * scale
     return q.reshape(*x.shape[:-1], -1)[..., :n] - shift
 
 
@@ -143,7 +166,7 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, lo: float | torch.Tensor, hi
     levels = 2**bits - 1
     scale = (hi_t - lo_t).clamp_min(_EPS) / levels
     zero_point = torch.round(-lo_t / scale)
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, levels)
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, levels)
     return (q - zero_point) * scale
 
 

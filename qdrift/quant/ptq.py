@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import FORMAT_SCHEMES, quantize_format
+from .formats import FORMAT_SCHEMES, RECON_FORMATS, quantize_format
 from .functional import ema_range, quantize_symmetric, signed_qmax
+from .reconstruct import RECONSTRUCTIONS, CalibSamples, ReconConfig, reconstruct
 from .layers import (LayerOp, MixDQLayer, SVDQuantLayer, channels_last, svdquant_weight, weight_columns,
                      weight_from_columns)
 
@@ -441,7 +442,8 @@ _DEFAULTS = {
 _DEFAULTS["w3a4"] = dict(_DEFAULTS["w4a4"], weight_bits=3)
 
 
-def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: Any) -> nn.Module:
+def quantize(model: nn.Module, scheme: str, calib_data: Any = None, *, reconstruction: str | None = None,
+             reconstruction_options: Any = None, **options: Any) -> nn.Module:
     """Return a fake-quantized deep copy of ``model`` (the original is untouched). Deterministic.
 
     The weight-only formats of :mod:`qdrift.quant.formats` (``"gguf-q4_0"``, ``"nf4"``, ``"quanto-int4"``, ...;
@@ -456,6 +458,13 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: A
         calib_data: what drives the calibration forward passes: a callable ``f(model)`` that runs the model
             (e.g. a sampler loop), a Tensor (one call ``model(x)``), or an iterable whose items are Tensors,
             tuples of positional args, ``((args...), {kwargs})`` pairs, or kwarg dicts.
+        reconstruction: ``None`` (round to nearest), ``"brecq"`` (block-wise AdaRound reconstruction) or ``"gac"``
+            (BRECQ with gradient-aligned calibration sample weights, arXiv 2602.01289); see
+            :mod:`qdrift.quant.reconstruct`. Needs ``calib_data`` as a :class:`qdrift.quant.CalibSamples`
+            (timestep-tagged inputs from full-precision sampler trajectories, e.g. from
+            :func:`qdrift.quant.record_calib_samples`), which then also drives the scheme's own calibration.
+        reconstruction_options: a :class:`qdrift.quant.ReconConfig` or a dict of its fields (iters, batch_size,
+            lr, seed, progress, groups, gac_steps, ...).
         **options: scheme settings (defaults in brackets).
             Common: ``skip`` [scheme list] regexes of name components to keep in float.
             w4a4/w3a4: ``weight_bits`` [4/3], ``act_bits`` [4], ``group_size`` [64], ``rank`` [None: use
@@ -470,12 +479,36 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, **options: A
     Returns:
         The quantized copy, in eval mode, with a ``qdrift_quant`` dict attribute: ``scheme``, ``options`` and a
         per-layer report (for w4a4/w3a4: chosen alpha, rank, unsigned, and output MSE with and without the
-        low-rank branch; for w4a8: bits, float activations, sensitivities).
+        low-rank branch; for w4a8: bits, float activations, sensitivities); with a reconstruction also
+        ``reconstruction`` (:func:`qdrift.quant.reconstruct.reconstruct`'s report).
 
     Raises:
         ValueError: unknown scheme or option, bad option value, empty calibration data, no quantizable layer.
         ImportError: a format scheme whose library is not installed.
     """
+    if reconstruction is not None:
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction {reconstruction!r}; expected None or one of {RECONSTRUCTIONS}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        if not isinstance(calib_data, CalibSamples):
+            raise ValueError(f"reconstruction={reconstruction!r} needs calib_data as qdrift.quant.CalibSamples "
+                             "(timestep-tagged inputs recorded from full-precision sampler trajectories, e.g. "
+                             f"record_calib_samples(model, run)), got {type(calib_data).__name__}")
+        if scheme in FORMAT_SCHEMES and scheme not in RECON_FORMATS:
+            raise ValueError(f"reconstruction is not supported for scheme {scheme!r} (its grid is not read back from "
+                             f"its library); it is for {', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
+        recon_cfg = ReconConfig.from_options(reconstruction_options)
+        qmodel = quantize(model, scheme, calib_data, **options)
+        was_training = model.training
+        model.eval()
+        try:
+            qmodel.qdrift_quant["reconstruction"] = reconstruct(qmodel, model, calib_data, reconstruction, recon_cfg)
+        finally:
+            model.train(was_training)
+        return qmodel
+    if reconstruction_options is not None:
+        raise ValueError("reconstruction_options given without a reconstruction ('brecq' or 'gac')")
     if scheme in FORMAT_SCHEMES:
         return quantize_format(model, scheme, **options)
     if scheme not in _DEFAULTS:

@@ -78,6 +78,9 @@ def test_smoke_run_rows(smoke):
     assert rc == 0
     doc = json.loads((out / "bench.json").read_text())
     assert doc["meta"]["quant_profile"] == "stress"  # the default
+    assert doc["meta"]["ptq"] == "none"  # the default: round to nearest, the published rows
+    assert set(doc["meta"]["quant"]) == {"unet/w4a4", "dit/w4a4"}
+    assert doc["meta"]["quant"]["unet/w4a4"]["output_rel_err"] > 0
     assert "profile `stress`" in (out / "table.md").read_text()
     real = [r for r in doc["rows"] if r["model"] == "real"]
     assert len(real) == 1 and real[0]["class_acc"] >= 0.75 and real[0]["fd_classifier"] > 0  # real training images
@@ -191,6 +194,12 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "stress" in capsys.readouterr().err
     assert cli.config_from_args(cli.build_parser().parse_args(["--quant-profile", "reference"])).quant_profile \
         == "reference"
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--ptq", "gac", "--ptq-iters", "50"]))
+    assert cfg.ptq == "gac" and cfg.ptq_options == {"iters": 50}
+    assert cli.config_from_args(cli.build_parser().parse_args([])).ptq == "none"
+    with pytest.raises(SystemExit):
+        cli.main(["--ptq", "adaround"])
+    assert "brecq" in capsys.readouterr().err
     args = cli.build_parser().parse_args([])
     assert args.schemes == ["w4a8", "w4a4", "w3a4"]  # the quick default keeps the simulated schemes only
     assert cli.build_parser().parse_args(["--schemes", "gguf-q4_0,nf4,quanto-int4"]).schemes == \

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdrift.bench.models import DiT, UNet
-from qdrift.bench.quant_report import output_error, quant_options, sampler_calibration
+from qdrift.bench.quant_report import bench_quantize, output_error, quant_options, sampler_calibration, sampler_samples
 from qdrift.quant import MixDQLayer, SVDQuantLayer, quantize
 
 
@@ -82,3 +82,37 @@ def test_format_schemes_on_the_bench_unet(scheme, module):
         assert stress.qdrift_quant["tensors"][conv]["type"] in ("NF4", "qint4")
     err_ref, err_stress = (output_error("unet", model, q, n=4, steps=3) for q in (ref, stress))
     assert 0 < err_ref <= err_stress < 0.5 and (scheme == "gguf-q4_0") == (err_ref == err_stress)
+
+
+def _perturbed_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = UNet(channels=8, mult=(1, 2)).eval()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w3a4"])
+def test_recorded_samples_calibrate_like_the_sampler_callable(scheme):
+    """--ptq brecq|gac start from exactly the round-to-nearest model of --ptq none."""
+    model = _perturbed_unet()
+    opts = quant_options("stress", scheme)
+    a = quantize(model, scheme, sampler_calibration("unet", n=2, steps=3), **opts)
+    samples = sampler_samples("unet", model, n=2, steps=3)
+    assert len(samples) == 2 * 2 * 3 and samples.batch_sizes == (4, 4, 4)  # CFG doubles the batch
+    assert samples.timesteps.unique().numel() == 3
+    b = quantize(model, scheme, samples, **opts)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bench_quantize_ptq():
+    model = _perturbed_unet()
+    small = dict(calib_n=2, calib_steps=2, error_n=2)
+    none = bench_quantize("unet", model, "w4a8", **small)
+    assert none.qdrift_quant["ptq"] == "none" and "reconstruction" not in none.qdrift_quant
+    rec = bench_quantize("unet", model, "w4a8", ptq="brecq", ptq_options={"iters": 3, "batch_size": 4}, **small)
+    assert rec.qdrift_quant["reconstruction"]["method"] == "brecq"
+    assert rec.qdrift_quant["output_rel_err"] > 0
+    with pytest.raises(ValueError, match="unknown ptq"):
+        bench_quantize("unet", model, "w4a8", ptq="adaround")
