@@ -520,7 +520,8 @@ def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
     if var.name == "quantized":
         return f"{var.scheme} Q"
     if var.method is not None and var.form in (None, cfg.dpm_forms[0]) and var.v_reduce == cfg.v_reduce[0]:
-        return f"{var.scheme} Q-Drift {var.method}"
+        bands = f" {var.bands} bands" if var.bands > 1 else ""
+        return f"{var.scheme} Q-Drift {var.method}{bands}"
     return None
 
 
