@@ -38,6 +38,9 @@ __all__ = [
     "scale_increment",
     "frequency_bands",
     "scale_increment_bands",
+    "band_components",
+    "band_shares",
+    "filter_bands",
     "lower_noise",
     "METHODS",
     "DEFAULT_METHOD",
@@ -175,13 +178,45 @@ def scale_increment_bands(x_base: torch.Tensor, increment: torch.Tensor, c: torc
     its ``(1 + c)``, and brought back; with one band it equals :func:`scale_increment`. Computed in
     :func:`compute_dtype` (an FFT does not take half precision); the result has x_base's dtype.
     """
-    ct = compute_dtype(x_base)
-    dims = tuple(range(2, x_base.ndim))
-    band = frequency_bands(x_base.shape[2:], c.shape[-1], device=x_base.device)
-    gain = c.to(device=x_base.device, dtype=ct)[:, band]  # [C, *spatial]
-    spectrum = torch.fft.fftn(increment.to(ct), dim=dims)
-    step = torch.fft.ifftn(spectrum * gain, dim=dims).real
-    return x_base + step.to(x_base.dtype)
+    return x_base + filter_bands(increment, c).to(x_base.dtype)
+
+
+def filter_bands(t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[B, C, *spatial]`` with each channel's radial frequency band ``b`` multiplied by ``gain[c, b]``.
+
+    ``gain`` ``[C, NB]`` (or ``[1, NB]``, or per sample ``[B, C, NB]``); bands as :func:`frequency_bands`. The masks are symmetric under
+    ``f -> -f``, so a real input gives a real output. Returned in :func:`compute_dtype`.
+    """
+    ct = compute_dtype(t)
+    dims = tuple(range(2, t.ndim))
+    band = frequency_bands(t.shape[2:], gain.shape[-1], device=t.device)
+    g = gain.to(device=t.device, dtype=ct)[..., band]  # [(B,) C, *spatial]
+    return torch.fft.ifftn(torch.fft.fftn(t.to(ct), dim=dims) * g, dim=dims).real
+
+
+def band_components(t: torch.Tensor, bands: int) -> torch.Tensor:
+    """Splits ``t`` ``[B, C, *spatial]`` into its radial frequency bands, ``[B, C * bands, *spatial]``.
+
+    Unit ``c * bands + b`` is channel ``c`` restricted to band ``b`` (:func:`frequency_bands`). The bands
+    are orthogonal: for every sample the units of one channel sum to it, and (Parseval) their spatial
+    sums of squares add up to its own, so per-channel variances are sums of per-unit ones; only band 0
+    carries the spatial mean. For stationary Gaussian data the units are independent, so a per-channel
+    statistic or correction applied per unit is exact. Computed in float64.
+    """
+    if t.ndim < 3:
+        raise ValueError(f"frequency bands need spatial axes: got a tensor of shape {tuple(t.shape)}")
+    dims = tuple(range(2, t.ndim))
+    band = frequency_bands(t.shape[2:], bands, device=t.device)
+    spectrum = torch.fft.fftn(t.detach().to(torch.float64), dim=dims)
+    parts = [torch.fft.ifftn(spectrum * (band == b), dim=dims).real for b in range(bands)]
+    return torch.stack(parts, 2).flatten(1, 2)
+
+
+def band_shares(spatial: Sequence[int], bands: int) -> torch.Tensor:
+    """The share of a white field's variance in each radial band of a ``spatial`` grid ``[NB]`` float64
+    (the share of FFT bins in the band)."""
+    band = frequency_bands(spatial, bands)
+    return torch.bincount(band.reshape(-1), minlength=bands).to(torch.float64) / band.numel()
 
 
 def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,8 @@ from .correction import (
     drift_coefficient,
     lower_noise,
     quadrature_coefficient,
+    band_shares,
+    filter_bands,
     scale_increment_bands,
 )
 from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
@@ -163,9 +165,17 @@ class DriftPlan:
         self.exact = exact and self.table is not None
         self.gain = gain and self.table is not None and strength > 0
         self.strength = float(strength)
+        # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
+        # per unit and scales that band of the increment (exact for stationary Gaussian data).
+        banded = (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
+        self.em_cal = self.cal.banded if banded else self.cal
+        self.bands = self.cal.bands if banded else 1
+        self.units = self.channels * self.bands
+        if banded:
+            self._shares = band_shares(x.shape[2:], self.bands).repeat(self.channels)  # white noise per unit
         self.rho = None
         if self.exact and cross:
-            self.rho = self.cal.error_correlation(gain=self.gain)
+            self.rho = self.em_cal.error_correlation(gain=self.gain)
             if self.rho is not None:
                 self.rho = between_evaluations(self.rho)
             elif not DriftPlan._warned_old:
@@ -177,7 +187,7 @@ class DriftPlan:
                 )
         self._em_grid = None
         if self.exact:
-            self._src = _Sources(self.channels)
+            self._src = _Sources(self.units)
             var0 = self._error_model_at([float(sigmas[0])])["var_x"][0]
             self._y = self._src.unit(self._src.add(var0), 1.0)  # full-precision state deviation
             self._d = torch.zeros_like(self._y)  # corrected minus full-precision
@@ -189,7 +199,7 @@ class DriftPlan:
         """The model with its output's gain and bias removed (method ``v2``), else the model itself."""
         if not self.gain:
             return model
-        cal = self.cal
+        cal = self.em_cal
         em = cal.error_model(cal.sigmas, gain=True)
         k, b = em["k"] * self.strength, em["b"] * self.strength
         log_s = cal.sigmas.log().flip(0).to(self.device, torch.float64)
@@ -210,7 +220,11 @@ class DriftPlan:
             ct = compute_dtype(x)
             sv = s.reshape((-1,) + (1,) * (x.ndim - 1)).to(ct)
             d_hat = (x - denoised).to(ct) / sv
-            d = (d_hat - bb.reshape(shape).to(ct)) / (1 + kk.reshape(shape).to(ct))
+            if self.bands > 1:  # per band: (d_hat_b - b_b) / (1 + k_b); only band 0 has a mean
+                kk, bb = kk.reshape(-1, self.channels, self.bands), bb.reshape(-1, self.channels, self.bands)
+                d = filter_bands(d_hat, 1 / (1 + kk)) - (bb[..., 0] / (1 + kk[..., 0])).reshape(shape).to(ct)
+            else:
+                d = (d_hat - bb.reshape(shape).to(ct)) / (1 + kk.reshape(shape).to(ct))
             return (x.to(ct) - sv * d).to(denoised.dtype)
 
         for attr in ("is_flow", "inner_model", "name", "final"):
@@ -235,7 +249,7 @@ class DriftPlan:
         em = self._error_model_at([float(sigma)])
         std = (em["V"][0] * self.strength).sqrt()
         rho = self._rho(float(sigma), self._errors)  # [J, C] with earlier errors
-        cov_with = torch.zeros(self._src.cov.shape[0], self.channels, dtype=torch.float64)
+        cov_with = torch.zeros(self._src.cov.shape[0], self.units, dtype=torch.float64)
         for (_, _, index, other_std), r in zip(self._errors, rho):
             cov_with[index] = r * std * other_std
         index = self._src.add(std * std, cov_with)
@@ -245,7 +259,7 @@ class DriftPlan:
     def _apply(self, terms):
         """``(y, D_base)`` after ``sum_j A_j x_j + sum_j B_j d_j`` without correction."""
         src = self._src
-        y = torch.zeros(src.cov.shape[0], self.channels, dtype=torch.float64)
+        y = torch.zeros(src.cov.shape[0], self.units, dtype=torch.float64)
         d = torch.zeros_like(y)
         for key, a_coef, b_coef in terms:
             s, kappa, y_j, d_j, index = self._evals[key]
@@ -259,12 +273,13 @@ class DriftPlan:
         """Records fresh noise of std ``std`` the sampler adds (times ``factor`` ``[C]`` in the corrected run)."""
         if not self.exact or not std:
             return
-        index = self._src.add(torch.full((self.channels,), float(std) ** 2, dtype=torch.float64))
+        var = torch.full((self.units,), float(std) ** 2, dtype=torch.float64)
+        index = self._src.add(var * self._shares if self.bands > 1 else var)
         self._y = self._src.pad(self._y)
         self._d = self._src.pad(self._d)
         self._y[index] = 1.0
         if factor is not None:
-            self._d[index] = factor.detach().double().cpu() - 1.0
+            self._d[index] = factor.detach().double().cpu().repeat_interleave(self.bands) - 1.0
 
     def rescale(self, factor: float) -> None:
         """Records that the sampler scales the whole state by ``factor`` (a flow's ancestral step)."""
@@ -319,7 +334,12 @@ class DriftPlan:
         inc = y_next + d_base - y_cur - d_cur
         const = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
         factor = None
-        if correction == "noise" and noise_std:
+        if correction == "noise" and noise_std and self.bands > 1:
+            # The sampler lowers its (white) noise per channel: each band loses its share of the lowered variance.
+            excess = const.clamp(min=0).reshape(self.channels, self.bands).sum(-1)
+            factor, _ = lower_noise(noise_std, excess)
+            const = const - ((1 - factor**2) * float(noise_std) ** 2).repeat_interleave(self.bands) * self._shares
+        elif correction == "noise" and noise_std:
             factor, left = lower_noise(noise_std, const.clamp(min=0))
             const = const.clamp(max=0) + left
         lin = src.covar(d_base + y_next, inc)
@@ -336,6 +356,8 @@ class DriftPlan:
             c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         self._y, self._d = y_next, d_base + c * inc
         self.noise(noise_std or 0.0, factor)
+        if self.bands > 1:
+            return scale_increment_bands(x_base, x_base - x, c.reshape(self.channels, self.bands)), factor
         return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
 
     def _error_model_at(self, levels: Sequence[float]):
@@ -344,11 +366,11 @@ class DriftPlan:
         from .calib.calibration import interpolate_log_sigma
 
         if self._em_grid is None:
-            em = self.cal.error_model(self.cal.sigmas, gain=self.gain)
+            em = self.em_cal.error_model(self.em_cal.sigmas, gain=self.gain)
             self._em_grid = {k: (v.log() if k == "var_x" else v) for k, v in em.items() if v is not None}
         query = torch.tensor(levels, dtype=torch.float64)
         out = {k: interpolate_log_sigma(v, self.cal.sigmas, query) for k, v in self._em_grid.items()}
-        sig = query[:, None].expand(len(levels), self.channels)
+        sig = query[:, None].expand(len(levels), self.units)
         if "var_x" in out:
             # Var(x) grows like sigma^2 beyond the calibrated range: extend it as s^2 + sigma^2 at the top.
             top = float(self.cal.sigmas[0])
@@ -365,7 +387,7 @@ class DriftPlan:
         """Error correlation between a new evaluation at ``sigma`` and earlier ones ``[J, C]`` (0 without
         calibrated cross-step statistics)."""
         if self.rho is None or not errors:
-            return torch.zeros(len(errors), self.channels, dtype=torch.float64)
+            return torch.zeros(len(errors), self.units, dtype=torch.float64)
         from .calib.calibration import interpolate_log_sigma
 
         grid = self.cal.sigmas

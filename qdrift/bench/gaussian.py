@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["GaussianData", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
+__all__ = ["GaussianData", "SpectralGaussianData", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
 
 
 def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,52 @@ class GaussianData:
     def sample(self, n: int, *, spatial=(), generator: Optional[torch.Generator] = None, dtype=torch.float64):
         """``[n, C, *spatial]`` samples of the data."""
         return self.prior(n, 0.0, spatial=spatial, generator=generator, dtype=dtype)
+
+
+class SpectralGaussianData:
+    """Zero-mean stationary Gaussian fields whose power is constant on each radial frequency band.
+
+    ``x0 = F^-1(sqrt(P) F z)`` with ``z`` white, ``P`` equal to ``band_var[b]`` on band ``b``
+    (:func:`qdrift.correction.frequency_bands` of the grid): image-like when it falls with frequency. The exact
+    denoiser is ``F^-1(P / (P + sigma^2) F x)``, bin by bin. Unlike :class:`GaussianData` (white data), a
+    per-channel correction is not exact here, a per-band one is. Duck-types :class:`GaussianData` for
+    :class:`PlantedErrorDenoiser` (one channel).
+
+    Args:
+        band_var: power per band ``[NB]`` (the variance a band would have if it held every bin).
+        spatial: the grid, e.g. ``(16, 16)``.
+    """
+
+    channels = 1
+
+    def __init__(self, band_var, spatial):
+        from ..correction import frequency_bands
+
+        self.band_var = torch.as_tensor(band_var, dtype=torch.float64)
+        self.spatial = tuple(spatial)
+        self.power = self.band_var[frequency_bands(self.spatial, len(self.band_var))]  # [*spatial]
+        self._dims = tuple(range(-len(self.spatial), 0))
+
+    def _filter(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        spec = torch.fft.fftn(x.to(torch.float64), dim=self._dims)
+        return torch.fft.ifftn(spec * gain, dim=self._dims).real.to(x.dtype)
+
+    def denoiser(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
+        sig2 = _sigma_view(sigma, x).to(torch.float64) ** 2
+        return self._filter(x, self.power / (self.power + sig2))
+
+    __call__ = denoiser
+
+    def sample(self, n: int, *, generator: Optional[torch.Generator] = None, dtype=torch.float64) -> torch.Tensor:
+        """``n`` clean fields ``[n, 1, *spatial]``."""
+        z = torch.randn((n, 1) + self.spatial, generator=generator, dtype=torch.float64)
+        return self._filter(z, self.power.sqrt()).to(dtype)
+
+    def prior(self, n: int, sigma_max: float, *, generator: Optional[torch.Generator] = None,
+              dtype=torch.float64) -> torch.Tensor:
+        """``n`` draws of the noised marginal at ``sigma_max``."""
+        x0 = self.sample(n, generator=generator)
+        return (x0 + sigma_max * torch.randn(x0.shape, generator=generator, dtype=torch.float64)).to(dtype)
 
 
 class PlantedErrorDenoiser:

@@ -88,7 +88,7 @@ class BenchConfig:
     v_reduce: Sequence[str] = ("scalar",)
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
-    match_bands: Sequence[int] = (1,)  # frequency bands of the "matched" rows (one row each; 1 = per channel)
+    bands: Sequence[int] = (1,)  # frequency bands of the exact-method and "matched" rows (one row each; 1 = per channel)
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -332,17 +332,19 @@ class Variant:
     form: Optional[str] = None
     baseline: Optional[str] = None
     method: Optional[str] = None
-    bands: int = 1  # moment matching's frequency bands (method "matched")
+    bands: int = 1  # frequency bands of the error model (exact methods) or of moment matching ("matched")
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     """The rows of a block: quantized, then ``qdrift-<method>`` per method (the paper's method also per DPM
-    form, ``-quadrature``), per V reduction (``-channel`` after the first), then the baselines."""
+    form, ``-quadrature``), per V reduction (``-channel`` after the first), per band count of the exact methods
+    and of matching (``-b<N>``), then the baselines."""
     out = [Variant("quantized", scheme)]
     for method in cfg.methods:
+        bands = (1,) if method == "paper" else tuple(cfg.bands)
         if method == "matched":  # its own tables: one row per band count, V's reduction does not apply
             out += [Variant("qdrift-matched" + ("" if b == 1 else f"-b{b}"), scheme, cfg.K, cfg.v_reduce[0],
-                            method=method, bands=b) for b in cfg.match_bands]
+                            method=method, bands=b) for b in bands]
             continue
         dpm = SAMPLER_SPECS[sampler].fn == "dpmpp_2m" and method == "paper"
         forms = tuple(cfg.dpm_forms) if dpm else (None,)
@@ -350,7 +352,10 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
             suffix = "" if reduce == cfg.v_reduce[0] else f"-{reduce}"
             for form in forms:
                 fsuffix = "" if form in (None, forms[0]) else f"-{form}"
-                out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}", scheme, cfg.K, reduce, form, method=method))
+                for b in bands:
+                    bsuffix = "" if b == 1 else f"-b{b}"
+                    out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}", scheme, cfg.K, reduce, form,
+                                       method=method, bands=b))
     for b in cfg.baselines:
         out.append(Variant(b, scheme, 0 if b == "qncd" else cfg.K, baseline=b))
     return out
@@ -459,13 +464,13 @@ def sample_row(block: Block, how: RowSampling, evalset: EvalSet, bar: Any, desc:
     return torch.cat(parts), secs
 
 
-def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int) -> Tuple[Any, float]:
-    """Q-Drift's ``K``-run calibration of one scheme at the block's schedule (seeds ``CAL_SEED + k``) and its
-    wall time."""
+def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int, bands: int = 1) -> Tuple[Any, float]:
+    """Q-Drift's ``K``-run calibration of one scheme at the block's schedule (seeds ``CAL_SEED + k``), with
+    ``bands`` frequency bands, and its wall time."""
     t0 = time.perf_counter()
     x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
     cal = qdrift.calibrate(bm.fp, bm.quantized[scheme], x_cal, block.sigmas, {"y": calib_labels(K)},
-                           reduce="channel", disable=True)
+                           reduce="channel", disable=True, bands=bands)
     return cal, time.perf_counter() - t0
 
 
@@ -512,6 +517,8 @@ def variant_row(ev: Evaluator, block: Block, var: Variant, images: torch.Tensor,
     for key in ("v_reduce", "form", "method"):
         if getattr(var, key) is not None:
             row[key] = getattr(var, key)
+    if var.method is not None:
+        row["bands"] = var.bands
     return row
 
 
@@ -557,9 +564,13 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
     for scheme in cfg.schemes:
         cal, cal_secs = calibrate_block(bm, scheme, block, cfg.K)
         calibrations[(block.kind, scheme, block.sampler)] = cal
-        q_feats, matched = None, {}
+        q_feats, matched, banded = None, {}, {}
         for var in variants_for(cfg, block.sampler, scheme):
             use, use_secs = cal, cal_secs
+            if var.bands > 1 and var.method != "matched":
+                if var.bands not in banded:
+                    banded[var.bands] = calibrate_block(bm, scheme, block, cfg.K, var.bands)
+                use, use_secs = banded[var.bands]
             if var.method == "matched":
                 if var.bands not in matched:
                     matched[var.bands] = match_block(bm, scheme, block, cfg.K, cal, var.bands)

@@ -29,6 +29,7 @@ FORMAT = "qdrift.calibration"
 FORMAT_VERSION = 2  # 2 adds the cross-step trajectory sums (tensors "traj_*"); version 1 files still load
 _TENSORS = ("sigmas",) + MOMENT_FIELDS
 _TRAJ_PREFIX = "traj_"
+_BAND_PREFIX = "band_"  # the frequency-band statistics (Calibration.banded): band_<moment>, band_traj_<sum>
 MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 
 
@@ -151,6 +152,10 @@ class Calibration:
             smooth; ``[M, C, NB]`` per radial frequency band, see :func:`qdrift.correction.frequency_bands`)
             and ``shift`` ``[M, C]`` (the mean shift per unit step length); ``meta["match"]`` says
             which sampler, K, and whether the output's gain and bias were removed. Method ``matched`` uses them.
+        banded: the same statistics per channel and radial frequency band (``calibrate(..., bands=NB)``), or
+            None: a Calibration of ``C * NB`` units (unit ``c * NB + b``, see
+            :func:`qdrift.correction.band_components`) with ``meta["band_units"] = NB``. Q-Drift v2 then models
+            the error and the sample per band and scales each band of the increment on its own.
     """
 
     sigmas: torch.Tensor
@@ -160,6 +165,7 @@ class Calibration:
     meta: Dict[str, Any] = field(default_factory=dict)
     trajectory: Optional[TrajectorySums] = None
     matched: Optional[Dict[str, torch.Tensor]] = None
+    banded: Optional["Calibration"] = None
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCES:
@@ -183,6 +189,54 @@ class Calibration:
         if self.matched is not None:
             self.matched = _check_matched(self.matched, self.channels)
         _check_meta(self.meta)
+        if self.banded is not None:
+            b = self.banded
+            units = b.channels if isinstance(b, Calibration) else 0
+            nb = b.meta.get("band_units") if isinstance(b, Calibration) else None
+            if (not isinstance(nb, int) or isinstance(nb, bool) or nb < 2 or units != self.channels * nb
+                    or b.banded is not None or b.steps != self.steps or not torch.allclose(b.sigmas, self.sigmas)):
+                raise ValueError(
+                    "Calibration: banded must be a Calibration of the same levels with channels x bands units and "
+                    f"meta['band_units'] = bands >= 2, got {b!r:.120}"
+                )
+            if b.reduce != self.reduce or b.conditional != self.conditional:
+                self.banded = replace(b, reduce=self.reduce, conditional=self.conditional)
+
+    @classmethod
+    def from_accumulator(cls, sigmas: torch.Tensor, acc, reduce: str = "channel", conditional: bool = True,
+                         meta: Optional[Dict[str, Any]] = None) -> "Calibration":
+        """The calibration of a :class:`qdrift.calib.stats.PairedAccumulator`'s statistics at levels ``sigmas``
+        ``[S]`` (its frequency-band statistics, if any, as :attr:`banded`)."""
+        banded = None
+        if acc.banded is not None:
+            banded = cls(sigmas, acc.banded.moments, reduce, bool(conditional), {"band_units": acc.bands},
+                         trajectory=acc.banded.sums)
+        return cls(sigmas, acc.moments, reduce, bool(conditional), dict(meta or {}), trajectory=acc.sums,
+                   banded=banded)
+
+    @property
+    def bands(self) -> int:
+        """Radial frequency bands of :attr:`banded` (1 without them)."""
+        return 1 if self.banded is None else int(self.banded.meta["band_units"])
+
+    def _reduced(self):
+        """``(moments, trajectory)`` as the error model reads them: as stored, or pooled over channels with
+        ``reduce="scalar"`` (per frequency band, repeated over channels, for a band-unit calibration)."""
+        if self.reduce != "scalar":
+            return self.moments, self.trajectory
+        nb = int(self.meta.get("band_units", 1)) if self.moments.shape[1] > 1 else 1
+        if nb == 1:
+            return self.moments.pooled(), None if self.trajectory is None else self.trajectory.pooled()
+        reps = self.moments.shape[1] // nb
+        per_band = [self.moments.select((slice(None), slice(b, None, nb))).pooled() for b in range(nb)]
+        m = PairedMoments(**{f: torch.cat([getattr(p, f) for p in per_band], 1).repeat(1, reps) for f in MOMENT_FIELDS})
+        t = self.trajectory
+        if t is not None:
+            t = TrajectorySums(**{
+                k: v.unflatten(-1, (reps, nb)).sum(-2).repeat(*([1] * (v.ndim - 1)), reps)
+                for k, v in t.tensors().items()
+            })
+        return m, t
 
     @property
     def steps(self) -> int:
@@ -197,7 +251,7 @@ class Calibration:
     @property
     def V(self) -> torch.Tensor:
         """``V`` per step and channel ``[S, C]`` float32 (pooled value repeated when ``reduce="scalar"``)."""
-        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        m = self._reduced()[0]
         v = m.conditional_variance() if self.conditional else m.var_delta
         return v.expand(self.steps, self.channels).to(torch.float32).contiguous()
 
@@ -253,7 +307,7 @@ class Calibration:
         :meth:`at`.
         """
         query = torch.as_tensor(sigmas).detach().double().cpu()
-        m = self.moments.pooled() if self.reduce == "scalar" else self.moments
+        m, t = self._reduced()
         full = (self.steps, self.channels)
         if gain:
             k = m.gain_slope()
@@ -268,8 +322,7 @@ class Calibration:
             k = b = torch.zeros(full, dtype=torch.float64)
             v = m.conditional_variance() if self.conditional else m.var_delta
         table = {"k": k, "b": b, "V": v}
-        if self.trajectory is not None:
-            t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+        if t is not None:
             table.update(var_d=t.d_variance(), cov_xd=t.state_d_covariance())
             log_var_x = t.state_variance().clamp(min=1e-300).log()
         else:
@@ -290,11 +343,10 @@ class Calibration:
         """
         if self.trajectory is None:
             return None
-        t = self.trajectory.pooled() if self.reduce == "scalar" else self.trajectory
+        t = self._reduced()[1]
         k = torch.zeros(t.shape, dtype=torch.float64)
         if gain:
-            k = self.error_model(self.sigmas, gain=True)["k"]
-            k = k[:, :1] if self.reduce == "scalar" else k
+            k = self.error_model(self.sigmas, gain=True)["k"][:, : t.shape[1]]
         return t.residual_correlation(k).expand(self.steps, self.steps, self.channels)
 
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
@@ -322,14 +374,17 @@ class Calibration:
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
         both = self.trajectory is not None and other.trajectory is not None
         trajectory = self.trajectory.merge(other.trajectory) if both else None
+        banded = None
+        if self.banded is not None and other.banded is not None and self.bands == other.bands:
+            banded = self.banded.merge(other.banded)
         return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory,
-                       matched=_merge_matched(self, other))
+                       matched=_merge_matched(self, other), banded=banded)
 
     def __repr__(self) -> str:
         return (
             f"Calibration(steps={self.steps}, channels={self.channels}, reduce={self.reduce!r}, "
             f"conditional={self.conditional}, sigma={float(self.sigmas[0]):.4g}..{float(self.sigmas[-1]):.4g}, "
-            f"K={self.meta.get('K')})"
+            f"K={self.meta.get('K')}" + (f", bands={self.bands})" if self.banded is not None else ")")
         )
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -352,6 +407,11 @@ class Calibration:
             tensors.update({_TRAJ_PREFIX + k: v.contiguous() for k, v in self.trajectory.tensors().items()})
         if self.matched is not None:
             tensors.update({_MATCH_PREFIX + k: v.contiguous() for k, v in self.matched.items()})
+        if self.banded is not None:
+            tensors.update({_BAND_PREFIX + k: v.contiguous() for k, v in self.banded.moments.tensors().items()})
+            if self.banded.trajectory is not None:
+                tensors.update({_BAND_PREFIX + _TRAJ_PREFIX + k: v.contiguous()
+                                for k, v in self.banded.trajectory.tensors().items()})
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -360,6 +420,8 @@ class Calibration:
             "conditional": self.conditional,
             "meta": self.meta,
         }
+        if self.banded is not None:
+            header["bands"] = self.bands
         try:
             text = json.dumps(header, default=_json_default)
         except (ValueError, TypeError, RecursionError) as e:
@@ -408,7 +470,7 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("qdrift")
             names = set(f.keys())
-            wanted = set(_TENSORS) | {k for k in names if k.startswith((_TRAJ_PREFIX, _MATCH_PREFIX))}
+            wanted = set(_TENSORS) | {k for k in names if k.startswith((_TRAJ_PREFIX, _MATCH_PREFIX, _BAND_PREFIX))}
             tensors = {k: f.get_tensor(k) for k in names & wanted}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CalibrationFileError(f"load_calibration: {path} is not a readable safetensors file ({e})") from None
@@ -448,11 +510,23 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         raise CalibrationFileError(f"load_calibration: {path} has invalid reduce={reduce!r}/conditional={conditional!r}")
     traj = {k[len(_TRAJ_PREFIX):]: v for k, v in tensors.items() if k.startswith(_TRAJ_PREFIX)}
     matched = {k[len(_MATCH_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MATCH_PREFIX)}
+    band = {k[len(_BAND_PREFIX):]: v for k, v in tensors.items() if k.startswith(_BAND_PREFIX)}
+    bands = header.get("bands")
+    if bool(band) != (bands is not None) or (bands is not None and (
+            isinstance(bands, bool) or not isinstance(bands, int) or bands < 2)):
+        raise CalibrationFileError(f"load_calibration: {path} has band tensors and a 'bands' field that disagree "
+                                   f"(bands={bands!r}, {len(band)} band tensors)")
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
         trajectory = TrajectorySums(**traj) if traj else None
+        banded = None
+        if band:
+            band_traj = {k[len(_TRAJ_PREFIX):]: v for k, v in band.items() if k.startswith(_TRAJ_PREFIX)}
+            band_moments = PairedMoments(**{k: v for k, v in band.items() if not k.startswith(_TRAJ_PREFIX)})
+            banded = Calibration(tensors["sigmas"], band_moments, reduce, conditional, {"band_units": bands},
+                                 trajectory=TrajectorySums(**band_traj) if band_traj else None)
         return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory,
-                           matched=matched or None)
+                           matched=matched or None, banded=banded)
     except TypeError as e:  # unknown or missing trajectory fields
         raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:

@@ -86,6 +86,7 @@ def calibrate(
     trajectory: str = "fp",
     distributed: Optional[bool] = None,
     group=None,
+    bands: int = 1,
 ) -> Calibration:
     """Measures the quantization error of ``model_q`` against ``model_fp`` along sampling trajectories.
 
@@ -116,6 +117,11 @@ def calibrate(
         distributed: all-gather and merge the statistics over ``torch.distributed`` ranks (default: when a
             process group is initialized and has more than one rank). Each rank passes its own share of x.
         group: the process group (default: the world).
+        bands: also keep the statistics per channel and radial frequency band (``bands >= 2``, needs spatial
+            axes; :attr:`Calibration.banded`), for the frequency-resolved Q-Drift v2: the error model, the
+            sample's own variance and the cross-step correlation per band, and each band of a step's
+            increment scaled on its own. Exact for stationary Gaussian data; costs ``bands`` FFTs per
+            tensor here and two FFTs per step when sampling.
 
     Returns:
         A :class:`Calibration` with ``.sigmas = sigmas[:-1]`` and ``.V`` ``[S, C]``.
@@ -133,12 +139,17 @@ def calibrate(
         raise ValueError(f"calibrate: extra_args must be a dict or None, got {type(extra_args).__name__}")
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"calibrate: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
-    acc = PairedAccumulator(trim)
+    acc = PairedAccumulator(trim, bands)
     started = time.time()
     progress = tqdm(total=None, disable=disable, desc="qdrift calibrate", unit="step")
     for xb, args in _batches(x, extra_args, batch_size):
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
+        if acc.bands > 1 and xb.ndim < 3:
+            raise ValueError(
+                f"calibrate: bands={acc.bands} needs samples with spatial axes [B, C, H, W, ...], got x of shape "
+                f"{tuple(xb.shape)}"
+            )
         if acc.shape is not None and xb.shape[1] != acc.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
         acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))
@@ -160,7 +171,7 @@ def calibrate(
         "seconds": round(time.time() - started, 3),
         "qdrift_version": __version__,
     }
-    return Calibration(sigmas[:-1], acc.moments, reduce, bool(conditional), meta, trajectory=acc.sums)
+    return Calibration.from_accumulator(sigmas[:-1], acc, reduce, conditional, meta)
 
 
 def _run_batch(model_fp, model_q, x, sigmas, extra_args, trajectory, progress):

@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 import torch
 from einops import rearrange
 
+from ..correction import band_components
+
 __all__ = ["DeltaMoments", "PairedMoments", "batch_moments", "gather_moments", "gather_sums", "sum_over_ranks"]
 
 MOMENT_FIELDS = ("n", "mean_fp", "mean_q", "m2_fp", "m2_q", "c_fq")
@@ -414,15 +416,24 @@ class PairedAccumulator:
     :meth:`gather`), gives the statistics of all the data at once; memory does not grow with the number of
     trajectories.
 
+    With ``bands > 1`` it also keeps the same statistics of every channel's radial frequency bands
+    (:func:`qdrift.correction.band_components`: ``C * bands`` units) in :attr:`banded`, for the frequency-resolved
+    error model of Q-Drift v2.
+
     Args:
         trim: ``delta`` outlier trimming in standard deviations (see :func:`batch_moments`); None or 0 keeps all.
+        bands: radial frequency bands per channel (1: none).
     """
 
-    def __init__(self, trim: Optional[float] = 4.0):
+    def __init__(self, trim: Optional[float] = 4.0, bands: int = 1):
+        if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+            raise ValueError(f"calibrate: bands must be a positive integer, got {bands!r}")
         self.trim = trim
+        self.bands = bands
         self.moments: Optional[PairedMoments] = None
         self.sums: Optional["TrajectorySums"] = None
         self.count = 0
+        self.banded: Optional["PairedAccumulator"] = PairedAccumulator(trim) if bands > 1 else None
 
     @property
     def shape(self):
@@ -457,10 +468,19 @@ class PairedAccumulator:
         self.moments = moments if self.moments is None else self.moments.merge(moments)
         self.sums = sums if self.sums is None else self.sums.merge(sums)
         self.count += int(x.shape[1])
+        if self.banded is not None:
+            if x.ndim < 4:
+                raise ValueError(f"{who}: bands={self.bands} needs samples with spatial axes, got states {tuple(x.shape)}")
+            split = lambda t: band_components(t.flatten(0, 1), self.bands).unflatten(0, t.shape[:2])  # noqa: E731
+            self.banded.add(split(x), split(d_fp), split(d_q), who)
 
     def merge(self, other: "PairedAccumulator") -> "PairedAccumulator":
         """A new accumulator holding both data sets."""
-        out = PairedAccumulator(self.trim)
+        if other.bands != self.bands:
+            raise ValueError(f"PairedAccumulator.merge: band counts differ ({self.bands} vs {other.bands})")
+        out = PairedAccumulator(self.trim, self.bands)
+        if self.banded is not None:
+            out.banded = self.banded.merge(other.banded)
         for part in (self, other):
             if part.moments is None:
                 continue
@@ -476,6 +496,8 @@ class PairedAccumulator:
         self.moments = gather_moments(self.moments, group)
         self.sums = gather_sums(self.sums, group)
         self.count = sum_over_ranks(self.count, group)
+        if self.banded is not None:
+            self.banded.gather(group)
 
 
 __all__ += ["TrajectorySums", "PairedAccumulator"]

@@ -59,6 +59,7 @@ def calibration_from_pairs(
     conditional: bool = True,
     trim: Optional[float] = 4.0,
     meta: Optional[Dict[str, Any]] = None,
+    bands: int = 1,
 ) -> Calibration:
     """Builds a :class:`qdrift.Calibration` from recorded paired denoiser outputs.
 
@@ -71,6 +72,7 @@ def calibration_from_pairs(
         conditional: V = Var(delta | d_hat) (True, the paper) or Var(delta).
         trim: delta outlier trimming in standard deviations (the authors use 4); None or 0 keeps all.
         meta: extra JSON-serializable metadata stored in the calibration.
+        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`).
 
     Returns:
         The calibration (``K`` in its metadata is the number of trajectories).
@@ -91,7 +93,7 @@ def calibration_from_pairs(
             f"need the same number (>= 1) of batches of x, D_fp and D_q, got {len(xs)}, {len(denoised_fp)}, "
             f"{len(denoised_q)}"
         )
-    acc = PairedAccumulator(trim)
+    acc = PairedAccumulator(trim, bands)
     for b, (xb, fb, qb) in enumerate(zip(xs, denoised_fp, denoised_q)):
         if not (len(xb) == len(fb) == len(qb) == steps):
             raise ValueError(
@@ -103,9 +105,7 @@ def calibration_from_pairs(
         acc.add(x, d_fp, d_q, who="calibration_from_pairs")
     info = {"K": acc.count, "trim": trim, "source": "qdrift.calib.trace", "qdrift_version": __version__}
     info.update(meta or {})
-    return Calibration(
-        sig[:steps].clone(), acc.moments, reduce=reduce, conditional=conditional, meta=info, trajectory=acc.sums
-    )
+    return Calibration.from_accumulator(sig[:steps].clone(), acc, reduce, conditional, info)
 
 
 class PairedTrace:
@@ -283,8 +283,9 @@ class PairedTrace:
         conditional: bool = True,
         trim: Optional[float] = 4.0,
         meta: Optional[Dict[str, Any]] = None,
+        bands: int = 1,
     ) -> Calibration:
-        """The :class:`qdrift.Calibration` of every replayed run.
+        """The :class:`qdrift.Calibration` of every replayed run (``bands``: see :func:`calibration_from_pairs`).
 
         Raises:
             PairedTraceError: if no run was replayed yet.
@@ -305,6 +306,7 @@ class PairedTrace:
             conditional=conditional,
             trim=trim,
             meta=info,
+            bands=bands,
         )
 
     # ------------------------------------------------------------------ file

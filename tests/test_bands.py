@@ -1,0 +1,184 @@
+"""Frequency-resolved Q-Drift v2 (``calibrate(..., bands=NB)``): the error model, the sample and the correction
+per channel and radial frequency band.
+
+The exact answer: on stationary Gaussian fields whose power is constant on each band
+(:class:`qdrift.bench.gaussian.SpectralGaussianData`, image-like: power falling with frequency), the bands are
+independent, so the per-band surrogate is exact while one coefficient per channel is not. A planted high-pass
+(speckle) error, as coarse activations give, adds variance to the upper bands only: one ``c`` per channel then
+takes variance out of the low band, which had none to lose (over-smoothing); per band each band's excess goes.
+"""
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+import qdrift
+from qdrift.bench.gaussian import PlantedErrorDenoiser, SpectralGaussianData
+from qdrift.correction import band_components, band_shares, filter_bands, frequency_bands
+from qdrift.samplers import REGISTRY
+
+DATA = SpectralGaussianData([4.0, 1.0, 0.1, 0.01], (16, 16))
+CAL_SIGMAS = qdrift.get_sigmas_karras(40, 0.002, 80.0).double()
+SIGMAS = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class Speckle:
+    """The exact denoiser plus a high-pass error (noise minus its 3x3 blur), part fresh at every call, part a
+    field kept along each trajectory (correlated across steps, as a real network's)."""
+
+    def __init__(self, seed, fresh=0.5, kept=0.5):
+        self.g, self.fresh, self.kept = _gen(seed), fresh, kept
+        self.field, self.last = None, None
+
+    def _hp(self, shape, dtype):
+        z = torch.randn(shape, generator=self.g, dtype=torch.float64).to(dtype)
+        return z - torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
+
+    def __call__(self, x, sigma, **_):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        level = float(s.reshape(-1)[0])
+        if self.field is None or self.field.shape != x.shape or level > self.last:
+            self.field = self._hp(x.shape, x.dtype)
+        self.last = level
+        return DATA.denoiser(x, sigma) - s * (self.fresh * self._hp(x.shape, x.dtype) + self.kept * self.field)
+
+
+def _band_var(y):
+    return band_components(y, 4).var((0, 2, 3))
+
+
+def _run(name, model, x, V=None, **opts):
+    if REGISTRY[name].stochastic:
+        opts["noise_sampler"] = qdrift.default_noise_sampler(x, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qdrift.SAMPLERS[name](model, x.clone(), SIGMAS, V, disable=True, **opts)
+
+
+def test_band_components_partition_each_channel_and_its_energy():
+    x = torch.randn(3, 2, 8, 6, dtype=torch.float64)
+    u = band_components(x, 4).unflatten(1, (2, 4))
+    assert torch.allclose(u.sum(2), x, atol=1e-12)
+    assert torch.allclose((u**2).sum((2, 3, 4)), (x**2).sum((2, 3)), atol=1e-10)  # Parseval per band
+    assert torch.allclose(u[:, :, 1:].mean((3, 4)), torch.zeros(3, 2, 3, dtype=torch.float64), atol=1e-12)
+    shares = band_shares((8, 6), 4)
+    assert torch.isclose(shares.sum(), torch.tensor(1.0, dtype=torch.float64)) and bool((shares > 0).all())
+    gain = torch.tensor([[1.0, 2.0, 0.0, 0.5], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(filter_bands(x, gain), (u * gain[None, :, :, None, None]).sum(2), atol=1e-12)
+    assert torch.allclose(filter_bands(x, gain[None].expand(3, 2, 4)), filter_bands(x, gain))
+    with pytest.raises(ValueError, match="spatial axes"):
+        band_components(torch.randn(4, 2), 2)
+
+
+def test_banded_statistics_add_up_to_the_channel_statistics():
+    x = DATA.prior(6, 80.0, generator=_gen(5))
+    cal = qdrift.calibrate(DATA, Speckle(7), x, CAL_SIGMAS, disable=True, trim=None, bands=4)
+    assert cal.bands == 4 and cal.banded.channels == 4 and cal.banded.meta["band_units"] == 4
+    assert "bands=4" in repr(cal)
+    # untrimmed Var(delta) per channel is the sum of its bands' (only band 0 has a mean)
+    per_band = cal.with_options(conditional=False).banded.V.double()
+    assert torch.allclose(per_band.sum(1), cal.with_options(conditional=False).V[:, 0].double(), rtol=1e-4)
+    # the speckle's variance sits in the upper bands, the data's in the lower
+    assert bool((per_band[:, 2] > 5 * per_band[:, 0]).all())
+    var_x = cal.banded.trajectory.state_variance()
+    assert bool((var_x[-1, 0] > var_x[-1, 3]).all())
+    # the per-channel statistics are those of a calibration without bands
+    plain = qdrift.calibrate(DATA, Speckle(7), x, CAL_SIGMAS, disable=True, trim=None)
+    assert torch.equal(plain.V, cal.V) and plain.banded is None and plain.bands == 1
+    # scalar reduction pools channels per band (one channel here: unchanged)
+    assert torch.allclose(cal.with_options(reduce="scalar").banded.V, cal.banded.V)
+
+
+def test_scalar_reduction_pools_channels_within_each_band():
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64) * 10
+    two = lambda x, s, **_: x * 0.1  # noqa: E731
+    noisy = lambda x, s, **_: x * 0.1 + torch.randn(x.shape, generator=_gen(1), dtype=x.dtype) * torch.tensor([0.1, 1.0]).reshape(1, 2, 1, 1).double()  # noqa: E731
+    cal = qdrift.calibrate(two, noisy, x, torch.tensor([10.0, 5.0, 0.0], dtype=torch.float64), disable=True, bands=2)
+    per = cal.banded.V.reshape(2, 2, 2)  # [S, C, NB]
+    pooled = cal.with_options(reduce="scalar").banded.V.reshape(2, 2, 2)
+    assert torch.allclose(pooled[:, 0], pooled[:, 1])  # the same per band for both channels
+    assert bool(((pooled[:, 0] - per.amin(1)) > 0).all()) and bool(((per.amax(1) - pooled[:, 0]) > 0).all())
+
+
+def test_banded_v2_removes_each_bands_excess_where_one_c_per_channel_over_smooths():
+    cal = qdrift.calibrate(DATA, Speckle(7), DATA.prior(16, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True,
+                           bands=4)
+    x = DATA.prior(600, 80.0, generator=_gen(0))
+    fp, q = _band_var(_run("euler", DATA, x)), _band_var(_run("euler", Speckle(1), x))
+    excess = q - fp
+    assert bool((excess[1:] > 0.5 * fp[1:]).all())  # a clear excess in the upper bands
+    left = {label: (_band_var(_run("euler", Speckle(1), x, c, method="v2")) - fp) / excess
+            for label, c in (("bands", cal), ("channel", replace(cal, banded=None)))}
+    assert bool((left["bands"].abs() < 0.25).all()), left["bands"]
+    # one c per channel: the low band (little excess) loses far more than its excess, below the FP variance
+    assert float(left["channel"][0]) < -1.0, left["channel"]
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m", "heun", "dpmpp_2m_sde"])
+def test_banded_v2_runs_every_kind_of_sampler_and_removes_most_excess(name):
+    planted = dict(var=0.05, persistent=0.05)
+    cal = qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=7, **planted), DATA.prior(8, 80.0, generator=_gen(5)),
+                           CAL_SIGMAS, disable=True, bands=4)
+    x = DATA.prior(400, 80.0, generator=_gen(0))
+    fp = _band_var(_run(name, DATA, x))
+    q = _band_var(_run(name, PlantedErrorDenoiser(DATA, seed=1, **planted), x))
+    corr = _run(name, PlantedErrorDenoiser(DATA, seed=1, **planted), x, cal, method="v2")
+    assert bool(torch.isfinite(corr).all())
+    removed = 1 - float((_band_var(corr) - fp).sum() / (q - fp).sum())
+    assert 0.5 < removed < 1.2, removed
+    if REGISTRY[name].stochastic and "correction" in qdrift.SAMPLERS[name].__code__.co_varnames:
+        noise = _run(name, PlantedErrorDenoiser(DATA, seed=1, **planted), x, cal, method="v2", correction="noise")
+        assert bool(torch.isfinite(noise).all())
+
+
+def test_banded_calibration_file_round_trip_merge_and_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cal = qdrift.calibrate(DATA, Speckle(7), DATA.prior(3, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True,
+                           bands=3)
+    path = tmp_path / "b.safetensors"
+    cal.save(path)
+    back = qdrift.load_calibration(path)
+    assert back.bands == 3
+    for f, v in cal.banded.moments.tensors().items():
+        assert torch.equal(getattr(back.banded.moments, f), v), f
+    for f, v in cal.banded.trajectory.tensors().items():
+        assert torch.equal(getattr(back.banded.trajectory, f), v), f
+    merged = cal.merge(back)
+    assert merged.bands == 3 and merged.meta["K"] == 6
+    assert replace(cal, banded=None).merge(back).banded is None  # only one has bands: per channel only
+    # the same sample with and without the file round trip
+    x = DATA.prior(8, 80.0, generator=_gen(2))
+    assert torch.equal(_run("euler", Speckle(1), x, cal), _run("euler", Speckle(1), x, back))
+    # band tensors without the header field (or the reverse) are refused
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    broken = tmp_path / "broken.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("band_")} | {"band_n": tensors["band_n"]},
+              str(broken), metadata=meta)
+    with pytest.raises(qdrift.CalibrationFileError, match="band"):
+        qdrift.load_calibration(broken)
+    with pytest.raises(ValueError, match="bands must be a positive integer"):
+        qdrift.calibrate(DATA, Speckle(7), DATA.prior(2, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True, bands=0)
+    with pytest.raises(ValueError, match="spatial axes"):
+        qdrift.calibrate(DATA, DATA, torch.randn(2, 1) * 80, CAL_SIGMAS, disable=True, bands=2)
+    with pytest.raises(ValueError, match="banded must be a Calibration"):
+        replace(cal, banded=qdrift.Calibration(cal.sigmas, cal.moments, meta={"band_units": 3}))
+
+
+def test_paper_method_ignores_the_bands_bit_for_bit():
+    cal = qdrift.calibrate(DATA, Speckle(7), DATA.prior(3, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True,
+                           bands=4)
+    x = DATA.prior(8, 80.0, generator=_gen(2))
+    assert torch.equal(_run("euler", Speckle(1), x, cal, method="paper"),
+                       _run("euler", Speckle(1), x, replace(cal, banded=None), method="paper"))
+    assert frequency_bands((16, 16), 4).max() == 3
