@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.bench.gaussian import PlantedErrorDenoiser, SpectralGaussianData
+from qdrift.bench.gaussian import PlantedErrorDenoiser, SpeckleErrorDenoiser, SpectralGaussianData
 from qdrift.correction import band_components, band_shares, filter_bands, frequency_bands
 from qdrift.samplers import REGISTRY
 
@@ -28,25 +28,8 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-class Speckle:
-    """The exact denoiser plus a high-pass error (noise minus its 3x3 blur), part fresh at every call, part a
-    field kept along each trajectory (correlated across steps, as a real network's)."""
-
-    def __init__(self, seed, fresh=0.5, kept=0.5):
-        self.g, self.fresh, self.kept = _gen(seed), fresh, kept
-        self.field, self.last = None, None
-
-    def _hp(self, shape, dtype):
-        z = torch.randn(shape, generator=self.g, dtype=torch.float64).to(dtype)
-        return z - torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
-
-    def __call__(self, x, sigma, **_):
-        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        level = float(s.reshape(-1)[0])
-        if self.field is None or self.field.shape != x.shape or level > self.last:
-            self.field = self._hp(x.shape, x.dtype)
-        self.last = level
-        return DATA.denoiser(x, sigma) - s * (self.fresh * self._hp(x.shape, x.dtype) + self.kept * self.field)
+def Speckle(seed):  # noqa: N802 (reads as the error model)
+    return SpeckleErrorDenoiser(DATA, fresh=0.5, kept=0.5, seed=seed)
 
 
 def _band_var(y):

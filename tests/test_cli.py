@@ -57,3 +57,16 @@ def test_console_entry_point_exit_status():
     p = subprocess.run([sys.executable, "-m", "qdrift.cli", "analytic", "--steps", "0"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_analytic_speckle_table(tmp_path, capsys):
+    """``qdrift analytic --error speckle``: v2 per channel vs per frequency band on image-like fields."""
+    out = tmp_path / "speckle.md"
+    assert main(["analytic", "--error", "speckle", "--n", "200", "--steps", "10", "--markdown", str(out)]) == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    euler = next(line for line in table.splitlines() if line.startswith("| euler |"))
+    _, quantized, per_channel, banded = [c.strip() for c in euler.strip("|").split("|")]
+    low_channel = float(per_channel.split(" / ")[0])
+    low_banded = float(banded.split(" / ")[0])
+    assert low_channel > 150 and 40 < low_banded < 130, euler  # one c per channel over-smooths the low band

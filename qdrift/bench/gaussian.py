@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["GaussianData", "SpectralGaussianData", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
+__all__ = ["GaussianData", "SpectralGaussianData", "SpeckleErrorDenoiser", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
 
 
 def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +122,38 @@ class SpectralGaussianData:
         """``n`` draws of the noised marginal at ``sigma_max``."""
         x0 = self.sample(n, generator=generator)
         return (x0 + sigma_max * torch.randn(x0.shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+class SpeckleErrorDenoiser:
+    """A stand-in for a coarsely quantized network: the exact denoiser plus a spatially high-pass error.
+
+    The eps error is ``fresh * hp(z) + kept * hp(w)`` with ``hp(z) = z - blur3x3(z)`` (speckle, as coarse
+    activations give): ``z`` fresh at every call, ``w`` drawn once per trajectory and kept along it (a call at a
+    higher noise level than the previous one starts a new trajectory). It adds variance to the upper frequency
+    bands only.
+
+    Args:
+        data: the data whose exact denoiser is corrupted (``denoiser(x, sigma)``), e.g. :class:`SpectralGaussianData`.
+        fresh, kept: amplitudes of the fresh and kept parts.
+        seed: seed of the private generator.
+    """
+
+    def __init__(self, data, fresh: float = 0.5, kept: float = 0.5, seed: int = 0):
+        self.data, self.fresh, self.kept = data, float(fresh), float(kept)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._field, self._last_sigma = None, None
+
+    def _speckle(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(x.shape, generator=self.generator, dtype=torch.float64).to(x)
+        return z - torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False)
+
+    def __call__(self, x: torch.Tensor, sigma, **_) -> torch.Tensor:
+        level = float(torch.as_tensor(sigma).reshape(-1)[0])
+        if self._field is None or self._field.shape != x.shape or level > self._last_sigma:
+            self._field = self._speckle(x)
+        self._last_sigma = level
+        error = self.fresh * self._speckle(x) + self.kept * self._field
+        return self.data.denoiser(x, sigma) - _sigma_view(sigma, x) * error
 
 
 class PlantedErrorDenoiser:
