@@ -7,6 +7,12 @@ For each scheme (bench profile ``stress``) and each ``--ptq`` setting it quantiz
 relative output error on held-out FP sampler inputs (20 images x 10 preview steps, seed 7), wall time, the sum of
 the blocks' output errors before / after reconstruction, and for GAC the learned sample weight averaged per
 calibration timestep.
+
+    python benchmarks/ptq_reconstruction.py --summarize out/ptq200_none out/ptq200_brecq out/ptq200_gac
+
+reads the ``bench.json`` of ``qdrift bench --ptq ...`` runs instead and prints one markdown table: per scheme and
+PTQ setting the network output error, the quantized row's Frechet distance to the FP sampler's images (with the
+gap's bootstrap interval) and what each Q-Drift row leaves of it.
 """
 
 from __future__ import annotations
@@ -23,8 +29,46 @@ from qdrift.bench.models import load_model
 from qdrift.bench.quant_report import PTQ_CHOICES, bench_quantize
 
 
+def _share(gap, ci):
+    """``"value (share of the gap removed, * if the change's interval excludes 0)"``."""
+    if ci is None or not gap:
+        return "—"
+    change, lo, hi = ci
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{-change / gap * 100:+.0f} %{star}"
+
+
+def summarize(dirs: list[Path]) -> str:
+    """The markdown table of several ``qdrift bench --ptq`` runs (their ``bench.json``)."""
+    docs = [json.loads((Path(d) / "bench.json").read_text()) for d in dirs]
+    methods = sorted({r["variant"] for doc in docs for r in doc["rows"] if r["variant"].startswith("qdrift")})
+    head = ("| model, sampler | scheme | PTQ | output error | FD to FP: quantized [gap CI] | "
+            + " | ".join(f"{m}: FD to FP (share of gap)" for m in methods) + " | PSNR vs FP: quantized / "
+            + " / ".join(methods) + " |\n|---|---|---|---:|---:|" + "---:|" * len(methods) + "---:|")
+    lines = [head]
+    for doc in docs:
+        meta, rows = doc["meta"], doc["rows"]
+        for q in (r for r in rows if r["variant"] == "quantized"):
+            key = (q["model"], q["sampler"], q["scheme"])
+            same = {r["variant"]: r for r in rows if (r["model"], r["sampler"], r["scheme"]) == key}
+            gap, ci = q["fd_to_fp"], q.get("fd_to_fp_ci")
+            sig = "*" if ci and (ci[1] > 0 or ci[2] < 0) else ""
+            info = meta.get("quant", {}).get(f"{q['model']}/{q['scheme']}", {})
+            err = info.get("output_rel_err")
+            cells = [f"{q['model']}, {q['sampler']} {q['steps']}", q["scheme"], meta.get("ptq", "none"),
+                     "—" if err is None else f"{100 * err:.3f} %",
+                     f"{gap:.1f}{sig} [{ci[1]:+.1f}, {ci[2]:+.1f}]" if ci else f"{gap:.1f}"]
+            cells += [f"{same[m]['fd_to_fp']:.1f} ({_share(gap, same[m].get('fd_to_fp_ci'))})" if m in same else "—"
+                      for m in methods]
+            cells.append(" / ".join(f"{same[v]['psnr']:.2f}" if v in same else "—" for v in ["quantized"] + methods))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--summarize", nargs="+", type=Path, default=None,
+                   help="bench output folders of qdrift bench --ptq runs: print their table instead of measuring")
     p.add_argument("--model", choices=["unet", "dit"], default="unet")
     p.add_argument("--schemes", default="w4a8,w3a4")
     p.add_argument("--ptq", default=",".join(PTQ_CHOICES))
@@ -32,6 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
     torch.set_num_threads(args.threads)
     net = load_model(args.model).float().eval()
     results = []
