@@ -126,13 +126,23 @@ class DriftPlan:
         strength: multiplier on the correction (V, gain and bias).
         method: one of :data:`METHODS`, or None: :data:`DEFAULT_METHOD` for a Calibration, ``"paper"`` for
             a tensor V (it carries only the variance).
+        spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
+            latents: a calibration's frequency bands are then not used).
+
+    Frequency bands. With a calibration made with ``bands=NB`` (:attr:`qdrift.Calibration.banded`) the
+    surrogate's units are (channel, radial frequency band) pairs: every statistic above is per band, white
+    noise a sampler injects splits by the bands' shares of the FFT bins, each step's ``c`` is per unit and
+    scales that band of the increment (:func:`qdrift.correction.scale_increment_bands`), and the gain and
+    bias act per band. For stationary Gaussian data the bands are independent, so this is exact; one ``c``
+    per channel is not when the error's spectrum differs from the sample's (a high-pass error then makes one
+    ``c`` per channel smooth the low frequencies, which had no excess to lose).
     """
 
     _warned_tensor = False
     _warned_old = False
 
     def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
-                 method: Optional[str] = None):
+                 method: Optional[str] = None, spatial: bool = True):
         # A moment-matching pass (qdrift.calib.match_moments) hands the plan its probe in place of V.
         self.matcher = V if hasattr(V, "match_step") else None
         if self.matcher is not None:
@@ -167,7 +177,7 @@ class DriftPlan:
         self.strength = float(strength)
         # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
         # per unit and scales that band of the increment (exact for stationary Gaussian data).
-        banded = (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
+        banded = spatial and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
         self.em_cal = self.cal.banded if banded else self.cal
         self.bands = self.cal.bands if banded else 1
         self.units = self.channels * self.bands
@@ -216,21 +226,34 @@ class DriftPlan:
                 kk, bb = k[lo] * (1 - w) + k[hi] * w, b[lo] * (1 - w) + b[hi] * w
             else:
                 kk, bb = k[[0] * len(s)], b[[0] * len(s)]
-            shape = (-1, self.channels) + (1,) * (x.ndim - 2)
             ct = compute_dtype(x)
             sv = s.reshape((-1,) + (1,) * (x.ndim - 1)).to(ct)
-            d_hat = (x - denoised).to(ct) / sv
-            if self.bands > 1:  # per band: (d_hat_b - b_b) / (1 + k_b); only band 0 has a mean
-                kk, bb = kk.reshape(-1, self.channels, self.bands), bb.reshape(-1, self.channels, self.bands)
-                d = filter_bands(d_hat, 1 / (1 + kk)) - (bb[..., 0] / (1 + kk[..., 0])).reshape(shape).to(ct)
-            else:
-                d = (d_hat - bb.reshape(shape).to(ct)) / (1 + kk.reshape(shape).to(ct))
+            d = self._remove_gain((x - denoised).to(ct) / sv, kk, bb)
             return (x.to(ct) - sv * d).to(denoised.dtype)
 
         for attr in ("is_flow", "inner_model", "name", "final"):
             if hasattr(model, attr):
                 setattr(corrected, attr, getattr(model, attr))
         return corrected
+
+    def _remove_gain(self, d: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(d - b) / (1 + k)`` per channel, or per channel and band (only band 0 carries a mean); ``d``
+        ``[B, C, ...]`` in its compute dtype, ``k``, ``b`` ``[B or 1, units]``."""
+        shape = (-1, self.channels) + (1,) * (d.ndim - 2)
+        k, b = k.to(d.device), b.to(d.device)
+        if self.bands > 1:
+            k, b = k.reshape(-1, self.channels, self.bands), b.reshape(-1, self.channels, self.bands)
+            return filter_bands(d, 1 / (1 + k)) - (b[..., 0] / (1 + k[..., 0])).reshape(shape).to(d.dtype)
+        return (d - b.reshape(shape).to(d.dtype)) / (1 + k.reshape(shape).to(d.dtype))
+
+    def correct_increment(self, inc: torch.Tensor, sigma: float, h: float) -> torch.Tensor:
+        """A step's increment ``h d_hat`` ``[B, C, ...]`` with the output's gain and bias at ``sigma`` removed,
+        ``h (d_hat - b) / (1 + k)`` (for schedulers that see increments, not denoiser outputs)."""
+        if not self.gain:
+            return inc
+        em = self.em_cal.error_model(torch.tensor([float(sigma)], dtype=torch.float64), gain=True)
+        k, b = em["k"] * self.strength, em["b"] * self.strength * float(h)
+        return self._remove_gain(inc.to(compute_dtype(inc)), k, b).to(inc.dtype)
 
     # -- the surrogate ----------------------------------------------------------------------------------
     def evaluate(self, key: float, sigma: float, terms: Optional[Sequence[Tuple[float, float, float]]] = None) -> None:

@@ -132,6 +132,7 @@ def calibrate_pipeline(
     channel_dim: int = 1,
     call_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = False,
+    bands: int = 1,
 ) -> Calibration:
     """Calibrates Q-Drift for a quantized diffusers pipeline against its full-precision twin.
 
@@ -155,6 +156,8 @@ def calibrate_pipeline(
         channel_dim: the latents' channel axis as the scheduler sees them (-1 for packed FLUX latents).
         call_kwargs: further arguments for both pipeline calls (``height``, ``width``, ...).
         progress: show the pipelines' progress bars.
+        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`); only for latents
+            with a spatial grid after the channel axis (``channel_dim=1``); packed latents get none.
 
     Returns:
         The :class:`qdrift.Calibration` (for :func:`qdrift.diffusers.qdrift_scheduler` or the k-diffusion samplers).
@@ -218,4 +221,5 @@ def calibrate_pipeline(
         q_pipe.scheduler = orig_q
         for pipe, cfg in bars:
             pipe._progress_bar_config = cfg
-    return trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K})
+    return trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K},
+                             bands=bands if channel_dim in (1, -3) else 1)

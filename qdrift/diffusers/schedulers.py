@@ -222,14 +222,11 @@ class _QDriftMixin:
         inc = delta.movedim(dim, 1)
         if self._qdrift_plan is None or i == 0:
             sigmas = torch.tensor([self._qdrift_level(j) for j in range(len(self.timesteps) + 1)], dtype=torch.float64)
-            self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method)
+            self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method,
+                                          spatial=dim in (1, 1 - sample.ndim))  # packed latents: tokens, no grid
         plan = self._qdrift_plan
-        if plan.gain and self._qdrift_plans:
-            em = self._qdrift_V.error_model(torch.tensor([sigma], dtype=torch.float64), gain=True)
-            k, b = (em["k"][0] * self._qdrift_strength).float(), (em["b"][0] * self._qdrift_strength).float()
-            view = (1, -1) + (1,) * (x.ndim - 2)
-            h = sigma_eff - sigma
-            inc = (inc - (b * h).reshape(view).to(inc.device)) / (1 + k).reshape(view).to(inc.device)
+        if self._qdrift_plans:
+            inc = plan.correct_increment(inc, sigma, sigma_eff - sigma)
         base = x + inc
         corrected, _ = plan.step(i, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
         # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)

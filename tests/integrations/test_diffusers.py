@@ -380,11 +380,14 @@ def _denoiser_of(net, flow):
     return lambda x, s, **k: x - s.view(-1, 1, 1, 1) * net(x / (s.view(-1, 1, 1, 1) ** 2 + 1) ** 0.5, None)
 
 
-@pytest.mark.parametrize("method", ["v2", "exact", "matched"])
+@pytest.mark.parametrize("method", ["v2", "v2-bands", "exact", "matched"])
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral", "flow_euler"])
 def test_wrapper_matches_core_sampler_for_every_method(name, method):
     """With a real Calibration the diffusers step runs the core's DriftPlan: the same result as the core sampler
-    with the same method (Q-Drift v2's gain and bias, exact balance, moment-matching tables)."""
+    with the same method (Q-Drift v2's gain and bias, per channel or per frequency band, exact balance,
+    moment-matching tables)."""
+    bands = 2 if method == "v2-bands" else 1
+    method = "v2" if method == "v2-bands" else method
     flow = name == "flow_euler"
     core_name = "euler_ancestral" if name == "euler_ancestral" else "euler"
     sched = SCHEDULERS[name]()
@@ -392,7 +395,7 @@ def test_wrapper_matches_core_sampler_for_every_method(name, method):
     sigmas = sched.sigmas.to(torch.float32).clone()
     fp, q = _denoiser_of(eps_model, flow), _denoiser_of(eps_model_q, flow)
     noise = torch.randn(6, C, 4, 4, generator=torch.Generator().manual_seed(4)) * sigmas[0]
-    cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True)
+    cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True, bands=bands)
     if method == "matched":
         cal = qdrift.match_moments(cal, fp, q, noise, sigmas, core_name)
     assert float(cal.error_model(cal.sigmas, gain=True)["k"].abs().max()) > 0  # a gain to correct
