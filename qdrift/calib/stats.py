@@ -472,7 +472,9 @@ class PairedAccumulator:
             if x.ndim < 4:
                 raise ValueError(f"{who}: bands={self.bands} needs samples with spatial axes, got states {tuple(x.shape)}")
             split = lambda t: band_components(t.flatten(0, 1), self.bands).unflatten(0, t.shape[:2])  # noqa: E731
-            self.banded.add(split(x), split(d_fp), split(d_q), who)
+            for b in range(x.shape[1]):  # one trajectory at a time: the split tensors are bands x larger
+                one = slice(b, b + 1)
+                self.banded.add(split(x[:, one]), split(d_fp[:, one]), split(d_q[:, one]), who)
 
     def merge(self, other: "PairedAccumulator") -> "PairedAccumulator":
         """A new accumulator holding both data sets."""
