@@ -74,15 +74,16 @@ def run(name, x_T, sigmas, model, V, seed, **opts):
     return fn(model, x_T.clone(), sigmas, V, disable=True, **opts)
 
 
-def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0):
-    """Returns ``{sampler: {column label: excess removed %}}`` and the final variances vs FP."""
+def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0, bands: int = 1):
+    """Returns ``{sampler: {column label: excess removed %}}`` and the final variances vs FP (``bands``: the
+    calibration's frequency bands, used by the exact methods)."""
     gen = torch.Generator().manual_seed(seed)
-    x_T = DATA.prior(n, SIGMA_MAX, generator=gen)
+    x_T = DATA.prior(n, SIGMA_MAX, spatial=(16, 16) if bands > 1 else (), generator=gen)
     sigmas = qdrift.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
     # Calibrate once (Euler FP trajectories on a finer schedule), reuse at every sampler's sigmas.
     cal_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     cal = qdrift.calibrate(DATA, planted(error, v, seed + 1), cal_x,
-                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True)
+                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True, bands=bands)
     oracle = torch.full((steps, DATA.channels), v)
     match_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     table = {}
@@ -153,7 +154,8 @@ def to_markdown(table, args) -> str:
     error = (f"fresh N(0, {args.v}) eps-noise per call" if args.error == "independent" else
              f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
     head = (f"Analytic Gaussian, {args.steps} Karras steps ({SIGMA_MAX} -> {SIGMA_MIN}), planted error: {error}; "
-            f"N = {args.n} samples, calibration K = {args.K}. Share of the excess final variance removed "
+            f"N = {args.n} samples" + (f" of 16x16 fields" if args.bands > 1 else "") + f", calibration K = {args.K}"
+            + (f" with {args.bands} frequency bands" if args.bands > 1 else "") + ". Share of the excess final variance removed "
             "(100 % = the FP sampler's variance); first column: the quantized sampler's final variance vs FP.\n\n"
             "| sampler | quantized vs FP | " + " | ".join(labels) + " |\n"
             "|---|" + "---:|" * (len(labels) + 1) + "\n")
@@ -174,6 +176,9 @@ def main(argv=None) -> int:
                    help="planted error: fresh per call (the paper's model), half kept along each trajectory, or "
                         "speckle: image-like stationary fields with a high-pass error, v2 per channel vs per "
                         "frequency band (--n is then the number of 16x16 fields)")
+    p.add_argument("--bands", type=int_at_least(1), default=1,
+                   help="frequency bands of the calibration (the exact methods use them; > 1 samples 16x16 fields: "
+                        "--n is then their number)")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.markdown and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown))):
@@ -182,7 +187,7 @@ def main(argv=None) -> int:
     if args.error == "speckle":
         table = spectral_markdown(measure_spectral(args.n, args.steps, args.K), args)
     else:
-        table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error), args)
+        table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error, bands=args.bands), args)
     print(table)
     print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
     if args.markdown:

@@ -106,6 +106,14 @@ def _check_matched(matched, channels: int) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _band_meta(bands: int, spatial) -> Dict[str, Any]:
+    """The meta of a band-unit calibration: the band count and each band's share of the FFT bins of the
+    calibration's grid (its independent values per sample, used by the gain's significance test)."""
+    from ..correction import band_shares
+
+    return {"band_units": bands, "band_shares": [float(v) for v in band_shares(spatial, bands)]}
+
+
 def interpolate_log_sigma(table: torch.Tensor, sigmas: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Interpolates rows of ``table`` linearly in log-sigma, clamped at the ends.
 
@@ -209,7 +217,7 @@ class Calibration:
         ``[S]`` (its frequency-band statistics, if any, as :attr:`banded`)."""
         banded = None
         if acc.banded is not None:
-            banded = cls(sigmas, acc.banded.moments, reduce, bool(conditional), {"band_units": acc.bands},
+            banded = cls(sigmas, acc.banded.moments, reduce, bool(conditional), _band_meta(acc.bands, acc.spatial),
                          trajectory=acc.banded.sums)
         return cls(sigmas, acc.moments, reduce, bool(conditional), dict(meta or {}), trajectory=acc.sums,
                    banded=banded)
@@ -313,7 +321,11 @@ class Calibration:
             k = m.gain_slope()
             # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
             # (where d_fp hardly varies, at the lowest noise levels, k is not identifiable).
-            se = (m.gain_residual(k)[1] / (m.n.clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
+            # Per frequency band, a sample's positions carry only as many independent values as the band has
+            # FFT bins (a band-limited field is smooth): count those.
+            shares = self.meta.get("band_shares")
+            n = m.n if shares is None else m.n * torch.tensor(shares, dtype=torch.float64).repeat(m.n.shape[1] // len(shares))
+            se = (m.gain_residual(k)[1] / (n.clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
             k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
             k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
             b, var_r = m.gain_residual(k)
@@ -422,6 +434,7 @@ class Calibration:
         }
         if self.banded is not None:
             header["bands"] = self.bands
+            header["band_shares"] = self.banded.meta.get("band_shares")
         try:
             text = json.dumps(header, default=_json_default)
         except (ValueError, TypeError, RecursionError) as e:
@@ -523,7 +536,12 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         if band:
             band_traj = {k[len(_TRAJ_PREFIX):]: v for k, v in band.items() if k.startswith(_TRAJ_PREFIX)}
             band_moments = PairedMoments(**{k: v for k, v in band.items() if not k.startswith(_TRAJ_PREFIX)})
-            banded = Calibration(tensors["sigmas"], band_moments, reduce, conditional, {"band_units": bands},
+            shares = header.get("band_shares")
+            if shares is not None and (not isinstance(shares, list) or len(shares) != bands
+                                       or not all(_is_real(v) and 0 < v <= 1 for v in shares)):
+                raise CalibrationFileError(f"load_calibration: {path} has invalid band_shares {shares!r:.80}")
+            band_meta = {"band_units": bands} if shares is None else {"band_units": bands, "band_shares": shares}
+            banded = Calibration(tensors["sigmas"], band_moments, reduce, conditional, band_meta,
                                  trajectory=TrajectorySums(**band_traj) if band_traj else None)
         return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory,
                            matched=matched or None, banded=banded)

@@ -433,6 +433,7 @@ class PairedAccumulator:
         self.moments: Optional[PairedMoments] = None
         self.sums: Optional["TrajectorySums"] = None
         self.count = 0
+        self.spatial: Optional[tuple] = None  # the grid of the first batch
         self.banded: Optional["PairedAccumulator"] = PairedAccumulator(trim) if bands > 1 else None
 
     @property
@@ -468,6 +469,7 @@ class PairedAccumulator:
         self.moments = moments if self.moments is None else self.moments.merge(moments)
         self.sums = sums if self.sums is None else self.sums.merge(sums)
         self.count += int(x.shape[1])
+        self.spatial = self.spatial or tuple(x.shape[3:])
         if self.banded is not None:
             if x.ndim < 4:
                 raise ValueError(f"{who}: bands={self.bands} needs samples with spatial axes, got states {tuple(x.shape)}")
@@ -491,6 +493,7 @@ class PairedAccumulator:
             out.moments = part.moments if out.moments is None else out.moments.merge(part.moments)
             out.sums = part.sums if out.sums is None else out.sums.merge(part.sums)
             out.count += part.count
+            out.spatial = out.spatial or part.spatial
         return out
 
     def gather(self, group=None) -> None:
