@@ -165,3 +165,18 @@ def test_paper_method_ignores_the_bands_bit_for_bit():
     assert torch.equal(_run("euler", Speckle(1), x, cal, method="paper"),
                        _run("euler", Speckle(1), x, replace(cal, banded=None), method="paper"))
     assert frequency_bands((16, 16), 4).max() == 3
+
+
+def test_banded_gain_is_not_found_where_there_is_none_and_is_where_there_is():
+    """A band's positions are not independent values (a band-limited field is smooth): the gain's significance
+    test counts the band's FFT bins, so pure noise shows (almost) no gain and a planted gain is found."""
+    x = DATA.prior(5, 80.0, generator=_gen(5))
+    noise = qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, var=0.1, seed=7), x, CAL_SIGMAS, disable=True, bands=4)
+    shares = noise.banded.meta["band_shares"]
+    assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-12
+    k = noise.banded.error_model(noise.sigmas, gain=True)["k"]
+    assert int((k != 0).sum()) <= 0.02 * k.numel(), int((k != 0).sum())
+    gained = qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, var=0.01, gain=0.3, seed=7), x, CAL_SIGMAS,
+                              disable=True, bands=4)
+    k = gained.banded.error_model(gained.sigmas, gain=True)["k"]
+    assert float(k[:20].mean()) > 0.2  # the noisier half of the schedule, where d_fp varies
