@@ -391,8 +391,10 @@ class DriftPlan:
         if self._em_grid is None:
             em = self.em_cal.error_model(self.em_cal.sigmas, gain=self.gain)
             self._em_grid = {k: (v.log() if k == "var_x" else v) for k, v in em.items() if v is not None}
+            self._em_stack = torch.stack(list(self._em_grid.values()), 1)  # [S, keys, units]: one lookup for all
         query = torch.tensor(levels, dtype=torch.float64)
-        out = {k: interpolate_log_sigma(v, self.cal.sigmas, query) for k, v in self._em_grid.items()}
+        rows = interpolate_log_sigma(self._em_stack, self.cal.sigmas, query)
+        out = {k: rows[:, j] for j, k in enumerate(self._em_grid)}
         sig = query[:, None].expand(len(levels), self.units)
         if "var_x" in out:
             # Var(x) grows like sigma^2 beyond the calibrated range: extend it as s^2 + sigma^2 at the top.
