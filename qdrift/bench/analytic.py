@@ -98,6 +98,11 @@ def measure(n: int, steps: int, v: float, K: int, error: str = "independent", se
             V = oracle if source == "oracle" else (matched if opts.get("method") == "matched" else cal)
             corr = run(name, x_T, sigmas, planted(error, v, seed + 3), V, seed + 2, **opts).var(0)
             row[label] = 100.0 * (1 - float((corr - fp).sum()) / excess)
+        if bands > 1:  # the same calibration without its bands: what the bands themselves change
+            per_channel = qdrift.Calibration(cal.sigmas, cal.moments, cal.reduce, cal.conditional, cal.meta,
+                                             trajectory=cal.trajectory)
+            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), per_channel, seed + 2, method="v2").var(0)
+            row["v2, one c per channel"] = 100.0 * (1 - float((corr - fp).sum()) / excess)
         table[name] = row
     return table
 
@@ -151,6 +156,8 @@ def spectral_markdown(table, args) -> str:
 
 def to_markdown(table, args) -> str:
     labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, noise"]
+    if args.bands > 1:
+        labels.append("v2, one c per channel")
     error = (f"fresh N(0, {args.v}) eps-noise per call" if args.error == "independent" else
              f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
     head = (f"Analytic Gaussian, {args.steps} Karras steps ({SIGMA_MAX} -> {SIGMA_MIN}), planted error: {error}; "
