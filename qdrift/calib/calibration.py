@@ -232,7 +232,7 @@ class Calibration:
         ``reduce="scalar"`` (per frequency band, repeated over channels, for a band-unit calibration)."""
         if self.reduce != "scalar":
             return self.moments, self.trajectory
-        nb = int(self.meta.get("band_units", 1)) if self.moments.shape[1] > 1 else 1
+        nb = int(self.meta.get("band_units", 1))
         if nb == 1:
             return self.moments.pooled(), None if self.trajectory is None else self.trajectory.pooled()
         reps = self.moments.shape[1] // nb

@@ -145,11 +145,7 @@ def calibrate(
     for xb, args in _batches(x, extra_args, batch_size):
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
-        if acc.bands > 1 and xb.ndim < 3:
-            raise ValueError(
-                f"calibrate: bands={acc.bands} needs samples with spatial axes [B, C, H, W, ...], got x of shape "
-                f"{tuple(xb.shape)}"
-            )
+        acc.check_sample(xb)  # before the models run
         if acc.shape is not None and xb.shape[1] != acc.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
         acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))

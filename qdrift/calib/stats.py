@@ -436,6 +436,14 @@ class PairedAccumulator:
         self.spatial: Optional[tuple] = None  # the grid of the first batch
         self.banded: Optional["PairedAccumulator"] = PairedAccumulator(trim) if bands > 1 else None
 
+    def check_sample(self, x: torch.Tensor, who: str = "calibrate") -> None:
+        """Refuses samples ``x`` ``[B, C, ...]`` that frequency bands cannot split (no spatial axes)."""
+        if self.bands > 1 and x.ndim < 3:
+            raise ValueError(
+                f"{who}: bands={self.bands} needs samples with spatial axes [B, C, H, W, ...], got shape "
+                f"{tuple(x.shape)}"
+            )
+
     @property
     def shape(self):
         """``(S, C)``, or None before the first batch."""
@@ -457,6 +465,7 @@ class PairedAccumulator:
                 f"{who}: states and both models' d must share one shape [S, B, C, ...], got {tuple(x.shape)}, "
                 f"{tuple(d_fp.shape)}, {tuple(d_q.shape)}"
             )
+        self.check_sample(x[0], who)
         steps, channels = x.shape[0], x.shape[2]
         if self.shape is not None and self.shape != (steps, channels):
             raise ValueError(
@@ -471,8 +480,6 @@ class PairedAccumulator:
         self.count += int(x.shape[1])
         self.spatial = self.spatial or tuple(x.shape[3:])
         if self.banded is not None:
-            if x.ndim < 4:
-                raise ValueError(f"{who}: bands={self.bands} needs samples with spatial axes, got states {tuple(x.shape)}")
             split = lambda t: band_components(t.flatten(0, 1), self.bands).unflatten(0, t.shape[:2])  # noqa: E731
             for b in range(x.shape[1]):  # one trajectory at a time: the split tensors are bands x larger
                 one = slice(b, b + 1)
