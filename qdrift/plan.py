@@ -9,7 +9,9 @@ balance with :func:`qdrift.correction.balance_coefficient`. It also removes the 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+import weakref
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -183,26 +185,25 @@ class DriftPlan:
         self.units = self.channels * self.bands
         if banded:
             self._shares = band_shares(x.shape[2:], self.bands).repeat(self.channels)  # white noise per unit
-        self.rho = None
-        if self.exact and cross:
-            self.rho = self.em_cal.error_correlation(gain=self.gain)
-            if self.rho is not None:
-                self.rho = between_evaluations(self.rho)
-            elif not DriftPlan._warned_old:
-                DriftPlan._warned_old = True
-                warnings.warn(
-                    f"{sampler}: the calibration has no cross-step statistics (written before qdrift format "
-                    "version 2, or by a host's paired trace); errors are taken as independent between steps. "
-                    "Recalibrate with qdrift.calibrate for the correlated-error correction.", stacklevel=4,
-                )
-        self._em_grid = None
+        self.cross = self.exact and cross
+        if self.cross and self.em_cal.trajectory is None and not DriftPlan._warned_old:
+            DriftPlan._warned_old = True
+            warnings.warn(
+                f"{sampler}: the calibration has no cross-step statistics (written before qdrift format "
+                "version 2, or by a host's paired trace); errors are taken as independent between steps. "
+                "Recalibrate with qdrift.calibrate for the correlated-error correction.", stacklevel=4,
+            )
+        self._cache = _solved(self.cal) if (self.exact or self.gain) else None
         if self.exact:
-            self._src = _Sources(self.units)
-            var0 = self._error_model_at([float(sigmas[0])])["var_x"][0]
-            self._y = self._src.unit(self._src.add(var0), 1.0)  # full-precision state deviation
-            self._d = torch.zeros_like(self._y)  # corrected minus full-precision
-            self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
-            self._errors: list = []  # (sigma, id, source index, std [C])
+            # The surrogate depends on the calibration, the schedule and the sampler's calls, never on x: each
+            # step's solution is kept under the history of the run's plan calls (``_record``) and a later run
+            # with the same history replays it; the surrogate itself is built only when a step is not known.
+            self._sigma0 = float(sigmas[0])
+            base = (method, self.gain, self.cross, self.strength, self.bands, self.units,
+                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0)
+            self._digest = hashlib.blake2b(repr(base).encode(), digest_size=16).digest()
+            self._events: list = []
+            self._live = False
 
     # -- model output: gain and bias --------------------------------------------------------------------
     def wrap(self, model):
@@ -210,10 +211,11 @@ class DriftPlan:
         if not self.gain:
             return model
         cal = self.em_cal
-        em = cal.error_model(cal.sigmas, gain=True)
-        k, b = em["k"] * self.strength, em["b"] * self.strength
-        log_s = cal.sigmas.log().flip(0).to(self.device, torch.float64)
-        k, b = k.flip(0).to(self.device), b.flip(0).to(self.device)
+        if ("wrap", self.bands) not in self._cache:
+            em = cal.error_model(cal.sigmas, gain=True)
+            self._cache[("wrap", self.bands)] = (cal.sigmas.log().flip(0), em["k"].flip(0), em["b"].flip(0))
+        log_s, k, b = (t.to(self.device, torch.float64) for t in self._cache[("wrap", self.bands)])
+        k, b = k * self.strength, b * self.strength
 
         def corrected(x, sigma, **kwargs):
             denoised = model(x, sigma, **kwargs)
@@ -263,7 +265,11 @@ class DriftPlan:
         intermediate state ``sum_j A_j x_j + sum_j B_j d_j`` (Heun's second call: ``[(i, 1, h)]``). Steps
         record their own first evaluation; only intermediate states need this call.
         """
-        if not self.exact or key in self._evals:
+        if self.exact:
+            self._record(("e", float(key), float(sigma), _terms(terms)))
+
+    def _evaluate(self, key: float, sigma: float, terms) -> None:
+        if key in self._evals:
             return
         if terms is None:
             y, d = self._y, self._d
@@ -278,6 +284,42 @@ class DriftPlan:
         index = self._src.add(std * std, cov_with)
         self._errors.append((float(sigma), key, index, std))
         self._evals[key] = (float(sigma), em["kappa"][0], y, d, index)
+
+    # -- the run's history: what the surrogate is built from ---------------------------------------------
+    def _record(self, event: tuple) -> bytes:
+        """Appends a plan call to the run's history (applied to the surrogate if it is built); returns the key
+        of the history so far."""
+        self._events.append(event)
+        self._digest = hashlib.blake2b(self._digest + repr(event).encode(), digest_size=16).digest()
+        if self._live and event[0] != "s":
+            self._run(event)
+        return self._digest
+
+    def _run(self, event: tuple):
+        kind, args = event[0], event[1:]
+        if kind == "e":
+            return self._evaluate(*args)
+        if kind == "n":
+            return self._noise(*args)
+        if kind == "r":
+            return self._rescale(*args)
+        return self._solve(*args)
+
+    def _build(self) -> None:
+        """The surrogate at the start of the run, with every recorded call before the newest (a step) applied."""
+        self._src = _Sources(self.units)
+        var0 = self._error_model_at([self._sigma0])["var_x"][0]
+        self._y = self._src.unit(self._src.add(var0), 1.0)  # full-precision state deviation
+        self._d = torch.zeros_like(self._y)  # corrected minus full-precision
+        self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
+        self._errors: list = []  # (sigma, id, source index, std [C])
+        if self.cross and ("rho", self.gain) not in self._cache:
+            rho = self.em_cal.error_correlation(gain=self.gain)
+            self._cache[("rho", self.gain)] = None if rho is None else between_evaluations(rho)
+        self.rho = self._cache[("rho", self.gain)] if self.cross else None
+        for event in self._events[:-1]:
+            self._run(event)
+        self._live = True
 
     def _apply(self, terms):
         """``(y, D_base)`` after ``sum_j A_j x_j + sum_j B_j d_j`` without correction."""
@@ -294,7 +336,11 @@ class DriftPlan:
 
     def noise(self, std: float, factor: Optional[torch.Tensor] = None) -> None:
         """Records fresh noise of std ``std`` the sampler adds (times ``factor`` ``[C]`` in the corrected run)."""
-        if not self.exact or not std:
+        if self.exact and std:
+            self._record(("n", float(std), None))
+
+    def _noise(self, std: float, factor: Optional[torch.Tensor]) -> None:
+        if not std:
             return
         var = torch.full((self.units,), float(std) ** 2, dtype=torch.float64)
         index = self._src.add(var * self._shares if self.bands > 1 else var)
@@ -307,8 +353,11 @@ class DriftPlan:
     def rescale(self, factor: float) -> None:
         """Records that the sampler scales the whole state by ``factor`` (a flow's ancestral step)."""
         if self.exact and factor != 1.0:
-            self._y = self._y * float(factor)
-            self._d = self._d * float(factor)
+            self._record(("r", float(factor)))
+
+    def _rescale(self, factor: float) -> None:
+        self._y = self._y * float(factor)
+        self._d = self._d * float(factor)
 
     # -- the step ---------------------------------------------------------------------------------------
     def step(self, i: int, x: torch.Tensor, x_base: torch.Tensor, sigma: float, sigma_eff: float, *,
@@ -350,7 +399,35 @@ class DriftPlan:
             rule = quadrature_coefficient if quadrature else drift_coefficient
             return apply_drift(x, x_base, clip_drift(rule(q, sigma, sigma_eff))), factor  # c <= 1, warned
         self.evaluate(float(i), sigma)
-        terms = [(float(i), 1.0, float(sigma_eff) - float(sigma))] if terms is None else terms
+        terms = ((float(i), 1.0, float(sigma_eff) - float(sigma)),) if terms is None else _terms(terms)
+        key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction))
+        solved = self._cache.get(key)
+        if solved is None:
+            if not self._live:
+                self._build()
+            solved = self._solve(int(i), terms, float(noise_std or 0.0), correction)
+            self._cache.put(key, solved)
+        else:
+            self._live = False  # the surrogate (if built) is behind the history now
+        c, factor, clipped = solved
+        if clipped:
+            # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
+            # latent format, too large a strength), or the error too large for the step. What is not absorbed
+            # stays in the surrogate and later steps take it up.
+            warnings.warn(
+                f"{self.sampler}: Q-Drift v2 needed |c| > {MAX_DRIFT:g} at step {i} and was clipped; the "
+                "calibration may belong to another model or latent format, or strength is too large",
+                DriftClippedWarning, stacklevel=3,
+            )
+        if factor is not None:
+            factor = factor.to(x.device)
+        if self.bands > 1:
+            return scale_increment_bands(x_base, x_base - x, c.reshape(self.channels, self.bands)), factor
+        return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
+
+    def _solve(self, i: int, terms, noise_std: float, correction: str):
+        """The step's balance on the surrogate, which it advances; returns ``(c [units], factor or None,
+        clipped)``."""
         src = self._src
         y_next, d_base = self._apply(terms)
         y_cur, d_cur = src.pad(self._y), src.pad(self._d)
@@ -367,31 +444,22 @@ class DriftPlan:
             const = const.clamp(max=0) + left
         lin = src.covar(d_base + y_next, inc)
         c = balance_coefficient(const, lin, src.covar(inc, inc))
-        if bool((c.abs() > MAX_DRIFT).any()):
-            # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
-            # latent format, too large a strength), or the error too large for the step. What is not absorbed
-            # stays in the surrogate and later steps take it up.
-            warnings.warn(
-                f"{self.sampler}: Q-Drift v2 needed |c| > {MAX_DRIFT:g} at step {i} and was clipped; the "
-                "calibration may belong to another model or latent format, or strength is too large",
-                DriftClippedWarning, stacklevel=3,
-            )
-            c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
+        clipped = bool((c.abs() > MAX_DRIFT).any())
+        c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         self._y, self._d = y_next, d_base + c * inc
-        self.noise(noise_std or 0.0, factor)
-        if self.bands > 1:
-            return scale_increment_bands(x_base, x_base - x, c.reshape(self.channels, self.bands)), factor
-        return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
+        self._noise(noise_std, factor)
+        return c, factor, clipped
 
     def _error_model_at(self, levels: Sequence[float]):
         """The calibration's error model (computed once per run on its own grid) at ``levels``, with
         ``kappa`` and ``var_x`` (the full-precision state's variance) of the linear surrogate."""
         from .calib.calibration import interpolate_log_sigma
 
-        if self._em_grid is None:
+        if ("grid", self.gain, self.bands) not in self._cache:
             em = self.em_cal.error_model(self.em_cal.sigmas, gain=self.gain)
-            self._em_grid = {k: (v.log() if k == "var_x" else v) for k, v in em.items() if v is not None}
-            self._em_stack = torch.stack(list(self._em_grid.values()), 1)  # [S, keys, units]: one lookup for all
+            grid = {k: (v.log() if k == "var_x" else v) for k, v in em.items() if v is not None}
+            self._cache[("grid", self.gain, self.bands)] = (grid, torch.stack(list(grid.values()), 1))  # [S, keys, units]
+        self._em_grid, self._em_stack = self._cache[("grid", self.gain, self.bands)]
         query = torch.tensor(levels, dtype=torch.float64)
         rows = interpolate_log_sigma(self._em_stack, self.cal.sigmas, query)
         out = {k: rows[:, j] for j, k in enumerate(self._em_grid)}
@@ -419,6 +487,68 @@ class DriftPlan:
         row = interpolate_log_sigma(self.rho, grid, torch.tensor([sigma], dtype=torch.float64))[0]  # [S, C]
         other = torch.tensor([e[0] for e in errors], dtype=torch.float64)
         return interpolate_log_sigma(row, grid, other).clamp(-1, 1)
+
+
+def _terms(terms) -> Optional[tuple]:
+    """A step's or evaluation's ``terms`` as a tuple of float triples (hashable, with an exact ``repr``)."""
+    return None if terms is None else tuple((float(k), float(a), float(b)) for k, a, b in terms)
+
+
+def _fingerprint(cal) -> tuple:
+    """What a calibration's error model is computed from: its options, and every tensor with its in-place
+    version counter (a tensor changed in place, or replaced, gives another fingerprint)."""
+    tensors = [cal.sigmas, *cal.moments.tensors().values()]
+    if cal.trajectory is not None:
+        tensors += list(cal.trajectory.tensors().values())
+    options = (cal.reduce, cal.conditional, repr(cal.meta.get("band_units")), repr(cal.meta.get("band_shares")))
+    sub = () if cal.banded is None else _fingerprint(cal.banded)
+    return options, tuple(tensors), tuple(t._version for t in tensors), sub
+
+
+class _Solved:
+    """One calibration's cached plan work: its error-model tables (string-tagged tuple keys) and the solved
+    steps of v2 surrogates (keyed by the digest of a run's history). Valid while the calibration's
+    :func:`_fingerprint` holds; bounded (cleared when full)."""
+
+    LIMIT = 200_000
+
+    def __init__(self, fingerprint):
+        self.fingerprint, self.tables, self.steps = fingerprint, {}, {}
+
+    def __contains__(self, key):
+        return key in self.tables
+
+    def __getitem__(self, key):
+        return self.tables[key]
+
+    def __setitem__(self, key, value):
+        self.tables[key] = value
+
+    def get(self, digest: bytes):
+        return self.steps.get(digest)
+
+    def put(self, digest: bytes, solved) -> None:
+        if len(self.steps) >= self.LIMIT:
+            self.steps.clear()
+        self.steps[digest] = solved
+
+
+_SOLVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _solved(cal) -> _Solved:
+    """The cache of ``cal`` (a fresh one if it has none, or if the calibration changed since)."""
+    fingerprint = _fingerprint(cal)
+    entry = _SOLVED.get(cal)
+    if entry is None or not _same(entry.fingerprint, fingerprint):
+        entry = _SOLVED[cal] = _Solved(fingerprint)
+    return entry
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0] or a[2] != b[2] or len(a[1]) != len(b[1]) or not all(x is y for x, y in zip(a[1], b[1])):
+        return False
+    return (not a[3] and not b[3]) or (bool(a[3]) and bool(b[3]) and _same(a[3], b[3]))
 
 
 def _sampler_names():

@@ -220,3 +220,67 @@ def test_v2_on_a_flow_model():
                       .var(0) - fp).sum()) for m in ("paper", "v2")}
     assert abs(left["v2"]) < 0.3 * excess, (excess, left)
     assert left["paper"] > 0.5 * excess, (excess, left)
+
+
+# -- the plan's cache: a run's solved steps depend on the calibration, schedule and sampler, never on x -------
+def _planted():
+    """A fresh planted-error model (it draws its errors from its own generator as it is called)."""
+    return PlantedErrorDenoiser(DATA, var=0.2, persistent=0.2, seed=1)
+
+
+def _fresh(cal):
+    """The same statistics in a new Calibration object (no cached plan work)."""
+    import copy
+
+    return copy.copy(cal)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_3m_sde"])
+def test_cached_plan_replays_bit_for_bit(name, correlated_cal, monkeypatch):
+    """A second run with the same calibration and schedule replays the solved steps: equal bit for bit to a run
+    that solves them (another x too), and to a run that hits the cache for a prefix and then solves the rest."""
+    from qdrift.plan import DriftPlan
+
+    builds = []
+    build = DriftPlan._build
+    monkeypatch.setattr(DriftPlan, "_build", lambda self: builds.append(1) or build(self))
+    sigmas = qdrift.get_sigmas_karras(12, 0.002, 80.0).double()
+    x = DATA.prior(64, 80.0, spatial=(4, 4), generator=torch.Generator().manual_seed(0))
+    cal = _fresh(correlated_cal)
+    first = _run(name, _planted(), x, sigmas, cal)
+    assert len(builds) == 1
+    assert torch.equal(_run(name, _planted(), x, sigmas, cal), first)
+    assert len(builds) == 1  # the second run solved nothing
+    other_x = x.flip(0)
+    assert torch.equal(_run(name, _planted(), other_x, sigmas, cal), _run(name, _planted(), other_x, sigmas, _fresh(cal)))
+    # Same first levels, then another schedule: cached steps, then the surrogate rebuilt from the run's history.
+    longer = torch.cat([sigmas[:6], qdrift.get_sigmas_karras(9, 0.002, float(sigmas[6])).double()])
+    builds.clear()
+    assert torch.equal(_run(name, _planted(), x, longer, cal), _run(name, _planted(), x, longer, _fresh(cal)))
+    assert len(builds) == 2  # one rebuild after the shared steps, one fresh run
+    assert not torch.equal(_run(name, _planted(), x, sigmas, cal, strength=0.5), first)
+
+
+def test_cached_plan_follows_a_calibration_changed_in_place(correlated_cal):
+    """Changing a calibration's tensors in place (or replacing one) invalidates what was cached for it."""
+    sigmas = qdrift.get_sigmas_karras(10, 0.002, 80.0).double()
+    x = DATA.prior(32, 80.0, generator=torch.Generator().manual_seed(0))
+    cal = _fresh(correlated_cal)
+    cal.moments = type(cal.moments)(**{k: v.clone() for k, v in cal.moments.tensors().items()})
+    before = _run("euler", _planted(), x, sigmas, cal)
+    cal.moments.m2_q.mul_(1.5)  # a larger quantized-output variance: a larger V
+    changed = _run("euler", _planted(), x, sigmas, cal)
+    assert not torch.equal(changed, before)
+    assert torch.equal(changed, _run("euler", _planted(), x, sigmas, _fresh(cal)))
+    cal.reduce = "scalar"
+    assert torch.equal(_run("euler", _planted(), x, sigmas, cal), _run("euler", _planted(), x, sigmas, _fresh(cal)))
+
+
+def test_cached_plan_still_warns_when_clipped(correlated_cal):
+    """A clipped step warns on every run, also when its solution comes from the cache."""
+    sigmas = qdrift.get_sigmas_karras(10, 0.002, 80.0).double()
+    x = DATA.prior(8, 80.0, generator=torch.Generator().manual_seed(0))
+    cal = _fresh(correlated_cal)
+    for _ in range(2):
+        with pytest.warns(qdrift.DriftClippedWarning):
+            _run("euler", _planted(), x, sigmas, cal, strength=400.0)
