@@ -22,6 +22,7 @@ from .calib import (
     CalibrationFileNotFoundError,
     PairedMoments,
     calibrate,
+    check_correction,
     load_calibration,
     match_moments,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PairedMoments",
     "load_calibration",
     "match_moments",
+    "check_correction",
     "DriftClippedWarning",
     "to_d",
     "append_dims",

@@ -10,8 +10,10 @@ balance with :func:`qdrift.correction.balance_coefficient`. It also removes the 
 from __future__ import annotations
 
 import hashlib
+import threading
 import warnings
 import weakref
+from contextlib import contextmanager
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -33,7 +35,30 @@ from .correction import (
 )
 from .validation import MAX_DRIFT, DriftClippedWarning, check_choice, clip_drift, resolve_v
 
-__all__ = ["DriftPlan"]
+__all__ = ["DriftPlan", "recording"]
+
+_RECORDING = threading.local()
+
+
+@contextmanager
+def recording():
+    """Collects the :class:`DriftPlan` of every sampler run started in this thread inside the ``with`` block.
+
+    Each plan's :attr:`DriftPlan.trace` then says what the run's correction did per step::
+
+        with qdrift.plan.recording() as plans:
+            qdrift.sample_euler_qdrift(model, x, sigmas, cal)
+        plans[0].trace[i]["c"]
+    """
+    plans: list = []
+    stack = getattr(_RECORDING, "stack", None)
+    if stack is None:
+        stack = _RECORDING.stack = []
+    stack.append(plans)
+    try:
+        yield plans
+    finally:
+        stack.remove(plans)
 
 _PARTS = {  # method -> (exact balance, cross-step correlation, gain and bias)
     "paper": (False, False, False),
@@ -131,6 +156,19 @@ class DriftPlan:
         spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
             latents: a calibration's frequency bands are then not used).
 
+    Cost. The surrogate never looks at ``x``: it depends on the calibration, the schedule and the sampler's
+    calls. Each solved step is kept with the calibration (until the calibration changes) under a digest of the
+    run's history of plan calls, so a later run with the same calibration, schedule, sampler options and
+    strength replays the steps bit for bit and only builds the surrogate from the first step it has not seen.
+
+    Trace. :attr:`trace` holds, per corrected step, ``step``, ``sigma``, ``sigma_eff`` and ``c`` (per unit,
+    or the paper's per channel); for the exact methods also the surrogate's ``excess`` (the variance the
+    step would add over the full-precision state's without its correction, ``Var(D_base) + 2 Cov(y_next,
+    D_base)``), ``var_fp`` (the full-precision state's variance) and ``var_diff`` (``Var(D)`` after the
+    corrected step: the predicted mean square difference from the full-precision run), each ``[units]``.
+    :func:`recording` collects the plans of sampler runs; :func:`qdrift.calib.check_correction` compares
+    the predictions with what the two models really do.
+
     Frequency bands. With a calibration made with ``bands=NB`` (:attr:`qdrift.Calibration.banded`) the
     surrogate's units are (channel, radial frequency band) pairs: every statistic above is per band, white
     noise a sampler injects splits by the bands' shares of the FFT bins, each step's ``c`` is per unit and
@@ -146,6 +184,9 @@ class DriftPlan:
     def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
                  method: Optional[str] = None, spatial: bool = True):
         # A moment-matching pass (qdrift.calib.match_moments) hands the plan its probe in place of V.
+        self.trace: list = []  # per corrected step: see the class docstring
+        for plans in getattr(_RECORDING, "stack", ()):
+            plans.append(self)
         self.matcher = V if hasattr(V, "match_step") else None
         if self.matcher is not None:
             V, method = self.matcher.calibration, "matched"
@@ -383,6 +424,7 @@ class DriftPlan:
             c, shift = self.matcher.match_step(i, x, x_base, float(sigma), float(sigma_eff))
             if c is None:
                 return x_base, None
+            self._log(i, sigma, sigma_eff, c)
             if c.ndim == 2:  # per frequency band
                 x_new = scale_increment_bands(x_base, x_base - x, c)
             else:
@@ -397,7 +439,9 @@ class DriftPlan:
             if correction == "noise" and noise_std is not None:
                 factor, q = lower_noise(noise_std, q)
             rule = quadrature_coefficient if quadrature else drift_coefficient
-            return apply_drift(x, x_base, clip_drift(rule(q, sigma, sigma_eff))), factor  # c <= 1, warned
+            c = clip_drift(rule(q, sigma, sigma_eff))  # c <= 1, warned
+            self._log(i, sigma, sigma_eff, c)
+            return apply_drift(x, x_base, c), factor
         self.evaluate(float(i), sigma)
         terms = ((float(i), 1.0, float(sigma_eff) - float(sigma)),) if terms is None else _terms(terms)
         key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction))
@@ -409,7 +453,8 @@ class DriftPlan:
             self._cache.put(key, solved)
         else:
             self._live = False  # the surrogate (if built) is behind the history now
-        c, factor, clipped = solved
+        c, factor, clipped, predicted = solved
+        self._log(i, sigma, sigma_eff, c, predicted)
         if clipped:
             # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
             # latent format, too large a strength), or the error too large for the step. What is not absorbed
@@ -427,12 +472,12 @@ class DriftPlan:
 
     def _solve(self, i: int, terms, noise_std: float, correction: str):
         """The step's balance on the surrogate, which it advances; returns ``(c [units], factor or None,
-        clipped)``."""
+        clipped, the surrogate's predictions for the trace)``."""
         src = self._src
         y_next, d_base = self._apply(terms)
         y_cur, d_cur = src.pad(self._y), src.pad(self._d)
         inc = y_next + d_base - y_cur - d_cur
-        const = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
+        const = excess = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
         factor = None
         if correction == "noise" and noise_std and self.bands > 1:
             # The sampler lowers its (white) noise per channel: each band loses its share of the lowered variance.
@@ -447,8 +492,12 @@ class DriftPlan:
         clipped = bool((c.abs() > MAX_DRIFT).any())
         c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         self._y, self._d = y_next, d_base + c * inc
+        predicted = {"excess": excess, "var_fp": src.covar(y_next, y_next), "var_diff": src.covar(self._d, self._d)}
         self._noise(noise_std, factor)
-        return c, factor, clipped
+        return c, factor, clipped, predicted
+
+    def _log(self, i: int, sigma: float, sigma_eff: float, c: torch.Tensor, predicted: Optional[dict] = None) -> None:
+        self.trace.append(dict(step=int(i), sigma=float(sigma), sigma_eff=float(sigma_eff), c=c, **(predicted or {})))
 
     def _error_model_at(self, levels: Sequence[float]):
         """The calibration's error model (computed once per run on its own grid) at ``levels``, with

@@ -4,7 +4,9 @@
 - :class:`PairedTrace`: the same in two passes (record the full-precision trajectory, then evaluate the
   quantized model on it) for two models that do not fit in memory together and for host applications;
 - both feed one :class:`PairedAccumulator` (per-step moments and cross-step sums) and return a
-  :class:`Calibration`.
+  :class:`Calibration`;
+- :func:`match_moments` adds moment-matching tables; :func:`check_correction` measures what a correction does
+  to the quantized run (against the full-precision run and the plan's prediction).
 """
 
 from .calibration import (
@@ -14,6 +16,7 @@ from .calibration import (
     interpolate_log_sigma,
     load_calibration,
 )
+from .check import CorrectionCheck, check_correction
 from .match import match_moments
 from .run import calibrate
 from .stats import PairedAccumulator, PairedMoments, TrajectorySums, batch_moments, gather_moments
@@ -21,6 +24,7 @@ from .trace import PairedTrace, PairedTraceError, calibration_from_pairs
 
 __all__ = [
     "Calibration",
+    "CorrectionCheck",
     "CalibrationFileError",
     "CalibrationFileNotFoundError",
     "PairedAccumulator",
@@ -31,6 +35,7 @@ __all__ = [
     "calibration_from_pairs",
     "batch_moments",
     "calibrate",
+    "check_correction",
     "gather_moments",
     "interpolate_log_sigma",
     "load_calibration",

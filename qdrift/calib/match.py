@@ -107,15 +107,15 @@ class _Solver:
         return c, shift
 
 
-def _run(info, model, x: torch.Tensor, sigmas: torch.Tensor, probe, seed: int, options: Dict[str, Any]) -> None:
-    """One sampler run with the probe in place of V; stochastic samplers get seeded noise (the same for both
-    runs of a batch; Brownian for the SDE solvers)."""
+def _run(info, model, x: torch.Tensor, sigmas: torch.Tensor, probe, seed: int, options: Dict[str, Any]) -> torch.Tensor:
+    """One sampler run with the probe (or a V) in place of V, returning its sample; stochastic samplers get
+    seeded noise (the same for every run of a batch; Brownian for the SDE solvers)."""
     if info.brownian:
         positive = sigmas[sigmas > 0]
         options = dict(options, noise_sampler=BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=seed))
     elif info.stochastic:
         options = dict(options, noise_sampler=default_noise_sampler(x, seed=seed))
-    info.fn(model, x, sigmas, probe, **options)
+    return info.fn(model, x, sigmas, probe, **options)
 
 
 @torch.no_grad()

@@ -1,0 +1,66 @@
+"""What a correction does on the bench networks, next to what its plan predicted (qdrift.check_correction).
+
+For each scheme: calibrate on the bench's K calibration noises (as ``qdrift bench`` does), then check the
+correction on those noises (in-sample) and on ``n`` evaluation noises (held out: the bench's evaluation seeds
+and labels). Prints one summary line per (scheme, method, noise set) and, with ``--table``, the per-level table.
+
+    python benchmarks/correction_check.py --model unet --sampler euler --schemes w4a8,w4a4,w3a4 -n 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+import qdrift
+
+from . import runner as R
+from .guidance import schedule
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="check Q-Drift's correction on the bench networks against its prediction")
+    p.add_argument("--model", default="unet", choices=sorted(R.MODEL_SAMPLERS))
+    p.add_argument("--sampler", default=None, help="bench sampler (default: the model's first)")
+    p.add_argument("--schemes", default="w4a8,w4a4,w3a4")
+    p.add_argument("--methods", default="paper,v2")
+    p.add_argument("--profile", default="stress", help="quantization profile (qdrift bench --quant-profile)")
+    p.add_argument("-K", type=int, default=5, help="calibration noises")
+    p.add_argument("-n", type=int, default=40, help="held-out evaluation noises")
+    p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sampler = args.sampler or R.MODEL_SAMPLERS[args.model][0]
+    if sampler not in R.MODEL_SAMPLERS[args.model]:
+        p.error(f"--sampler {sampler!r} is not a bench sampler of {args.model}: {', '.join(R.MODEL_SAMPLERS[args.model])}")
+    schemes = [s for s in args.schemes.split(",") if s]
+    cfg = R.BenchConfig(models=(args.model,), schemes=schemes, quant_profile=args.profile, progress=False, K=args.K)
+    bm = R.prepare_model(args.model, cfg, schemes, lambda s: None)
+    steps = cfg.steps_for(sampler)
+    block = R.Block(args.model, sampler, steps, schedule(args.model, bm.fp, steps))
+    cal_seeds = [R.CAL_SEED + k for k in range(args.K)]
+    held = R.EvalSet.for_config(R.BenchConfig(n_images=args.n, batch_size=args.n))
+    sets = {"calibration": (R.initial_noise(cal_seeds, float(block.sigmas[0])), R.calib_labels(args.K)),
+            "held-out": (R.initial_noise(held.seeds, float(block.sigmas[0])), held.labels)}
+    print(f"{args.model} {sampler} ({steps} steps), profile {args.profile}, K = {args.K}, held-out n = {args.n}")
+    for scheme in schemes:
+        cal, _ = R.calibrate_block(bm, scheme, block, args.K)
+        cal = cal.with_options(reduce=cfg.v_reduce[0])  # as the bench's Q-Drift rows
+        for method in args.methods.split(","):
+            for name, (x, labels) in sets.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+                    chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
+                                                  {"y": labels}, method=method, seed=R.CAL_SEED)
+                print(f"{scheme} {name}: {chk.summary()}", flush=True)
+                if args.table:
+                    print(chk.table(every=3) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Check a correction on the two models themselves: what it does to the quantized run, next to its prediction.
+
+Q-Drift v2 sizes each step's drift with a linear-Gaussian surrogate built from the calibration (see
+:class:`qdrift.plan.DriftPlan`). Whether that surrogate describes a given network is an empirical question:
+a real network's error can couple to the sample (a quantized U-Net's deviations grow with the image, a DiT's
+can shrink it), have a bias whose removal interacts with the rest, or add no variance at all. This check
+answers it on a few noises, at the cost of three sampler runs per batch:
+
+- the full-precision run, the plain quantized run and the corrected quantized run start from the same noise
+  (stochastic samplers get the same seeded noise in all three);
+- at every model call and at the end it measures, per channel (batch and positions pooled), each quantized
+  run's mean square difference from the full-precision run's state, its excess variance
+  ``Var(x) - Var(x_fp)`` and its mean difference;
+- next to them it puts what the run's plan predicted (:attr:`qdrift.plan.DriftPlan.trace`): the corrected
+  run's mean square difference ``Var(D)`` (exact methods) at the same levels.
+
+A correction that does its job leaves the corrected run's excess variance near 0 and removes most of the plain
+run's; a surrogate that fits predicts the mean square difference. Memory: the full-precision run's states of
+one batch at every model call (use ``batch_size`` for large latents); the statistics over batches are sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .calibration import Calibration
+from .match import _channel_stats, _run
+from .run import _batches
+
+__all__ = ["CorrectionCheck", "check_correction"]
+
+
+class _Inputs:
+    """A denoiser that keeps the state it is called at (per call, in order), and passes everything through."""
+
+    def __init__(self, model: Callable):
+        self.model, self.states, self.levels = model, [], []
+
+    def __call__(self, x, sigma, **kwargs):
+        self.states.append(x.detach())
+        self.levels.append(float(torch.as_tensor(sigma).reshape(-1)[0]))
+        return self.model(x, sigma, **kwargs)
+
+    def __getattr__(self, name):  # is_flow, inner_model, ... of the wrapped model
+        return getattr(self.__dict__["model"], name)
+
+
+class _Sums:
+    """Per (call, channel) float64 sums of a run's state, its square, and its square difference from the FP run."""
+
+    def __init__(self):
+        self.n = self.x = self.x2 = self.dx = self.d2 = None
+
+    def add(self, states: List[torch.Tensor], fp: List[torch.Tensor]) -> None:
+        t = torch.stack([_channel_stats(s) for s in states])  # [E, C, N]
+        f = torch.stack([_channel_stats(s) for s in fp])
+        parts = (torch.full(t.shape[:2], float(t.shape[2]), dtype=torch.float64), t.sum(2), (t * t).sum(2),
+                 (t - f).sum(2), ((t - f) ** 2).sum(2))
+        if self.n is None:
+            self.n, self.x, self.x2, self.dx, self.d2 = parts
+        else:
+            for name, value in zip(("n", "x", "x2", "dx", "d2"), parts):
+                setattr(self, name, getattr(self, name) + value)
+
+    def mean(self):
+        return self.x / self.n
+
+    def var(self):
+        return self.x2 / self.n - self.mean() ** 2
+
+    def mse(self):
+        return self.d2 / self.n
+
+    def mean_diff(self):
+        return self.dx / self.n
+
+
+@dataclass
+class CorrectionCheck:
+    """What a correction did on the check's noises. Per model call of the runs (rows; the last row is the
+    final sample, level 0) and channel, each ``[E, C]`` float64:
+
+    Attributes:
+        levels: the noise level of each row ``[E]``.
+        var_fp: the full-precision run's state variance.
+        excess_q, excess_corr: ``Var(x) - Var(x_fp)`` of the plain and the corrected quantized run.
+        mse_q, mse_corr: mean square difference from the full-precision run's state.
+        shift_q, shift_corr: mean difference from the full-precision run's state.
+        predicted_mse: the corrected run's plan's predicted mean square difference at the row's level (exact
+            methods; NaN where the plan predicts nothing at that level: the paper's method, ancestral levels).
+        method: the corrected run's method; trace: its plan's :attr:`~qdrift.plan.DriftPlan.trace` (last batch).
+        samples: noises checked.
+    """
+
+    levels: torch.Tensor
+    var_fp: torch.Tensor
+    excess_q: torch.Tensor
+    excess_corr: torch.Tensor
+    mse_q: torch.Tensor
+    mse_corr: torch.Tensor
+    shift_q: torch.Tensor
+    shift_corr: torch.Tensor
+    predicted_mse: torch.Tensor
+    method: str
+    samples: int
+    trace: List[Dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def removed(self) -> torch.Tensor:
+        """Share of the plain run's final excess variance the correction removed, per channel ``[C]`` (NaN
+        where the plain run has none)."""
+        ex = self.excess_q[-1]
+        return torch.where(ex > 0, 1 - self.excess_corr[-1] / ex.where(ex > 0, torch.ones_like(ex)),
+                           torch.full_like(ex, float("nan")))
+
+    def table(self, every: int = 1) -> str:
+        """A markdown table (channels averaged): per row level, FP variance, excess variance, mean square and
+        mean difference of the plain and corrected runs, and the predicted mean square difference."""
+        head = ("| level | Var fp | excess q | excess corr | MSE q | MSE corr | MSE predicted | shift q | shift corr |\n"
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows = [head]
+        last = len(self.levels) - 1
+        for e in range(len(self.levels)):
+            if e % every and e != last:
+                continue
+            cells = [self.var_fp, self.excess_q, self.excess_corr, self.mse_q, self.mse_corr, self.predicted_mse,
+                     self.shift_q, self.shift_corr]
+            rows.append(f"| {float(self.levels[e]):.4g} | " + " | ".join(f"{float(t[e].mean()):+.4g}" for t in cells) + " |")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        """One line: the final sample's excess variance and mean square difference, plain vs corrected."""
+        f = -1
+        ex_q, ex_c = float(self.excess_q[f].sum()), float(self.excess_corr[f].sum())
+        share = f"{1 - ex_c / ex_q:.0%}" if ex_q > 0 else "n/a: none to remove"
+        return (f"{self.method} on {self.samples} noises, final sample (channel mean): excess variance "
+                f"{float(self.excess_q[f].mean()):+.4g} -> {float(self.excess_corr[f].mean()):+.4g} "
+                f"(removed {share}), MSE to FP {float(self.mse_q[f].mean()):.4g} -> "
+                f"{float(self.mse_corr[f].mean()):.4g} (predicted {float(self.predicted_mse[f].mean()):.4g}), mean "
+                f"shift {float(self.shift_q[f].mean()):+.4g} -> {float(self.shift_corr[f].mean()):+.4g}")
+
+
+@torch.no_grad()
+def check_correction(
+    calibration: Calibration,
+    model_fp: Callable,
+    model_q: Callable,
+    x: Any,
+    sigmas: torch.Tensor,
+    sampler: str = "euler",
+    extra_args: Optional[Dict[str, Any]] = None,
+    *,
+    method: Optional[str] = None,
+    strength: float = 1.0,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    sampler_kwargs: Optional[Dict[str, Any]] = None,
+) -> CorrectionCheck:
+    """Runs the full-precision, the plain quantized and the corrected quantized sampler from the same noises and
+    measures what the correction did (see the module docstring).
+
+    Args:
+        calibration: a :class:`qdrift.Calibration` of ``model_q`` against ``model_fp``.
+        model_fp, model_q: the two denoisers ``D(x, sigma [B], **extra_args)``.
+        x: initial noise ``[K, C, ...]`` scaled by ``sigmas[0]``, or an iterable of batches (as
+            :func:`qdrift.calibrate`). Noises other than the calibration's say how the correction generalizes.
+        sigmas: the schedule ``[S + 1]``; sampler: a qdrift sampler's short name.
+        extra_args: keyword arguments for both models (per-sample tensors are split with x).
+        method, strength: the corrected run's (default: the calibration's default method).
+        batch_size: split a tensor ``x`` into batches of this size (None: one batch).
+        seed: seeds the sampler noise of stochastic samplers (the same for the three runs of a batch).
+        sampler_kwargs: further sampler options (``eta``, ``s_noise``, ...).
+
+    Raises:
+        ValueError: for an unknown sampler, a calibration of another channel count, or bad inputs.
+    """
+    from ..plan import recording
+    from ..samplers import sampler_info
+
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"check_correction: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
+    info = sampler_info(sampler)
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
+        raise ValueError(f"check_correction: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
+    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
+        if reserved in (sampler_kwargs or {}):
+            raise ValueError(f"check_correction: sampler_kwargs may not set {reserved!r}; the check sets it")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"check_correction: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    fp_sums, q_sums, corr_sums = _Sums(), _Sums(), _Sums()
+    predicted: Optional[torch.Tensor] = None
+    levels: List[float] = []
+    trace: List[Dict[str, Any]] = []
+    used = method
+    count = 0
+    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
+        if xb.shape[1] != calibration.channels:
+            raise ValueError(f"check_correction: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+        options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
+        runs = {}
+        for label, model, V, extra in (("fp", model_fp, None, {}), ("q", model_q, None, {}),
+                                       ("corr", model_q, calibration, {"method": method, "strength": strength})):
+            probe = _Inputs(model)
+            with recording() as plans:
+                out = _run(info, probe, xb, sigmas, V, seed + b, dict(options, **extra))
+            probe.states.append(out.detach())
+            if len(probe.states) != len(runs.get("fp", probe).states):
+                raise RuntimeError(f"check_correction: the {label} run called its model {len(probe.states) - 1} times, "
+                                   f"the full-precision run {len(runs['fp'].states) - 1}")
+            runs[label] = probe
+            if label == "corr":
+                plan = plans[0]
+                used, trace = plan.method, plan.trace
+        levels = runs["fp"].levels + [0.0]
+        fp_states = runs["fp"].states
+        for sums, label in ((fp_sums, "fp"), (q_sums, "q"), (corr_sums, "corr")):
+            sums.add(runs[label].states, fp_states)
+        count += xb.shape[0]
+        predicted = _predicted(trace, levels, calibration.channels)
+    if count == 0:
+        raise ValueError("check_correction: x held no batches")
+    var_fp = fp_sums.var()
+    return CorrectionCheck(
+        levels=torch.tensor(levels, dtype=torch.float64), var_fp=var_fp,
+        excess_q=q_sums.var() - var_fp, excess_corr=corr_sums.var() - var_fp,
+        mse_q=q_sums.mse(), mse_corr=corr_sums.mse(), shift_q=q_sums.mean_diff(), shift_corr=corr_sums.mean_diff(),
+        predicted_mse=predicted, method=used, samples=count, trace=trace,
+    )
+
+
+def _predicted(trace: List[Dict[str, Any]], levels: List[float], channels: int) -> torch.Tensor:
+    """The plan's predicted ``Var(D)`` at each row's level ``[E, C]``: a step's prediction is for its
+    deterministic result, at ``sigma_eff``; per band units are summed to their channel (bands are orthogonal)."""
+    out = torch.full((len(levels), channels), float("nan"), dtype=torch.float64)
+    by_level = {round(t["sigma_eff"], 12): t["var_diff"] for t in trace if "var_diff" in t}
+    for e, level in enumerate(levels):
+        value = by_level.get(round(level, 12))
+        if value is not None:
+            out[e] = value.reshape(channels, -1).sum(1)
+    return out

@@ -1,0 +1,81 @@
+"""qdrift.check_correction: what a correction does to the quantized run, measured against the FP run and the plan."""
+
+import pytest
+import torch
+
+import qdrift
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
+from qdrift.plan import recording
+
+DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
+SIGMAS = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+
+
+@pytest.fixture(scope="module")
+def cal():
+    x = DATA.prior(5, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(5))
+    return qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=7, var=0.1), x, SIGMAS, disable=True)
+
+
+def _noises(n=400, seed=1):
+    return DATA.prior(n, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "euler_ancestral"])
+def test_v2_removes_the_excess_and_predicts_the_difference(name, cal):
+    """Independent planted errors: v2 removes most of the excess final variance on held-out noises, and the plan's
+    predicted mean square difference from the FP run is the realized one (the surrogate is exact here)."""
+    chk = qdrift.check_correction(cal, DATA, PlantedErrorDenoiser(DATA, seed=11, var=0.1), _noises(), SIGMAS, name)
+    assert chk.method == "v2" and chk.samples == 400
+    removed = 1 - float(chk.excess_corr[-1].sum()) / float(chk.excess_q[-1].sum())
+    assert removed > 0.75, chk.summary()
+    ratio = float(chk.predicted_mse[-1].sum()) / float(chk.mse_corr[-1].sum())
+    assert 0.85 < ratio < 1.2, chk.summary()
+    assert float(chk.levels[-1]) == 0.0 and chk.levels.shape[0] == chk.excess_q.shape[0]
+    assert len(chk.trace) == len(SIGMAS) - 1
+    assert "removed" in chk.summary() and chk.table().count("\n") == len(chk.levels) + 1
+
+
+def test_identical_models_show_nothing_to_remove(cal):
+    chk = qdrift.check_correction(cal, DATA, DATA, _noises(50), SIGMAS, "euler", method="paper")
+    assert torch.equal(chk.mse_q, torch.zeros_like(chk.mse_q)) and torch.equal(chk.excess_q, torch.zeros_like(chk.excess_q))
+    assert torch.isnan(chk.removed()).all() and "n/a" in chk.summary()
+    assert torch.isnan(chk.predicted_mse).all()  # the paper's rule predicts nothing
+    assert bool((chk.mse_corr[-1] > 0).all())  # it still drifts: the calibration's V is not 0
+
+
+def test_batches_pool_like_one_batch(cal):
+    x = _noises(40)
+    one = qdrift.check_correction(cal, DATA, DATA, x, SIGMAS, "euler")
+    two = qdrift.check_correction(cal, DATA, DATA, [x[:15], x[15:]], SIGMAS, "euler")
+    assert two.samples == 40
+    for f in ("var_fp", "excess_q", "excess_corr", "mse_q", "mse_corr", "shift_corr"):
+        assert torch.allclose(getattr(one, f), getattr(two, f), rtol=1e-9, atol=1e-9), f
+
+
+def test_bad_inputs_are_named(cal):
+    x = _noises(4)
+    with pytest.raises(ValueError, match="must be a qdrift.Calibration"):
+        qdrift.check_correction(torch.ones(20, 3), DATA, DATA, x, SIGMAS)
+    with pytest.raises(ValueError, match="unknown qdrift sampler"):
+        qdrift.check_correction(cal, DATA, DATA, x, SIGMAS, "euler_b")
+    with pytest.raises(ValueError, match="may not set 'method'"):
+        qdrift.check_correction(cal, DATA, DATA, x, SIGMAS, sampler_kwargs={"method": "v2"})
+    with pytest.raises(ValueError, match="2 channels; expected the calibration's 3"):
+        qdrift.check_correction(cal, DATA, DATA, torch.randn(2, 2, 4), SIGMAS)
+    with pytest.raises(ValueError, match="1-D tensor"):
+        qdrift.check_correction(cal, DATA, DATA, x, [80.0, 0.0])
+
+
+def test_recording_collects_the_plans_of_runs_in_the_block(cal):
+    x = _noises(8)
+    with recording() as outer:
+        qdrift.sample_euler_qdrift(DATA, x.clone(), SIGMAS, cal, disable=True)
+        with recording() as inner:
+            qdrift.sample_heun_qdrift(DATA, x.clone(), SIGMAS, cal.V, disable=True)
+    qdrift.sample_euler_qdrift(DATA, x.clone(), SIGMAS, cal, disable=True)
+    assert len(outer) == 2 and len(inner) == 1 and inner[0] is outer[1]
+    v2, paper = outer
+    assert v2.method == "v2" and paper.method == "paper"
+    assert [t["step"] for t in v2.trace] == list(range(len(SIGMAS) - 1))
+    assert {"c", "excess", "var_fp", "var_diff"} <= set(v2.trace[0]) and "excess" not in paper.trace[0]
