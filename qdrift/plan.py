@@ -251,26 +251,32 @@ class DriftPlan:
         """The model with its output's gain and bias removed (method ``v2``), else the model itself."""
         if not self.gain:
             return model
-        cal = self.em_cal
-        if ("wrap", self.bands) not in self._cache:
+        from .calib.calibration import interpolate_log_sigma
+
+        cal, cache, strength = self.em_cal, self._cache, self.strength
+        if ("gain", self.bands) not in cache:
             em = cal.error_model(cal.sigmas, gain=True)
-            self._cache[("wrap", self.bands)] = (cal.sigmas.log().flip(0), em["k"].flip(0), em["b"].flip(0))
-        log_s, k, b = (t.to(self.device, torch.float64) for t in self._cache[("wrap", self.bands)])
-        k, b = k * self.strength, b * self.strength
+            cache[("gain", self.bands)] = torch.stack([em["k"], em["b"]], 1)  # [S, 2, units]
+        table = cache[("gain", self.bands)]
+
+        def gain_at(levels: tuple, x: torch.Tensor):
+            """``(k, b)`` ``[B or 1, units]`` at the call's levels on x's device (kept with the calibration)."""
+            key = ("gain at", self.bands, strength, levels, x.device)
+            if key not in cache:
+                kb = interpolate_log_sigma(table, cal.sigmas, torch.tensor(levels, dtype=torch.float64)) * strength
+                cache[key] = (kb[:, 0].to(x.device), kb[:, 1].to(x.device))
+            return cache[key]
 
         def corrected(x, sigma, **kwargs):
             denoised = model(x, sigma, **kwargs)
-            s = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1)
-            if len(log_s) > 1:
-                ls = s.clamp(min=1e-300).log().clamp(float(log_s[0]), float(log_s[-1]))
-                hi = torch.searchsorted(log_s, ls).clamp(1, len(log_s) - 1)
-                lo = hi - 1
-                w = ((ls - log_s[lo]) / (log_s[hi] - log_s[lo]))[:, None]
-                kk, bb = k[lo] * (1 - w) + k[hi] * w, b[lo] * (1 - w) + b[hi] * w
-            else:
-                kk, bb = k[[0] * len(s)], b[[0] * len(s)]
+            # The levels as host floats: one small copy (the output check has synchronized already), and the
+            # run's few levels then cost one lookup each.
+            levels = sigma.reshape(-1).tolist() if isinstance(sigma, torch.Tensor) else [float(sigma)]
+            if all(level == levels[0] for level in levels):
+                levels = levels[:1]
+            kk, bb = gain_at(tuple(levels), x)
             ct = compute_dtype(x)
-            sv = s.reshape((-1,) + (1,) * (x.ndim - 1)).to(ct)
+            sv = torch.tensor(levels, dtype=ct, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
             d = self._remove_gain((x - denoised).to(ct) / sv, kk, bb)
             return (x.to(ct) - sv * d).to(denoised.dtype)
 
@@ -571,6 +577,8 @@ class _Solved:
         return self.tables[key]
 
     def __setitem__(self, key, value):
+        if len(self.tables) >= self.LIMIT:
+            self.tables.clear()
         self.tables[key] = value
 
     def get(self, digest: bytes):

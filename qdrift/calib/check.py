@@ -110,7 +110,8 @@ class CorrectionCheck:
 
     def removed(self) -> torch.Tensor:
         """Share of the plain run's final excess variance the correction removed, per channel ``[C]`` (NaN
-        where the plain run has none)."""
+        where the plain run has none; :meth:`summary` reports the share only where the plain run's excess is
+        at least 1 % of the FP variance, as a ratio of two small noisy numbers means nothing)."""
         ex = self.excess_q[-1]
         return torch.where(ex > 0, 1 - self.excess_corr[-1] / ex.where(ex > 0, torch.ones_like(ex)),
                            torch.full_like(ex, float("nan")))
@@ -134,7 +135,8 @@ class CorrectionCheck:
         """One line: the final sample's excess variance and mean square difference, plain vs corrected."""
         f = -1
         ex_q, ex_c = float(self.excess_q[f].sum()), float(self.excess_corr[f].sum())
-        share = f"{1 - ex_c / ex_q:.0%}" if ex_q > 0 else "n/a: none to remove"
+        visible = ex_q > 0.01 * float(self.var_fp[f].sum())
+        share = f"{1 - ex_c / ex_q:.0%}" if visible else "n/a: the plain run's is under 1 % of the FP variance"
         return (f"{self.method} on {self.samples} noises, final sample (channel mean): excess variance "
                 f"{float(self.excess_q[f].mean()):+.4g} -> {float(self.excess_corr[f].mean()):+.4g} "
                 f"(removed {share}), MSE to FP {float(self.mse_q[f].mean()):.4g} -> "
