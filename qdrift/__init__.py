@@ -24,6 +24,7 @@ from .calib import (
     calibrate,
     check_correction,
     load_calibration,
+    tune_strength,
     match_moments,
 )
 from .samplers import (
@@ -56,6 +57,7 @@ __all__ = [
     "load_calibration",
     "match_moments",
     "check_correction",
+    "tune_strength",
     "DriftClippedWarning",
     "to_d",
     "append_dims",

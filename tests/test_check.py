@@ -79,3 +79,26 @@ def test_recording_collects_the_plans_of_runs_in_the_block(cal):
     assert v2.method == "v2" and paper.method == "paper"
     assert [t["step"] for t in v2.trace] == list(range(len(SIGMAS) - 1))
     assert {"c", "excess", "var_fp", "var_diff"} <= set(v2.trace[0]) and "excess" not in paper.trace[0]
+
+
+def test_tune_strength_finds_the_coupling_bound_minimum(cal):
+    """Each strength's MSE is the coupled runs' mean square difference; the choice is the smallest, 0 is the plain
+    sampler, and with identical models (nothing to correct) the choice is 0."""
+    x = _noises(100)
+    q = PlantedErrorDenoiser(DATA, seed=11, var=0.1)
+    tuned = qdrift.tune_strength(cal, DATA, q, x, SIGMAS, "euler", strengths=[0, 0.5, 1.0])
+    assert tuned.method == "v2" and tuned.samples == 100 and set(tuned.mse) == {0.0, 0.5, 1.0}
+    assert tuned.strength == min(tuned.mse, key=tuned.mse.get)
+    fp = qdrift.sample_euler_qdrift(DATA, x.clone(), SIGMAS, disable=True).double()
+    q2 = PlantedErrorDenoiser(DATA, seed=11, var=0.1)
+    plain = qdrift.sample_euler_qdrift(q2, x.clone(), SIGMAS, disable=True).double()
+    assert tuned.mse[0.0] == pytest.approx(float(((plain - fp) ** 2).mean()), rel=0, abs=0)
+    same = qdrift.tune_strength(cal, DATA, DATA, x, SIGMAS, "euler", strengths=(0, 1))
+    assert same.strength == 0.0 and same.mse[0.0] == 0.0 and same.mse[1.0] > 0
+    assert "strength 0" in same.summary()
+
+
+def test_tune_strength_refuses_bad_strengths(cal):
+    for bad in ([], [-0.5], [float("nan")], [True], ["1"]):
+        with pytest.raises(ValueError, match="strengths"):
+            qdrift.tune_strength(cal, DATA, DATA, _noises(4), SIGMAS, strengths=bad)

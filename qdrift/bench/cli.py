@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frequency bands of the rows of every method but paper, comma-separated, one row each "
                         "(default 1: per channel; e.g. 1,4 adds qdrift-<method>-b4 rows: v2's error model, or "
                         "moment matching, per channel and radial frequency band)")
+    p.add_argument("--tune", action="store_true",
+                   help="add a qdrift-<method>-tuned row after each row of an error-model method (not paper): its "
+                        "strength chosen by qdrift.tune_strength on the K calibration noises (the strength whose "
+                        "samples come closest to the FP sampler's); the row records the strength")
     p.add_argument("--baselines", type=_csv([b for b in BASELINES if b not in ("none", "qdrift")], allow_all=True),
                    default=[], help="extra rows: comma-separated peer baselines (ptqd,d2dpm,d2dpm_stochastic,tac,qncd,"
                                     "qdrift_gain) or 'all'")
@@ -156,7 +160,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
-        methods=tuple(args.methods), bands=tuple(args.bands),
+        methods=tuple(args.methods), bands=tuple(args.bands), tune=args.tune,
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,

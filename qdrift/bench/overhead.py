@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -61,6 +62,13 @@ solved steps on later runs (the plain "v2" columns: the steady state of generati
 
 
 def time_samplers(repeats: int, steps: int, batch: int):
+    # The random-weight stand-in's error is large for its output, so v2 clips some steps: cost, not quality.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        return _time_samplers(repeats, steps, batch)
+
+
+def _time_samplers(repeats: int, steps: int, batch: int):
     torch.manual_seed(0)
     model = SmallConvNet().eval()
     quantized = _perturbed(model)

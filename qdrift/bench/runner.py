@@ -89,6 +89,7 @@ class BenchConfig:
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
     bands: Sequence[int] = (1,)  # frequency bands of the exact-method and "matched" rows (one row each; 1 = per channel)
+    tune: bool = False  # also a "-tuned" row per exact-method row: strength by qdrift.tune_strength on the K noises
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -333,12 +334,14 @@ class Variant:
     baseline: Optional[str] = None
     method: Optional[str] = None
     bands: int = 1  # frequency bands of the error model (exact methods) or of moment matching ("matched")
+    tuned: bool = False  # strength chosen by qdrift.tune_strength on the calibration noises
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     """The rows of a block: quantized, then ``qdrift-<method>`` per method (the paper's method also per DPM
     form, ``-quadrature``), per V reduction (``-channel`` after the first), per band count of the exact methods
-    and of matching (``-b<N>``), then the baselines."""
+    and of matching (``-b<N>``), each exact-method row followed by its ``-tuned`` row with ``cfg.tune``, then
+    the baselines."""
     out = [Variant("quantized", scheme)]
     for method in cfg.methods:
         bands = (1,) if method == "paper" else tuple(cfg.bands)
@@ -356,6 +359,9 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
                     bsuffix = "" if b == 1 else f"-b{b}"
                     out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}", scheme, cfg.K, reduce, form,
                                        method=method, bands=b))
+                    if cfg.tune and method != "paper":
+                        out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-tuned", scheme, cfg.K, reduce,
+                                           form, method=method, bands=b, tuned=True))
     for b in cfg.baselines:
         out.append(Variant(b, scheme, 0 if b == "qncd" else cfg.K, baseline=b))
     return out
@@ -434,14 +440,16 @@ def progress_total(cfg: BenchConfig, n_batches: int) -> int:
                for m in cfg.models for s in cfg.sampler_names(m))
 
 
-def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block) -> RowSampling:
-    """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift), or a baseline."""
+def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block, strength: float = 1.0) -> RowSampling:
+    """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift, at ``strength``), or
+    a baseline."""
     if var.baseline is not None:
         den = make_baseline(var.baseline, den_q, cal)
         return RowSampling(den, partial(den.sampler_kwargs, block.fn, block.sigmas), den.reset)
     if var.v_reduce is not None:
         extra = {"form": var.form} if var.form is not None else {}
-        return RowSampling(den_q, partial(dict, V=cal.with_options(reduce=var.v_reduce), **extra, method=var.method))
+        return RowSampling(den_q, partial(dict, V=cal.with_options(reduce=var.v_reduce), **extra, method=var.method,
+                                          strength=strength))
     return RowSampling(den_q)
 
 
@@ -472,6 +480,16 @@ def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int, bands: in
     cal = qdrift.calibrate(bm.fp, bm.quantized[scheme], x_cal, block.sigmas, {"y": calib_labels(K)},
                            reduce="channel", disable=True, bands=bands)
     return cal, time.perf_counter() - t0
+
+
+def tune_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var: Variant) -> Tuple[Any, float]:
+    """``qdrift.tune_strength`` of a variant on the calibration's ``K`` noises (as the row samples: same V
+    reduction and method); returns the :class:`qdrift.calib.StrengthTuning` and its wall time."""
+    t0 = time.perf_counter()
+    x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
+    tuned = qdrift.tune_strength(cal.with_options(reduce=var.v_reduce), bm.fp, bm.quantized[scheme], x_cal,
+                                 block.sigmas, block.fn, {"y": calib_labels(K)}, method=var.method, seed=CAL_SEED)
+    return tuned, time.perf_counter() - t0
 
 
 def match_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, bands: int) -> Tuple[Any, float]:
@@ -528,7 +546,7 @@ def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
         return f"{var.scheme} Q"
     if var.method is not None and var.form in (None, cfg.dpm_forms[0]) and var.v_reduce == cfg.v_reduce[0]:
         bands = f" {var.bands} bands" if var.bands > 1 else ""
-        return f"{var.scheme} Q-Drift {var.method}{bands}"
+        return f"{var.scheme} Q-Drift {var.method}{bands}" + (" tuned" if var.tuned else "")
     return None
 
 
@@ -575,11 +593,17 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
                 if var.bands not in matched:
                     matched[var.bands] = match_block(bm, scheme, block, cfg.K, cal, var.bands)
                 use, use_secs = matched[var.bands][0], cal_secs + matched[var.bands][1]
-            how = variant_sampling(var, bm.quantized[scheme], use, block)
+            tuned = None
+            if var.tuned:
+                tuned, tune_secs = tune_block(bm, scheme, block, cfg.K, use, var)
+                use_secs += tune_secs
+            how = variant_sampling(var, bm.quantized[scheme], use, block, 1.0 if tuned is None else tuned.strength)
             images, secs = sample_row(block, how, evalset, bar, f"{scheme} {var.name}")
             feats = ev.features(images)
             ref = fp.feats if var.name == "quantized" else q_feats
             rows.append(variant_row(ev, block, var, images, feats, secs, use_secs, ref, fp, evalset, cfg))
+            if tuned is not None:
+                rows[-1].update(strength=tuned.strength, tune_mse={f"{k:g}": v for k, v in tuned.mse.items()})
             if var.name == "quantized":
                 q_feats = feats
             label = grid_label(var, cfg)

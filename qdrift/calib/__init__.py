@@ -6,7 +6,8 @@
 - both feed one :class:`PairedAccumulator` (per-step moments and cross-step sums) and return a
   :class:`Calibration`;
 - :func:`match_moments` adds moment-matching tables; :func:`check_correction` measures what a correction does
-  to the quantized run (against the full-precision run and the plan's prediction).
+  to the quantized run (against the full-precision run and the plan's prediction); :func:`tune_strength` picks
+  the strength whose samples come closest to the full-precision sampler's.
 """
 
 from .calibration import (
@@ -16,7 +17,7 @@ from .calibration import (
     interpolate_log_sigma,
     load_calibration,
 )
-from .check import CorrectionCheck, check_correction
+from .check import CorrectionCheck, StrengthTuning, check_correction, tune_strength
 from .match import match_moments
 from .run import calibrate
 from .stats import PairedAccumulator, PairedMoments, TrajectorySums, batch_moments, gather_moments
@@ -30,6 +31,7 @@ __all__ = [
     "PairedAccumulator",
     "PairedMoments",
     "PairedTrace",
+    "StrengthTuning",
     "PairedTraceError",
     "TrajectorySums",
     "calibration_from_pairs",
@@ -40,4 +42,5 @@ __all__ = [
     "interpolate_log_sigma",
     "load_calibration",
     "match_moments",
+    "tune_strength",
 ]

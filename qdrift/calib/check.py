@@ -22,7 +22,7 @@ one batch at every model call (use ``batch_size`` for large latents); the statis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from .calibration import Calibration
 from .match import _channel_stats, _run
 from .run import _batches
 
-__all__ = ["CorrectionCheck", "check_correction"]
+__all__ = ["CorrectionCheck", "StrengthTuning", "check_correction", "tune_strength"]
 
 
 class _Inputs:
@@ -242,3 +242,101 @@ def _predicted(trace: List[Dict[str, Any]], levels: List[float], channels: int) 
         if value is not None:
             out[e] = value.reshape(channels, -1).sum(1)
     return out
+
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+"""The strengths :func:`tune_strength` tries by default (0: the plain quantized sampler)."""
+
+
+@dataclass
+class StrengthTuning:
+    """What :func:`tune_strength` measured: the mean square difference of each strength's final samples from
+    the full-precision run's (pooled over samples, channels and positions), and the strength chosen."""
+
+    strength: float
+    mse: Dict[float, float]
+    method: str
+    samples: int
+
+    def summary(self) -> str:
+        cells = ", ".join(f"{s:g}: {m:.4g}" for s, m in self.mse.items())
+        return (f"{self.method}: strength {self.strength:g} (MSE to the FP sampler's samples on {self.samples} noises "
+                f"by strength: {cells})")
+
+
+@torch.no_grad()
+def tune_strength(
+    calibration: Calibration,
+    model_fp: Callable,
+    model_q: Callable,
+    x: Any,
+    sigmas: torch.Tensor,
+    sampler: str = "euler",
+    extra_args: Optional[Dict[str, Any]] = None,
+    *,
+    method: Optional[str] = None,
+    strengths: Sequence[float] = STRENGTHS,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    sampler_kwargs: Optional[Dict[str, Any]] = None,
+) -> StrengthTuning:
+    """The correction's ``strength`` that brings the quantized sampler's samples closest to the full-precision
+    sampler's, measured on a few noises.
+
+    Q-Drift promises the full-precision sampler's distribution. Started from the same noise (and the same
+    sampler noise), the corrected and the full-precision run are a coupling of the two output distributions,
+    so their mean square difference bounds the squared 2-Wasserstein distance between them from above:
+    ``W2^2 <= E |x_corr - x_fp|^2``. This runs the full-precision sampler once and the corrected quantized
+    sampler once per strength (0 is the plain quantized sampler) on ``x`` and returns the strength of the
+    smallest bound (ties: the one nearest 1). The error model's prediction is not involved: where it does not
+    describe the network (a correction that moves samples away from the full-precision ones, see
+    :func:`check_correction`) the measurement chooses a smaller strength, or 0.
+
+    Use the calibration's own noises or others (held-out noises say how the choice generalizes); with a
+    handful of samples the choice is one number from all their positions, not a per-step fit.
+
+    Args:
+        calibration, model_fp, model_q, x, sigmas, sampler, extra_args, method, batch_size, seed,
+            sampler_kwargs: as :func:`check_correction`.
+        strengths: the strengths to try (each >= 0).
+
+    Returns:
+        A :class:`StrengthTuning`; pass ``result.strength`` as the samplers' ``strength``.
+    """
+    from ..plan import recording
+    from ..samplers import sampler_info
+
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"tune_strength: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
+    info = sampler_info(sampler)
+    tried = []
+    for value in strengths if isinstance(strengths, (list, tuple)) else [strengths]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+            raise ValueError(f"tune_strength: strengths must be finite numbers >= 0, got {value!r}")
+        tried.append(float(value))
+    if not tried:
+        raise ValueError("tune_strength: strengths is empty; give at least one strength to try")
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
+        raise ValueError(f"tune_strength: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
+    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
+        if reserved in (sampler_kwargs or {}):
+            raise ValueError(f"tune_strength: sampler_kwargs may not set {reserved!r}; the tuning sets it")
+    sums = dict.fromkeys(tried, 0.0)
+    count, samples, used = 0, 0, method
+    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
+        if xb.shape[1] != calibration.channels:
+            raise ValueError(f"tune_strength: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+        options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
+        fp = _run(info, model_fp, xb, sigmas, None, seed + b, options).double()
+        for value in tried:
+            with recording() as plans:
+                out = _run(info, model_q, xb, sigmas, calibration, seed + b, dict(options, method=method, strength=value))
+            used = plans[0].method
+            sums[value] += float(((out.double() - fp) ** 2).sum())
+        count += fp.numel()
+        samples += xb.shape[0]
+    if count == 0:
+        raise ValueError("tune_strength: x held no batches")
+    mse = {value: sums[value] / count for value in tried}
+    best = min(tried, key=lambda value: (mse[value], abs(value - 1.0)))
+    return StrengthTuning(best, mse, used, samples)
