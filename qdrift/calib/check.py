@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .calibration import Calibration
-from .match import _channel_stats, _run
+from .match import _channel_stats, _run, check_pass
 from .run import _batches
 
 __all__ = ["CorrectionCheck", "StrengthTuning", "check_correction", "tune_strength"]
@@ -179,18 +179,8 @@ def check_correction(
         ValueError: for an unknown sampler, a calibration of another channel count, or bad inputs.
     """
     from ..plan import recording
-    from ..samplers import sampler_info
 
-    if not isinstance(calibration, Calibration):
-        raise ValueError(f"check_correction: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
-    info = sampler_info(sampler)
-    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
-        raise ValueError(f"check_correction: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
-    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
-        if reserved in (sampler_kwargs or {}):
-            raise ValueError(f"check_correction: sampler_kwargs may not set {reserved!r}; the check sets it")
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"check_correction: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    info = check_pass("check_correction", calibration, sampler, sigmas, sampler_kwargs)
     fp_sums, q_sums, corr_sums = _Sums(), _Sums(), _Sums()
     predicted: Optional[torch.Tensor] = None
     levels: List[float] = []
@@ -304,11 +294,8 @@ def tune_strength(
         A :class:`StrengthTuning`; pass ``result.strength`` as the samplers' ``strength``.
     """
     from ..plan import recording
-    from ..samplers import sampler_info
 
-    if not isinstance(calibration, Calibration):
-        raise ValueError(f"tune_strength: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
-    info = sampler_info(sampler)
+    info = check_pass("tune_strength", calibration, sampler, sigmas, sampler_kwargs)
     tried = []
     for value in strengths if isinstance(strengths, (list, tuple)) else [strengths]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
@@ -316,11 +303,6 @@ def tune_strength(
         tried.append(float(value))
     if not tried:
         raise ValueError("tune_strength: strengths is empty; give at least one strength to try")
-    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
-        raise ValueError(f"tune_strength: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
-    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
-        if reserved in (sampler_kwargs or {}):
-            raise ValueError(f"tune_strength: sampler_kwargs may not set {reserved!r}; the tuning sets it")
     sums = dict.fromkeys(tried, 0.0)
     count, samples, used = 0, 0, method
     for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):

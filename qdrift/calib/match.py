@@ -107,6 +107,25 @@ class _Solver:
         return c, shift
 
 
+def check_pass(who: str, calibration, sampler, sigmas, sampler_kwargs):
+    """The checks every pass that runs the sampler on both models makes (:func:`match_moments`,
+    :func:`qdrift.calib.check_correction`, :func:`qdrift.calib.tune_strength`); returns the sampler's
+    :class:`qdrift.samplers.SamplerInfo`."""
+    from ..samplers import sampler_info
+
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
+    info = sampler_info(sampler)
+    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
+        raise ValueError(f"{who}: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
+    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
+        if reserved in (sampler_kwargs or {}):
+            raise ValueError(f"{who}: sampler_kwargs may not set {reserved!r}; the pass sets it")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"{who}: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    return info
+
+
 def _run(info, model, x: torch.Tensor, sigmas: torch.Tensor, probe, seed: int, options: Dict[str, Any]) -> torch.Tensor:
     """One sampler run with the probe (or a V) in place of V, returning its sample; stochastic samplers get
     seeded noise (the same for every run of a batch; Brownian for the SDE solvers)."""
@@ -167,18 +186,7 @@ def match_moments(
     Raises:
         ValueError: for an unknown sampler, a calibration of another channel count, or bad inputs.
     """
-    from ..samplers import sampler_info
-
-    if not isinstance(calibration, Calibration):
-        raise ValueError(f"match_moments: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
-    info = sampler_info(sampler)
-    if sampler_kwargs is not None and not isinstance(sampler_kwargs, dict):
-        raise ValueError(f"match_moments: sampler_kwargs must be a dict or None, got {type(sampler_kwargs).__name__}")
-    for reserved in ("V", "method", "strength", "noise_sampler", "extra_args", "disable"):
-        if reserved in (sampler_kwargs or {}):
-            raise ValueError(f"match_moments: sampler_kwargs may not set {reserved!r}; the pass sets it")
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError(f"match_moments: sigmas must be a 1-D tensor with at least 2 values, got {sigmas!r:.80}")
+    info = check_pass("match_moments", calibration, sampler, sigmas, sampler_kwargs)
     if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
     started = time.time()
