@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import Callable
 
 import torch
 
@@ -19,15 +20,17 @@ import qdrift
 
 from . import runner as R
 from .guidance import schedule
+from .models import load_model
 
 
-def main(argv=None) -> int:
+def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> int:
     p = argparse.ArgumentParser(description="check Q-Drift's correction on the bench networks against its prediction")
     p.add_argument("--model", default="unet", choices=sorted(R.MODEL_SAMPLERS))
     p.add_argument("--sampler", default=None, help="bench sampler (default: the model's first)")
     p.add_argument("--schemes", default="w4a8,w4a4,w3a4")
     p.add_argument("--methods", default="paper,v2")
     p.add_argument("--profile", default="stress", help="quantization profile (qdrift bench --quant-profile)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bench's for the sampler)")
     p.add_argument("-K", type=int, default=5, help="calibration noises")
     p.add_argument("-n", type=int, default=40, help="held-out evaluation noises")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
@@ -39,8 +42,8 @@ def main(argv=None) -> int:
         p.error(f"--sampler {sampler!r} is not a bench sampler of {args.model}: {', '.join(R.MODEL_SAMPLERS[args.model])}")
     schemes = [s for s in args.schemes.split(",") if s]
     cfg = R.BenchConfig(models=(args.model,), schemes=schemes, quant_profile=args.profile, progress=False, K=args.K)
-    bm = R.prepare_model(args.model, cfg, schemes, lambda s: None)
-    steps = cfg.steps_for(sampler)
+    bm = R.prepare_model(args.model, cfg, schemes, lambda s: None, load_net)
+    steps = args.steps or cfg.steps_for(sampler)
     block = R.Block(args.model, sampler, steps, schedule(args.model, bm.fp, steps))
     cal_seeds = [R.CAL_SEED + k for k in range(args.K)]
     held = R.EvalSet.for_config(R.BenchConfig(n_images=args.n, batch_size=args.n))

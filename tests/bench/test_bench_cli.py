@@ -248,3 +248,18 @@ def test_report_merges_split_runs(smoke, tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing.json")])
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(capsys):
+    """benchmarks/correction_check.py on tiny untrained networks: one summary per (scheme, method, noise set)."""
+    from qdrift.bench import correction_check
+
+    torch.set_num_threads(1)
+    rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
+                                "--table", "--threads", "1"], load_net=_tiny)
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("w4a4 ")]
+    assert len(lines) == 4 and sum("calibration: paper" in ln for ln in lines) == 1
+    assert sum("held-out: v2 on 3 noises" in ln for ln in lines) == 1
+    assert "| level | Var fp |" in out
