@@ -450,12 +450,12 @@ class DriftPlan:
             return apply_drift(x, x_base, c), factor
         self.evaluate(float(i), sigma)
         terms = ((float(i), 1.0, float(sigma_eff) - float(sigma)),) if terms is None else _terms(terms)
-        key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction))
+        key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction, float(sigma), float(sigma_eff)))
         solved = self._cache.get(key)
         if solved is None:
             if not self._live:
                 self._build()
-            solved = self._solve(int(i), terms, float(noise_std or 0.0), correction)
+            solved = self._solve(int(i), terms, float(noise_std or 0.0), correction, float(sigma), float(sigma_eff))
             self._cache.put(key, solved)
         else:
             self._live = False  # the surrogate (if built) is behind the history now
@@ -476,7 +476,7 @@ class DriftPlan:
             return scale_increment_bands(x_base, x_base - x, c.reshape(self.channels, self.bands)), factor
         return apply_drift(x, x_base, c.to(device=x.device, dtype=compute_dtype(x))), factor
 
-    def _solve(self, i: int, terms, noise_std: float, correction: str):
+    def _solve(self, i: int, terms, noise_std: float, correction: str, sigma: float, sigma_eff: float):
         """The step's balance on the surrogate, which it advances; returns ``(c [units], factor or None,
         clipped, the surrogate's predictions for the trace)``."""
         src = self._src
@@ -497,6 +497,11 @@ class DriftPlan:
         c = balance_coefficient(const, lin, src.covar(inc, inc))
         clipped = bool((c.abs() > MAX_DRIFT).any())
         c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
+        # A step scaled by (1 + c) acts as a step to the lower level sigma + (1 + c)(sigma_eff - sigma); past
+        # level 0 it no longer removes noise but puts it back with its sign flipped (c sigma of it on a step to
+        # 0). So c stops where the scaled step reaches 0; what it cannot absorb stays for later steps.
+        if sigma > sigma_eff >= 0:
+            c = c.clamp(max=sigma_eff / (sigma - sigma_eff))
         self._y, self._d = y_next, d_base + c * inc
         predicted = {"excess": excess, "var_fp": src.covar(y_next, y_next), "var_diff": src.covar(self._d, self._d)}
         self._noise(noise_std, factor)

@@ -284,3 +284,22 @@ def test_cached_plan_still_warns_when_clipped(correlated_cal):
     for _ in range(2):
         with pytest.warns(qdrift.DriftClippedWarning):
             _run("euler", _planted(), x, sigmas, cal, strength=400.0)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_v2_never_scales_a_step_past_noise_level_zero(name, correlated_cal):
+    """A step scaled by (1 + c) is a step to sigma + (1 + c)(sigma_eff - sigma): v2's c stops where that reaches 0
+    (past it the step would put noise back), so a few long steps (a turbo schedule) cannot overshoot."""
+    from qdrift.plan import recording
+
+    sigmas = torch.tensor([80.0, 3.0, 0.45, 0.03, 0.0], dtype=torch.float64)
+    x = DATA.prior(64, 80.0, generator=torch.Generator().manual_seed(0))
+    with recording() as plans, warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        _run(name, _planted(), x, sigmas, correlated_cal, strength=4.0)
+    trace = plans[0].trace
+    assert len(trace) == 4
+    for t in trace:
+        bound = t["sigma_eff"] / (t["sigma"] - t["sigma_eff"])
+        assert float(t["c"].max()) <= bound + 1e-12, t
+    assert float(trace[-1]["c"].max()) <= 0.0
