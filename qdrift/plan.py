@@ -140,10 +140,12 @@ class DriftPlan:
 
         [Var(D_base) + 2 Cov(y_next, D_base)] + 2 c [Cov(D_base + y_next, Inc)] + c^2 Var(Inc) = 0,
 
-    solved exactly (:func:`balance_coefficient`). What one step cannot absorb stays in ``D`` and the next
-    step's balance takes it up. For a fresh error, one Euler step of pure noise this is
-    ``c = |h| V / (2 sigma_eff)`` to first order; the paper's ``|h| V / (2 sigma)`` (Eq. 12) is its
-    short-step limit.
+    solved exactly (:func:`balance_coefficient`), within ``|c| <= 1`` and ``c <= sigma_eff / (sigma -
+    sigma_eff)``: the scaled step goes to the level ``sigma + (1 + c)(sigma_eff - sigma)``, and past 0 it
+    would put noise back instead of removing it (``c sigma`` of it on a step to 0: the speckle of a few long
+    ancestral steps). What one step cannot absorb stays in ``D`` and the next step's balance takes it up.
+    For a fresh error, one Euler step of pure noise this is ``c = |h| V / (2 sigma_eff)`` to first order;
+    the paper's ``|h| V / (2 sigma)`` (Eq. 12) is its short-step limit.
 
     Args:
         V: a :class:`qdrift.Calibration` or a tensor table (see :func:`resolve_v`).
