@@ -258,15 +258,15 @@ class DriftPlan:
         cal, cache, strength = self.em_cal, self._cache, self.strength
         if ("gain", self.bands) not in cache:
             em = cal.error_model(cal.sigmas, gain=True)
-            cache[("gain", self.bands)] = torch.stack([em["k"], em["b"]], 1)  # [S, 2, units]
+            cache[("gain", self.bands)] = torch.stack([em["k"], em["j"], em["b"]], 1)  # [S, 3, units]
         table = cache[("gain", self.bands)]
 
         def gain_at(levels: tuple, x: torch.Tensor):
-            """``(k, b)`` ``[B or 1, units]`` at the call's levels on x's device (kept with the calibration)."""
+            """``(k, j, b)`` ``[B or 1, units]`` at the call's levels on x's device (kept with the calibration)."""
             key = ("gain at", self.bands, strength, levels, x.device)
             if key not in cache:
-                kb = interpolate_log_sigma(table, cal.sigmas, torch.tensor(levels, dtype=torch.float64)) * strength
-                cache[key] = (kb[:, 0].to(x.device), kb[:, 1].to(x.device))
+                kjb = interpolate_log_sigma(table, cal.sigmas, torch.tensor(levels, dtype=torch.float64)) * strength
+                cache[key] = tuple(kjb[:, i].to(x.device) for i in range(3))
             return cache[key]
 
         def corrected(x, sigma, **kwargs):
@@ -276,10 +276,10 @@ class DriftPlan:
             levels = sigma.reshape(-1).tolist() if isinstance(sigma, torch.Tensor) else [float(sigma)]
             if all(level == levels[0] for level in levels):
                 levels = levels[:1]
-            kk, bb = gain_at(tuple(levels), x)
+            kk, jj, bb = gain_at(tuple(levels), x)
             ct = compute_dtype(x)
             sv = torch.tensor(levels, dtype=ct, device=x.device).reshape((-1,) + (1,) * (x.ndim - 1))
-            d = self._remove_gain((x - denoised).to(ct) / sv, kk, bb)
+            d = self._remove_gain((x - denoised).to(ct) / sv, x.to(ct) / sv, kk, jj, bb)
             return (x.to(ct) - sv * d).to(denoised.dtype)
 
         for attr in ("is_flow", "inner_model", "name", "final"):
@@ -287,24 +287,31 @@ class DriftPlan:
                 setattr(corrected, attr, getattr(model, attr))
         return corrected
 
-    def _remove_gain(self, d: torch.Tensor, k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``(d - b) / (1 + k)`` per channel, or per channel and band (only band 0 carries a mean); ``d``
-        ``[B, C, ...]`` in its compute dtype, ``k``, ``b`` ``[B or 1, units]``."""
+    def _remove_gain(self, d: torch.Tensor, u: torch.Tensor, k: torch.Tensor, j: torch.Tensor,
+                     b: torch.Tensor) -> torch.Tensor:
+        """``(d - j u - b) / (1 + k)`` per channel, or per channel and band (only band 0 carries a mean); ``d``
+        and ``u`` (the state over sigma) ``[B, C, ...]`` in their compute dtype, ``k``, ``j``, ``b``
+        ``[B or 1, units]``."""
         shape = (-1, self.channels) + (1,) * (d.ndim - 2)
-        k, b = k.to(d.device), b.to(d.device)
+        k, j, b = k.to(d.device), j.to(d.device), b.to(d.device)
+        state = bool((j != 0).any())
         if self.bands > 1:
-            k, b = k.reshape(-1, self.channels, self.bands), b.reshape(-1, self.channels, self.bands)
-            return filter_bands(d, 1 / (1 + k)) - (b[..., 0] / (1 + k[..., 0])).reshape(shape).to(d.dtype)
-        return (d - b.reshape(shape).to(d.dtype)) / (1 + k.reshape(shape).to(d.dtype))
+            k, j, b = (t.reshape(-1, self.channels, self.bands) for t in (k, j, b))
+            out = filter_bands(d, 1 / (1 + k)) - (b[..., 0] / (1 + k[..., 0])).reshape(shape).to(d.dtype)
+            return out - filter_bands(u, j / (1 + k)).to(d.dtype) if state else out
+        k, j, b = (t.reshape(shape).to(d.dtype) for t in (k, j, b))
+        return ((d - j * u if state else d) - b) / (1 + k)
 
-    def correct_increment(self, inc: torch.Tensor, sigma: float, h: float) -> torch.Tensor:
-        """A step's increment ``h d_hat`` ``[B, C, ...]`` with the output's gain and bias at ``sigma`` removed,
-        ``h (d_hat - b) / (1 + k)`` (for schedulers that see increments, not denoiser outputs)."""
+    def correct_increment(self, inc: torch.Tensor, x: torch.Tensor, sigma: float, h: float) -> torch.Tensor:
+        """A step's increment ``h d_hat`` ``[B, C, ...]`` from the state ``x`` with the output's gain and bias at
+        ``sigma`` removed, ``h (d_hat - j x / sigma - b) / (1 + k)`` (for schedulers that see increments, not
+        denoiser outputs)."""
         if not self.gain:
             return inc
         em = self.em_cal.error_model(torch.tensor([float(sigma)], dtype=torch.float64), gain=True)
-        k, b = em["k"] * self.strength, em["b"] * self.strength * float(h)
-        return self._remove_gain(inc.to(compute_dtype(inc)), k, b).to(inc.dtype)
+        k, j, b = (em[key] * self.strength for key in ("k", "j", "b"))
+        ct = compute_dtype(inc)
+        return self._remove_gain(inc.to(ct), x.to(ct) * (float(h) / float(sigma)), k, j, b * float(h)).to(inc.dtype)
 
     # -- the surrogate ----------------------------------------------------------------------------------
     def evaluate(self, key: float, sigma: float, terms: Optional[Sequence[Tuple[float, float, float]]] = None) -> None:

@@ -26,11 +26,13 @@ __all__ = [
 
 REDUCES = ("channel", "scalar")
 FORMAT = "qdrift.calibration"
-FORMAT_VERSION = 2  # 2 adds the cross-step trajectory sums (tensors "traj_*"); version 1 files still load
+FORMAT_VERSION = 3  # 2 adds the cross-step trajectory sums (tensors "traj_*"), 3 their state cross sums
+# ("traj_cross_*", for the error's state gain); files of versions 1 and 2 still load
 _TENSORS = ("sigmas",) + MOMENT_FIELDS
 _TRAJ_PREFIX = "traj_"
 _BAND_PREFIX = "band_"  # the frequency-band statistics (Calibration.banded): band_<moment>, band_traj_<sum>
 MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
+MAX_STATE_GAIN = 0.5  # |j| (the gain of the denoised output, see Calibration.error_model) is kept within this
 
 
 class CalibrationFileError(ValueError):
@@ -307,9 +309,19 @@ class Calibration:
         exceeds three standard errors of the slope (pairs counted as independent), else 0, and ``1 + k``
         within ``[1/2, 2]``. The corrected output ``(d_hat - b) / (1 + k)`` differs from ``d_fp`` by
         ``r / (1 + k)``, whose variance ``V = Var(r) / (1 + k)^2`` is left for the drift. With
-        ``gain=False`` ``k = b = 0`` and ``V`` is this calibration's own :attr:`V`.
+        ``gain=False`` ``k = j = b = 0`` and ``V`` is this calibration's own :attr:`V`.
 
-        Keys: ``k``, ``b``, ``V``; ``var_d`` (``Var(d_fp)``), ``cov_xd`` (``Cov(x, d_fp)``) and ``var_x``
+        The state term (statistics of format version 3). A quantized network's denoised output often has
+        the wrong contrast: ``D_q - D_fp = g (D_fp - E D_fp) + ...``. In ``d = (x - D) / sigma`` that error
+        is ``-g D_fp / sigma``, which ``d_fp`` alone cannot express (at high noise ``d_fp`` is nearly all
+        noise; at low noise ``k`` would have to leave its bounds), and left in the residual it makes the
+        error depend on the state, against the drift's model. So with the trajectory's state cross sums the
+        error is fitted as ``delta = k d_fp + j x / sigma + b + r`` (the span of ``d_fp`` and
+        ``D_fp / sigma``: ``j = -g``) per (step, unit) by least squares on the (untrimmed) trajectory sums,
+        wherever ``|j|`` exceeds three standard errors; elsewhere the model is the split above, unchanged.
+        The corrected output is then ``(d_hat - j x / sigma - b) / (1 + k)``.
+
+        Keys: ``k``, ``j``, ``b``, ``V``; ``var_d`` (``Var(d_fp)``), ``cov_xd`` (``Cov(x, d_fp)``) and ``var_x``
         (variance of the FP trajectory's state) from the trajectory sums, or, without them, ``var_d`` from
         the moments, ``cov_xd = sigma`` (exact for a VE denoiser) and ``var_x = None``. Interpolated like
         :meth:`at`.
@@ -317,6 +329,7 @@ class Calibration:
         query = torch.as_tensor(sigmas).detach().double().cpu()
         m, t = self._reduced()
         full = (self.steps, self.channels)
+        j = torch.zeros(full, dtype=torch.float64)
         if gain:
             k = m.gain_slope()
             # A gain is only kept where the data show one: |k| > 3 standard errors of the regression slope
@@ -324,16 +337,18 @@ class Calibration:
             # Per frequency band, a sample's positions carry only as many independent values as the band has
             # FFT bins (a band-limited field is smooth): count those.
             shares = self.meta.get("band_shares")
-            n = m.n if shares is None else m.n * torch.tensor(shares, dtype=torch.float64).repeat(m.n.shape[1] // len(shares))
-            se = (m.gain_residual(k)[1] / (n.clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
+            share = 1.0 if shares is None else torch.tensor(shares, dtype=torch.float64).repeat(m.n.shape[1] // len(shares))
+            se = (m.gain_residual(k)[1] / ((m.n * share).clamp(min=2) * m.var_fp.clamp(min=1e-300))).sqrt()
             k = torch.where(k.abs() > 3 * se, k, torch.zeros_like(k))
             k = k.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
             b, var_r = m.gain_residual(k)
             v = var_r / (1 + k) ** 2
+            if t is not None and t.cross_xe is not None:
+                k, j, b, v = _with_state_gain(t, self.sigmas[:, None], share, k, b, v)
         else:
             k = b = torch.zeros(full, dtype=torch.float64)
             v = m.conditional_variance() if self.conditional else m.var_delta
-        table = {"k": k, "b": b, "V": v}
+        table = {"k": k, "j": j, "b": b, "V": v}
         if t is not None:
             table.update(var_d=t.d_variance(), cov_xd=t.state_d_covariance())
             log_var_x = t.state_variance().clamp(min=1e-300).log()
@@ -356,10 +371,11 @@ class Calibration:
         if self.trajectory is None:
             return None
         t = self._reduced()[1]
-        k = torch.zeros(t.shape, dtype=torch.float64)
+        k = s = torch.zeros(t.shape, dtype=torch.float64)
         if gain:
-            k = self.error_model(self.sigmas, gain=True)["k"][:, : t.shape[1]]
-        return t.residual_correlation(k).expand(self.steps, self.steps, self.channels)
+            em = self.error_model(self.sigmas, gain=True)
+            k, s = em["k"][:, : t.shape[1]], em["j"][:, : t.shape[1]] / self.sigmas[:, None]
+        return t.residual_correlation(k, s).expand(self.steps, self.steps, self.channels)
 
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
         """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
@@ -549,6 +565,36 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
         raise CalibrationFileError(f"load_calibration: {path} has an invalid set of trajectory tensors ({e})") from None
     except ValueError as e:
         raise CalibrationFileError(f"load_calibration: {path} is invalid: {e}") from None
+
+
+def _with_state_gain(t: TrajectorySums, sigma: torch.Tensor, share, k, b, v):
+    """The error model with the state term of :meth:`Calibration.error_model`: ``(k, j, b, V)`` ``[S, C]``.
+
+    Least squares of ``delta`` on ``(d_fp, x / sigma)`` per (step, unit) from the trajectory sums. Where
+    ``|j|`` does not exceed three standard errors the model stays ``(k, 0, b, V)`` as given (the PTQD split);
+    where it does, ``k`` is kept only if it also exceeds three standard errors (else ``j`` alone is refitted),
+    ``1 + k`` within ``[1/2, 2]``, ``|j| <= 1/2``, and ``b`` and ``V`` follow from the sums.
+    """
+    mo = t.step_moments()
+    sdd, suu, sdu = mo["dd"], mo["xx"] / sigma**2, mo["xd"] / sigma
+    sed, seu, see = mo["de"], mo["xe"] / sigma, mo["ee"]
+    det = sdd * suu - sdu**2
+    ok = det > 1e-12 * (sdd * suu).clamp(min=1e-300)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    kj = (sed * suu - seu * sdu) / safe
+    jj = (seu * sdd - sed * sdu) / safe
+    var_r = (see - kj * sed - jj * seu).clamp(min=0)
+    n = (t.n * share).clamp(min=2)
+    se_k, se_j = (var_r * suu / (n * safe)).sqrt(), (var_r * sdd / (n * safe)).sqrt()
+    state = ok & (jj.abs() > 3 * se_j)
+    alone = seu / suu.clamp(min=1e-300)
+    kj, jj = torch.where(kj.abs() > 3 * se_k, kj, torch.zeros_like(kj)), torch.where(kj.abs() > 3 * se_k, jj, alone)
+    kj = kj.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
+    jj = jj.clamp(-MAX_STATE_GAIN, MAX_STATE_GAIN)
+    b_s = mo["e"] - kj * mo["d"] - jj * mo["x"] / sigma
+    var_s = (see - 2 * kj * sed - 2 * jj * seu + kj**2 * sdd + 2 * kj * jj * sdu + jj**2 * suu).clamp(min=0)
+    pick = lambda new, old: torch.where(state, new, old)  # noqa: E731
+    return pick(kj, k), pick(jj, torch.zeros_like(jj)), pick(b_s, b), pick(var_s / (1 + kj) ** 2, v)
 
 
 def _file_kind(mode: int) -> str:

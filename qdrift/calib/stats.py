@@ -270,6 +270,7 @@ def sum_over_ranks(value: int, group=None) -> int:
 
 
 _TRAJ_FIELDS = ("n", "sum_d", "sum_e", "sum_x", "sum_xx", "sum_xd", "sum_dd", "sum_de", "sum_ee")
+_CROSS_FIELDS = ("cross_xx", "cross_xd", "cross_xe")
 
 
 @dataclass
@@ -289,6 +290,9 @@ class TrajectorySums:
         sum_x, sum_xx: ``sum x`` and ``sum x^2`` of the state the models were evaluated on ``[S, C]``.
         sum_xd: ``sum x d_fp`` ``[S, C]`` (``Cov(x, d)``: ``sigma`` for an exact VE denoiser, not for flow).
         sum_dd, sum_de, sum_ee: ``sum d_i d_j``, ``sum d_i delta_j``, ``sum delta_i delta_j`` ``[S, S, C]``.
+        cross_xx, cross_xd, cross_xe: ``sum x_i x_j``, ``sum x_i d_j``, ``sum x_i delta_j`` ``[S, S, C]``, for the
+            error's dependence on the state (:meth:`state_gain_fit`); None in statistics from before format
+            version 3 (all three or none).
     """
 
     n: torch.Tensor
@@ -300,6 +304,9 @@ class TrajectorySums:
     sum_dd: torch.Tensor
     sum_de: torch.Tensor
     sum_ee: torch.Tensor
+    cross_xx: Optional[torch.Tensor] = None
+    cross_xd: Optional[torch.Tensor] = None
+    cross_xe: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, torch.Tensor) or self.n.ndim != 1:
@@ -307,10 +314,14 @@ class TrajectorySums:
         if not isinstance(self.sum_d, torch.Tensor) or self.sum_d.ndim != 2:
             raise ValueError(f"TrajectorySums.sum_d must be a 2-D tensor [S, C], got {self.sum_d!r:.80}")
         steps, channels = self.sum_d.shape
+        pair = (steps, steps, channels)
         expected = {"n": (channels,), "sum_d": (steps, channels), "sum_e": (steps, channels),
-                    "sum_x": (steps, channels), "sum_xx": (steps, channels), "sum_xd": (steps, channels), "sum_dd": (steps, steps, channels),
-                    "sum_de": (steps, steps, channels), "sum_ee": (steps, steps, channels)}
-        for f in _TRAJ_FIELDS:
+                    "sum_x": (steps, channels), "sum_xx": (steps, channels), "sum_xd": (steps, channels), "sum_dd": pair,
+                    "sum_de": pair, "sum_ee": pair, "cross_xx": pair, "cross_xd": pair, "cross_xe": pair}
+        present = [f for f in _CROSS_FIELDS if getattr(self, f) is not None]
+        if present and len(present) != len(_CROSS_FIELDS):
+            raise ValueError(f"TrajectorySums: give all of {_CROSS_FIELDS} or none, got only {present}")
+        for f in self.fields:
             value = getattr(self, f)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[f]:
                 raise ValueError(
@@ -324,7 +335,8 @@ class TrajectorySums:
         """Empty sums for ``steps`` noise levels and ``channels`` channels."""
         s, c = steps, channels
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-        return cls(z(c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, s, c), z(s, s, c), z(s, s, c))
+        return cls(z(c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, c), z(s, s, c), z(s, s, c), z(s, s, c),
+                   z(s, s, c), z(s, s, c), z(s, s, c))
 
     @classmethod
     def of_batch(cls, x: torch.Tensor, d_fp: torch.Tensor, d_q: torch.Tensor) -> "TrajectorySums":
@@ -344,6 +356,7 @@ class TrajectorySums:
             n=torch.full((channels,), float(xs.shape[-1]), dtype=torch.float64),
             sum_d=d.sum(-1), sum_e=e.sum(-1), sum_x=xs.sum(-1), sum_xx=(xs * xs).sum(-1), sum_xd=(xs * d).sum(-1),
             sum_dd=outer(d, d), sum_de=outer(d, e), sum_ee=outer(e, e),
+            cross_xx=outer(xs, xs), cross_xd=outer(xs, d), cross_xe=outer(xs, e),
         )
 
     @property
@@ -351,19 +364,26 @@ class TrajectorySums:
         """``(S, C)``."""
         return tuple(self.sum_d.shape)
 
+    @property
+    def fields(self) -> tuple:
+        """The names of the fields these sums hold (the state cross sums only where present)."""
+        return _TRAJ_FIELDS + (_CROSS_FIELDS if self.cross_xe is not None else ())
+
     def tensors(self) -> Dict[str, torch.Tensor]:
-        """The fields by name."""
-        return {f: getattr(self, f) for f in _TRAJ_FIELDS}
+        """The fields by name (the state cross sums only where present)."""
+        return {f: getattr(self, f) for f in self.fields}
 
     def merge(self, other: "TrajectorySums") -> "TrajectorySums":
-        """Sums of the union of both data sets (element-wise addition)."""
+        """Sums of the union of both data sets (element-wise addition; the state cross sums only if both have
+        them)."""
         if not isinstance(other, TrajectorySums) or other.shape != self.shape:
             raise ValueError(f"TrajectorySums.merge: need sums of shape {self.shape}, got {getattr(other, 'shape', other)}")
-        return TrajectorySums(*(getattr(self, f) + getattr(other, f) for f in _TRAJ_FIELDS))
+        common = [f for f in self.fields if f in other.fields]
+        return TrajectorySums(**{f: getattr(self, f) + getattr(other, f) for f in common})
 
     def pooled(self) -> "TrajectorySums":
         """Sums pooled over channels (``[.., 1]``), for one scalar per step."""
-        return TrajectorySums(*(getattr(self, f).sum(-1, keepdim=True) for f in _TRAJ_FIELDS))
+        return TrajectorySums(**{f: v.sum(-1, keepdim=True) for f, v in self.tensors().items()})
 
     def state_variance(self) -> torch.Tensor:
         """``Var(x)`` of the calibration states per step ``[S, C]``."""
@@ -380,23 +400,45 @@ class TrajectorySums:
         n = self.n.clamp(min=1)
         return (torch.diagonal(self.sum_dd, dim1=0, dim2=1).transpose(0, 1) / n - (self.sum_d / n) ** 2).clamp(min=0)
 
-    def residual_covariance(self, gain: torch.Tensor) -> torch.Tensor:
-        """``Cov(r_i, r_j)`` of the residual ``r = delta - k d_fp`` between steps ``[S, S, C]``.
+    def step_moments(self) -> Dict[str, torch.Tensor]:
+        """Per step ``[S, C]``: the means ``d``, ``e`` (delta), ``x`` and the (co)variances ``dd``, ``de``, ``ee``,
+        ``xx``, ``xd``, ``xe`` (``xe`` = ``Cov(x, delta)``, only with the state cross sums)."""
+        n = self.n.clamp(min=1)
+        diag = lambda t: torch.diagonal(t, dim1=0, dim2=1).transpose(0, 1) / n  # noqa: E731
+        out = {"d": self.sum_d / n, "e": self.sum_e / n, "x": self.sum_x / n}
+        out.update(dd=diag(self.sum_dd) - out["d"] ** 2, de=diag(self.sum_de) - out["d"] * out["e"],
+                   ee=diag(self.sum_ee) - out["e"] ** 2, xx=self.sum_xx / n - out["x"] ** 2,
+                   xd=self.sum_xd / n - out["x"] * out["d"])
+        if self.cross_xe is not None:
+            out["xe"] = diag(self.cross_xe) - out["x"] * out["e"]
+        return out
+
+    def residual_covariance(self, gain: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``Cov(r_i, r_j)`` of the residual ``r = delta - k d_fp - s x`` between steps ``[S, S, C]``.
 
         Args:
             gain: ``k`` per step ``[S, C]`` or ``[S, 1]`` (zeros: the covariance of delta itself).
+            state: ``s`` per step, same shape, or None (0). Needs the state cross sums where nonzero.
         """
         n = self.n.clamp(min=1)
-        md, me = self.sum_d / n, self.sum_e / n
-        cov_dd = self.sum_dd / n - md[:, None] * md[None]
-        cov_de = self.sum_de / n - md[:, None] * me[None]  # Cov(d_i, delta_j)
-        cov_ee = self.sum_ee / n - me[:, None] * me[None]
+        md, me, mx = self.sum_d / n, self.sum_e / n, self.sum_x / n
+        cov = lambda sums, a, b: sums / n - a[:, None] * b[None]  # noqa: E731  [S, S, C]: Cov(a_i, b_j)
+        cov_dd, cov_de, cov_ee = cov(self.sum_dd, md, md), cov(self.sum_de, md, me), cov(self.sum_ee, me, me)
         ki, kj = gain[:, None], gain[None]
-        return cov_ee - kj * cov_de.transpose(0, 1) - ki * cov_de + ki * kj * cov_dd
+        out = cov_ee - kj * cov_de.transpose(0, 1) - ki * cov_de + ki * kj * cov_dd
+        if state is None or not bool((state != 0).any()):
+            return out
+        if self.cross_xe is None:
+            raise ValueError("TrajectorySums.residual_covariance: a state term needs the state cross sums")
+        cov_xx, cov_xd, cov_xe = cov(self.cross_xx, mx, mx), cov(self.cross_xd, mx, md), cov(self.cross_xe, mx, me)
+        si, sj = state[:, None], state[None]
+        # - s_j Cov(r'_i, x_j) - s_i Cov(x_i, r'_j) + s_i s_j Cov(x_i, x_j), with r' = delta - k d
+        return (out - sj * (cov_xe.transpose(0, 1) - ki * cov_xd.transpose(0, 1))
+                - si * (cov_xe - kj * cov_xd) + si * sj * cov_xx)
 
-    def residual_correlation(self, gain: torch.Tensor) -> torch.Tensor:
+    def residual_correlation(self, gain: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Correlation of the residual between steps ``[S, S, C]`` (1 on the diagonal, within [-1, 1])."""
-        cov = self.residual_covariance(gain)
+        cov = self.residual_covariance(gain, state)
         var = torch.diagonal(cov, dim1=0, dim2=1).transpose(0, 1).clamp(min=0)  # [S, C]
         scale = (var[:, None] * var[None]).sqrt()
         rho = torch.where(scale > 0, cov / scale.clamp(min=1e-300), torch.zeros_like(cov))

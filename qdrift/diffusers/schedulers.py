@@ -226,7 +226,7 @@ class _QDriftMixin:
                                           spatial=dim in (1, 1 - sample.ndim))  # packed latents: tokens, no grid
         plan = self._qdrift_plan
         if self._qdrift_plans:
-            inc = plan.correct_increment(inc, sigma, sigma_eff - sigma)
+            inc = plan.correct_increment(inc, x, sigma, sigma_eff - sigma)
         base = x + inc
         corrected, _ = plan.step(i, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
         # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)
