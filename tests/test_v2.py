@@ -303,3 +303,67 @@ def test_v2_never_scales_a_step_past_noise_level_zero(name, correlated_cal):
         bound = t["sigma_eff"] / (t["sigma"] - t["sigma_eff"])
         assert float(t["c"].max()) <= bound + 1e-12, t
     assert float(trace[-1]["c"].max()) <= 0.0
+
+
+class _Binary:
+    """Exact denoiser of data x0 = +-1 (equally likely, independent per position), VE: D = tanh(x / sigma^2)."""
+
+    def __call__(self, x, sigma, **kwargs):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        return torch.tanh(x / s**2)
+
+
+class _ContrastError:
+    """The binary denoiser with a planted error in the denoised output: D_q = (1 + g) D + c + noise."""
+
+    def __init__(self, g=0.15, c=-0.05, std=0.02, seed=0):
+        self.g, self.c, self.std, self.gen = g, c, std, torch.Generator().manual_seed(seed)
+
+    def __call__(self, x, sigma, **kwargs):
+        noise = torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
+        return (1 + self.g) * _Binary()(x, sigma) + self.c + self.std * noise
+
+
+def _binary_prior(n, sigma, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 2, (n, 1, 8, 8), generator=gen).double() * 2 - 1
+    return x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+
+
+def test_the_state_term_recovers_a_contrast_error_and_old_statistics_fall_back():
+    """A contrast error of the denoised output, ``D_q = 1.15 D + c``, is ``delta = 0.15 (d - x / sigma) - c /
+    sigma`` in ``d``: the error model finds ``k = 0.15, j = -0.15`` where the data determine them, and v2 with it
+    brings the non-Gaussian sample's mean and variance back; without the state cross sums (statistics of format 2)
+    the model is the former ``delta = k d + b`` and does not."""
+    sigmas = qdrift.get_sigmas_karras(20, 0.02, 10.0).double()
+    cal = qdrift.calibrate(_Binary(), _ContrastError(), _binary_prior(16, 10.0, 1), sigmas, disable=True)
+    em = cal.error_model(cal.sigmas, gain=True)
+    mid = (cal.sigmas > 0.3) & (cal.sigmas < 3.0)
+    assert torch.allclose(em["j"][mid], torch.full_like(em["j"][mid], -0.15), atol=0.03), em["j"][:, 0]
+    assert torch.allclose(em["k"][mid], torch.full_like(em["k"][mid], 0.15), atol=0.03), em["k"][:, 0]
+    t = cal.trajectory
+    old = type(cal)(cal.sigmas, cal.moments, meta=dict(cal.meta), trajectory=TrajectorySums(
+        **{f: getattr(t, f) for f in ("n", "sum_d", "sum_e", "sum_x", "sum_xx", "sum_xd", "sum_dd", "sum_de", "sum_ee")}))
+    assert float(old.error_model(old.sigmas, gain=True)["j"].abs().max()) == 0.0
+    x = _binary_prior(4000, 10.0, 2)
+    fp = qdrift.sample_euler_qdrift(_Binary(), x, sigmas, disable=True)
+    plain = qdrift.sample_euler_qdrift(_ContrastError(seed=3), x, sigmas, disable=True)
+    new = qdrift.sample_euler_qdrift(_ContrastError(seed=3), x, sigmas, cal, disable=True)
+    former = qdrift.sample_euler_qdrift(_ContrastError(seed=3), x, sigmas, old, disable=True)
+    mse = lambda out: float(((out - fp) ** 2).mean())  # noqa: E731
+    var_err = lambda out: abs(float(out.var() / fp.var()) - 1)  # noqa: E731
+    assert mse(new) < 0.25 * mse(plain) and mse(new) < 0.5 * mse(former), (mse(plain), mse(former), mse(new))
+    assert var_err(new) < 0.02 < var_err(plain), (var_err(plain), var_err(former), var_err(new))
+
+
+def test_residual_covariance_with_a_state_term_is_that_of_the_explicit_residual():
+    gen = torch.Generator().manual_seed(0)
+    x, d, q = (torch.randn(3, 6, 2, 4, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    sums = TrajectorySums.of_batch(x, d, q)
+    k, s = torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    flat = lambda t: t.transpose(1, 2).reshape(3, 2, -1)  # noqa: E731  [S, C, P]
+    r = flat(q - d) - k[..., None] * flat(d) - s[..., None] * flat(x)
+    expected = torch.stack([torch.cov(r[:, c], correction=0) for c in range(2)], -1)
+    assert torch.allclose(sums.residual_covariance(k, s), expected)
+    with pytest.raises(ValueError, match="all of"):
+        TrajectorySums(**{**sums.tensors(), "cross_xe": None})
