@@ -266,7 +266,9 @@ class DriftPlan:
             key = ("gain at", self.bands, strength, levels, x.device)
             if key not in cache:
                 kjb = interpolate_log_sigma(table, cal.sigmas, torch.tensor(levels, dtype=torch.float64)) * strength
-                cache[key] = tuple(kjb[:, i].to(x.device) for i in range(3))
+                # j = None where there is no state term (decided here, on the host: no device sync per call)
+                cache[key] = tuple(None if i == 1 and not bool((kjb[:, 1] != 0).any()) else kjb[:, i].to(x.device)
+                                   for i in range(3))
             return cache[key]
 
         def corrected(x, sigma, **kwargs):
@@ -287,20 +289,22 @@ class DriftPlan:
                 setattr(corrected, attr, getattr(model, attr))
         return corrected
 
-    def _remove_gain(self, d: torch.Tensor, u: torch.Tensor, k: torch.Tensor, j: torch.Tensor,
+    def _remove_gain(self, d: torch.Tensor, u: torch.Tensor, k: torch.Tensor, j: Optional[torch.Tensor],
                      b: torch.Tensor) -> torch.Tensor:
         """``(d - j u - b) / (1 + k)`` per channel, or per channel and band (only band 0 carries a mean); ``d``
         and ``u`` (the state over sigma) ``[B, C, ...]`` in their compute dtype, ``k``, ``j``, ``b``
-        ``[B or 1, units]``."""
+        ``[B or 1, units]`` (``j`` None: no state term)."""
         shape = (-1, self.channels) + (1,) * (d.ndim - 2)
-        k, j, b = k.to(d.device), j.to(d.device), b.to(d.device)
-        state = bool((j != 0).any())
+        k, b = k.to(d.device), b.to(d.device)
         if self.bands > 1:
-            k, j, b = (t.reshape(-1, self.channels, self.bands) for t in (k, j, b))
+            k, b = k.reshape(-1, self.channels, self.bands), b.reshape(-1, self.channels, self.bands)
             out = filter_bands(d, 1 / (1 + k)) - (b[..., 0] / (1 + k[..., 0])).reshape(shape).to(d.dtype)
-            return out - filter_bands(u, j / (1 + k)).to(d.dtype) if state else out
-        k, j, b = (t.reshape(shape).to(d.dtype) for t in (k, j, b))
-        return ((d - j * u if state else d) - b) / (1 + k)
+            if j is None:
+                return out
+            return out - filter_bands(u, j.to(d.device).reshape(k.shape) / (1 + k)).to(d.dtype)
+        if j is not None:
+            d = d - j.to(d.device).reshape(shape).to(d.dtype) * u
+        return (d - b.reshape(shape).to(d.dtype)) / (1 + k.reshape(shape).to(d.dtype))
 
     def correct_increment(self, inc: torch.Tensor, x: torch.Tensor, sigma: float, h: float) -> torch.Tensor:
         """A step's increment ``h d_hat`` ``[B, C, ...]`` from the state ``x`` with the output's gain and bias at
@@ -310,6 +314,7 @@ class DriftPlan:
             return inc
         em = self.em_cal.error_model(torch.tensor([float(sigma)], dtype=torch.float64), gain=True)
         k, j, b = (em[key] * self.strength for key in ("k", "j", "b"))
+        j = j if bool((j != 0).any()) else None
         ct = compute_dtype(inc)
         return self._remove_gain(inc.to(ct), x.to(ct) * (float(h) / float(sigma)), k, j, b * float(h)).to(inc.dtype)
 

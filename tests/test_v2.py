@@ -11,7 +11,7 @@ import torch
 
 import qdrift
 from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
-from qdrift.calib.stats import TrajectorySums
+from qdrift.calib.stats import _TRAJ_FIELDS, TrajectorySums
 from qdrift.correction import balance_coefficient
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
@@ -343,7 +343,7 @@ def test_the_state_term_recovers_a_contrast_error_and_old_statistics_fall_back()
     assert torch.allclose(em["k"][mid], torch.full_like(em["k"][mid], 0.15), atol=0.03), em["k"][:, 0]
     t = cal.trajectory
     old = type(cal)(cal.sigmas, cal.moments, meta=dict(cal.meta), trajectory=TrajectorySums(
-        **{f: getattr(t, f) for f in ("n", "sum_d", "sum_e", "sum_x", "sum_xx", "sum_xd", "sum_dd", "sum_de", "sum_ee")}))
+        **{f: getattr(t, f) for f in _TRAJ_FIELDS}))
     assert float(old.error_model(old.sigmas, gain=True)["j"].abs().max()) == 0.0
     x = _binary_prior(4000, 10.0, 2)
     fp = qdrift.sample_euler_qdrift(_Binary(), x, sigmas, disable=True)
@@ -354,6 +354,10 @@ def test_the_state_term_recovers_a_contrast_error_and_old_statistics_fall_back()
     var_err = lambda out: abs(float(out.var() / fp.var()) - 1)  # noqa: E731
     assert mse(new) < 0.25 * mse(plain) and mse(new) < 0.5 * mse(former), (mse(plain), mse(former), mse(new))
     assert var_err(new) < 0.02 < var_err(plain), (var_err(plain), var_err(former), var_err(new))
+    # Per frequency band: the state term acts on each band of x / sigma.
+    banded = qdrift.calibrate(_Binary(), _ContrastError(), _binary_prior(16, 10.0, 1), sigmas, disable=True, bands=2)
+    per_band = qdrift.sample_euler_qdrift(_ContrastError(seed=3), x, sigmas, banded, disable=True)
+    assert var_err(per_band) < 0.02 and mse(per_band) < 0.5 * mse(plain), (var_err(per_band), mse(per_band))
 
 
 def test_residual_covariance_with_a_state_term_is_that_of_the_explicit_residual():
