@@ -371,3 +371,94 @@ def test_residual_covariance_with_a_state_term_is_that_of_the_explicit_residual(
     assert torch.allclose(sums.residual_covariance(k, s), expected)
     with pytest.raises(ValueError, match="all of"):
         TrajectorySums(**{**sums.tensors(), "cross_xe": None})
+
+
+class _PlantedState:
+    """The binary denoiser with a planted error in ``d``: ``delta = K d + J x / sigma + std * noise``."""
+
+    def __init__(self, K, J, std=0.05, seed=0):
+        self.K, self.J, self.std, self.gen = K, J, std, torch.Generator().manual_seed(seed)
+
+    def __call__(self, x, sigma, **kwargs):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        D = _Binary()(x, sigma)
+        noise = torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
+        return D - s * (self.K * (x - D) / s + self.J * x / s + self.std * noise)
+
+
+@pytest.mark.parametrize("K,J", [(1.4, -0.3), (0.2, 0.9), (-0.7, 0.1), (0.1, -0.2)])
+def test_the_bounded_state_fit_is_the_least_squares_fit_in_the_box_and_never_worse_than_the_split(K, J):
+    """Where ``d_fp`` and ``x / sigma`` are nearly collinear (high noise) and the planted gains lie outside the
+    bounds (``1 + k`` in [1/2, 2], ``|j| <= 1/2``), the fitted ``(k, j)`` is the least-squares optimum within the
+    bounds (checked against a grid), and the state model never leaves a larger ``V`` than the split
+    ``delta = k d + b`` on the same statistics; inside the bounds the planted gains are recovered."""
+    sigmas = torch.tensor([5.0, 1.0, 0.2, 0.0], dtype=torch.float64)
+    cal = qdrift.calibrate(_Binary(), _PlantedState(K, J), _binary_prior(16, 5.0, 1), sigmas, disable=True)
+    em = cal.error_model(cal.sigmas, gain=True)
+    t = cal.trajectory
+    split = type(cal)(cal.sigmas, cal.moments, meta=dict(cal.meta), trajectory=TrajectorySums(
+        **{f: getattr(t, f) for f in _TRAJ_FIELDS})).error_model(cal.sigmas, gain=True)
+    mo = t.step_moments()
+    s = cal.sigmas[:, None]
+    sdd, suu, sdu, sed, seu, see = mo["dd"], mo["xx"] / s**2, mo["xd"] / s, mo["de"], mo["xe"] / s, mo["ee"]
+
+    def resid(i, k, j):  # residual variance of delta - k d - j x / sigma at step i
+        return (see[i, 0] - 2 * k * sed[i, 0] - 2 * j * seu[i, 0] + k**2 * sdd[i, 0] + 2 * k * j * sdu[i, 0]
+                + j**2 * suu[i, 0])
+
+    kg, jg = torch.meshgrid(torch.linspace(-0.5, 1.0, 301, dtype=torch.float64),
+                            torch.linspace(-0.5, 0.5, 201, dtype=torch.float64), indexing="ij")
+    state = em["j"][:, 0] != 0
+    assert bool(state.any()), em
+    for i in torch.nonzero(state)[:, 0].tolist():
+        k, j = em["k"][i, 0], em["j"][i, 0]
+        assert -0.5 <= float(k) <= 1.0 and abs(float(j)) <= 0.5
+        # k = 0 where the data do not show a gain: then j is the best one alone
+        best = resid(i, kg, jg).min() if k != 0 else resid(i, 0.0, jg[0]).min()
+        assert float(resid(i, k, j)) <= float(best) + 1e-9 * float(see[i, 0]), (i, float(k), float(j))
+        assert torch.isclose(em["V"][i, 0], resid(i, k, j) / (1 + k) ** 2)
+        assert float(em["V"][i, 0]) < float(resid(i, split["k"][i, 0], 0.0) / (1 + split["k"][i, 0]) ** 2)
+    for key in ("k", "b", "V"):  # where the state term is not used, the model is the split's
+        assert torch.equal(em[key][~state], split[key][~state]), key
+    if (K, J) == (0.1, -0.2):
+        assert bool(state[1:].all())
+        assert torch.allclose(em["k"][1:, 0], torch.full((2,), K, dtype=torch.float64), atol=0.02), em["k"]
+        assert torch.allclose(em["j"][1:, 0], torch.full((2,), J, dtype=torch.float64), atol=0.02), em["j"]
+
+
+def test_a_version_2_file_loads_without_the_state_term_and_merging_it_says_what_is_lost(tmp_path):
+    """A file of format version 2 (trajectory sums without the state cross sums) loads with ``j = 0`` and the
+    split ``delta = k d + b``; a version-3 file keeps the state term. Merging calibrations of which only one
+    has the state cross sums (or the trajectory sums) drops them from the result, and says so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sigmas = qdrift.get_sigmas_karras(10, 0.02, 10.0).double()
+    cal = qdrift.calibrate(_Binary(), _ContrastError(), _binary_prior(8, 10.0, 1), sigmas, disable=True)
+    path, old_path = tmp_path / "v3.qdrift.safetensors", tmp_path / "v2.qdrift.safetensors"
+    cal.save(path)
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["qdrift"])
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys if not k.startswith("traj_cross_")}
+    assert header["format_version"] == 3 and len(tensors) == len(keys) - 3
+    save_file(tensors, str(old_path), metadata={"qdrift": json.dumps({**header, "format_version": 2})})
+    new, old = qdrift.load_calibration(path), qdrift.load_calibration(old_path)
+    assert old.trajectory is not None and old.trajectory.cross_xe is None
+    em_new, em_old = new.error_model(new.sigmas, gain=True), old.error_model(old.sigmas, gain=True)
+    assert torch.equal(em_new["j"], cal.error_model(cal.sigmas, gain=True)["j"]) and bool((em_new["j"] != 0).any())
+    assert float(em_old["j"].abs().max()) == 0.0 and bool((em_old["k"] != em_new["k"]).any())
+    x = _binary_prior(16, 10.0, 2)
+    outs = [qdrift.sample_euler_qdrift(_ContrastError(seed=3), x, sigmas, c, disable=True) for c in (new, old)]
+    assert all(bool(torch.isfinite(o).all()) for o in outs) and not torch.equal(*outs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert new.merge(new).trajectory.cross_xe is not None  # nothing lost: no warning
+    with pytest.warns(UserWarning, match="only one .* state cross sums"):
+        assert new.merge(old).trajectory.cross_xe is None
+    bare = type(cal)(cal.sigmas, cal.moments, meta=dict(cal.meta))
+    with pytest.warns(UserWarning, match="only one .* trajectory sums"):
+        assert bare.merge(new).trajectory is None

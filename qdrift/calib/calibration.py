@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import stat
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -365,8 +366,8 @@ class Calibration:
     def error_correlation(self, *, gain: bool) -> Optional[torch.Tensor]:
         """Correlation of the (residual) error between calibrated steps ``[S, S, C]``, or None.
 
-        The residual is ``delta - k d_fp`` with :meth:`error_model`'s gain when ``gain`` is True, else
-        ``delta``. None when the calibration has no trajectory sums (format version 1).
+        The residual is ``delta - k d_fp - j x / sigma`` with :meth:`error_model`'s gain and state gain when
+        ``gain`` is True, else ``delta``. None when the calibration has no trajectory sums (format version 1).
         """
         if self.trajectory is None:
             return None
@@ -402,9 +403,15 @@ class Calibration:
         meta["K"] = int(self.meta.get("K", 0)) + int(other.meta.get("K", 0))
         both = self.trajectory is not None and other.trajectory is not None
         trajectory = self.trajectory.merge(other.trajectory) if both else None
+        lost = _merge_loss(self, other)
+        if lost:
+            warnings.warn(f"Calibration.merge: only one of the two calibrations has {lost}; the merged calibration "
+                          "does without them (recalibrate both with this qdrift to keep them)", stacklevel=2)
         banded = None
         if self.banded is not None and other.banded is not None and self.bands == other.bands:
-            banded = self.banded.merge(other.banded)
+            with warnings.catch_warnings():  # said once above, for both
+                warnings.simplefilter("ignore", UserWarning)
+                banded = self.banded.merge(other.banded)
         return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory,
                        matched=_merge_matched(self, other), banded=banded)
 
@@ -570,10 +577,15 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
 def _with_state_gain(t: TrajectorySums, sigma: torch.Tensor, share, k, b, v):
     """The error model with the state term of :meth:`Calibration.error_model`: ``(k, j, b, V)`` ``[S, C]``.
 
-    Least squares of ``delta`` on ``(d_fp, x / sigma)`` per (step, unit) from the trajectory sums. Where
-    ``|j|`` does not exceed three standard errors the model stays ``(k, 0, b, V)`` as given (the PTQD split);
-    where it does, ``k`` is kept only if it also exceeds three standard errors (else ``j`` alone is refitted),
-    ``1 + k`` within ``[1/2, 2]``, ``|j| <= 1/2``, and ``b`` and ``V`` follow from the sums.
+    Least squares of ``delta`` on ``(d_fp, x / sigma)`` per (step, unit) from the trajectory sums, within the
+    bounds ``1 + k`` in ``[1/2, 2]`` and ``|j| <= 1/2``. Where ``|j|`` of the unbounded fit does not exceed three
+    standard errors the model stays ``(k, 0, b, V)`` as given (the PTQD split); where it does, ``k`` is kept only
+    if it also exceeds three standard errors (else ``k = 0`` and ``j`` alone is fitted). The bounded fit is the
+    exact minimum of the residual variance over the box: a convex quadratic's minimum there is the unbounded
+    one when inside, else on an edge, where it is the other coefficient's one-dimensional optimum clipped to
+    its bounds; every candidate is scored and the least kept. ``b`` and ``V`` follow from the sums, and the
+    state model replaces the split only where it leaves a smaller ``V`` than the split's ``k`` does on the same
+    sums (where ``d_fp`` and ``x / sigma`` are nearly collinear a bounded fit need not).
     """
     mo = t.step_moments()
     sdd, suu, sdu = mo["dd"], mo["xx"] / sigma**2, mo["xd"] / sigma
@@ -587,14 +599,41 @@ def _with_state_gain(t: TrajectorySums, sigma: torch.Tensor, share, k, b, v):
     n = (t.n * share).clamp(min=2)
     se_k, se_j = (var_r * suu / (n * safe)).sqrt(), (var_r * sdd / (n * safe)).sqrt()
     state = ok & (jj.abs() > 3 * se_j)
-    alone = seu / suu.clamp(min=1e-300)
-    kj, jj = torch.where(kj.abs() > 3 * se_k, kj, torch.zeros_like(kj)), torch.where(kj.abs() > 3 * se_k, jj, alone)
-    kj = kj.clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1)
-    jj = jj.clamp(-MAX_STATE_GAIN, MAX_STATE_GAIN)
+    keep_k = kj.abs() > 3 * se_k
+
+    k_lo, k_hi, j_lim = 1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1, MAX_STATE_GAIN
+    resid = lambda a, c: see - 2 * a * sed - 2 * c * seu + a**2 * sdd + 2 * a * c * sdu + c**2 * suu  # noqa: E731
+    j_given = lambda a: ((seu - a * sdu) / suu.clamp(min=1e-300)).clamp(-j_lim, j_lim)  # noqa: E731
+    k_given = lambda c: ((sed - c * sdu) / sdd.clamp(min=1e-300)).clamp(k_lo, k_hi)  # noqa: E731
+    inside = (kj >= k_lo) & (kj <= k_hi) & (jj.abs() <= j_lim)
+    cands = [(kj, jj, torch.where(inside, resid(kj, jj), torch.full_like(kj, float("inf"))))]
+    for a in (k_lo, k_hi):
+        a = torch.full_like(kj, a)
+        cands.append((a, j_given(a), resid(a, j_given(a))))
+    for c in (-j_lim, j_lim):
+        c = torch.full_like(jj, c)
+        cands.append((k_given(c), c, resid(k_given(c), c)))
+    best_k, best_j, best_r = cands[0]
+    for a, c, r in cands[1:]:
+        better = r < best_r
+        best_k, best_j, best_r = torch.where(better, a, best_k), torch.where(better, c, best_j), torch.minimum(r, best_r)
+    zero = torch.zeros_like(kj)
+    kj, jj = torch.where(keep_k, best_k, zero), torch.where(keep_k, best_j, j_given(zero))
     b_s = mo["e"] - kj * mo["d"] - jj * mo["x"] / sigma
-    var_s = (see - 2 * kj * sed - 2 * jj * seu + kj**2 * sdd + 2 * kj * jj * sdu + jj**2 * suu).clamp(min=0)
+    v_s = resid(kj, jj).clamp(min=0) / (1 + kj) ** 2
+    state = state & (v_s < resid(k, zero) / (1 + k) ** 2)  # the split's V from the same (untrimmed) sums
     pick = lambda new, old: torch.where(state, new, old)  # noqa: E731
-    return pick(kj, k), pick(jj, torch.zeros_like(jj)), pick(b_s, b), pick(var_s / (1 + kj) ** 2, v)
+    return pick(kj, k), pick(jj, zero), pick(b_s, b), pick(v_s, v)
+
+
+def _merge_loss(a: Calibration, b: Calibration) -> str:
+    """What a merge of ``a`` and ``b`` drops because only one of them has it, in words ('' when nothing)."""
+    ta, tb = a.trajectory, b.trajectory
+    if (ta is None) != (tb is None):
+        return "the trajectory sums (format version 2: cross-step error accounting and the state term)"
+    if ta is not None and (ta.cross_xe is None) != (tb.cross_xe is None):
+        return "the state cross sums (format version 3: the state term of the error model)"
+    return ""
 
 
 def _file_kind(mode: int) -> str:

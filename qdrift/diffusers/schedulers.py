@@ -213,7 +213,8 @@ class _QDriftMixin:
 
         The plan works on ``[B, C, ...]`` states; with ``channel_dim != 1`` the latents are viewed that way.
         The output correction of methods ``v2`` / ``matched`` (the calibrated gain and bias) acts on the
-        step's direction ``d = delta / (sigma_eff - sigma)`` as in the core samplers: ``(d - b) / (1 + k)``.
+        step's direction ``d = delta / (sigma_eff - sigma)`` as in the core samplers:
+        ``(d - j x / sigma - b) / (1 + k)``.
         """
         from ..plan import DriftPlan
 

@@ -398,7 +398,9 @@ def test_wrapper_matches_core_sampler_for_every_method(name, method):
     cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True, bands=bands)
     if method == "matched":
         cal = qdrift.match_moments(cal, fp, q, noise, sigmas, core_name)
-    assert float(cal.error_model(cal.sigmas, gain=True)["k"].abs().max()) > 0  # a gain to correct
+    em = cal.error_model(cal.sigmas, gain=True)
+    assert float(em["k"].abs().max()) > 0  # a gain to correct
+    assert bool((em["j"] != 0).any())  # and a state term (the output correction's j x / sigma, also per increment)
     x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(2))
 
     def core(V, **kw):
