@@ -263,3 +263,15 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
     assert len(lines) == 4 and sum("calibration: paper" in ln for ln in lines) == 1
     assert sum("held-out: v2 on 3 noises" in ln for ln in lines) == 1
     assert "| level | Var fp |" in out
+
+
+def test_error_anatomy_script_prints_a_table_per_scheme(capsys):
+    """benchmarks/error_anatomy.py on tiny untrained networks: one table per scheme."""
+    from qdrift.bench import error_anatomy
+
+    torch.set_num_threads(1)
+    rc = error_anatomy.main(["--model", "dit", "--schemes", "w4a4,w3a4", "--steps", "3", "-K", "2", "--threads", "1"],
+                            load_net=_tiny)
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("| step | sigma |") == 2 and out.count("plain quantized sampler") == 2
+    assert "dit w3a4, Euler 3 steps" in out
