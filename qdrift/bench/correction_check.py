@@ -5,6 +5,7 @@ correction on those noises (in-sample) and on ``n`` evaluation noises (held out:
 and labels). Prints one summary line per (scheme, method, noise set) and, with ``--table``, the per-level table.
 
     python benchmarks/correction_check.py --model unet --sampler euler --schemes w4a8,w4a4,w3a4 -n 40
+    python benchmarks/correction_check.py --model dit --methods v2 --strengths 0.5,1,1.5   # the strength curve
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bench's for the sampler)")
     p.add_argument("-K", type=int, default=5, help="calibration noises")
     p.add_argument("-n", type=int, default=40, help="held-out evaluation noises")
+    p.add_argument("--strengths", default="1", help="comma-separated correction strengths to check (each >= 0)")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -41,6 +43,12 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     if sampler not in R.MODEL_SAMPLERS[args.model]:
         p.error(f"--sampler {sampler!r} is not a bench sampler of {args.model}: {', '.join(R.MODEL_SAMPLERS[args.model])}")
     schemes = [s for s in args.schemes.split(",") if s]
+    try:
+        strengths = [float(v) for v in args.strengths.split(",") if v]
+    except ValueError:
+        p.error(f"--strengths must be comma-separated numbers, got {args.strengths!r}")
+    if not strengths or not all(0 <= v < float("inf") for v in strengths):
+        p.error(f"--strengths must be finite numbers >= 0, got {args.strengths!r}")
     cfg = R.BenchConfig(models=(args.model,), schemes=schemes, quant_profile=args.profile, progress=False, K=args.K)
     bm = R.prepare_model(args.model, cfg, schemes, lambda s: None, load_net)
     steps = args.steps or cfg.steps_for(sampler)
@@ -54,14 +62,17 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         cal, _ = R.calibrate_block(bm, scheme, block, args.K)
         cal = cal.with_options(reduce=cfg.v_reduce[0])  # as the bench's Q-Drift rows
         for method in args.methods.split(","):
-            for name, (x, labels) in sets.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
-                    chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
-                                                  {"y": labels}, method=method, seed=R.CAL_SEED)
-                print(f"{scheme} {name}: {chk.summary()}", flush=True)
-                if args.table:
-                    print(chk.table(every=3) + "\n")
+            for strength in strengths:
+                at = "" if strengths == [1.0] else f" (strength {strength:g})"
+                for name, (x, labels) in sets.items():
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+                        chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
+                                                      {"y": labels}, method=method, strength=strength,
+                                                      seed=R.CAL_SEED)
+                    print(f"{scheme} {name}{at}: {chk.summary()}", flush=True)
+                    if args.table:
+                        print(chk.table(every=3) + "\n")
     return 0
 
 
