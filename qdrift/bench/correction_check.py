@@ -34,6 +34,7 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the bench's for the sampler)")
     p.add_argument("-K", type=int, default=5, help="calibration noises")
     p.add_argument("-n", type=int, default=40, help="held-out evaluation noises")
+    p.add_argument("--bands", type=int, default=1, help="calibrate per frequency band (calibrate(..., bands=N))")
     p.add_argument("--strengths", default="1", help="comma-separated correction strengths to check (each >= 0)")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
     p.add_argument("--threads", type=int, default=2)
@@ -47,6 +48,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         strengths = [float(v) for v in args.strengths.split(",") if v]
     except ValueError:
         p.error(f"--strengths must be comma-separated numbers, got {args.strengths!r}")
+    if args.bands < 1:
+        p.error(f"--bands must be >= 1, got {args.bands}")
     if not strengths or not all(0 <= v < float("inf") for v in strengths):
         p.error(f"--strengths must be finite numbers >= 0, got {args.strengths!r}")
     cfg = R.BenchConfig(models=(args.model,), schemes=schemes, quant_profile=args.profile, progress=False, K=args.K)
@@ -57,9 +60,10 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     held = R.EvalSet.for_config(R.BenchConfig(n_images=args.n, batch_size=args.n))
     sets = {"calibration": (R.initial_noise(cal_seeds, float(block.sigmas[0])), R.calib_labels(args.K)),
             "held-out": (R.initial_noise(held.seeds, float(block.sigmas[0])), held.labels)}
-    print(f"{args.model} {sampler} ({steps} steps), profile {args.profile}, K = {args.K}, held-out n = {args.n}")
+    bands = "" if args.bands == 1 else f", {args.bands} frequency bands"
+    print(f"{args.model} {sampler} ({steps} steps), profile {args.profile}, K = {args.K}, held-out n = {args.n}{bands}")
     for scheme in schemes:
-        cal, _ = R.calibrate_block(bm, scheme, block, args.K)
+        cal, _ = R.calibrate_block(bm, scheme, block, args.K, bands=args.bands)
         cal = cal.with_options(reduce=cfg.v_reduce[0])  # as the bench's Q-Drift rows
         for method in args.methods.split(","):
             for strength in strengths:

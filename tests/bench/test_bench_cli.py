@@ -271,6 +271,9 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
         with pytest.raises(SystemExit):
             correction_check.main(["--model", "unet", "--strengths", bad], load_net=_tiny)
     assert "--strengths must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        correction_check.main(["--model", "unet", "--bands", "0"], load_net=_tiny)
+    assert "--bands must be >= 1" in capsys.readouterr().err
 
 
 def test_error_anatomy_script_prints_a_table_per_scheme(capsys):
