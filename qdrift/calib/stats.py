@@ -291,8 +291,8 @@ class TrajectorySums:
         sum_xd: ``sum x d_fp`` ``[S, C]`` (``Cov(x, d)``: ``sigma`` for an exact VE denoiser, not for flow).
         sum_dd, sum_de, sum_ee: ``sum d_i d_j``, ``sum d_i delta_j``, ``sum delta_i delta_j`` ``[S, S, C]``.
         cross_xx, cross_xd, cross_xe: ``sum x_i x_j``, ``sum x_i d_j``, ``sum x_i delta_j`` ``[S, S, C]``, for the
-            error's dependence on the state (the state term of ``Calibration.error_model``); None in statistics from before format
-            version 3 (all three or none).
+            error's dependence on the state (the state term of ``Calibration.error_model``); None in statistics
+            from before format version 3 (all three or none).
     """
 
     n: torch.Tensor
