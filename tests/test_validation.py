@@ -430,3 +430,14 @@ def test_same_seed_same_result_across_runs_and_threads(name):
     for t in threads:
         t.join(timeout=120)
     assert all(r is not None and torch.equal(r, ref) for r in results)
+
+
+@pytest.mark.parametrize("levels", [[50.0, 50.0 - 1e-12, 2.0, 1.0], [50.0, 50.0 - 1e-12, 1.0]])
+def test_dpmpp_2m_after_a_step_of_nearly_zero_length_stays_finite(levels):
+    """Found by the property test above: after a negligible step the 2M extrapolation's 1 / (2 r) overflowed
+    (k-diffusion's arithmetic gives inf there); that step now takes the first-order update."""
+    sigmas = torch.tensor(levels, dtype=torch.float64)
+    x = torch.randn(1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 50
+    for v in (0.0, 0.5):
+        out = qdrift.SAMPLERS["dpmpp_2m"](DATA, x, sigmas, torch.full((len(levels) - 1, 2), v), disable=True)
+        assert bool(torch.isfinite(out).all())

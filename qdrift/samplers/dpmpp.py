@@ -115,8 +115,9 @@ def sample_dpmpp_2m_qdrift(
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
         h = t_next - t
-        # First order on the first step and on the step to sigma = 0, as in k-diffusion.
-        first = old_denoised is None or sigmas[i + 1] == 0
+        # First order on the first step and on the step to sigma = 0, as in k-diffusion; also after a step of
+        # (nearly) zero length, where the 2M extrapolation's 1 / (2 r) overflows (k-diffusion returns inf there).
+        first = old_denoised is None or sigmas[i + 1] == 0 or _negligible_previous_step(sig, i)
         r = None if first else (t - t_fn(sigmas[i - 1])) / h
         x_base = _step_2m(x, denoised, None if first else old_denoised, sigma_fn(t_next) / sigma_fn(t), h, r)
         q = _q_2m(plan.table, form, sig, i, first) if form == "quadrature" else None
@@ -445,3 +446,11 @@ def sample_dpmpp_3m_sde_qdrift(
 
 
 sample_dpmpp_3m_sde_qdrift.__doc__ = sample_dpmpp_3m_sde_qdrift.__doc__.format(form_doc=_FORM_DOC, flow_doc=_FLOW_DOC)
+
+
+def _negligible_previous_step(sig, i: int) -> bool:
+    """Whether the step into level ``i`` is negligible against the next (``r = h_prev / h < 1e-6`` in log-sigma),
+    from the host copy of the schedule (no device sync)."""
+    if i == 0 or sig[i + 1] <= 0:
+        return False
+    return abs(math.log(sig[i - 1] / sig[i])) < 1e-6 * abs(math.log(sig[i] / sig[i + 1]))
