@@ -26,6 +26,7 @@ from .calib import (
     load_calibration,
     tune_strength,
     match_moments,
+    size_drift,
 )
 from .samplers import (
     SAMPLERS,
@@ -58,6 +59,7 @@ __all__ = [
     "match_moments",
     "check_correction",
     "tune_strength",
+    "size_drift",
     "DriftClippedWarning",
     "to_d",
     "append_dims",

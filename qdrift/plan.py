@@ -60,6 +60,19 @@ def recording():
     finally:
         stack.remove(plans)
 
+
+@contextmanager
+def undrifted():
+    """Sampler runs started in this thread inside the ``with`` block run the exact methods' surrogate and
+    output correction but take every step with ``c = 0`` (no drift): the trace then predicts the undrifted
+    run, which :func:`qdrift.calib.size_drift` compares with what the quantized model really accumulates."""
+    before = getattr(_RECORDING, "undrifted", False)
+    _RECORDING.undrifted = True
+    try:
+        yield
+    finally:
+        _RECORDING.undrifted = before
+
 _PARTS = {  # method -> (exact balance, cross-step correlation, gain and bias)
     "paper": (False, False, False),
     "exact": (True, False, False),
@@ -158,6 +171,13 @@ class DriftPlan:
         spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
             latents: a calibration's frequency bands are then not used).
 
+    Measured accumulation. A calibration sized by :func:`qdrift.calib.size_drift` carries a per-channel
+    factor (:attr:`qdrift.Calibration.drift_scale`) on the residual error's variance ``V`` of method ``v2``:
+    the ratio of the mean square difference the undrifted, output-corrected quantized run really accumulates
+    from the full-precision run to the surrogate's prediction of it. The surrogate's accumulated difference is
+    linear in ``V``, so the scaled surrogate predicts the measured accumulation and each step's drift is sized
+    to it (a network that removes an error-made deviation faster than the surrogate's ``kappa`` gets less drift).
+
     Cost. The surrogate never looks at ``x``: it depends on the calibration, the schedule and the sampler's
     calls. Each solved step is kept with the calibration (until the calibration changes) under a digest of the
     run's history of plan calls, so a later run with the same calibration, schedule, sampler options and
@@ -220,6 +240,7 @@ class DriftPlan:
         self.exact = exact and self.table is not None
         self.gain = gain and self.table is not None and strength > 0
         self.strength = float(strength)
+        self.drift = not getattr(_RECORDING, "undrifted", False)  # False: c = 0 at every step (see undrifted())
         # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
         # per unit and scales that band of the increment (exact for stationary Gaussian data).
         banded = spatial and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
@@ -229,6 +250,9 @@ class DriftPlan:
         if banded:
             self._shares = band_shares(x.shape[2:], self.bands).repeat(self.channels)  # white noise per unit
         self.cross = self.exact and cross
+        # The measured-accumulation factor on V (method v2 only: it was measured with the output correction on).
+        scale = self.cal.drift_scale if (self.exact and self.gain and self.cal is not None) else None
+        self._v_scale = None if scale is None else scale.repeat_interleave(self.bands)
         if self.cross and self.em_cal.trajectory is None and not DriftPlan._warned_old:
             DriftPlan._warned_old = True
             warnings.warn(
@@ -243,7 +267,7 @@ class DriftPlan:
             # with the same history replays it; the surrogate itself is built only when a step is not known.
             self._sigma0 = float(sigmas[0])
             base = (method, self.gain, self.cross, self.strength, self.bands, self.units,
-                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0)
+                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0, self.drift)
             self._digest = hashlib.blake2b(repr(base).encode(), digest_size=16).digest()
             self._events: list = []
             self._live = False
@@ -337,7 +361,8 @@ class DriftPlan:
         else:
             y, d = self._apply(terms)
         em = self._error_model_at([float(sigma)])
-        std = (em["V"][0] * self.strength).sqrt()
+        var = em["V"][0] * self.strength
+        std = (var if self._v_scale is None else var * self._v_scale).sqrt()
         rho = self._rho(float(sigma), self._errors)  # [J, C] with earlier errors
         cov_with = torch.zeros(self._src.cov.shape[0], self.units, dtype=torch.float64)
         for (_, _, index, other_std), r in zip(self._errors, rho):
@@ -509,6 +534,8 @@ class DriftPlan:
             const = const.clamp(max=0) + left
         lin = src.covar(d_base + y_next, inc)
         c = balance_coefficient(const, lin, src.covar(inc, inc))
+        if not self.drift:
+            c, factor = torch.zeros_like(c), None
         clipped = bool((c.abs() > MAX_DRIFT).any())
         c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         # A step scaled by (1 + c) acts as a step to the lower level sigma + (1 + c)(sigma_eff - sigma); past
@@ -574,7 +601,8 @@ def _fingerprint(cal) -> tuple:
     tensors = [cal.sigmas, *cal.moments.tensors().values()]
     if cal.trajectory is not None:
         tensors += list(cal.trajectory.tensors().values())
-    options = (cal.reduce, cal.conditional, repr(cal.meta.get("band_units")), repr(cal.meta.get("band_shares")))
+    options = (cal.reduce, cal.conditional, repr(cal.meta.get("band_units")), repr(cal.meta.get("band_shares")),
+               repr(cal.meta.get("drift_scale")))
     sub = () if cal.banded is None else _fingerprint(cal.banded)
     return options, tuple(tensors), tuple(t._version for t in tensors), sub
 

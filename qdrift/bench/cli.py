@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frequency bands of the rows of every method but paper, comma-separated, one row each "
                         "(default 1: per channel; e.g. 1,4 adds qdrift-<method>-b4 rows: v2's error model, or "
                         "moment matching, per channel and radial frequency band)")
+    p.add_argument("--size-drift", action="store_true",
+                   help="add a qdrift-v2-sized row after each v2 row: its drift sized by qdrift.size_drift on the K "
+                        "calibration noises (to the mean square difference the undrifted quantized sampler really "
+                        "accumulates); the row records the per-channel factor")
     p.add_argument("--tune", action="store_true",
                    help="add a qdrift-<method>-tuned row after each row of an error-model method (not paper): its "
                         "strength chosen by qdrift.tune_strength on the K calibration noises (the strength whose "
@@ -161,6 +165,7 @@ def config_from_args(args: argparse.Namespace):
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
         methods=tuple(args.methods), bands=tuple(args.bands), tune=args.tune,
+        size=args.size_drift,
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,

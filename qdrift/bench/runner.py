@@ -90,6 +90,7 @@ class BenchConfig:
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
     bands: Sequence[int] = (1,)  # frequency bands of the exact-method and "matched" rows (one row each; 1 = per channel)
     tune: bool = False  # also a "-tuned" row per exact-method row: strength by qdrift.tune_strength on the K noises
+    size: bool = False  # also a "-sized" row per v2 row: its drift sized by qdrift.size_drift on the K noises
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -335,13 +336,14 @@ class Variant:
     method: Optional[str] = None
     bands: int = 1  # frequency bands of the error model (exact methods) or of moment matching ("matched")
     tuned: bool = False  # strength chosen by qdrift.tune_strength on the calibration noises
+    sized: bool = False  # v2's drift sized by qdrift.size_drift on the calibration noises
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     """The rows of a block: quantized, then ``qdrift-<method>`` per method (the paper's method also per DPM
     form, ``-quadrature``), per V reduction (``-channel`` after the first), per band count of the exact methods
-    and of matching (``-b<N>``), each exact-method row followed by its ``-tuned`` row with ``cfg.tune``, then
-    the baselines."""
+    and of matching (``-b<N>``), each exact-method row followed by its ``-tuned`` row with ``cfg.tune`` and each v2
+    row by its ``-sized`` row with ``cfg.size``, then the baselines."""
     out = [Variant("quantized", scheme)]
     for method in cfg.methods:
         bands = (1,) if method == "paper" else tuple(cfg.bands)
@@ -359,6 +361,9 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
                     bsuffix = "" if b == 1 else f"-b{b}"
                     out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}", scheme, cfg.K, reduce, form,
                                        method=method, bands=b))
+                    if cfg.size and method == "v2":
+                        out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-sized", scheme, cfg.K, reduce,
+                                           form, method=method, bands=b, sized=True))
                     if cfg.tune and method != "paper":
                         out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-tuned", scheme, cfg.K, reduce,
                                            form, method=method, bands=b, tuned=True))
@@ -492,6 +497,16 @@ def tune_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var:
     return tuned, time.perf_counter() - t0
 
 
+def size_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var: Variant) -> Tuple[Any, float]:
+    """``qdrift.size_drift`` of a variant's calibration (its V reduction) on the calibration's ``K`` noises;
+    returns the sized calibration and the pass's wall time."""
+    t0 = time.perf_counter()
+    x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
+    sized = qdrift.size_drift(cal.with_options(reduce=var.v_reduce), bm.fp, bm.quantized[scheme], x_cal,
+                              block.sigmas, block.fn, {"y": calib_labels(K)}, seed=CAL_SEED)
+    return sized, time.perf_counter() - t0
+
+
 def match_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, bands: int) -> Tuple[Any, float]:
     """Moment matching (``qdrift.match_moments``) of one scheme on the block's sampler and schedule, from the
     calibration's ``K`` noises; returns the calibration with its tables and the matching pass's wall time."""
@@ -546,7 +561,7 @@ def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
         return f"{var.scheme} Q"
     if var.method is not None and var.form in (None, cfg.dpm_forms[0]) and var.v_reduce == cfg.v_reduce[0]:
         bands = f" {var.bands} bands" if var.bands > 1 else ""
-        return f"{var.scheme} Q-Drift {var.method}{bands}" + (" tuned" if var.tuned else "")
+        return f"{var.scheme} Q-Drift {var.method}{bands}" + (" tuned" if var.tuned else "") + (" sized" if var.sized else "")
     return None
 
 
@@ -593,6 +608,9 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
                 if var.bands not in matched:
                     matched[var.bands] = match_block(bm, scheme, block, cfg.K, cal, var.bands)
                 use, use_secs = matched[var.bands][0], cal_secs + matched[var.bands][1]
+            if var.sized:
+                use, size_secs = size_block(bm, scheme, block, cfg.K, use, var)
+                use_secs += size_secs
             tuned = None
             if var.tuned:
                 tuned, tune_secs = tune_block(bm, scheme, block, cfg.K, use, var)
@@ -602,6 +620,8 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
             feats = ev.features(images)
             ref = fp.feats if var.name == "quantized" else q_feats
             rows.append(variant_row(ev, block, var, images, feats, secs, use_secs, ref, fp, evalset, cfg))
+            if var.sized:
+                rows[-1]["drift_scale"] = use.drift_scale.tolist()
             if tuned is not None:
                 rows[-1].update(strength=tuned.strength, tune_mse={f"{k:g}": v for k, v in tuned.mse.items()})
             if var.name == "quantized":

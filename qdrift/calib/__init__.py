@@ -7,7 +7,8 @@
   :class:`Calibration`;
 - :func:`match_moments` adds moment-matching tables; :func:`check_correction` measures what a correction does
   to the quantized run (against the full-precision run and the plan's prediction); :func:`tune_strength` picks
-  the strength whose samples come closest to the full-precision sampler's.
+  the strength whose samples come closest to the full-precision sampler's; :func:`size_drift` sizes v2's drift to
+  the difference the quantized sampler really accumulates.
 """
 
 from .calibration import (
@@ -20,6 +21,7 @@ from .calibration import (
 from .check import CorrectionCheck, StrengthTuning, check_correction, tune_strength
 from .match import match_moments
 from .run import calibrate
+from .size import size_drift
 from .stats import PairedAccumulator, PairedMoments, TrajectorySums, batch_moments, gather_moments
 from .trace import PairedTrace, PairedTraceError, calibration_from_pairs
 
@@ -42,5 +44,6 @@ __all__ = [
     "interpolate_log_sigma",
     "load_calibration",
     "match_moments",
+    "size_drift",
     "tune_strength",
 ]

@@ -34,6 +34,7 @@ _TRAJ_PREFIX = "traj_"
 _BAND_PREFIX = "band_"  # the frequency-band statistics (Calibration.banded): band_<moment>, band_traj_<sum>
 MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 MAX_STATE_GAIN = 0.5  # |j| (the gain of the denoised output, see Calibration.error_model) is kept within this
+MAX_DRIFT_SCALE = 4.0  # Calibration.drift_scale is kept within [0, MAX_DRIFT_SCALE]
 
 
 class CalibrationFileError(ValueError):
@@ -67,6 +68,19 @@ _META_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     ),
     "seconds": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
 }
+
+
+def _check_drift_scale(info: Any, channels: int) -> None:
+    """Checks ``meta["drift_scale"]`` (written by :func:`qdrift.calib.size_drift`) against the channel count."""
+    def per_channel(v):
+        return isinstance(v, list) and len(v) == channels and all(_is_real(x) and math.isfinite(x) and x >= 0 for x in v)
+
+    if (not isinstance(info, dict) or not per_channel(info.get("measured")) or not per_channel(info.get("predicted"))
+            or not (_is_int(info.get("K")) and info["K"] >= 1)):
+        raise ValueError(
+            "Calibration: meta['drift_scale'] must be an object with 'measured' and 'predicted' (lists of "
+            f"{channels} finite numbers >= 0, one per channel) and 'K' (an integer >= 1), got {info!r:.120}"
+        )
 
 
 def _check_meta(meta: Dict[str, Any]) -> None:
@@ -200,6 +214,8 @@ class Calibration:
         if self.matched is not None:
             self.matched = _check_matched(self.matched, self.channels)
         _check_meta(self.meta)
+        if "drift_scale" in self.meta:
+            _check_drift_scale(self.meta["drift_scale"], self.channels)
         if self.banded is not None:
             b = self.banded
             units = b.channels if isinstance(b, Calibration) else 0
@@ -258,6 +274,24 @@ class Calibration:
     def channels(self) -> int:
         """Number of channels ``C``."""
         return self.moments.shape[1]
+
+    @property
+    def drift_scale(self) -> Optional[torch.Tensor]:
+        """The measured-accumulation factor on method ``v2``'s residual variance ``V``, per channel ``[C]``
+        float64, or None for a calibration that :func:`qdrift.calib.size_drift` has not sized.
+
+        It is the mean square difference from the full-precision run that the undrifted, output-corrected
+        quantized run accumulated on the sizing pass's noises, over what v2's surrogate predicted for that
+        run (each summed over the pass's steps relative to the full-precision state's variance), within
+        ``[0, MAX_DRIFT_SCALE]``; 1 where the surrogate predicted nothing.
+        """
+        info = self.meta.get("drift_scale")
+        if info is None:
+            return None
+        measured = torch.tensor(info["measured"], dtype=torch.float64)
+        predicted = torch.tensor(info["predicted"], dtype=torch.float64)
+        ratio = measured / predicted.where(predicted > 0, torch.ones_like(predicted))
+        return torch.where(predicted > 0, ratio.clamp(0, MAX_DRIFT_SCALE), torch.ones_like(ratio))
 
     @property
     def V(self) -> torch.Tensor:
@@ -407,6 +441,13 @@ class Calibration:
         if lost:
             warnings.warn(f"Calibration.merge: only one of the two calibrations has {lost}; the merged calibration "
                           "does without them (recalibrate both with this qdrift to keep them)", stacklevel=2)
+        meta.pop("drift_scale", None)
+        scale, scale_lost = _merge_drift_scale(self.meta.get("drift_scale"), other.meta.get("drift_scale"))
+        if scale is not None:
+            meta["drift_scale"] = scale
+        if scale_lost:
+            warnings.warn(f"Calibration.merge: {scale_lost}; the merged calibration is not sized (run "
+                          "qdrift.calib.size_drift on it)", stacklevel=2)
         banded = None
         if self.banded is not None and other.banded is not None and self.bands == other.bands:
             with warnings.catch_warnings():  # said once above, for both
@@ -634,6 +675,21 @@ def _merge_loss(a: Calibration, b: Calibration) -> str:
     if ta is not None and (ta.cross_xe is None) != (tb.cross_xe is None):
         return "the state cross sums (format version 3: the state term of the error model)"
     return ""
+
+
+def _merge_drift_scale(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]]) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The ``meta["drift_scale"]`` of two merged calibrations: the K-weighted mean of both sizing passes when
+    they sized the same sampler and step count; else None, with why in words ('' when neither was sized)."""
+    if a is None and b is None:
+        return None, ""
+    if a is None or b is None:
+        return None, "only one of the two calibrations was sized (size_drift)"
+    if (a.get("sampler"), a.get("steps")) != (b.get("sampler"), b.get("steps")):
+        return None, (f"the two were sized on different samplers or step counts ({a.get('sampler')} "
+                      f"{a.get('steps')} vs {b.get('sampler')} {b.get('steps')})")
+    ka, kb = a["K"], b["K"]
+    mix = {key: [(ka * x + kb * y) / (ka + kb) for x, y in zip(a[key], b[key])] for key in ("measured", "predicted")}
+    return dict(a, K=ka + kb, **mix), ""
 
 
 def _file_kind(mode: int) -> str:

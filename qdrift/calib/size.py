@@ -1,0 +1,144 @@
+"""Size Q-Drift v2's drift to the error the quantized sampler really accumulates (:func:`size_drift`).
+
+v2 sizes each step's drift with a linear-Gaussian surrogate of the run (:class:`qdrift.plan.DriftPlan`): the
+residual errors of the quantized model (variance ``V``, correlated between steps as calibrated) are carried
+forward by the full-precision denoiser's state slope ``kappa``, and each step's ``c`` cancels the variance the
+surrogate's accumulated difference adds. A real network can remove an error-made deviation much faster than
+``kappa`` says (its slope along the error's own direction is smaller than along the state's: a transformer
+whose errors are fine-grained re-denoises them at the next step), and then the surrogate over-predicts the
+accumulated difference and the drift over-contracts the samples.
+
+The accumulated difference itself can be measured, and well on a few noises: from the same initial noise
+(and the same sampler noise) run the full-precision sampler and the quantized sampler with v2's output
+correction but no drift (``c = 0``, :func:`qdrift.plan.undrifted`), and compare, after every step, the mean
+square difference of the two states with what the surrogate predicted for that very run. Both are summed over
+the steps relative to the full-precision state's variance, per channel; their ratio
+(:attr:`qdrift.Calibration.drift_scale`) scales ``V`` in the surrogate. The surrogate's difference is linear in
+``V`` (``D`` is a linear combination of the error sources), so the scaled surrogate predicts the measured
+accumulation, and each step's balance sizes the drift to it.
+
+The mean square difference is a sum of positive terms over every position of every sample, and is far less
+noisy than the samples' excess variance ``Var(x_q) - Var(x_fp)`` (a difference of two spreads whose sign flips
+between noise sets of five bench images): on the bench networks the ratio measured on the 5 calibration noises
+and on 40 held-out ones agree within about 0.1-0.2 (docs/bench_results.md, "Sizing the drift by the measured
+accumulation").
+
+Cost: two sampler runs per batch (the full-precision and the quantized model, one call per evaluation each);
+memory: the states of one batch at every step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .calibration import Calibration
+from .check import _Sums
+from .match import _run, check_pass
+from .run import _batches
+
+__all__ = ["size_drift"]
+
+
+@torch.no_grad()
+def size_drift(
+    calibration: Calibration,
+    model_fp: Callable,
+    model_q: Callable,
+    x: Any,
+    sigmas: torch.Tensor,
+    sampler: str = "euler",
+    extra_args: Optional[Dict[str, Any]] = None,
+    *,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    sampler_kwargs: Optional[Dict[str, Any]] = None,
+) -> Calibration:
+    """A copy of ``calibration`` whose v2 drift is sized to the accumulation measured on ``x`` (module docstring).
+
+    Args:
+        calibration: a :class:`qdrift.Calibration` of ``model_q`` against ``model_fp`` with the options you
+            sample with (``with_options(reduce=...)``); a previous sizing is replaced.
+        model_fp, model_q: the two denoisers ``D(x, sigma [B], **extra_args)``.
+        x: initial noise ``[K, C, ...]`` scaled by ``sigmas[0]``, or an iterable of batches (as
+            :func:`qdrift.calibrate`); the calibration's own noises serve.
+        sigmas: the schedule ``[S + 1]`` (the one you sample with); sampler: a qdrift sampler's short name.
+        extra_args: keyword arguments for both models (per-sample tensors are split with x).
+        batch_size: split a tensor ``x`` into batches of this size (None: one batch).
+        seed: seeds the sampler noise of stochastic samplers (the same for both runs of a batch).
+        sampler_kwargs: further sampler options (``eta``, ``s_noise``, ...; not ``callback``).
+
+    Returns:
+        The calibration with ``meta["drift_scale"]`` set: per channel the measured and the predicted sum
+        (``measured``, ``predicted``), ``K``, ``sampler``, ``steps`` and ``seconds``. Method ``v2`` (the
+        default) then samples with ``V`` scaled by :attr:`~qdrift.Calibration.drift_scale`; the file format
+        keeps it (:meth:`~qdrift.Calibration.save`), and :meth:`~qdrift.Calibration.merge` pools two sizings
+        of the same sampler and step count.
+
+    Raises:
+        ValueError: for an unknown sampler, a calibration of another channel count, a ``callback`` in
+            ``sampler_kwargs``, or bad inputs.
+    """
+    from ..plan import recording, undrifted
+
+    info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs)
+    if "callback" in (sampler_kwargs or {}):
+        raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
+    started = time.time()
+    steps = len(sigmas) - 1
+    base = replace(calibration, meta={k: v for k, v in calibration.meta.items() if k != "drift_scale"})
+    fp_sums, q_sums = _Sums(), _Sums()
+    predicted: Optional[torch.Tensor] = None
+    count = 0
+    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
+        if xb.shape[1] != calibration.channels:
+            raise ValueError(f"size_drift: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+        after: Dict[str, List[torch.Tensor]] = {}
+        for label, model, V in (("fp", model_fp, None), ("q", model_q, base)):
+            seen: List[torch.Tensor] = []
+            options = dict(sampler_kwargs or {}, extra_args=args, disable=True,
+                           callback=lambda d, seen=seen: seen.append(d["x"].detach()))
+            if V is not None:
+                options["method"] = "v2"
+            with recording() as plans, undrifted():
+                out = _run(info, model, xb, sigmas, V, seed + b, options)
+            if len(seen) != steps:
+                raise RuntimeError(f"size_drift: the {label} run reported {len(seen)} steps of {steps}")
+            after[label] = seen[1:] + [out.detach()]  # the state after each step
+            if V is not None:
+                predicted = _predicted_by_step(plans[-1].trace, steps, calibration.channels)
+        fp_sums.add(after["fp"], after["fp"])
+        q_sums.add(after["q"], after["fp"])
+        count += xb.shape[0]
+    if count == 0:
+        raise ValueError("size_drift: x held no batches")
+    var_fp = fp_sums.var()
+    rows = ~torch.isnan(predicted).any(1) & (var_fp > 0).all(1)
+    if not bool(rows.any()):
+        raise ValueError(f"size_drift: the {info.name} run's v2 plan predicted no step (is the calibration's "
+                         "error model empty, or the schedule a single step to 0 with no variance?)")
+    measured = (q_sums.mse()[rows] / var_fp[rows]).sum(0)
+    expected = (predicted[rows] / var_fp[rows]).sum(0)
+    meta = dict(calibration.meta)
+    meta["drift_scale"] = {
+        "measured": measured.tolist(),
+        "predicted": expected.clamp(min=0).tolist(),
+        "K": count,
+        "sampler": info.name,
+        "steps": steps,
+        "seconds": round(time.time() - started, 3),
+    }
+    return replace(calibration, meta=meta)
+
+
+def _predicted_by_step(trace: List[Dict[str, Any]], steps: int, channels: int) -> torch.Tensor:
+    """The plan's predicted ``Var(D)`` after each step ``[S, C]`` (NaN for a step it predicted nothing for);
+    per band units are summed to their channel (the bands are orthogonal)."""
+    out = torch.full((steps, channels), float("nan"), dtype=torch.float64)
+    for entry in trace:
+        if "var_diff" in entry and 0 <= entry["step"] < steps:
+            out[entry["step"]] = entry["var_diff"].reshape(channels, -1).sum(1)
+    return out
