@@ -190,6 +190,17 @@ class _BatchedBrownianTree:
         else:
             seed = [seed]
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, **kwargs) for s in seed]
+        self.tol = float(kwargs.get("tol", 1e-6))  # torchsde's default resolution
+        self._shape, self._dtype, self._device = tuple(x.shape), x.dtype, x.device
+        self._generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seed]
+
+    def fresh(self) -> torch.Tensor:
+        """Standard normal noise of the template's shape (per seed, along the batch axis when batched)."""
+        if self.batched:
+            noise = torch.stack([torch.randn(self._shape[1:], generator=g, dtype=torch.float64) for g in self._generators])
+        else:
+            noise = torch.randn(self._shape, generator=self._generators[0], dtype=torch.float64)
+        return noise.to(device=self._device, dtype=self._dtype)
 
     @staticmethod
     def _sort(a, b):
@@ -226,4 +237,8 @@ class BrownianTreeNoiseSampler:
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         t0 = self.transform(torch.as_tensor(sigma))
         t1 = self.transform(torch.as_tensor(sigma_next))
+        if float((t1 - t0).abs()) <= self.tree.tol:
+            # Below the trees' resolution torchsde recurses without end (k-diffusion's sampler too): the
+            # increment of so short an interval is drawn on its own (standard normal, reproducible per seed).
+            return self.tree.fresh()
         return self.tree(t0, t1) / (t1 - t0).abs().sqrt()

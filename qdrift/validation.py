@@ -34,6 +34,9 @@ __all__ = [
 MAX_DRIFT = 1.0
 """Largest drift coefficient ``c`` a step may use: above it the correction would more than double the step."""
 
+MIN_SIGMA = 1e-10
+"""Smallest positive noise level a schedule may hold (below it a level is 0 for any network)."""
+
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raises ``ValueError`` naming the valid choices when ``value`` is not one of them."""
@@ -140,6 +143,11 @@ def validate_sampler_inputs(x: torch.Tensor, sigmas: torch.Tensor, sampler: str)
         raise ValueError(f"{sampler}: sigmas must be finite, got {sigmas.tolist()}")
     if bool((sigmas < 0).any()):
         raise ValueError(f"{sampler}: sigmas must be >= 0, got {sigmas.tolist()}")
+    if bool(((sigmas > 0) & (sigmas < MIN_SIGMA)).any()):
+        raise ValueError(
+            f"{sampler}: a positive noise level must be >= {MIN_SIGMA:g} (below it a level is 0 for any network, "
+            f"and its square underflows; end the schedule with 0 instead), got {sigmas.tolist()}"
+        )
     if bool((sigmas[1:] >= sigmas[:-1]).any()):
         raise ValueError(
             f"{sampler}: sigmas must be strictly decreasing (sampling goes from noise to data; a repeated level "

@@ -443,3 +443,31 @@ def test_dpmpp_2m_after_a_step_of_nearly_zero_length_stays_finite(levels):
     for v in (0.0, 0.5):
         out = qdrift.SAMPLERS["dpmpp_2m"](DATA, x, sigmas, torch.full((len(levels) - 1, 2), v), disable=True)
         assert bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("levels", [[50.0, math.nextafter(50.0, 0.0), 2.0, 1.0, 0.0],
+                                    [50.0, 2.0, math.nextafter(2.0, 0.0), 1.0, 0.0],
+                                    [80.0, 10.0, 10.0 - 1e-9, 3.0, 3.0 - 1e-12, 1.0, 0.0]])
+def test_sde_multistep_after_a_step_of_nearly_zero_length_stays_finite(name, levels):
+    """The 2M SDE and 3M SDE extrapolations divide by the ratio of successive log-steps too: after a negligible step
+    they overflowed (NaN at the next model call), and the Brownian tree recursed without end on the interval (both as
+    in k-diffusion). They now lower the order after such a step and draw the short interval's noise on their own."""
+    sigmas = torch.tensor(levels, dtype=torch.float64)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * levels[0]
+    for v in (0.0, 0.5):
+        out = qdrift.SAMPLERS[name](DATA, x, sigmas, torch.full((len(levels) - 1, 2), v), disable=True)
+        assert bool(torch.isfinite(out).all())
+    noise = qdrift.BrownianTreeNoiseSampler(x, torch.tensor(1.0), torch.tensor(50.0), seed=3)
+    short = noise(torch.tensor(2.0), torch.tensor(math.nextafter(2.0, 0.0)))
+    again = qdrift.BrownianTreeNoiseSampler(x, torch.tensor(1.0), torch.tensor(50.0), seed=3)
+    assert short.shape == x.shape and torch.equal(short, again(torch.tensor(2.0), torch.tensor(math.nextafter(2.0, 0.0))))
+
+
+@pytest.mark.parametrize("level", [1e-300, 1e-12])
+def test_a_positive_level_too_small_to_be_a_noise_level_is_named(level):
+    sigmas = torch.tensor([5.0, level, 0.0], dtype=torch.float64)
+    x = torch.randn(2, 2, dtype=torch.float64) * 5
+    for name in ("euler", "euler_ancestral", "dpmpp_2m_sde"):
+        with pytest.raises(ValueError, match=r"positive noise level must be >= 1e-10"):
+            qdrift.SAMPLERS[name](DATA, x, sigmas, disable=True)

@@ -288,15 +288,17 @@ def sample_dpmpp_2m_sde_qdrift(
         else:
             t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
-            r = None if old_denoised is None else h_last / h
-            alpha = signal_scale(sigmas[i + 1], flow)
-            x_base = _step_2m_sde(x, denoised, old_denoised, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type, alpha)
             h_cpu, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise, flow)
+            # First order after a step of (nearly) zero length, where 1 / r overflows (k-diffusion's too).
+            prev = None if _negligible(h_last_cpu, h_cpu) else old_denoised
+            r = None if prev is None else h_last / h
+            alpha = signal_scale(sigmas[i + 1], flow)
+            x_base = _step_2m_sde(x, denoised, prev, sigmas[i + 1] / sigmas[i], h, eta, r, solver_type, alpha)
             a_cpu = signal_scale(sig[i + 1], flow)
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
                 ratio = sig[i + 1] / sig[i]
-                if old_denoised is None:
+                if prev is None:
                     step = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
                     w, terms = _terms(step, 1, sig, i)
                 else:
@@ -416,16 +418,20 @@ def sample_dpmpp_3m_sde_qdrift(
             t, s = half_log_snr(sigmas[i], flow), half_log_snr(sigmas[i + 1], flow)
             h = s - t
             hc, sigma_eff, noise_std = _sde_levels(sig, i, eta, s_noise, flow)
+            # Lower order after a step of (nearly) zero length, where the extrapolation's 1 / r overflows.
+            use_1 = hc_1 is not None and not _negligible(hc_1, hc)
+            use_2 = use_1 and hc_2 is not None and not _negligible(hc_2, hc)
             ratio = sigmas[i + 1] / sigmas[i] if flow else None  # the flow's x coefficient (see _step_3m_sde)
-            x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1, h_2, eta, ratio,
-                                  signal_scale(sigmas[i + 1], flow))
+            x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1 if use_1 else None,
+                                  h_2 if use_2 else None, eta, ratio, signal_scale(sigmas[i + 1], flow))
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
-                n = 1 + (hc_1 is not None) + (hc_2 is not None)
+                n = 1 + use_1 + use_2
                 r_cpu = sig[i + 1] / sig[i] if flow else None
+                hcs = (hc_1 if use_1 else None, hc_2 if use_2 else None)
 
                 def step(x_, *ds):
-                    return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, hc_1, hc_2, eta, r_cpu,
+                    return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, *hcs, eta, r_cpu,
                                         signal_scale(sig[i + 1], flow))
 
                 w, terms = _terms(step, n, sig, i)
@@ -453,4 +459,10 @@ def _negligible_previous_step(sig, i: int) -> bool:
     from the host copy of the schedule (no device sync)."""
     if i == 0 or sig[i + 1] <= 0:
         return False
-    return abs(math.log(sig[i - 1] / sig[i])) < 1e-6 * abs(math.log(sig[i] / sig[i + 1]))
+    return _negligible(math.log(sig[i - 1] / sig[i]), math.log(sig[i] / sig[i + 1]))
+
+
+def _negligible(h_prev, h) -> bool:
+    """Whether an earlier log-step ``h_prev`` (host float, or None) is negligible against the current ``h``
+    (``< 1e-6`` of it): a multistep extrapolation divides by their ratio and would overflow."""
+    return h_prev is not None and abs(float(h_prev)) < 1e-6 * abs(float(h))

@@ -67,7 +67,7 @@ def smoke(tmp_path_factory):
     torch.set_num_threads(1)
     rc = cli.main(["--models", "unet,dit", "--schemes", "w4a4", "--samplers", "euler,dpmpp_2m,flow_euler",
                    "--steps", "euler=3,dpmpp_2m=3,flow_euler=3", "-n", "8", "--batch-size", "5", "-K", "2",
-                   "--baselines", "ptqd", "--methods", "paper,v2,matched", "--bands", "1,2", "--tune", "--ref-images", "300", "--boot", "20", "--fig-pool", "4",
+                   "--baselines", "ptqd", "--methods", "paper,v2,matched", "--bands", "1,2", "--tune", "--size-drift", "--ref-images", "300", "--boot", "20", "--fig-pool", "4",
                    "--fig-ks", "1,2,4", "--fig-scheme", "w4a4", "--grid-n", "4", "--out", str(out),
                    "--no-progress"], load_net=_tiny)
     return rc, out
@@ -99,8 +99,9 @@ def test_smoke_run_rows(smoke):
                 ("dit", "flow_euler", "fp", "fp"), ("dit", "flow_euler", "w4a4", "quantized"),
                 ("dit", "flow_euler", "w4a4", "qdrift-paper"), ("dit", "flow_euler", "w4a4", "qdrift-v2")}
     expected |= {(m, s, "w4a4", v) for m, s in (("unet", "euler"), ("unet", "dpmpp_2m"), ("dit", "flow_euler"))
-                 for v in ("qdrift-matched", "qdrift-matched-b2", "qdrift-v2-b2", "qdrift-v2-tuned", "qdrift-v2-b2-tuned")}
-    assert expected <= set(keys) and len(keys) == len(set(keys)) == 31
+                 for v in ("qdrift-matched", "qdrift-matched-b2", "qdrift-v2-b2", "qdrift-v2-tuned", "qdrift-v2-b2-tuned",
+                           "qdrift-v2-sized", "qdrift-v2-b2-sized")}
+    assert expected <= set(keys) and len(keys) == len(set(keys)) == 37
     by = {k: r for k, r in zip(keys, rows)}
     fp, q, qd = (by[("unet", "euler", s, v)] for s, v in (("fp", "fp"), ("w4a4", "quantized"), ("w4a4", "qdrift-paper")))
     assert fp["psnr"] is None and q["psnr"] is not None and q["ssim"] <= 1
@@ -125,6 +126,10 @@ def test_smoke_run_rows(smoke):
         mse = {float(k): v for k, v in t["tune_mse"].items()}
         assert t["method"] == "v2" and len(mse) == 7 and t["strength"] == min(mse, key=lambda k: (mse[k], abs(k - 1)))
         assert t["calib_seconds"] > by[("unet", "euler", "w4a4", name[: -len("-tuned")])]["calib_seconds"]
+    for name in ("qdrift-v2-sized", "qdrift-v2-b2-sized"):  # --size-drift: qdrift.size_drift on the K noises
+        t, plain = by[("unet", "euler", "w4a4", name)], by[("unet", "euler", "w4a4", name[: -len("-sized")])]
+        assert t["method"] == "v2" and len(t["drift_scale"]) == 1 and 0 <= t["drift_scale"][0] <= 4
+        assert t["calib_seconds"] > plain["calib_seconds"] and "drift_scale" not in plain
 
 
 def test_smoke_run_table_and_pngs(smoke):

@@ -1,0 +1,159 @@
+"""qdrift.size_drift: v2's drift sized to the mean square difference the undrifted quantized sampler accumulates."""
+
+import warnings
+
+import pytest
+import torch
+
+import qdrift
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser
+from qdrift.calib import CalibrationFileError, load_calibration
+from qdrift.plan import recording, undrifted
+
+DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
+SIGMAS = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+X_CAL = DATA.prior(5, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(5))
+
+
+def _cal(var):
+    return qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=7, var=var), X_CAL, SIGMAS, disable=True)
+
+
+@pytest.fixture(scope="module")
+def cals():
+    return {v: _cal(v) for v in (0.05, 0.1, 0.2)}
+
+
+def _removed(cal, name, var=0.1):
+    held = DATA.prior(400, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        chk = qdrift.check_correction(cal, DATA, PlantedErrorDenoiser(DATA, seed=11, var=var), held, SIGMAS, name)
+    return 1 - float(chk.excess_corr[-1].sum()) / float(chk.excess_q[-1].sum())
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "euler_ancestral", "heun"])
+@pytest.mark.parametrize("calibrated, factor", [(0.1, 1.0), (0.2, 0.5), (0.05, 2.0)])
+def test_the_factor_is_the_planted_mismatch_and_the_sized_drift_removes_the_excess(cals, name, calibrated, factor):
+    """The quantized model the sampler runs has fresh error variance 0.1; the calibration saw 0.2, 0.1 or 0.05
+    (a surrogate that over- or under-predicts the accumulation by a known factor). The measured factor is the
+    mismatch, and with it the drift removes the excess, where the unsized drift removes about twice or half of it."""
+    cal = cals[calibrated]
+    sized = qdrift.size_drift(cal, DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS, name)
+    assert torch.allclose(sized.drift_scale, torch.full((3,), factor, dtype=torch.float64), rtol=0.1), sized.drift_scale
+    info = sized.meta["drift_scale"]
+    assert info["K"] == 5 and info["sampler"] == name and info["steps"] == 20 and info["seconds"] >= 0
+    assert 0.85 < _removed(sized, name) < 1.15
+    if factor != 1.0:
+        unsized = _removed(cal, name)
+        assert (unsized > 1.6) if factor < 1 else (unsized < 0.7), unsized
+
+
+@pytest.mark.filterwarnings("ignore::qdrift.DriftClippedWarning")
+def test_undrifted_runs_take_no_drift_and_keep_the_output_correction(cals):
+    cal = cals[0.1]
+    model = PlantedErrorDenoiser(DATA, seed=3, var=0.1, gain=0.1)
+    x = DATA.prior(4, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(2))
+    with recording() as plans, undrifted():
+        out = qdrift.sample_euler_qdrift(model, x, SIGMAS, cal, disable=True)
+    assert all(bool((t["c"] == 0).all()) for t in plans[0].trace) and len(plans[0].trace) == 20
+    assert all("var_diff" in t for t in plans[0].trace)
+    with recording() as plans:
+        drifted = qdrift.sample_euler_qdrift(PlantedErrorDenoiser(DATA, seed=3, var=0.1, gain=0.1), x, SIGMAS, cal,
+                                             disable=True)
+    assert any(bool((t["c"] != 0).any()) for t in plans[0].trace)
+    assert not torch.equal(out, drifted)
+    plain = qdrift.sample_euler_qdrift(PlantedErrorDenoiser(DATA, seed=3, var=0.1, gain=0.1), x, SIGMAS, disable=True)
+    assert not torch.equal(out, plain)  # the output's gain is still removed
+
+
+@pytest.mark.filterwarnings("ignore::qdrift.DriftClippedWarning")
+def test_the_paper_method_and_other_methods_ignore_the_factor(cals):
+    cal = cals[0.2]
+    sized = qdrift.size_drift(cal, DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS)
+    x = DATA.prior(6, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(3))
+    for method in ("paper", "exact", "correlated"):
+        a = qdrift.sample_euler_qdrift(DATA, x, SIGMAS, cal, method=method, disable=True)
+        b = qdrift.sample_euler_qdrift(DATA, x, SIGMAS, sized, method=method, disable=True)
+        assert torch.equal(a, b), method
+    a = qdrift.sample_euler_qdrift(DATA, x, SIGMAS, cal, disable=True)
+    b = qdrift.sample_euler_qdrift(DATA, x, SIGMAS, sized, disable=True)
+    assert not torch.equal(a, b)
+
+
+def test_sizing_again_replaces_the_sizing_and_is_reproducible(cals):
+    model = lambda: PlantedErrorDenoiser(DATA, seed=8, var=0.1)  # noqa: E731
+    once = qdrift.size_drift(cals[0.2], DATA, model(), X_CAL, SIGMAS)
+    again = qdrift.size_drift(once, DATA, model(), X_CAL, SIGMAS)
+    assert once.meta["drift_scale"]["measured"] == again.meta["drift_scale"]["measured"]
+    assert once.meta["drift_scale"]["predicted"] == again.meta["drift_scale"]["predicted"]
+    assert "drift_scale" not in cals[0.2].meta  # the input is not changed
+
+
+def _deterministic_q(x, sigma, **kwargs):
+    """A quantized stand-in whose error is a fixed function of the state (the same for any batch split)."""
+    return DATA(x, sigma, **kwargs) + 0.05 * torch.sin(3 * x)
+
+
+def test_batches_pool_like_one_batch(cals):
+    one = qdrift.size_drift(cals[0.2], DATA, _deterministic_q, X_CAL, SIGMAS)
+    two = qdrift.size_drift(cals[0.2], DATA, _deterministic_q, [X_CAL[:2], X_CAL[2:]], SIGMAS)
+    assert two.meta["drift_scale"]["K"] == 5
+    assert torch.allclose(one.drift_scale, two.drift_scale, rtol=1e-9)
+
+
+def test_the_file_keeps_the_sizing_and_rejects_a_malformed_one(cals, tmp_path):
+    sized = qdrift.size_drift(cals[0.2], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS)
+    sized.save(tmp_path / "c.safetensors")
+    back = load_calibration(tmp_path / "c.safetensors")
+    assert torch.equal(back.drift_scale, sized.drift_scale)
+    x = DATA.prior(3, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(qdrift.sample_euler_qdrift(DATA, x, SIGMAS, back, disable=True),
+                       qdrift.sample_euler_qdrift(DATA, x, SIGMAS, sized, disable=True))
+    bad = dict(sized.meta["drift_scale"], measured=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"drift_scale.*3 finite numbers"):
+        qdrift.Calibration(sized.sigmas, sized.moments, meta=dict(sized.meta, drift_scale=bad))
+    # a file whose sizing was edited by hand: refused on load with the file named
+    from safetensors.torch import load_file, save_file
+    import json
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["qdrift"])
+    header["meta"]["drift_scale"]["predicted"] = [1.0, float("inf"), 1.0]
+    save_file(load_file(str(tmp_path / "c.safetensors")), str(tmp_path / "bad.safetensors"),
+              metadata={"qdrift": json.dumps(header)})
+    with pytest.raises(CalibrationFileError, match="bad.safetensors.*drift_scale"):
+        load_calibration(tmp_path / "bad.safetensors")
+
+
+def test_merge_pools_two_sizings_of_one_sampler_and_drops_others_with_a_warning(cals):
+    model = lambda seed: PlantedErrorDenoiser(DATA, seed=seed, var=0.1)  # noqa: E731
+    a = qdrift.size_drift(cals[0.2], DATA, model(8), X_CAL[:3], SIGMAS)
+    b = qdrift.size_drift(cals[0.2], DATA, model(9), X_CAL[3:], SIGMAS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        both = a.merge(b)
+    info, ia, ib = both.meta["drift_scale"], a.meta["drift_scale"], b.meta["drift_scale"]
+    assert info["K"] == 5
+    for key in ("measured", "predicted"):
+        assert info[key] == pytest.approx([(3 * p + 2 * q) / 5 for p, q in zip(ia[key], ib[key])])
+    with pytest.warns(UserWarning, match="only one of the two calibrations was sized"):
+        assert a.merge(cals[0.2]).drift_scale is None
+    other = qdrift.size_drift(cals[0.2], DATA, model(9), X_CAL[3:], SIGMAS, "dpmpp_2m")
+    with pytest.warns(UserWarning, match="different samplers"):
+        assert a.merge(other).drift_scale is None
+
+
+def test_bad_inputs_are_named(cals):
+    cal, model = cals[0.1], PlantedErrorDenoiser(DATA, seed=8, var=0.1)
+    with pytest.raises(ValueError, match="must be a qdrift.Calibration"):
+        qdrift.size_drift(torch.ones(20, 3), DATA, model, X_CAL, SIGMAS)
+    with pytest.raises(ValueError, match="unknown qdrift sampler"):
+        qdrift.size_drift(cal, DATA, model, X_CAL, SIGMAS, "nope")
+    with pytest.raises(ValueError, match="callback"):
+        qdrift.size_drift(cal, DATA, model, X_CAL, SIGMAS, sampler_kwargs={"callback": print})
+    with pytest.raises(ValueError, match="2 channels; expected the calibration's 3"):
+        qdrift.size_drift(cal, DATA, model, X_CAL[:, :2], SIGMAS)
+    with pytest.raises(ValueError, match="held no batches"):
+        qdrift.size_drift(cal, DATA, model, [], SIGMAS)
