@@ -6,6 +6,11 @@ and labels). Prints one summary line per (scheme, method, noise set) and, with `
 
     python benchmarks/correction_check.py --model unet --sampler euler --schemes w4a8,w4a4,w3a4 -n 40
     python benchmarks/correction_check.py --model dit --methods v2 --strengths 0.5,1,1.5   # the strength curve
+    python benchmarks/correction_check.py --model dit --methods v2 --size-drift   # v2 sized by qdrift.size_drift
+
+With ``--size-drift`` each scheme also prints the per-channel factor :func:`qdrift.size_drift` measures on the
+calibration noises and, for comparison, on the held-out ones, and checks v2 with the calibration sized on the
+calibration noises (rows ``v2-sized``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("-n", type=int, default=40, help="held-out evaluation noises")
     p.add_argument("--bands", type=int, default=1, help="calibrate per frequency band (calibrate(..., bands=N))")
     p.add_argument("--strengths", default="1", help="comma-separated correction strengths to check (each >= 0)")
+    p.add_argument("--size-drift", action="store_true",
+                   help="also size v2's drift with qdrift.size_drift (on the calibration noises) and check it")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -65,16 +72,25 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     for scheme in schemes:
         cal, _ = R.calibrate_block(bm, scheme, block, args.K, bands=args.bands)
         cal = cal.with_options(reduce=cfg.v_reduce[0])  # as the bench's Q-Drift rows
-        for method in args.methods.split(","):
+        runs = [(method, method, cal) for method in args.methods.split(",")]
+        if args.size_drift:
+            sized = {name: qdrift.size_drift(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn, {"y": labels},
+                                             seed=R.CAL_SEED) for name, (x, labels) in sets.items()}
+            factors = ", ".join(f"{name} {[round(v, 3) for v in c.drift_scale.tolist()]}" for name, c in sized.items())
+            print(f"{scheme} size_drift factor (measured / predicted mean square difference of the undrifted run): "
+                  f"{factors}", flush=True)
+            runs.append(("v2-sized", "v2", sized["calibration"]))
+        for label, method, use in runs:
             for strength in strengths:
                 at = "" if strengths == [1.0] else f" (strength {strength:g})"
                 for name, (x, labels) in sets.items():
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
-                        chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
+                        chk = qdrift.check_correction(use, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
                                                       {"y": labels}, method=method, strength=strength,
                                                       seed=R.CAL_SEED)
-                    print(f"{scheme} {name}{at}: {chk.summary()}", flush=True)
+                    summary = chk.summary() if label == method else chk.summary().replace(method, label, 1)
+                    print(f"{scheme} {name}{at}: {summary}", flush=True)
                     if args.table:
                         print(chk.table(every=3) + "\n")
     return 0

@@ -272,6 +272,11 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
                                 "--methods", "v2", "--strengths", "0.5,2", "--threads", "1"], load_net=_tiny)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
     assert rc == 0 and len(lines) == 4 and sum("held-out (strength 2): v2" in ln for ln in lines) == 1
+    rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
+                                "--methods", "v2", "--size-drift", "--threads", "1"], load_net=_tiny)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
+    assert rc == 0 and len(lines) == 5 and sum("size_drift factor" in ln for ln in lines) == 1
+    assert sum("held-out: v2-sized on 3 noises" in ln for ln in lines) == 1
     for bad in ("x", "-1", "inf", ""):
         with pytest.raises(SystemExit):
             correction_check.main(["--model", "unet", "--strengths", bad], load_net=_tiny)
