@@ -27,8 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from .calibration import Calibration
-from .match import _channel_stats, _run, check_pass
-from .run import _batches
+from .match import _channel_stats, _run, check_pass, pass_batches
 
 __all__ = ["CorrectionCheck", "StrengthTuning", "check_correction", "tune_strength"]
 
@@ -187,9 +186,7 @@ def check_correction(
     trace: List[Dict[str, Any]] = []
     used = method
     count = 0
-    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
-        if xb.shape[1] != calibration.channels:
-            raise ValueError(f"check_correction: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+    for b, xb, args in pass_batches("check_correction", calibration, x, extra_args, batch_size):
         options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
         runs = {}
         for label, model, V, extra in (("fp", model_fp, None, {}), ("q", model_q, None, {}),
@@ -305,9 +302,7 @@ def tune_strength(
         raise ValueError("tune_strength: strengths is empty; give at least one strength to try")
     sums = dict.fromkeys(tried, 0.0)
     count, samples, used = 0, 0, method
-    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
-        if xb.shape[1] != calibration.channels:
-            raise ValueError(f"tune_strength: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+    for b, xb, args in pass_batches("tune_strength", calibration, x, extra_args, batch_size):
         options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
         fp = _run(info, model_fp, xb, sigmas, None, seed + b, options).double()
         for value in tried:

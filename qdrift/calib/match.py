@@ -126,6 +126,15 @@ def check_pass(who: str, calibration, sampler, sigmas, sampler_kwargs):
     return info
 
 
+def pass_batches(who: str, calibration: Calibration, x, extra_args, batch_size):
+    """``(index, batch, its extra_args)`` of a pass's input (as :func:`qdrift.calibrate` splits it), each batch
+    checked to have the calibration's channel count."""
+    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
+        if xb.shape[1] != calibration.channels:
+            raise ValueError(f"{who}: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+        yield b, xb, args
+
+
 def _run(info, model, x: torch.Tensor, sigmas: torch.Tensor, probe, seed: int, options: Dict[str, Any]) -> torch.Tensor:
     """One sampler run with the probe (or a V) in place of V, returning its sample; stochastic samplers get
     seeded noise (the same for every run of a batch; Brownian for the SDE solvers)."""
@@ -192,11 +201,7 @@ def match_moments(
     started = time.time()
     sums: Dict[int, List] = {}
     count = 0
-    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
-        if xb.shape[1] != calibration.channels:
-            raise ValueError(
-                f"match_moments: x has {xb.shape[1]} channels, the calibration {calibration.channels}"
-            )
+    for b, xb, args in pass_batches("match_moments", calibration, x, extra_args, batch_size):
         options = dict(sampler_kwargs or {}, extra_args=args, disable=True)
         if bands > 1 and xb.ndim < 3:
             raise ValueError("match_moments: frequency bands need spatial axes; x has none (use bands=1)")

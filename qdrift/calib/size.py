@@ -37,8 +37,7 @@ import torch
 
 from .calibration import Calibration
 from .check import _Sums
-from .match import _run, check_pass
-from .run import _batches
+from .match import _run, check_pass, pass_batches
 
 __all__ = ["size_drift"]
 
@@ -93,9 +92,7 @@ def size_drift(
     fp_sums, q_sums = _Sums(), _Sums()
     predicted: Optional[torch.Tensor] = None
     count = 0
-    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
-        if xb.shape[1] != calibration.channels:
-            raise ValueError(f"size_drift: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
+    for b, xb, args in pass_batches("size_drift", calibration, x, extra_args, batch_size):
         after: Dict[str, List[torch.Tensor]] = {}
         for label, model, V in (("fp", model_fp, None), ("q", model_q, base)):
             seen: List[torch.Tensor] = []
