@@ -157,3 +157,11 @@ def test_bad_inputs_are_named(cals):
         qdrift.size_drift(cal, DATA, model, X_CAL[:, :2], SIGMAS)
     with pytest.raises(ValueError, match="held no batches"):
         qdrift.size_drift(cal, DATA, model, [], SIGMAS)
+
+
+def test_the_factor_is_bounded_and_one_where_nothing_was_predicted(cals):
+    cal = cals[0.1]
+    info = {"measured": [0.5, 9.0, 0.3], "predicted": [1.0, 1.0, 0.0], "K": 2}
+    sized = qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=info), trajectory=cal.trajectory)
+    assert sized.drift_scale.tolist() == [0.5, 4.0, 1.0]
+    assert cal.drift_scale is None
