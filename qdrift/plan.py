@@ -170,6 +170,9 @@ class DriftPlan:
             a tensor V (it carries only the variance).
         spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
             latents: a calibration's frequency bands are then not used).
+        lower_noise: the sampler scales the fresh noise it adds after a step by :meth:`step`'s factor (False for
+            a caller that cannot, such as a diffusers scheduler, which draws the noise itself): the exact methods
+            then let the noise take up what a bounded drift leaves (see :meth:`_solve`).
 
     Measured accumulation. A calibration sized by :func:`qdrift.calib.size_drift` carries a per-channel
     factor (:attr:`qdrift.Calibration.drift_scale`) on the residual error's variance ``V`` of method ``v2``:
@@ -204,7 +207,7 @@ class DriftPlan:
     _warned_old = False
 
     def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
-                 method: Optional[str] = None, spatial: bool = True):
+                 method: Optional[str] = None, spatial: bool = True, lower_noise: bool = True):
         # A moment-matching pass (qdrift.calib.match_moments) hands the plan its probe in place of V.
         self.trace: list = []  # per corrected step: see the class docstring
         for plans in getattr(_RECORDING, "stack", ()):
@@ -241,6 +244,7 @@ class DriftPlan:
         self.gain = gain and self.table is not None and strength > 0
         self.strength = float(strength)
         self.drift = not getattr(_RECORDING, "undrifted", False)  # False: c = 0 at every step (see undrifted())
+        self.lower_noise = bool(lower_noise)
         # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
         # per unit and scales that band of the increment (exact for stationary Gaussian data).
         banded = spatial and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
@@ -267,7 +271,7 @@ class DriftPlan:
             # with the same history replays it; the surrogate itself is built only when a step is not known.
             self._sigma0 = float(sigmas[0])
             base = (method, self.gain, self.cross, self.strength, self.bands, self.units,
-                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0, self.drift)
+                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0, self.drift, self.lower_noise)
             self._digest = hashlib.blake2b(repr(base).encode(), digest_size=16).digest()
             self._events: list = []
             self._live = False
@@ -532,17 +536,23 @@ class DriftPlan:
         elif correction == "noise" and noise_std:
             factor, left = lower_noise(noise_std, const.clamp(min=0))
             const = const.clamp(max=0) + left
-        lin = src.covar(d_base + y_next, inc)
-        c = balance_coefficient(const, lin, src.covar(inc, inc))
+        lin, quad = src.covar(d_base + y_next, inc), src.covar(inc, inc)
+        c = balance_coefficient(const, lin, quad)
         if not self.drift:
             c, factor = torch.zeros_like(c), None
         clipped = bool((c.abs() > MAX_DRIFT).any())
+        solved = c
         c = c.clamp(-MAX_DRIFT, MAX_DRIFT)
         # A step scaled by (1 + c) acts as a step to the lower level sigma + (1 + c)(sigma_eff - sigma); past
         # level 0 it no longer removes noise but puts it back with its sign flipped (c sigma of it on a step to
         # 0). So c stops where the scaled step reaches 0; what it cannot absorb stays for later steps.
         if sigma > sigma_eff >= 0:
             c = c.clamp(max=sigma_eff / (sigma - sigma_eff))
+        if correction == "drift" and noise_std and self.drift and self.lower_noise and bool((c != solved).any()):
+            # A bounded drift leaves excess the fresh noise that follows can absorb (a few ancestral steps go
+            # nearly to 0, so the drift can take little): the sampler lowers that noise by what is left.
+            left = ((const + 2 * c * lin + c * c * quad) * (c != solved)).clamp(min=0)
+            factor, _ = lower_noise(noise_std, left.reshape(self.channels, self.bands).sum(-1))
         self._y, self._d = y_next, d_base + c * inc
         predicted = {"excess": excess, "var_fp": src.covar(y_next, y_next), "var_diff": src.covar(self._d, self._d)}
         self._noise(noise_std, factor)

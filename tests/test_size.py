@@ -165,3 +165,32 @@ def test_the_factor_is_bounded_and_one_where_nothing_was_predicted(cals):
     sized = qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=info), trajectory=cal.trajectory)
     assert sized.drift_scale.tolist() == [0.5, 4.0, 1.0]
     assert cal.drift_scale is None
+
+
+def test_a_bounded_drift_leaves_its_excess_to_the_ancestral_noise():
+    """Ten Euler ancestral steps from sigma 80 go nearly to 0 each (sigma_down << sigma_next), so c is bounded where
+    the scaled step would pass 0 and the drift alone removed 57 % of the excess (qdrift analytic --steps 10). What
+    the bound leaves, the fresh noise that follows now takes up (v2 ~100 %); a caller that cannot lower its noise
+    (a diffusers scheduler: lower_noise=False) keeps the drift alone."""
+    from qdrift.plan import DriftPlan
+
+    sigmas = qdrift.get_sigmas_karras(10, 0.002, 80.0).double()
+    x_cal = DATA.prior(5, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(5))
+    cal = qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=7, var=0.1), x_cal,
+                           qdrift.get_sigmas_karras(40, 0.002, 80.0).double(), disable=True)
+    held = DATA.prior(4000, 80.0, spatial=(1, 1), generator=torch.Generator().manual_seed(1))
+    chk = qdrift.check_correction(cal, DATA, PlantedErrorDenoiser(DATA, seed=11, var=0.1), held, sigmas,
+                                  "euler_ancestral", seed=3)
+    removed = 1 - float(chk.excess_corr[-1].sum()) / float(chk.excess_q[-1].sum())
+    assert 0.85 < removed < 1.15, chk.summary()
+    factors = []
+    for lower in (True, False):
+        plan = DriftPlan(cal, sigmas, held[:2], "euler_ancestral", lower_noise=lower)
+        x = held[:2]
+        for i in range(len(sigmas) - 1):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            down, up = qdrift.get_ancestral_step(s, s_next)
+            x_new, factor = plan.step(i, x, x * (float(down) / s), s, float(down), noise_std=float(up))
+            factors.append((lower, factor))
+    assert any(f is not None and bool((f < 1).all()) for lower, f in factors if lower)
+    assert all(f is None for lower, f in factors if not lower)

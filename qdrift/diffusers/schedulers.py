@@ -224,7 +224,8 @@ class _QDriftMixin:
         if self._qdrift_plan is None or i == 0:
             sigmas = torch.tensor([self._qdrift_level(j) for j in range(len(self.timesteps) + 1)], dtype=torch.float64)
             self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method,
-                                          spatial=dim in (1, 1 - sample.ndim))  # packed latents: tokens, no grid
+                                          spatial=dim in (1, 1 - sample.ndim),  # packed latents: tokens, no grid
+                                          lower_noise=False)  # the base scheduler draws and adds its own noise
         plan = self._qdrift_plan
         if self._qdrift_plans:
             inc = plan.correct_increment(inc, x, sigma, sigma_eff - sigma)
