@@ -156,7 +156,9 @@ class DriftPlan:
     solved exactly (:func:`balance_coefficient`), within ``|c| <= 1`` and ``c <= sigma_eff / (sigma -
     sigma_eff)``: the scaled step goes to the level ``sigma + (1 + c)(sigma_eff - sigma)``, and past 0 it
     would put noise back instead of removing it (``c sigma`` of it on a step to 0: the speckle of a few long
-    ancestral steps). What one step cannot absorb stays in ``D`` and the next step's balance takes it up.
+    ancestral steps). What a bounded step cannot absorb is taken from the fresh noise the sampler adds right
+    after it, if any (its variance lowered by what is left, as ``correction="noise"`` does; callers that cannot
+    scale their noise pass ``lower_noise=False``); the rest stays in ``D`` and the next step's balance takes it up.
     For a fresh error, one Euler step of pure noise this is ``c = |h| V / (2 sigma_eff)`` to first order;
     the paper's ``|h| V / (2 sigma)`` (Eq. 12) is its short-step limit.
 
