@@ -167,7 +167,8 @@ class Calibration:
         reduce: ``"channel"`` (a V per channel) or ``"scalar"`` (one pooled V per step, repeated over
             channels: the setting of the paper's main runs).
         conditional: ``V = Var(delta | d_hat)`` if True, the "unconditional" ablation ``Var(delta)`` if False.
-        meta: what was compared, the schedule, K, trim, library version (JSON-serializable).
+        meta: what was compared, the schedule, K, trim, library version (JSON-serializable); ``drift_scale``
+            when :func:`qdrift.calib.size_drift` sized the calibration (see :attr:`drift_scale`).
         trajectory: cross-step sums along the calibration trajectories (:class:`TrajectorySums`), which
             Q-Drift v2 uses for correlated errors, the state variance and ``Cov(x, d)``; None for files
             written before format version 2 and for statistics collected without them.
