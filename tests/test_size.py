@@ -136,7 +136,7 @@ def test_merge_pools_two_sizings_of_one_sampler_and_drops_others_with_a_warning(
         both = a.merge(b)
     info, ia, ib = both.meta["drift_scale"], a.meta["drift_scale"], b.meta["drift_scale"]
     assert info["K"] == 5
-    for key in ("measured", "predicted"):
+    for key in ("measured", "measured_sq", "predicted"):
         assert info[key] == pytest.approx([(3 * p + 2 * q) / 5 for p, q in zip(ia[key], ib[key])])
     with pytest.warns(UserWarning, match="only one of the two calibrations was sized"):
         assert a.merge(cals[0.2]).drift_scale is None
@@ -159,12 +159,57 @@ def test_bad_inputs_are_named(cals):
         qdrift.size_drift(cal, DATA, model, [], SIGMAS)
 
 
+def _with_scale(cal, **info):
+    return qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=info), trajectory=cal.trajectory)
+
+
 def test_the_factor_is_bounded_and_one_where_nothing_was_predicted(cals):
     cal = cals[0.1]
-    info = {"measured": [0.5, 9.0, 0.3], "predicted": [1.0, 1.0, 0.0], "K": 2}
-    sized = qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=info), trajectory=cal.trajectory)
+    sized = _with_scale(cal, measured=[0.5, 9.0, 0.3], predicted=[1.0, 1.0, 0.0], K=2)  # a file without the spread
     assert sized.drift_scale.tolist() == [0.5, 4.0, 1.0]
-    assert cal.drift_scale is None
+    raw, se = sized.drift_scale_estimate()
+    assert raw.tolist() == [0.5, 9.0, 1.0] and se[2] == 0 and bool(se[:2].isnan().all())
+    assert cal.drift_scale is None and cal.drift_scale_estimate() is None
+
+
+def test_the_factor_departs_from_one_only_by_more_than_z_standard_errors(cals):
+    """Five noises whose accumulations have mean m and mean square q: the standard error of the factor is
+    sqrt((q - m^2) / (K - 1)) / predicted, and a factor within z of them from 1 is not applied."""
+    cal = cals[0.1]
+    info = dict(measured=[0.6, 1.2, 0.6], measured_sq=[0.36 + 4 * 0.01, 1.44 + 4 * 0.04, 0.36 + 4 * 0.04],
+                predicted=[1.0, 1.0, 1.0], K=5)
+    raw, se = _with_scale(cal, **info).drift_scale_estimate()
+    assert raw.tolist() == pytest.approx([0.6, 1.2, 0.6]) and se.tolist() == pytest.approx([0.1, 0.2, 0.2])
+    assert _with_scale(cal, **info).drift_scale.tolist() == pytest.approx([0.6, 1.0, 1.0])  # z = 2 by default
+    assert _with_scale(cal, **info, z=1.0).drift_scale.tolist() == pytest.approx([0.6, 1.0, 0.6])
+    assert _with_scale(cal, **info, z=0.0).drift_scale.tolist() == pytest.approx([0.6, 1.2, 0.6])
+    one = dict(info, K=1)  # one noise: no spread, nothing can be told from 1
+    assert _with_scale(cal, **one).drift_scale.tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="'z' \\(a finite number >= 0\\)"):
+        _with_scale(cal, **info, z=-1.0)
+    with pytest.raises(ValueError, match="measured_sq"):
+        _with_scale(cal, **dict(info, measured_sq=[1.0]))
+    with pytest.raises(ValueError, match="z must be a finite number >= 0"):
+        qdrift.size_drift(cal, DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS, z=float("nan"))
+
+
+def test_a_factor_carried_by_one_noise_of_five_is_not_applied(cals):
+    """The quantized stand-in errs on one of the five sizing noises only, with 9x the calibrated variance: the
+    mean accumulation is about 1.8x the prediction, but as uncertain as it is large, so the surrogate stands."""
+    planted = PlantedErrorDenoiser(DATA, seed=8, var=0.1)
+    weight = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0], dtype=torch.float64).view(5, 1, 1, 1)
+
+    def one_noisy_sample(x, sigma, **kwargs):
+        exact = DATA(x, sigma, **kwargs)
+        return exact + weight.to(x) * (planted(x, sigma, **kwargs) - exact)
+
+    sized = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS)
+    raw, se = sized.drift_scale_estimate()
+    assert bool(((raw > 1.5) & (raw < 2.1)).all()) and bool(((se > 0.7 * raw) & (se < 1.3 * raw)).all()), (raw, se)
+    assert sized.drift_scale.tolist() == [1.0, 1.0, 1.0]
+    unguarded = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS, z=0)
+    assert torch.equal(unguarded.drift_scale, unguarded.drift_scale_estimate()[0])
+    assert bool(((unguarded.drift_scale > 1.4) & (unguarded.drift_scale < 2.4)).all())
 
 
 def test_a_bounded_drift_leaves_its_excess_to_the_ancestral_noise():

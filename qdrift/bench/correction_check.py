@@ -76,9 +76,9 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         if args.size_drift:
             sized = {name: qdrift.size_drift(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn, {"y": labels},
                                              seed=R.CAL_SEED) for name, (x, labels) in sets.items()}
-            factors = ", ".join(f"{name} {[round(v, 3) for v in c.drift_scale.tolist()]}" for name, c in sized.items())
-            print(f"{scheme} size_drift factor (measured / predicted mean square difference of the undrifted run): "
-                  f"{factors}", flush=True)
+            factors = ", ".join(f"{name} {_factor_text(c)}" for name, c in sized.items())
+            print(f"{scheme} size_drift factor (measured / predicted mean square difference of the undrifted run, "
+                  f"raw +- standard error -> used): {factors}", flush=True)
             runs.append(("v2-sized", "v2", sized["calibration"]))
         for label, method, use in runs:
             for strength in strengths:
@@ -94,6 +94,13 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
                     if args.table:
                         print(chk.table(every=3) + "\n")
     return 0
+
+
+def _factor_text(cal: qdrift.Calibration) -> str:
+    """A sized calibration's factor per channel: raw +- standard error -> the one sampling uses."""
+    raw, se = cal.drift_scale_estimate()
+    return "[" + ", ".join(f"{r:.3f} +- {e:.3f} -> {u:.3f}"
+                           for r, e, u in zip(raw.tolist(), se.tolist(), cal.drift_scale.tolist())) + "]"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ _BAND_PREFIX = "band_"  # the frequency-band statistics (Calibration.banded): ba
 MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]
 MAX_STATE_GAIN = 0.5  # |j| (the gain of the denoised output, see Calibration.error_model) is kept within this
 MAX_DRIFT_SCALE = 4.0  # Calibration.drift_scale is kept within [0, MAX_DRIFT_SCALE]
+DRIFT_SCALE_Z = 2.0  # Calibration.drift_scale departs from 1 only by more than this many standard errors
 
 
 class CalibrationFileError(ValueError):
@@ -76,10 +77,13 @@ def _check_drift_scale(info: Any, channels: int) -> None:
         return isinstance(v, list) and len(v) == channels and all(_is_real(x) and math.isfinite(x) and x >= 0 for x in v)
 
     if (not isinstance(info, dict) or not per_channel(info.get("measured")) or not per_channel(info.get("predicted"))
-            or not (_is_int(info.get("K")) and info["K"] >= 1)):
+            or not (_is_int(info.get("K")) and info["K"] >= 1)
+            or not ("measured_sq" not in info or per_channel(info["measured_sq"]))
+            or not ("z" not in info or (_is_real(info["z"]) and 0 <= info["z"] < math.inf))):
         raise ValueError(
             "Calibration: meta['drift_scale'] must be an object with 'measured' and 'predicted' (lists of "
-            f"{channels} finite numbers >= 0, one per channel) and 'K' (an integer >= 1), got {info!r:.120}"
+            f"{channels} finite numbers >= 0, one per channel), 'K' (an integer >= 1), and optionally "
+            f"'measured_sq' (like 'measured') and 'z' (a finite number >= 0), got {info!r:.160}"
         )
 
 
@@ -281,18 +285,48 @@ class Calibration:
         """The measured-accumulation factor on method ``v2``'s residual variance ``V``, per channel ``[C]``
         float64, or None for a calibration that :func:`qdrift.calib.size_drift` has not sized.
 
-        It is the mean square difference from the full-precision run that the undrifted, output-corrected
-        quantized run accumulated on the sizing pass's noises, over what v2's surrogate predicted for that
-        run (each summed over the pass's steps relative to the full-precision state's variance), within
-        ``[0, MAX_DRIFT_SCALE]``; 1 where the surrogate predicted nothing.
+        The sizing pass measures, per channel, the mean square difference from the full-precision run that the
+        undrifted, output-corrected quantized run accumulated on each of its noises, over what v2's surrogate
+        predicted for that run (each summed over the pass's steps relative to the full-precision state's
+        variance): the ratio of the noises' mean to the prediction is the raw factor, and the noises' spread
+        its standard error (:meth:`drift_scale_estimate`). The factor used is the raw one where it differs
+        from 1 by more than ``z`` standard errors (``meta["drift_scale"]["z"]``, default ``DRIFT_SCALE_Z``),
+        and 1 (the surrogate as calibrated) where the pass's noises cannot tell it from 1; within
+        ``[0, MAX_DRIFT_SCALE]``, and 1 where the surrogate predicted nothing. A file sized before the
+        standard error was kept (no ``measured_sq``) uses its raw factor.
         """
+        estimate = self.drift_scale_estimate()
+        if estimate is None:
+            return None
+        raw, se = estimate
+        z = float(self.meta["drift_scale"].get("z", DRIFT_SCALE_Z))
+        kept = ~((raw - 1).abs() <= z * se)  # NaN standard error (no spread kept): the raw factor
+        return torch.where(kept, raw, torch.ones_like(raw)).clamp(0, MAX_DRIFT_SCALE)
+
+    def drift_scale_estimate(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The sizing pass's raw factor and its standard error per channel (``[C]`` float64 each), or None
+        when not sized (see :attr:`drift_scale`). The standard error is that of a mean over the pass's ``K``
+        noises (each noise's accumulation counts once: positions within a sample are not independent); it is
+        infinite for ``K = 1`` and NaN for a file without ``measured_sq``. Both are 1 and 0 where the surrogate
+        predicted nothing."""
         info = self.meta.get("drift_scale")
         if info is None:
             return None
         measured = torch.tensor(info["measured"], dtype=torch.float64)
         predicted = torch.tensor(info["predicted"], dtype=torch.float64)
-        ratio = measured / predicted.where(predicted > 0, torch.ones_like(predicted))
-        return torch.where(predicted > 0, ratio.clamp(0, MAX_DRIFT_SCALE), torch.ones_like(ratio))
+        some = predicted > 0
+        scale = predicted.where(some, torch.ones_like(predicted))
+        K = int(info["K"])
+        if "measured_sq" not in info:
+            spread = torch.full_like(measured, float("nan"))
+        elif K < 2:
+            spread = torch.full_like(measured, float("inf"))
+        else:
+            square = torch.tensor(info["measured_sq"], dtype=torch.float64)
+            spread = ((square - measured ** 2).clamp(min=0) / (K - 1)).sqrt()  # sample std / sqrt(K)
+        raw = torch.where(some, measured / scale, torch.ones_like(measured))
+        se = torch.where(some, spread / scale, torch.zeros_like(spread))
+        return raw, se
 
     @property
     def V(self) -> torch.Tensor:
@@ -689,8 +723,10 @@ def _merge_drift_scale(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]])
         return None, (f"the two were sized on different samplers or step counts ({a.get('sampler')} "
                       f"{a.get('steps')} vs {b.get('sampler')} {b.get('steps')})")
     ka, kb = a["K"], b["K"]
-    mix = {key: [(ka * x + kb * y) / (ka + kb) for x, y in zip(a[key], b[key])] for key in ("measured", "predicted")}
-    return dict(a, K=ka + kb, **mix), ""
+    keys = ("measured", "predicted") + (("measured_sq",) if "measured_sq" in a and "measured_sq" in b else ())
+    mix = {key: [(ka * x + kb * y) / (ka + kb) for x, y in zip(a[key], b[key])] for key in keys}
+    out = {k: v for k, v in a.items() if k != "measured_sq"}
+    return dict(out, K=ka + kb, **mix), ""
 
 
 def _file_kind(mode: int) -> str:

@@ -19,10 +19,13 @@ accumulation, and each step's balance sizes the drift to it.
 
 The mean square difference is a sum of positive terms over every position of every sample, and is far less
 noisy than the samples' excess variance ``Var(x_q) - Var(x_fp)`` (a difference of two spreads whose sign can
-flip between noise sets of five bench images). On the bench DiT the factor measured on the 5 calibration noises
-and on 40 held-out ones is 0.64 / 0.77 (w3a4), 1.00 / 1.24 (w4a4), 1.28 / 0.87 (w4a8): the side of 1 holds where
-the error is large, and a small error's factor is noisy on 5 noises (size on more where it matters;
-docs/bench_results.md, "Sizing the drift by the measured accumulation").
+flip between noise sets of five bench images). Still, a few noises give a noisy factor where the error is small:
+on the bench DiT the raw factor measured on the 5 calibration noises and on 40 held-out ones was 0.64 / 0.77
+(w3a4), 1.00 / 1.24 (w4a4), 1.28 / 0.87 (w4a8) (docs/bench_results.md, "Sizing the drift by the measured
+accumulation"). So the pass also keeps each noise's accumulation: their spread gives the factor's standard
+error (the noises are independent; the positions of one sample are not), and the factor is applied only where
+it differs from 1 by more than ``z`` standard errors (a pretest: where the pass cannot tell the surrogate wrong,
+the surrogate stands; :attr:`qdrift.Calibration.drift_scale`).
 
 Cost: two sampler runs per batch (the full-precision and the quantized model, one call per evaluation each);
 memory: the states of one batch at every step.
@@ -36,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .calibration import Calibration
+from .calibration import DRIFT_SCALE_Z, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
 
@@ -56,6 +59,7 @@ def size_drift(
     batch_size: Optional[int] = None,
     seed: int = 0,
     sampler_kwargs: Optional[Dict[str, Any]] = None,
+    z: float = DRIFT_SCALE_Z,
 ) -> Calibration:
     """A copy of ``calibration`` whose v2 drift is sized to the accumulation measured on ``x`` (module docstring).
 
@@ -70,27 +74,34 @@ def size_drift(
         batch_size: split a tensor ``x`` into batches of this size (None: one batch).
         seed: seeds the sampler noise of stochastic samplers (the same for both runs of a batch).
         sampler_kwargs: further sampler options (``eta``, ``s_noise``, ...; not ``callback``).
+        z: the factor departs from 1 only where it differs from 1 by more than ``z`` standard errors of its
+            mean over the noises of ``x`` (kept in the file as ``meta["drift_scale"]["z"]``); 0 uses the raw
+            factor everywhere.
 
     Returns:
-        The calibration with ``meta["drift_scale"]`` set: per channel the measured and the predicted sum
-        (``measured``, ``predicted``), ``K``, ``sampler``, ``steps`` and ``seconds``. Method ``v2`` (the
+        The calibration with ``meta["drift_scale"]`` set: per channel the measured sum's mean over the
+        noises and the mean of its square (``measured``, ``measured_sq``) and the predicted sum
+        (``predicted``), ``K``, ``z``, ``sampler``, ``steps`` and ``seconds``. Method ``v2`` (the
         default) then samples with ``V`` scaled by :attr:`~qdrift.Calibration.drift_scale`; the file format
         keeps it (:meth:`~qdrift.Calibration.save`), and :meth:`~qdrift.Calibration.merge` pools two sizings
         of the same sampler and step count.
 
     Raises:
         ValueError: for an unknown sampler, a calibration of another channel count, a ``callback`` in
-            ``sampler_kwargs``, or bad inputs.
+            ``sampler_kwargs``, a ``z`` that is not a finite number >= 0, or bad inputs.
     """
     from ..plan import recording, undrifted
 
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < float("inf"):
+        raise ValueError(f"size_drift: z must be a finite number >= 0 (standard errors), got {z!r}")
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
     started = time.time()
     steps = len(sigmas) - 1
     base = replace(calibration, meta={k: v for k, v in calibration.meta.items() if k != "drift_scale"})
-    fp_sums, q_sums = _Sums(), _Sums()
+    fp_sums = _Sums()
+    per_sample: List[torch.Tensor] = []  # per batch [S, B, C]: each sample's mean square difference per step
     predicted: Optional[torch.Tensor] = None
     count = 0
     for b, xb, args in pass_batches("size_drift", calibration, x, extra_args, batch_size):
@@ -109,7 +120,8 @@ def size_drift(
             if V is not None:
                 predicted = _predicted_by_step(plans[-1].trace, steps, calibration.channels)
         fp_sums.add(after["fp"], after["fp"])
-        q_sums.add(after["q"], after["fp"])
+        per_sample.append(torch.stack([(q.double() - f.double()).flatten(2).pow(2).mean(2)
+                                       for q, f in zip(after["q"], after["fp"])]))
         count += xb.shape[0]
     if count == 0:
         raise ValueError("size_drift: x held no batches")
@@ -118,13 +130,16 @@ def size_drift(
     if not bool(rows.any()):
         raise ValueError(f"size_drift: the {info.name} run's v2 plan predicted no step (is the calibration's "
                          "error model empty, or the schedule a single step to 0 with no variance?)")
-    measured = (q_sums.mse()[rows] / var_fp[rows]).sum(0)
+    # each sample's accumulation [K, C]: their mean is the measured sum, their spread its standard error
+    each = (torch.cat(per_sample, 1)[rows] / var_fp[rows].unsqueeze(1)).sum(0)
     expected = (predicted[rows] / var_fp[rows]).sum(0)
     meta = dict(calibration.meta)
     meta["drift_scale"] = {
-        "measured": measured.tolist(),
+        "measured": each.mean(0).tolist(),
+        "measured_sq": each.pow(2).mean(0).tolist(),
         "predicted": expected.clamp(min=0).tolist(),
         "K": count,
+        "z": float(z),
         "sampler": info.name,
         "steps": steps,
         "seconds": round(time.time() - started, 3),
