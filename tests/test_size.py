@@ -239,3 +239,59 @@ def test_a_bounded_drift_leaves_its_excess_to_the_ancestral_noise():
             factors.append((lower, factor))
     assert any(f is not None and bool((f < 1).all()) for lower, f in factors if lower)
     assert all(f is None for lower, f in factors if not lower)
+
+
+def _trace_passes(model_q, x, batches=1):
+    """The host's two passes (record the full-precision Euler run, replay it with model_q) on x split in batches."""
+    from qdrift.calib import PairedTrace
+
+    trace = PairedTrace()
+    parts = x.chunk(batches)
+    for part in parts:
+        trace.fp_sampler()(DATA, part, SIGMAS, disable=True)
+    for part in parts:
+        trace.q_sampler()(model_q, part, SIGMAS, disable=True)
+    return trace, parts
+
+
+def test_a_hosts_third_pass_sizes_like_size_drift():
+    """PairedTrace.size_sampler: the quantized model's undrifted v2 Euler run against the recorded full-precision
+    states gives the factor size_drift gives with both models in hand (the same numbers, up to the float32 the
+    trace keeps), batch by batch."""
+    trace, parts = _trace_passes(_deterministic_q, X_CAL, batches=2)
+    cal = trace.calibration()
+    sampler = trace.size_sampler(cal)
+    outs = [sampler(_deterministic_q, part, SIGMAS, disable=True) for part in parts]
+    sized = trace.sized()
+    direct = qdrift.size_drift(cal, DATA, _deterministic_q, X_CAL, SIGMAS, "euler")
+    info, ref = sized.meta["drift_scale"], direct.meta["drift_scale"]
+    assert info["K"] == 5 and info["sampler"] == "euler" and info["steps"] == 20
+    for key in ("measured", "measured_sq", "predicted"):
+        assert info[key] == pytest.approx(ref[key], rel=1e-4), key
+    assert torch.equal(sized.V, cal.V) and "drift_scale" not in cal.meta
+    with undrifted():
+        again = qdrift.sample_euler_qdrift(_deterministic_q, parts[0], SIGMAS, cal, method="v2", disable=True)
+    assert torch.allclose(outs[0], again)  # the pass returns its own (output-corrected, undrifted) sample
+
+
+def test_a_hosts_third_pass_finds_the_planted_mismatch_and_names_its_misuse(cals):
+    from qdrift.calib import PairedTraceError
+
+    model = PlantedErrorDenoiser(DATA, seed=8, var=0.2)  # the host's calibration saw 0.2
+    trace, (x,) = _trace_passes(model, X_CAL)
+    cal = trace.calibration()
+    with pytest.raises(PairedTraceError, match="no sizing run yet"):
+        trace.sized()
+    sampler = trace.size_sampler(cal)
+    with pytest.raises(PairedTraceError, match="starting noise differs"):
+        sampler(model, x + 1.0, SIGMAS, disable=True)
+    with pytest.raises(PairedTraceError, match="different schedule"):
+        sampler(model, x, SIGMAS[::2], disable=True)
+    sampler(PlantedErrorDenoiser(DATA, seed=9, var=0.1), x, SIGMAS, disable=True)  # it samples with half of it
+    assert torch.allclose(trace.sized().drift_scale, torch.full((3,), 0.5, dtype=torch.float64), rtol=0.1)
+    with pytest.raises(PairedTraceError, match="already sized"):
+        sampler(model, x, SIGMAS, disable=True)
+    with pytest.raises(ValueError, match="must be a qdrift.Calibration"):
+        trace.size_sampler(None)
+    with pytest.raises(ValueError, match="z must be a finite number"):
+        trace.size_sampler(cal, z=-1)

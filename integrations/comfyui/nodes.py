@@ -138,6 +138,9 @@ CALIBRATE_INPUTS = [
     ("reduce", REDUCE_CHOICES, {"default": "channel"}),
     ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
 ]
+CALIBRATE_OPTIONAL_INPUTS = [
+    ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (one more quantized sampling run per trajectory) that sizes the Q-Drift v2 drift to the error the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one."}),
+]
 SAMPLER_INPUTS = [
     ("sampler_name", sampler_names(), {"default": "euler"}),
     ("calibration_file", "STRING", {"default": "", "tooltip": "A .safetensors file from Q-Drift Calibrate: absolute, or relative to output/ or models/qdrift/. Ignored when a calibration is connected."}),
@@ -165,12 +168,15 @@ def _classic(table) -> Dict[str, tuple]:
 
 
 # ------------------------------------------------------------------------------------------------ the work
-def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix):
-    """Q-Drift Calibrate: runs the two passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
+def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
+              size_drift=True):
+    """Q-Drift Calibrate: runs the passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
-    and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. K trajectories start
-    from K noises drawn from ``seed``. The file records both models' prediction type.
+    and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. With ``size_drift``,
+    pass 3 samples the quantized MODEL with qdrift Euler (v2's output correction, no drift) from the same noises
+    and sizes v2's drift by what it accumulates against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
+    K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type.
 
     Returns:
         ``(calibration, path)``.
@@ -205,10 +211,11 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     latent = latent[:1].repeat((int(K),) + (1,) * (latent.ndim - 1))
     noise = comfy.sample.prepare_noise(latent, int(seed))
     steps = sigmas.numel() - 1
-    pbar = comfy.utils.ProgressBar(2 * steps)
+    pbar = comfy.utils.ProgressBar((3 if size_drift else 2) * steps)
     callback = lambda i, denoised, x, total: pbar.update(1)  # noqa: E731 (ComfyUI's callback signature)
     trace = PairedTrace(meta={"host": "comfyui", "cfg": float(cfg), "seed": int(seed), "prediction_type": kind_fp})
-    for model, sampler_function in ((model_fp, trace.fp_sampler()), (model_q, trace.q_sampler())):
+
+    def run(model, sampler_function):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
@@ -216,7 +223,17 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
             noise, latent, comfy.samplers.KSAMPLER(sampler_function), sigmas,
             denoise_mask=None, callback=callback, disable_pbar=True, seed=int(seed),
         )
+
+    run(model_fp, trace.fp_sampler())
+    run(model_q, trace.q_sampler())
     cal = trace.calibration(reduce=reduce)
+    if size_drift:
+        run(model_q, trace.size_sampler(cal))
+        cal = trace.sized()
+        raw, se = cal.drift_scale_estimate()
+        LOG.info("Q-Drift Calibrate: drift sized by the measured accumulation: factor %s (raw %s +- %s)",
+                 [round(v, 3) for v in cal.drift_scale.tolist()], [round(v, 3) for v in raw.tolist()],
+                 [round(v, 3) for v in se.tolist()])
     path = _next_path(filename_prefix)
     cal.save(path)
     cal.source_file = path  # named in the Q-Drift Sampler's messages when connected directly
@@ -359,7 +376,7 @@ class QDriftCalibrate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": _classic(CALIBRATE_INPUTS)}
+        return {"required": _classic(CALIBRATE_INPUTS), "optional": _classic(CALIBRATE_OPTIONAL_INPUTS)}
 
     RETURN_TYPES = (CALIBRATION_TYPE, "STRING")
     RETURN_NAMES = ("calibration", "path")
@@ -368,8 +385,10 @@ class QDriftCalibrate:
     CATEGORY = CATEGORY
     DESCRIPTION = CALIBRATE_DESCRIPTION
 
-    def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix):
-        return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix)
+    def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
+                  size_drift=True):
+        return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
+                         size_drift)
 
     _next_path = staticmethod(_next_path)
 

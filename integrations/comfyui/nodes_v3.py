@@ -25,6 +25,7 @@ _TYPES = {
     "FLOAT": io.Float,
     "INT": io.Int,
     "STRING": io.String,
+    "BOOLEAN": io.Boolean,
 }
 CalibrationType = io.Custom(nodes.CALIBRATION_TYPE)
 
@@ -54,16 +55,16 @@ class QDriftCalibrate(io.ComfyNode):
             display_name=nodes.DISPLAY_NAMES["QDriftCalibrate"],
             category=nodes.CATEGORY,
             description=nodes.CALIBRATE_DESCRIPTION,
-            inputs=_inputs(nodes.CALIBRATE_INPUTS),
+            inputs=_inputs(nodes.CALIBRATE_INPUTS) + _inputs(nodes.CALIBRATE_OPTIONAL_INPUTS, optional=True),
             outputs=[CalibrationType.Output(display_name="calibration"), io.String.Output(display_name="path")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
-                filename_prefix) -> io.NodeOutput:
+                filename_prefix, size_drift=True) -> io.NodeOutput:
         cal, path = nodes.calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
-                                    filename_prefix)
+                                    filename_prefix, size_drift)
         return io.NodeOutput(cal, path)
 
 

@@ -43,7 +43,7 @@ from .calibration import DRIFT_SCALE_Z, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
 
-__all__ = ["size_drift"]
+__all__ = ["size_drift"]  # Accumulation, check_z, unsized: for PairedTrace.size_sampler
 
 
 @torch.no_grad()
@@ -92,18 +92,12 @@ def size_drift(
     """
     from ..plan import recording, undrifted
 
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < float("inf"):
-        raise ValueError(f"size_drift: z must be a finite number >= 0 (standard errors), got {z!r}")
+    check_z("size_drift", z)
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
-    started = time.time()
-    steps = len(sigmas) - 1
-    base = replace(calibration, meta={k: v for k, v in calibration.meta.items() if k != "drift_scale"})
-    fp_sums = _Sums()
-    per_sample: List[torch.Tensor] = []  # per batch [S, B, C]: each sample's mean square difference per step
-    predicted: Optional[torch.Tensor] = None
-    count = 0
+    sizing = Accumulation("size_drift", len(sigmas) - 1)
+    base = unsized(calibration)
     for b, xb, args in pass_batches("size_drift", calibration, x, extra_args, batch_size):
         after: Dict[str, List[torch.Tensor]] = {}
         for label, model, V in (("fp", model_fp, None), ("q", model_q, base)):
@@ -114,37 +108,75 @@ def size_drift(
                 options["method"] = "v2"
             with recording() as plans, undrifted():
                 out = _run(info, model, xb, sigmas, V, seed + b, options)
-            if len(seen) != steps:
-                raise RuntimeError(f"size_drift: the {label} run reported {len(seen)} steps of {steps}")
-            after[label] = seen[1:] + [out.detach()]  # the state after each step
+            after[label] = sizing.states_after(label, seen, out)
             if V is not None:
-                predicted = _predicted_by_step(plans[-1].trace, steps, calibration.channels)
-        fp_sums.add(after["fp"], after["fp"])
-        per_sample.append(torch.stack([(q.double() - f.double()).flatten(2).pow(2).mean(2)
-                                       for q, f in zip(after["q"], after["fp"])]))
-        count += xb.shape[0]
-    if count == 0:
-        raise ValueError("size_drift: x held no batches")
-    var_fp = fp_sums.var()
-    rows = ~torch.isnan(predicted).any(1) & (var_fp > 0).all(1)
-    if not bool(rows.any()):
-        raise ValueError(f"size_drift: the {info.name} run's v2 plan predicted no step (is the calibration's "
-                         "error model empty, or the schedule a single step to 0 with no variance?)")
-    # each sample's accumulation [K, C]: their mean is the measured sum, their spread its standard error
-    each = (torch.cat(per_sample, 1)[rows] / var_fp[rows].unsqueeze(1)).sum(0)
-    expected = (predicted[rows] / var_fp[rows]).sum(0)
-    meta = dict(calibration.meta)
-    meta["drift_scale"] = {
-        "measured": each.mean(0).tolist(),
-        "measured_sq": each.pow(2).mean(0).tolist(),
-        "predicted": expected.clamp(min=0).tolist(),
-        "K": count,
-        "z": float(z),
-        "sampler": info.name,
-        "steps": steps,
-        "seconds": round(time.time() - started, 3),
-    }
-    return replace(calibration, meta=meta)
+                trace = plans[-1].trace
+        sizing.add(after["fp"], after["q"], trace, calibration.channels)
+    return sizing.sized(calibration, info.name, z)
+
+
+def check_z(who: str, z: Any) -> None:
+    """Refuses a ``z`` (standard errors) that is not a finite number >= 0."""
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < float("inf"):
+        raise ValueError(f"{who}: z must be a finite number >= 0 (standard errors), got {z!r}")
+
+
+def unsized(calibration: Calibration) -> Calibration:
+    """The calibration without a sizing (the one a sizing pass runs with)."""
+    return replace(calibration, meta={k: v for k, v in calibration.meta.items() if k != "drift_scale"})
+
+
+class Accumulation:
+    """What a sizing pass measures, batch by batch: each noise's mean square difference between the quantized
+    and the full-precision state after every step, the full-precision state's variance, and the v2 plan's
+    prediction (:func:`size_drift`; :meth:`qdrift.calib.PairedTrace.size_sampler`)."""
+
+    def __init__(self, who: str, steps: int):
+        self.who, self.steps, self.started = who, steps, time.time()
+        self.fp = _Sums()
+        self.per_sample: List[torch.Tensor] = []  # per batch [S, B, C]
+        self.predicted: Optional[torch.Tensor] = None
+        self.count = 0
+
+    def states_after(self, label: str, seen: List[torch.Tensor], out: torch.Tensor) -> List[torch.Tensor]:
+        """The state after each step, from a run's callback states (before each step) and its result."""
+        if len(seen) != self.steps:
+            raise RuntimeError(f"{self.who}: the {label} run reported {len(seen)} steps of {self.steps}")
+        return seen[1:] + [out.detach()]
+
+    def add(self, fp_after: List[torch.Tensor], q_after: List[torch.Tensor], trace: List[Dict[str, Any]],
+            channels: int) -> None:
+        """One batch: the two runs' states after each step and the undrifted v2 plan's trace."""
+        self.fp.add(fp_after, fp_after)
+        self.per_sample.append(torch.stack([(q.double() - f.double()).flatten(2).pow(2).mean(2)
+                                            for q, f in zip(q_after, fp_after)]))
+        self.predicted = _predicted_by_step(trace, self.steps, channels)
+        self.count += fp_after[0].shape[0]
+
+    def sized(self, calibration: Calibration, sampler: str, z: float) -> Calibration:
+        """``calibration`` with ``meta["drift_scale"]`` from the batches added (see :func:`size_drift`)."""
+        if self.count == 0:
+            raise ValueError(f"{self.who}: x held no batches")
+        var_fp = self.fp.var()
+        rows = ~torch.isnan(self.predicted).any(1) & (var_fp > 0).all(1)
+        if not bool(rows.any()):
+            raise ValueError(f"{self.who}: the {sampler} run's v2 plan predicted no step (is the calibration's "
+                             "error model empty, or the schedule a single step to 0 with no variance?)")
+        # each sample's accumulation [K, C]: their mean is the measured sum, their spread its standard error
+        each = (torch.cat(self.per_sample, 1)[rows] / var_fp[rows].unsqueeze(1)).sum(0)
+        expected = (self.predicted[rows] / var_fp[rows]).sum(0)
+        meta = dict(calibration.meta)
+        meta["drift_scale"] = {
+            "measured": each.mean(0).tolist(),
+            "measured_sq": each.pow(2).mean(0).tolist(),
+            "predicted": expected.clamp(min=0).tolist(),
+            "K": self.count,
+            "z": float(z),
+            "sampler": sampler,
+            "steps": self.steps,
+            "seconds": round(time.time() - self.started, 3),
+        }
+        return replace(calibration, meta=meta)
 
 
 def _predicted_by_step(trace: List[Dict[str, Any]], steps: int, channels: int) -> torch.Tensor:

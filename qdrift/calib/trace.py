@@ -11,6 +11,11 @@ together (two large checkpoints), or a host application loads one checkpoint at 
 2. **replay**: :meth:`PairedTrace.q_sampler` is a k-diffusion sampler that ignores its own trajectory and
    evaluates the quantized (guided) denoiser on the recorded ``x_i``, storing ``D_q(x_i)``.
 
+Optionally, a third pass sizes Q-Drift v2's drift to the error the quantized sampler really accumulates
+(:meth:`PairedTrace.size_sampler`, :meth:`PairedTrace.sized`; :func:`qdrift.size_drift` with both models in
+hand): the quantized model samples Euler with v2's output correction and no drift from the recorded runs' noises,
+and its states are compared with the recorded full-precision ones.
+
 :meth:`PairedTrace.calibration` then forms ``d = (x - D) / sigma`` for both and feeds the same accumulator
 as :func:`qdrift.calibrate` (:class:`qdrift.calib.stats.PairedAccumulator`: per-(step, channel) moments with
 delta outliers trimmed per sample, and the cross-step sums Q-Drift v2 needs), so a trace gives the same
@@ -30,7 +35,7 @@ import torch
 
 from .._utils import to_d
 from .._version import __version__
-from .calibration import REDUCES, Calibration
+from .calibration import DRIFT_SCALE_Z, REDUCES, Calibration
 from .stats import PairedAccumulator
 
 try:  # tqdm is a core dependency; the fallback keeps this module importable in stripped hosts
@@ -126,6 +131,7 @@ class PairedTrace:
         self.runs: List[Dict[str, Optional[torch.Tensor]]] = []
         self.meta: Dict[str, Any] = dict(meta or {})
         self._replayed = 0
+        self._sizing: Optional[Dict[str, Any]] = None  # the third pass (size_sampler)
 
     # ------------------------------------------------------------------ state
     @property
@@ -210,25 +216,7 @@ class PairedTrace:
         @torch.no_grad()
         def sample_qdrift_replay_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
             who = "Q-Drift calibration (quantized pass)"
-            if self._replayed >= len(self.runs):
-                raise PairedTraceError(
-                    f"{who}: all {len(self.runs)} recorded run(s) are already replayed; run the full-precision "
-                    "pass first, with the same batch count and size"
-                )
-            self._check_schedule(sigmas, who)
-            run = self.runs[self._replayed]
-            if tuple(run["x"].shape[1:]) != tuple(x.shape):
-                raise PairedTraceError(
-                    f"{who}: batch shape {tuple(x.shape)} differs from the recorded {tuple(run['x'].shape[1:])}: use "
-                    "the same size and batch size in both passes"
-                )
-            scale = max(float(sigmas[0]), 1.0)
-            gap = float((x.detach().to("cpu", torch.float32) - run["x"][0]).abs().max())
-            if gap > atol * scale:
-                raise PairedTraceError(
-                    f"{who}: the starting noise differs from the recorded run (max difference {gap:.3g}): use the "
-                    "same seed(s) in both passes"
-                )
+            run = self._recorded_run(self._replayed, x, sigmas, who, atol, "replayed")
             extra_args = {} if extra_args is None else extra_args
             s_in = x.new_ones([x.shape[0]])
             qs = []
@@ -243,6 +231,103 @@ class PairedTrace:
             return run["final"].to(device=x.device, dtype=x.dtype)
 
         return sample_qdrift_replay_q
+
+    def _recorded_run(self, index: int, x: torch.Tensor, sigmas: torch.Tensor, who: str, atol: float, done: str):
+        """The recorded run a later pass's call ``index`` belongs to, checked against the call's schedule, batch
+        shape and starting noise."""
+        if index >= len(self.runs):
+            raise PairedTraceError(
+                f"{who}: all {len(self.runs)} recorded run(s) are already {done}; run the full-precision "
+                "pass first, with the same batch count and size"
+            )
+        self._check_schedule(sigmas, who)
+        run = self.runs[index]
+        if tuple(run["x"].shape[1:]) != tuple(x.shape):
+            raise PairedTraceError(
+                f"{who}: batch shape {tuple(x.shape)} differs from the recorded {tuple(run['x'].shape[1:])}: use "
+                "the same size and batch size in every pass"
+            )
+        scale = max(float(sigmas[0]), 1.0)
+        gap = float((x.detach().to("cpu", torch.float32) - run["x"][0]).abs().max())
+        if gap > atol * scale:
+            raise PairedTraceError(
+                f"{who}: the starting noise differs from the recorded run (max difference {gap:.3g}): use the "
+                "same seed(s) in every pass"
+            )
+        return run
+
+    # ------------------------------------------------------------------ the optional third pass: sizing
+    def size_sampler(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z, atol: float = 1e-3):
+        """A k-diffusion sampler for a third pass that sizes Q-Drift v2's drift (:func:`qdrift.size_drift`) on
+        the recorded runs; :meth:`sized` then gives the sized calibration.
+
+        Each call samples with the quantized (guided) model: qdrift Euler with v2's output correction and no
+        drift (:func:`qdrift.plan.undrifted`), from the next recorded run's starting noise (same seed, size and
+        schedule as the full-precision pass), and compares its state after every step with the recorded
+        full-precision Euler state, as :func:`qdrift.size_drift` does with both models in hand. It returns its
+        own sample (the output-corrected quantized image). The sizing is kept in memory only (not in
+        :meth:`save`); calling :meth:`size_sampler` again starts a new sizing.
+
+        Args:
+            calibration: the calibration of these runs (:meth:`calibration`; the options you sample with).
+            z: see :func:`qdrift.size_drift`.
+            atol: tolerance for the starting-noise check (as :meth:`q_sampler`).
+
+        Returns:
+            ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x_final``.
+
+        Raises:
+            ValueError: for a calibration that is not a :class:`qdrift.Calibration` or a bad ``z``.
+        """
+        from ..plan import recording, undrifted
+        from ..samplers import sample_euler_qdrift
+        from .size import Accumulation, check_z, unsized
+
+        who = "Q-Drift calibration (sizing pass)"
+        if not isinstance(calibration, Calibration):
+            raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
+        check_z(who, z)
+        sizing = {"calibration": calibration, "z": float(z), "runs": 0, "sums": Accumulation(who, self.steps)}
+        self._sizing = sizing
+        base = unsized(calibration)
+
+        @torch.no_grad()
+        def sample_qdrift_size_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
+            run = self._recorded_run(sizing["runs"], x, sigmas, who, atol, "sized")
+            seen: List[torch.Tensor] = []
+
+            def record(info):
+                seen.append(info["x"].detach().to("cpu", torch.float32))
+                if callback is not None:
+                    callback(info)
+
+            with recording() as plans, undrifted():
+                out = sample_euler_qdrift(model, x, sigmas, base, extra_args=extra_args, callback=record,
+                                          disable=disable, method="v2")
+            q_after = sizing["sums"].states_after("quantized", seen, out.detach().to("cpu", torch.float32))
+            fp_after = list(run["x"][1:]) + [run["final"]]
+            sizing["sums"].add(fp_after, q_after, plans[-1].trace, calibration.channels)
+            sizing["runs"] += 1
+            return out
+
+        return sample_qdrift_size_q
+
+    @property
+    def sized_runs(self) -> int:
+        """How many runs the current :meth:`size_sampler` has sized."""
+        return 0 if self._sizing is None else self._sizing["runs"]
+
+    def sized(self) -> Calibration:
+        """The calibration given to :meth:`size_sampler`, with the drift sized on the runs its sampler made.
+
+        Raises:
+            PairedTraceError: if no sizing run was made since :meth:`size_sampler`.
+        """
+        sizing = self._sizing
+        if sizing is None or sizing["runs"] == 0:
+            raise PairedTraceError("no sizing run yet: after the two passes, sample the quantized model with "
+                                   "PairedTrace.size_sampler(calibration), then call sized()")
+        return sizing["sums"].sized(sizing["calibration"], "euler", sizing["z"])
 
     # ------------------------------------------------------------------ direct recording (diffusers)
     def add_run(self, sigmas: torch.Tensor, xs: Sequence[torch.Tensor], denoised_fp: Sequence[torch.Tensor], final: torch.Tensor) -> int:

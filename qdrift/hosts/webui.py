@@ -16,6 +16,7 @@ generation; the qdrift samplers receive a noise sampler that calls it, so seeds 
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -381,13 +382,16 @@ def run_calibration_pass(
     KDiffusionSampler: Callable,
     models_dir: Optional[str] = None,
     checkpoint: Optional[str] = None,
+    size_drift: bool = True,
 ) -> Any:
     """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
 
     Pass 1 (full-precision checkpoint loaded): generates with plain Euler, recording the trajectory, and saves the
     trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds and settings, evaluates the quantized
     model on the recorded states (the images stay pass 1's full-precision Euler result), and writes the
-    calibration. K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
+    calibration. With ``size_drift``, pass 2 then generates once more with the quantized model (qdrift Euler
+    with v2's output correction and no drift, same seeds; those images are not saved) and sizes v2's drift by
+    what it accumulates against pass 1's states (:meth:`qdrift.calib.PairedTrace.size_sampler`). K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
     are) with a ``Q-Drift calibration pass`` field; pass 2 adds ``Q-Drift calibration written: <path>``, which
     the API returns in ``info`` (``extra_generation_params`` and ``infotexts``).
 
@@ -455,6 +459,17 @@ def run_calibration_pass(
             "batch count and batch size as in pass 1"
         )
     cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint})
+    if size_drift:
+        sizing = copy.copy(p)  # the same seeds and settings; its images are the sizing run's, not shown or saved
+        sizing.do_not_save_samples = sizing.do_not_save_grid = True
+        with calibration_pass(trace.size_sampler(cal)), plain_euler:
+            process_images(sizing)
+        if trace.sized_runs != len(trace.runs):
+            raise PairedTraceError(
+                f"Q-Drift calibrate: only {trace.sized_runs} of {len(trace.runs)} recorded batches were sized "
+                "(was the generation interrupted?)"
+            )
+        cal = trace.sized()
     os.makedirs(os.path.dirname(out_file) or ".", exist_ok=True)
     cal.save(out_file)
     _note(processed, f"Q-Drift: wrote {out_file} ({cal}). Select it in Settings > Q-Drift or the Q-Drift panel.")

@@ -236,6 +236,7 @@ def _build_io():
     io.Int = _comfytype("INT", ("default", "min", "max", "step", "control_after_generate", "display_mode", "socketless",
                                 "force_input"))
     io.String = _comfytype("STRING", ("multiline", "placeholder", "default", "dynamic_prompts", "socketless", "force_input"))
+    io.Boolean = _comfytype("BOOLEAN", ("default", "label_on", "label_off", "socketless", "force_input"))
     combo = _comfytype("COMBO", ("options", "default", "control_after_generate", "upload", "image_folder",
                                  "remote", "socketless"))
     io.Combo = combo

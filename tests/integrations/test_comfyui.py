@@ -74,10 +74,11 @@ def sigmas_for(flow):
     return torch.linspace(1.0, 0.0, 7) if flow else qdrift.get_sigmas_karras(6, 0.03, 14.6)
 
 
-def calibrate(pack, fp, q, flow=False, K=3, reduce="channel"):
+def calibrate(pack, fp, q, flow=False, K=3, reduce="channel", **optional):
     node = pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"]()
     latent = {"samples": torch.zeros(1, 4, 6, 6)}
-    return node.calibrate(fp, q, cond(1.0), cond(0.0), latent, sigmas_for(flow), 3.0, 123, K, reduce, "qdrift/test")
+    return node.calibrate(fp, q, cond(1.0), cond(0.0), latent, sigmas_for(flow), 3.0, 123, K, reduce, "qdrift/test",
+                          **optional)
 
 
 def test_registration_surface(host):
@@ -109,7 +110,9 @@ def test_calibrate_node_writes_a_calibration(host, flow):
     assert loaded.meta["prediction_type"] == ("CONST" if flow else "EPS")
     assert torch.allclose(loaded.V, cal.V) and bool((cal.V > 0).all())
     bar = comfy_standin.ProgressBar.instances[-1]
-    assert bar.total == 12 and bar.current == 12  # both passes report through ComfyUI's progress bar
+    assert bar.total == 18 and bar.current == 18  # the three passes report through ComfyUI's progress bar
+    assert loaded.meta["drift_scale"]["K"] == 3 and loaded.meta["drift_scale"]["sampler"] == "euler"
+    assert torch.equal(loaded.drift_scale, cal.drift_scale)
     # a second run does not overwrite the first
     _, path2 = calibrate(pack, fp, q, flow=flow)
     assert path2 != path
@@ -140,6 +143,13 @@ def test_calibration_matches_core_calibrate(host):
     x0 = noise * (1 + sig[0] ** 2) ** 0.5  # sigmas[0] == sigma_max: ComfyUI's max_denoise noise scaling
     ref = qdrift.calibrate(guided(fp), guided(q), x0, sig, disable=True)
     assert torch.allclose(cal.V, ref.V, rtol=1e-3, atol=1e-7)
+    # the third pass sizes the drift as qdrift.size_drift does with both guided models in hand
+    sized = qdrift.size_drift(cal, guided(fp), guided(q), x0, sig, "euler")
+    for key in ("measured", "measured_sq", "predicted"):
+        assert cal.meta["drift_scale"][key] == pytest.approx(sized.meta["drift_scale"][key], rel=1e-3), key
+    plain, _ = calibrate(pack, fp, q, K=2, size_drift=False)
+    assert "drift_scale" not in plain.meta and torch.equal(plain.V, cal.V)
+    assert comfy_standin.ProgressBar.instances[-1].total == 12
 
 
 @pytest.mark.parametrize("name", list(qdrift.SAMPLERS))

@@ -38,15 +38,15 @@ def host(request, tmp_path, kdiff):
     h.uninstall()
 
 
-def make_calibration(host, error=0.3, name="cal.safetensors", reduce="channel"):
-    """A real calibration of the toy model through the extension's own two passes."""
+def make_calibration(host, error=0.3, name="cal.safetensors", reduce="channel", size_drift=True):
+    """A real calibration of the toy model through the extension's own two passes (and the sizing run)."""
     script = host.calib_script.QDriftCalibrateScript()
     host.model = webui_standin.ToyModel()
     p = webui_standin.Processing(sampler_name="Euler")
     script.run(p, webui.PHASES[0], "trace.safetensors", name, reduce)
     host.model = webui_standin.ToyModel(error=error)
     p2 = webui_standin.Processing(sampler_name="Euler")
-    processed = script.run(p2, webui.PHASES[1], "trace.safetensors", name, reduce)
+    processed = script.run(p2, webui.PHASES[1], "trace.safetensors", name, reduce, size_drift)
     path = host.tmp_path / "models" / "qdrift" / name
     return qdrift.load_calibration(path), path, processed
 
@@ -158,6 +158,15 @@ def test_two_pass_calibration_script(host):
     ref = qdrift.calibrate(webui_standin.CFGDenoiser(m), webui_standin.CFGDenoiser(webui_standin.ToyModel(error=0.3)),
                            x, sig, extra_args=extra, disable=True)
     assert torch.allclose(cal.V, ref.V, rtol=1e-3, atol=1e-8)
+    # pass 2's sizing run measures what qdrift.size_drift measures with both guided denoisers in hand
+    sized = qdrift.size_drift(cal, webui_standin.CFGDenoiser(m), webui_standin.CFGDenoiser(webui_standin.ToyModel(error=0.3)),
+                              x, sig, "euler", extra)
+    info = cal.meta["drift_scale"]
+    assert info["K"] == 2 and info["sampler"] == "euler" and info["steps"] == 6
+    for key in ("measured", "measured_sq", "predicted"):
+        assert info[key] == pytest.approx(sized.meta["drift_scale"][key], rel=1e-3), key
+    plain, _, _ = make_calibration(host, name="plain.safetensors", size_drift=False)
+    assert "drift_scale" not in plain.meta and torch.allclose(plain.V, cal.V)
 
 
 def test_calibration_script_errors(host):

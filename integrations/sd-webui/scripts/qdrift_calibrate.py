@@ -1,7 +1,8 @@
 """'Q-Drift calibrate': measure a calibration inside the webui, in two passes (Scripts dropdown, txt2img).
 
 Pass 1 with the full-precision checkpoint records the Euler trajectory; pass 2 with the quantized checkpoint
-(e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states and writes the calibration file.
+(e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states, optionally generates once more to size the
+drift, and writes the calibration file.
 K = batch count x batch size. See the "Host integrations" section of the qdrift README.
 """
 
@@ -37,12 +38,14 @@ class QDriftCalibrateScript(scripts.Script):
         trace = gr.Textbox(value="trace.safetensors", label="Trace file (written by pass 1, read by pass 2; relative to models/qdrift)")
         out = gr.Textbox(value="calibration.safetensors", label="Calibration file to write in pass 2 (relative to models/qdrift)")
         reduce = gr.Radio(["channel", "scalar"], value="channel", label="V per channel, or pooled per step (scalar)")
-        return [phase, trace, out, reduce]
+        size = gr.Checkbox(value=True, label="Pass 2: size the drift to what the quantized sampler accumulates "
+                                             "(one more generation with the quantized checkpoint)")
+        return [phase, trace, out, reduce, size]
 
-    def run(self, p, phase, trace_path, out_path, reduce):
+    def run(self, p, phase, trace_path, out_path, reduce, size_drift=True):
         checkpoint = getattr(shared.opts, "sd_model_checkpoint", None)
         return webui.run_calibration_pass(
             p, phase, trace_path, out_path, reduce,
             process_images=processing.process_images, sd_samplers=sd_samplers, KDiffusionSampler=KDiffusionSampler,
-            models_dir=MODELS_DIR, checkpoint=checkpoint,
+            models_dir=MODELS_DIR, checkpoint=checkpoint, size_drift=bool(size_drift),
         )
