@@ -202,6 +202,24 @@ def qdrift_sampler(comfy, name, case, strength):
     return sampler
 
 
+def test_the_calibrate_node_sizes_the_drift_in_the_real_host(comfy, sd15, sd3):
+    """The node's third pass (on by default) ran through ComfyUI's guider on both tiny real models, and the file
+    keeps its sizing."""
+    import qdrift
+
+    for case in (sd15, sd3):
+        info = qdrift.load_calibration(case.path).meta["drift_scale"]
+        assert info["K"] == 2 and info["sampler"] == "euler" and info["steps"] == 6, info
+        assert all(v >= 0 for v in info["measured"]) and any(v > 0 for v in info["predicted"]), info
+        assert case.cal.drift_scale is not None and bool(torch.isfinite(case.cal.drift_scale).all())
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["QDriftCalibrate"]
+    if importlib.util.find_spec("comfy_api.v0_0_2") is not None:
+        optional = node.GET_NODE_INFO_V1()["input"].get("optional", {})
+    else:
+        optional = node.INPUT_TYPES().get("optional", {})
+    assert optional["size_drift"][0] == "BOOLEAN" and optional["size_drift"][1]["default"] is True
+
+
 def test_pack_loads_in_the_v3_form_where_comfy_api_has_it(comfy):
     cls = comfy.nodes.NODE_CLASS_MAPPINGS["QDriftSampler"]
     assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS["QDriftSampler"] == "Q-Drift Sampler"
