@@ -281,19 +281,13 @@ class PairedTrace:
         """
         from ..plan import recording, undrifted
         from ..samplers import sample_euler_qdrift
-        from .size import Accumulation, check_z, unsized
 
+        base = self.begin_sizing(calibration, z=z)
         who = "Q-Drift calibration (sizing pass)"
-        if not isinstance(calibration, Calibration):
-            raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
-        check_z(who, z)
-        sizing = {"calibration": calibration, "z": float(z), "runs": 0, "sums": Accumulation(who, self.steps)}
-        self._sizing = sizing
-        base = unsized(calibration)
 
         @torch.no_grad()
         def sample_qdrift_size_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
-            run = self._recorded_run(sizing["runs"], x, sigmas, who, atol, "sized")
+            self._recorded_run(self.sized_runs, x, sigmas, who, atol, "sized")
             seen: List[torch.Tensor] = []
 
             def record(info):
@@ -304,24 +298,74 @@ class PairedTrace:
             with recording() as plans, undrifted():
                 out = sample_euler_qdrift(model, x, sigmas, base, extra_args=extra_args, callback=record,
                                           disable=disable, method="v2")
-            q_after = sizing["sums"].states_after("quantized", seen, out.detach().to("cpu", torch.float32))
-            fp_after = list(run["x"][1:]) + [run["final"]]
-            sizing["sums"].add(fp_after, q_after, plans[-1].trace, calibration.channels)
-            sizing["runs"] += 1
+            self.add_sized_run(seen + [out.detach().to("cpu", torch.float32)], plans[-1].trace)
             return out
 
         return sample_qdrift_size_q
 
+    def begin_sizing(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z) -> Calibration:
+        """Starts a sizing of ``calibration`` on the recorded runs (for hosts that run the sizing pass outside a
+        k-diffusion sampler; :meth:`size_sampler` does it for those that do): each sizing run is an Euler run of
+        the quantized model with ``method="v2"`` inside :func:`qdrift.plan.undrifted` and
+        :func:`qdrift.plan.recording`, from a recorded run's starting noise, given to :meth:`add_sized_run`.
+
+        Returns:
+            The calibration to run them with (``calibration`` without a previous sizing).
+
+        Raises:
+            ValueError: for a calibration that is not a :class:`qdrift.Calibration` or a bad ``z``.
+        """
+        from .size import Accumulation, check_z, unsized
+
+        who = "Q-Drift calibration (sizing pass)"
+        if not isinstance(calibration, Calibration):
+            raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
+        check_z(who, z)
+        self._sizing = {"calibration": calibration, "z": float(z), "runs": 0, "sums": Accumulation(who, self.steps)}
+        return unsized(calibration)
+
+    def add_sized_run(self, states: Sequence[torch.Tensor], plan_trace: List[Dict[str, Any]]) -> None:
+        """Adds the next sizing run: its states before each step and its result (``S + 1`` tensors
+        ``[B, C, ...]``, the recorded run's layout) and its v2 plan's ``trace``.
+
+        Raises:
+            PairedTraceError: before :meth:`begin_sizing`, past the last recorded run, or for states that do not
+                match the run (count, shape, starting noise).
+        """
+        sizing = self._sizing
+        if sizing is None:
+            raise PairedTraceError("PairedTrace.add_sized_run: call begin_sizing(calibration) first")
+        index = sizing["runs"]
+        if index >= len(self.runs):
+            raise PairedTraceError(f"Q-Drift calibration (sizing pass): all {len(self.runs)} recorded run(s) are "
+                                   "already sized")
+        run = self.runs[index]
+        if len(states) != self.steps + 1 or any(tuple(t.shape) != tuple(run["final"].shape) for t in states):
+            raise PairedTraceError(
+                f"Q-Drift calibration (sizing pass): expected {self.steps + 1} states of shape "
+                f"{tuple(run['final'].shape)} (before each step, then the result), got {len(states)} of shapes "
+                f"{sorted({tuple(t.shape) for t in states})}"
+            )
+        states = [t.detach().to("cpu", torch.float32) for t in states]
+        gap = float((states[0] - run["x"][0]).abs().max())
+        if gap > 1e-3 * max(float(self.sigmas[0]), 1.0):
+            raise PairedTraceError(f"Q-Drift calibration (sizing pass): the run started from a different noise than "
+                                   f"the recorded run {index} (max difference {gap:.3g}): use the same seed(s)")
+        fp_after = list(run["x"][1:]) + [run["final"]]
+        sizing["sums"].add(fp_after, states[1:], plan_trace, sizing["calibration"].channels)
+        sizing["runs"] += 1
+
     @property
     def sized_runs(self) -> int:
-        """How many runs the current :meth:`size_sampler` has sized."""
+        """How many runs the current sizing (:meth:`size_sampler`, :meth:`begin_sizing`) has sized."""
         return 0 if self._sizing is None else self._sizing["runs"]
 
     def sized(self) -> Calibration:
-        """The calibration given to :meth:`size_sampler`, with the drift sized on the runs its sampler made.
+        """The calibration given to :meth:`size_sampler` (or :meth:`begin_sizing`), with the drift sized on the
+        runs made since.
 
         Raises:
-            PairedTraceError: if no sizing run was made since :meth:`size_sampler`.
+            PairedTraceError: if no sizing run was made.
         """
         sizing = self._sizing
         if sizing is None or sizing["runs"] == 0:

@@ -17,7 +17,12 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..calib.calibration import Calibration
 from ..calib.trace import PairedTrace, PairedTraceError
-from .schedulers import _diffusers_base, _step_with_signature
+from .schedulers import (
+    QDriftEulerDiscreteScheduler,
+    QDriftFlowMatchEulerDiscreteScheduler,
+    _diffusers_base,
+    _step_with_signature,
+)
 
 __all__ = ["calibrate_pipeline"]
 
@@ -91,6 +96,34 @@ class _RecordFlowEuler(_PairMixin, FlowMatchEulerDiscreteScheduler):
     pass
 
 
+class _SizeMixin:
+    """A Q-Drift Euler scheduler that also keeps its state before each step and its result (channels on axis 1),
+    for :func:`calibrate_pipeline`'s sizing runs (:meth:`qdrift.calib.PairedTrace.add_sized_run`)."""
+
+    def _size_begin(self, channel_dim: int) -> None:
+        self._size_dim = channel_dim
+        self._size_states: List[torch.Tensor] = []
+
+    def _qdrift_step(self, model_output, timestep, sample, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        last = int(self.step_index) == len(self.timesteps) - 1
+        self._size_states.append(sample.detach().to("cpu", torch.float32).movedim(self._size_dim, 1))
+        out = super()._qdrift_step(model_output, timestep, sample, **kwargs)
+        if last:
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            self._size_states.append(prev.detach().to("cpu", torch.float32).movedim(self._size_dim, 1))
+        return out
+
+
+class _SizeEuler(_SizeMixin, QDriftEulerDiscreteScheduler):
+    pass
+
+
+class _SizeFlowEuler(_SizeMixin, QDriftFlowMatchEulerDiscreteScheduler):
+    pass
+
+
 def _calibration_scheduler(scheduler: Any):
     """The Euler scheduler of the pipeline's family, with the pipeline scheduler's config."""
     cfg = scheduler.config
@@ -133,6 +166,7 @@ def calibrate_pipeline(
     call_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = False,
     bands: int = 1,
+    size_drift: bool = True,
 ) -> Calibration:
     """Calibrates Q-Drift for a quantized diffusers pipeline against its full-precision twin.
 
@@ -158,6 +192,10 @@ def calibrate_pipeline(
         progress: show the pipelines' progress bars.
         bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`); only for latents
             with a spatial grid after the channel axis (``channel_dim=1``); packed latents get none.
+        size_drift: then run the quantized pipeline ``K`` more times, with the Q-Drift Euler scheduler of its
+            family, v2's output correction and no drift, from the same seeds, and size v2's drift by what those
+            runs accumulate against the full-precision ones (:func:`qdrift.size_drift`;
+            :attr:`qdrift.Calibration.drift_scale`).
 
     Returns:
         The :class:`qdrift.Calibration` (for :func:`qdrift.diffusers.qdrift_scheduler` or the k-diffusion samplers).
@@ -200,12 +238,7 @@ def calibrate_pipeline(
                 pipe.set_progress_bar_config(disable=True)
     try:
         for k in range(K):
-            kwargs = dict(calls[k % len(calls)])
-            kwargs.update(call_kwargs or {})
-            kwargs["num_inference_steps"] = num_inference_steps
-            kwargs["output_type"] = "latent"
-            if guidance_scale is not None:
-                kwargs["guidance_scale"] = guidance_scale
+            kwargs = _run_kwargs(calls, k, call_kwargs, num_inference_steps, guidance_scale)
             recorder._pair_begin("fp", channel_dim)
             fp_pipe.scheduler = recorder  # set before each call: fp_pipe may be q_pipe (a sanity check)
             fp_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
@@ -216,10 +249,44 @@ def calibrate_pipeline(
             q_pipe.scheduler = replayer
             q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
             trace.set_q(run, replayer._pair_d)
+        cal = trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K},
+                                bands=bands if channel_dim in (1, -3) else 1)
+        if size_drift:
+            cal = _size(trace, cal, q_pipe, [_run_kwargs(calls, k, call_kwargs, num_inference_steps, guidance_scale)
+                                             for k in range(K)], seed, channel_dim,
+                        _SizeFlowEuler if rec_cls is _RecordFlowEuler else _SizeEuler, base_config)
     finally:
         fp_pipe.scheduler = orig_fp
         q_pipe.scheduler = orig_q
         for pipe, cfg in bars:
             pipe._progress_bar_config = cfg
-    return trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K},
-                             bands=bands if channel_dim in (1, -3) else 1)
+    return cal
+
+
+def _size(trace: PairedTrace, cal: Calibration, q_pipe: Any, runs: List[Dict[str, Any]], seed: int, channel_dim: int,
+          size_cls: type, config: Any) -> Calibration:
+    """The sizing runs of :func:`calibrate_pipeline` (one per recorded run, same seeds); the sized calibration."""
+    from ..plan import recording, undrifted
+
+    base = trace.begin_sizing(cal)
+    for k, kwargs in enumerate(runs):
+        sizer = size_cls.from_config(config).set_calibration(base, channel_dim=channel_dim, method="v2")
+        sizer._size_begin(channel_dim)
+        q_pipe.scheduler = sizer
+        with recording() as plans, undrifted():
+            q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
+        if not plans:
+            raise PairedTraceError("the quantized pipeline's sizing run made no Q-Drift step")
+        trace.add_sized_run(sizer._size_states, plans[-1].trace)
+    return trace.sized()
+
+
+def _run_kwargs(calls, k, call_kwargs, num_inference_steps, guidance_scale) -> Dict[str, Any]:
+    """The pipeline call arguments of run ``k`` (latent output)."""
+    kwargs = dict(calls[k % len(calls)])
+    kwargs.update(call_kwargs or {})
+    kwargs["num_inference_steps"] = num_inference_steps
+    kwargs["output_type"] = "latent"
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    return kwargs

@@ -254,9 +254,18 @@ def test_calibrate_pipeline_sd(sd_pipes):
     assert cal.steps == 5 and cal.channels == C and cal.meta["K"] == 3
     assert torch.allclose(cal.sigmas, ref.sigmas[:-1].double(), rtol=1e-6)
     assert torch.isfinite(cal.V).all() and (cal.V > 0).all()
-    # identical models: exactly no quantization error
+    # the sizing runs (on by default): one quantized Q-Drift Euler run per recorded run, against its states
+    info = cal.meta["drift_scale"]
+    assert info["K"] == 3 and info["sampler"] == "euler" and info["steps"] == 5
+    assert all(v > 0 for v in info["measured"]) and all(v > 0 for v in info["predicted"])
+    assert bool(torch.isfinite(cal.drift_scale).all())
+    plain = calibrate_pipeline(fp, q, _prompts(2), K=3, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL,
+                               size_drift=False)
+    assert "drift_scale" not in plain.meta and torch.equal(plain.V, cal.V)
+    # identical models: exactly no quantization error, and the sizing run retraces the recorded states exactly
     cal0 = calibrate_pipeline(fp, fp, _prompts(1), K=1, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL)
     assert torch.equal(cal0.V, torch.zeros_like(cal0.V))
+    assert cal0.meta["drift_scale"]["measured"] == [0.0] * C
     # the calibration drives the DPM-Solver++ wrapper inside the real pipeline; V = 0 reproduces it exactly
     args = dict(_prompts(1)[0], num_inference_steps=6, guidance_scale=4.0, output_type="latent", **SD_CALL)
     base = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++")
@@ -300,6 +309,7 @@ def test_calibrate_pipeline_sd3_flow():
     ref.set_timesteps(4)
     assert torch.allclose(cal.sigmas, ref.sigmas[:-1].double(), rtol=1e-6)  # flow time t
     assert (cal.V > 0).all() and math.isfinite(float(cal.V.sum()))
+    assert cal.meta["drift_scale"]["K"] == 2 and all(v > 0 for v in cal.meta["drift_scale"]["measured"])
     args = dict(prompts[0], num_inference_steps=4, guidance_scale=3.0, output_type="latent", **SD_CALL)
     plain = q(**args, generator=torch.Generator().manual_seed(1)).images
     q.scheduler = qdrift_scheduler(q.scheduler, cal)
