@@ -263,7 +263,7 @@ class DriftPlan:
             DriftPlan._warned_old = True
             warnings.warn(
                 f"{sampler}: the calibration has no cross-step statistics (written before qdrift format "
-                "version 2, or by a host's paired trace); errors are taken as independent between steps. "
+                "version 2); errors are taken as independent between steps. "
                 "Recalibrate with qdrift.calibrate for the correlated-error correction.", stacklevel=4,
             )
         self._cache = _solved(self.cal) if (self.exact or self.gain) else None
