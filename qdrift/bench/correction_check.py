@@ -9,8 +9,9 @@ and labels). Prints one summary line per (scheme, method, noise set) and, with `
     python benchmarks/correction_check.py --model dit --methods v2 --size-drift   # v2 sized by qdrift.size_drift
 
 With ``--size-drift`` each scheme also prints the per-channel factor :func:`qdrift.size_drift` measures on the
-calibration noises and, for comparison, on the held-out ones, and checks v2 with the calibration sized on the
-calibration noises (rows ``v2-sized``).
+calibration noises and, for comparison, on the held-out ones (raw +- its standard error -> the factor used), and
+checks v2 with the calibration sized on the calibration noises (rows ``v2-sized``); ``--factor-only`` prints the
+factors alone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("--strengths", default="1", help="comma-separated correction strengths to check (each >= 0)")
     p.add_argument("--size-drift", action="store_true",
                    help="also size v2's drift with qdrift.size_drift (on the calibration noises) and check it")
+    p.add_argument("--factor-only", action="store_true",
+                   help="with --size-drift: print the factors (raw +- standard error -> used) and skip the checks")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -55,6 +58,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         strengths = [float(v) for v in args.strengths.split(",") if v]
     except ValueError:
         p.error(f"--strengths must be comma-separated numbers, got {args.strengths!r}")
+    if args.factor_only and not args.size_drift:
+        p.error("--factor-only needs --size-drift")
     if args.bands < 1:
         p.error(f"--bands must be >= 1, got {args.bands}")
     if not strengths or not all(0 <= v < float("inf") for v in strengths):
@@ -79,6 +84,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
             factors = ", ".join(f"{name} {_factor_text(c)}" for name, c in sized.items())
             print(f"{scheme} size_drift factor (measured / predicted mean square difference of the undrifted run, "
                   f"raw +- standard error -> used): {factors}", flush=True)
+            if args.factor_only:
+                continue
             runs.append(("v2-sized", "v2", sized["calibration"]))
         for label, method, use in runs:
             for strength in strengths:

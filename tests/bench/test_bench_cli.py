@@ -3,6 +3,7 @@ markdown table and the PNGs; plus the table arithmetic and the CLI's error messa
 
 import json
 import math
+import re
 import struct
 import zlib
 
@@ -277,6 +278,14 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
     assert rc == 0 and len(lines) == 5 and sum("size_drift factor" in ln for ln in lines) == 1
     assert sum("held-out: v2-sized on 3 noises" in ln for ln in lines) == 1
+    assert re.search(r"calibration \[\d+\.\d{3} \+- (\d+\.\d{3}|inf|nan) -> \d+\.\d{3}\]", lines[0]), lines[0]
+    rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
+                                "--methods", "v2", "--size-drift", "--factor-only", "--threads", "1"], load_net=_tiny)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
+    assert rc == 0 and len(lines) == 1 and "size_drift factor" in lines[0]
+    with pytest.raises(SystemExit):
+        correction_check.main(["--model", "unet", "--factor-only"], load_net=_tiny)
+    assert "--factor-only needs --size-drift" in capsys.readouterr().err
     for bad in ("x", "-1", "inf", ""):
         with pytest.raises(SystemExit):
             correction_check.main(["--model", "unet", "--strengths", bad], load_net=_tiny)
