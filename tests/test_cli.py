@@ -20,6 +20,10 @@ BAD = [
     (["analytic", "--v", "-1"], "--v: expected a finite number > 0"),
     (["analytic", "--markdown", "/nonexistent-dir/t.md"], "no such directory"),
     (["analytic", "--bogus"], "unrecognized arguments: --bogus"),
+    (["analytic", "--samplers", "euler,nope"], "--samplers: expected qdrift samplers from euler"),
+    (["analytic", "--samplers", ","], "--samplers: expected qdrift samplers"),
+    (["analytic", "--eta", "-1"], "--eta: expected a finite number >= 0"),
+    (["analytic", "--error", "speckle", "--eta", "0"], "--samplers and --eta apply to"),
     (["bench", "--cfg", "nan"], "--cfg: expected a finite number >= 0"),
     (["bench", "--cfg", "-1"], "--cfg: expected a finite number >= 0"),
     (["bench", "--threads", "0"], "--threads: expected an integer >= 1"),
@@ -57,6 +61,19 @@ def test_console_entry_point_exit_status():
     p = subprocess.run([sys.executable, "-m", "qdrift.cli", "analytic", "--steps", "0"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_analytic_one_sampler_with_its_noise_amount_and_a_persistent_error(capsys):
+    """``--samplers`` runs only those samplers, ``--eta`` sets the stochastic ones' noise (eta = 0: a deterministic
+    3M sampler, whose runs then do not depend on the sampler noise), ``--error persistent`` keeps all the error."""
+    args = ["analytic", "--error", "persistent", "--n", "300", "--steps", "6", "--samplers", "dpmpp_3m_sde,euler"]
+    assert main(args + ["--eta", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| sampler")]
+    assert [r.split("|")[1].strip() for r in rows] == ["dpmpp_3m_sde", "euler"]
+    assert "kept along each trajectory; stochastic samplers at eta = 0" in out
+    assert main(args) == 0
+    assert capsys.readouterr().out != out  # the default eta (1) is another run
 
 
 def test_analytic_speckle_table(tmp_path, capsys):

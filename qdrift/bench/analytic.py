@@ -19,7 +19,8 @@ default for a calibration without matching tables) and ``matched`` (``qdrift.mat
 own schedule from K further noises) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
 stochastic samplers also with ``correction="noise"``.
 
-Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated] [--markdown out.md]
+Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated|persistent] [--samplers a,b]
+      [--eta E] [--markdown out.md]
       (or python benchmarks/analytic_gaussian.py, the same)
 """
 
@@ -43,15 +44,19 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 STOCHASTIC = set(sampler_names(stochastic=True))  # euler_ancestral and the SDEs
 MULTISTEP = set(sampler_names(multistep=True))
 METHODS = ("paper", "exact", "correlated", "v2", "matched")
-ERRORS = ("independent", "correlated", "speckle")
+ERRORS = ("independent", "correlated", "persistent", "speckle")
 SPECTRAL = SpectralGaussianData([4.0, 1.0, 0.1, 0.01], (16, 16))  # image-like: power falls with frequency
 BANDS = 4
 
 
 def planted(kind: str, v: float, seed: int) -> PlantedErrorDenoiser:
-    """The planted "quantized" model: total per-call error variance ``v`` (eps units)."""
+    """The planted "quantized" model: total per-call error variance ``v`` (eps units), fresh at every call
+    (``independent``), half fresh and half kept along each trajectory (``correlated``) or all kept
+    (``persistent``)."""
     if kind == "independent":
         return PlantedErrorDenoiser(DATA, var=v, seed=seed)
+    if kind == "persistent":
+        return PlantedErrorDenoiser(DATA, var=0.0, persistent=v, seed=seed)
     return PlantedErrorDenoiser(DATA, var=v / 2, persistent=v / 2, seed=seed)
 
 
@@ -74,9 +79,12 @@ def run(name, x_T, sigmas, model, V, seed, **opts):
     return fn(model, x_T.clone(), sigmas, V, disable=True, **opts)
 
 
-def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0, bands: int = 1):
+def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0, bands: int = 1,
+            samplers=None, eta=None):
     """Returns ``{sampler: {column label: excess removed %}}`` and the final variances vs FP (``bands``: the
-    calibration's frequency bands, used by the exact methods)."""
+    calibration's frequency bands, used by the exact methods; ``samplers``: the qdrift samplers to run, default
+    all; ``eta``: the stochastic samplers' noise amount, default theirs)."""
+    noisy = {} if eta is None else {"eta": float(eta)}
     gen = torch.Generator().manual_seed(seed)
     x_T = DATA.prior(n, SIGMA_MAX, spatial=(16, 16) if bands > 1 else (), generator=gen)
     sigmas = qdrift.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
@@ -87,21 +95,24 @@ def measure(n: int, steps: int, v: float, K: int, error: str = "independent", se
     oracle = torch.full((steps, DATA.channels), v)
     match_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     table = {}
-    for name in qdrift.SAMPLERS:
+    for name in samplers or qdrift.SAMPLERS:
+        knobs = noisy if name in STOCHASTIC else {}
         # moment matching runs the sampler itself (this schedule), from K more calibration noises
-        matched = qdrift.match_moments(cal, DATA, planted(error, v, seed + 4), match_x, sigmas, name, seed=seed + 5)
-        fp = run(name, x_T, sigmas, DATA, None, seed + 2).var(0)
-        q = run(name, x_T, sigmas, planted(error, v, seed + 3), None, seed + 2).var(0)
+        matched = qdrift.match_moments(cal, DATA, planted(error, v, seed + 4), match_x, sigmas, name, seed=seed + 5,
+                                       sampler_kwargs=knobs or None)
+        fp = run(name, x_T, sigmas, DATA, None, seed + 2, **knobs).var(0)
+        q = run(name, x_T, sigmas, planted(error, v, seed + 3), None, seed + 2, **knobs).var(0)
         excess = float((q - fp).sum())
         row = {"quantized vs FP": 100.0 * float(((q / fp) - 1).mean())}
         for label, source, opts in columns(name):
             V = oracle if source == "oracle" else (matched if opts.get("method") == "matched" else cal)
-            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), V, seed + 2, **opts).var(0)
+            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), V, seed + 2, **opts, **knobs).var(0)
             row[label] = 100.0 * (1 - float((corr - fp).sum()) / excess)
         if bands > 1:  # the same calibration without its bands: what the bands themselves change
             per_channel = qdrift.Calibration(cal.sigmas, cal.moments, cal.reduce, cal.conditional, cal.meta,
                                              trajectory=cal.trajectory)
-            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), per_channel, seed + 2, method="v2").var(0)
+            corr = run(name, x_T, sigmas, planted(error, v, seed + 3), per_channel, seed + 2, method="v2",
+                       **knobs).var(0)
             row["v2, one c per channel"] = 100.0 * (1 - float((corr - fp).sum()) / excess)
         table[name] = row
     return table
@@ -158,8 +169,11 @@ def to_markdown(table, args) -> str:
     labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, noise"]
     if args.bands > 1:
         labels.append("v2, one c per channel")
-    error = (f"fresh N(0, {args.v}) eps-noise per call" if args.error == "independent" else
-             f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
+    error = {"independent": f"fresh N(0, {args.v}) eps-noise per call",
+             "persistent": f"N(0, {args.v}) kept along each trajectory"}.get(
+        args.error, f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along each trajectory")
+    if args.eta is not None:
+        error += f"; stochastic samplers at eta = {args.eta:g}"
     head = (f"Analytic Gaussian, {args.steps} Karras steps ({SIGMA_MAX} -> {SIGMA_MIN}), planted error: {error}; "
             f"N = {args.n} samples" + (f" of 16x16 fields" if args.bands > 1 else "") + f", calibration K = {args.K}"
             + (f" with {args.bands} frequency bands" if args.bands > 1 else "") + ". Share of the excess final variance removed "
@@ -180,9 +194,12 @@ def main(argv=None) -> int:
     p.add_argument("--v", type=number(0.0, strict=True), default=0.1, help="planted eps-noise variance (> 0)")
     p.add_argument("--K", type=int_at_least(1), default=5, help="calibration trajectories (16x16 spatial each)")
     p.add_argument("--error", choices=ERRORS, default="independent",
-                   help="planted error: fresh per call (the paper's model), half kept along each trajectory, or "
-                        "speckle: image-like stationary fields with a high-pass error, v2 per channel vs per "
-                        "frequency band (--n is then the number of 16x16 fields)")
+                   help="planted error: fresh per call (the paper's model), half kept along each trajectory, all "
+                        "kept, or speckle: image-like stationary fields with a high-pass error, v2 per channel vs "
+                        "per frequency band (--n is then the number of 16x16 fields)")
+    p.add_argument("--samplers", help="comma-separated qdrift samplers to run (default: all)")
+    p.add_argument("--eta", type=number(0.0), default=None,
+                   help="noise amount of the stochastic samplers (default: each sampler's own)")
     p.add_argument("--bands", type=int_at_least(1), default=1,
                    help="frequency bands of the calibration (the exact methods use them; > 1 samples 16x16 fields: "
                         "--n is then their number)")
@@ -190,11 +207,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.markdown and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown))):
         p.error(f"--markdown: no such directory for {args.markdown!r}")
+    samplers = None
+    if args.samplers is not None:
+        samplers = [name.strip() for name in args.samplers.split(",") if name.strip()]
+        unknown = [name for name in samplers if name not in qdrift.SAMPLERS]
+        if unknown or not samplers:
+            p.error(f"--samplers: expected qdrift samplers from {', '.join(qdrift.SAMPLERS)}, got {args.samplers!r}")
+    if args.error == "speckle" and (samplers is not None or args.eta is not None):
+        p.error("--samplers and --eta apply to the independent, correlated and persistent errors, not speckle")
     t0 = time.time()
     if args.error == "speckle":
         table = spectral_markdown(measure_spectral(args.n, args.steps, args.K), args)
     else:
-        table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error, bands=args.bands), args)
+        table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error, bands=args.bands,
+                                    samplers=samplers, eta=args.eta), args)
     print(table)
     print(f"({time.time() - t0:.1f} s)", file=sys.stderr)
     if args.markdown:
