@@ -53,7 +53,7 @@ CATEGORY = "sampling/custom_sampling/qdrift"
 REDUCE_CHOICES = ["channel", "scalar"]
 SAMPLER_REDUCE_CHOICES = ["as calibrated", "channel", "scalar"]
 FORMS = ["first_order", "quadrature"]
-CORRECTIONS = ["drift", "noise"]
+CORRECTIONS = ["auto", "drift", "noise"]  # auto: the sampler's own default (qdrift.samplers.dpmpp.sde_correction)
 
 
 def _output_dir() -> str:
@@ -152,7 +152,7 @@ SAMPLER_OPTIONAL_INPUTS = [
     ("eta", "FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "Ancestral/SDE noise amount."}),
     ("s_noise", "FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
     ("form", FORMS, {"default": "first_order", "tooltip": "DPM++ samplers: first-order c or the authors' quadrature c."}),
-    ("correction", CORRECTIONS, {"default": "drift", "tooltip": "Ancestral/SDE samplers: Q-Drift drift, or lower the injected noise."}),
+    ("correction", CORRECTIONS, {"default": "auto", "tooltip": "Ancestral/SDE samplers: Q-Drift drift, or lower the injected noise first (auto: noise first for the DPM++ SDE samplers with Q-Drift v2, the drift otherwise)."}),
 ]
 CALIBRATE_DESCRIPTION = "Measures Q-Drift's per-step quantization-error variance V and writes a qdrift calibration file."
 SAMPLER_DESCRIPTION = "A qdrift sampler (Euler, Euler a, Heun, LMS, DPM++ 2M / 2M SDE / 3M SDE) corrected with a Q-Drift calibration."
@@ -338,7 +338,7 @@ def build_sampler(
         source,
     )
     accepted = set(inspect.signature(qdrift.SAMPLERS[sampler_name]).parameters)
-    extra = {k: v for k, v in knobs.items() if k in accepted}
+    extra = {k: v for k, v in knobs.items() if k in accepted and not (k == "correction" and v == "auto")}
     extra.update(HOST_OPTIONS.get(sampler_name, {}))
     extra.update({"V": calibration, "strength": float(strength)})
     return comfy.samplers.KSAMPLER(fn, extra)

@@ -17,7 +17,8 @@ Variants: ``paper (oracle V)`` is the paper's rule with the planted per-call var
 conditional V = Var(delta | d_hat), the paper's statistic), ``exact``, ``correlated``, ``v2`` (the library
 default for a calibration without matching tables) and ``matched`` (``qdrift.match_moments`` on each sampler's
 own schedule from K further noises) of ``qdrift.correction.METHODS``; multistep samplers also with the authors' ``form="quadrature"``,
-stochastic samplers also with ``correction="noise"``.
+stochastic samplers also with ``correction="noise"`` and v2 with each correction (the column ``v2`` is the
+sampler's default: noise first for the DPM++ SDE samplers, the drift for Euler a).
 
 Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated|persistent] [--samplers a,b]
       [--eta E] [--markdown out.md]
@@ -68,6 +69,7 @@ def columns(name):
         out.append(("paper, quadrature", "cal", {"method": "paper", "form": "quadrature"}))
     if name in STOCHASTIC:
         out += [("paper, noise", "cal", {"method": "paper", "correction": "noise"}),
+                ("v2, drift", "cal", {"method": "v2", "correction": "drift"}),
                 ("v2, noise", "cal", {"method": "v2", "correction": "noise"})]
     return out
 
@@ -166,7 +168,7 @@ def spectral_markdown(table, args) -> str:
 
 
 def to_markdown(table, args) -> str:
-    labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, noise"]
+    labels = ["paper (oracle V)"] + list(METHODS) + ["paper, quadrature", "paper, noise", "v2, drift", "v2, noise"]
     if args.bands > 1:
         labels.append("v2, one c per channel")
     error = {"independent": f"fresh N(0, {args.v}) eps-noise per call",

@@ -185,6 +185,30 @@ def test_sampler_node_through_ksampler(host, name):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "euler_ancestral"])
+def test_correction_auto_is_the_samplers_default(host, name):
+    """The node's correction "auto" passes nothing (the sampler's default: noise first for the DPM++ SDE samplers
+    with v2, the drift for Euler a); "drift" and "noise" are passed as given."""
+    pack, ns, _ = host
+    fp, q = models(error=0.3)
+    cal, path = calibrate(pack, fp, q)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    noise = comfy_standin.prepare_noise(torch.zeros(2, 4, 6, 6), 5)
+
+    def run(**knobs):
+        (sampler,) = node.get_sampler(name, os.path.relpath(path, host[2]), "as calibrated", 1.0, **knobs)
+        guider = ns.comfy_samplers.CFGGuider(q)
+        guider.set_conds(cond(1.0), cond(0.0))
+        guider.set_cfg(3.0)
+        return guider.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(False), seed=9)
+
+    auto, drift, lowered = run(correction="auto"), run(correction="drift"), run(correction="noise")
+    assert torch.equal(auto, run())
+    default = "noise" if name == "dpmpp_2m_sde" else "drift"
+    assert torch.equal(auto, lowered if default == "noise" else drift)
+    assert not torch.equal(drift, lowered)
+
+
 def test_strength_zero_equals_kdiffusion_euler(host, kdiff):
     pack, ns, _ = host
     fp, q = models()
