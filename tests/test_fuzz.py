@@ -69,8 +69,8 @@ def schedules(draw):
     values = levels + ([0.0] if draw(st.booleans()) or n == 1 else [])
     dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
     sigmas = torch.tensor(values, dtype=torch.float64)
-    if dtype in (torch.float16, torch.bfloat16) and not bool((sigmas.to(dtype)[1:] < sigmas.to(dtype)[:-1]).all()):
-        dtype = torch.float32  # rounding to half would merge levels: a different (invalid) case
+    if not bool((sigmas.to(dtype)[1:] < sigmas.to(dtype)[:-1]).all()):
+        dtype = torch.float64  # rounding to a narrower float would merge levels: a different (invalid) case
     sigmas = sigmas.to(dtype)
     damage = draw(st.sampled_from(["none"] * 6 + ["nan", "inf", "negative", "repeat", "rising", "2d", "int", "list"]))
     if damage == "none":
