@@ -223,7 +223,7 @@ class DriftPlan:
         check_choice("method", method, METHODS)
         self.sampler, self.method = sampler, method
         self.channels, self.device = x.shape[1], x.device
-        self.table = None if V is None else resolve_v(V, sigmas, x, sampler, strength)  # the paper's V (or None)
+        self.table = resolve_v(V, sigmas, x, sampler, strength)  # the paper's V (or None; strength checked either way)
         exact, cross, gain = _PARTS[method]
         if method == "matched" and self.matcher is None:
             if self.cal is None or self.cal.matched is None:

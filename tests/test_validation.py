@@ -471,3 +471,13 @@ def test_a_positive_level_too_small_to_be_a_noise_level_is_named(level):
     for name in ("euler", "euler_ancestral", "dpmpp_2m_sde"):
         with pytest.raises(ValueError, match=r"positive noise level must be >= 1e-10"):
             qdrift.SAMPLERS[name](DATA, x, sigmas, disable=True)
+
+
+@pytest.mark.parametrize("name", list(qdrift.SAMPLERS))
+@pytest.mark.parametrize("strength", [-1.0, float("nan"), float("inf")])
+def test_a_bad_strength_is_refused_without_a_calibration_too(name, strength):
+    """strength was checked only with a V (hypothesis found ``strength=-1`` passing with ``V=None``)."""
+    x = torch.randn(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
+        qdrift.SAMPLERS[name](lambda x, s, **k: x * 0, x, torch.tensor([1.0, 0.0], dtype=torch.float64), None,
+                              strength=strength, disable=True)
