@@ -335,22 +335,16 @@ class PairedTrace:
         sizing = self._sizing
         if sizing is None:
             raise PairedTraceError("PairedTrace.add_sized_run: call begin_sizing(calibration) first")
-        index = sizing["runs"]
-        if index >= len(self.runs):
-            raise PairedTraceError(f"Q-Drift calibration (sizing pass): all {len(self.runs)} recorded run(s) are "
-                                   "already sized")
-        run = self.runs[index]
+        who = "Q-Drift calibration (sizing pass)"
+        if not states:
+            raise PairedTraceError(f"{who}: no states given")
+        run = self._recorded_run(sizing["runs"], states[0], self.sigmas, who, 1e-3, "sized")
         if len(states) != self.steps + 1 or any(tuple(t.shape) != tuple(run["final"].shape) for t in states):
             raise PairedTraceError(
-                f"Q-Drift calibration (sizing pass): expected {self.steps + 1} states of shape "
-                f"{tuple(run['final'].shape)} (before each step, then the result), got {len(states)} of shapes "
-                f"{sorted({tuple(t.shape) for t in states})}"
+                f"{who}: expected {self.steps + 1} states of shape {tuple(run['final'].shape)} (before each step, "
+                f"then the result), got {len(states)} of shapes {sorted({tuple(t.shape) for t in states})}"
             )
         states = [t.detach().to("cpu", torch.float32) for t in states]
-        gap = float((states[0] - run["x"][0]).abs().max())
-        if gap > 1e-3 * max(float(self.sigmas[0]), 1.0):
-            raise PairedTraceError(f"Q-Drift calibration (sizing pass): the run started from a different noise than "
-                                   f"the recorded run {index} (max difference {gap:.3g}): use the same seed(s)")
         fp_after = list(run["x"][1:]) + [run["final"]]
         sizing["sums"].add(fp_after, states[1:], plan_trace, sizing["calibration"].channels)
         sizing["runs"] += 1
