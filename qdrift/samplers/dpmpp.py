@@ -122,8 +122,12 @@ def sample_dpmpp_2m_qdrift(
         x_base = _step_2m(x, denoised, None if first else old_denoised, sigma_fn(t_next) / sigma_fn(t), h, r)
         q = _q_2m(plan.table, form, sig, i, first) if form == "quadrature" else None
         terms = _terms_2m(sig, i, first)[1] if plan.exact else None
+        direction = None
+        if plan.exact and not first:  # the drift scales the step's first-order part (see qdrift.plan.DriftPlan)
+            x_first = _step_2m(x, denoised, None, sigma_fn(t_next) / sigma_fn(t), h, None)
+            direction = (x_first, _terms_2m(sig, i, True)[1])
         x, _ = plan.step(
-            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
+            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature", direction=direction
         )
         old_denoised = denoised
     return model.final(x.to(dtype))
@@ -310,10 +314,16 @@ def sample_dpmpp_2m_sde_qdrift(
                     w, terms = _terms(step, 2, sig, i)
                 if form == "quadrature":
                     q = _quadrature(plan.table, [i, i - 1][: len(w)], w, sig)
+            direction = None
+            if plan.exact and prev is not None:  # the drift scales the step's first-order part
+                ratio = sig[i + 1] / sig[i]
+                step1 = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
+                x_first = _step_2m_sde(x, denoised, None, sigmas[i + 1] / sigmas[i], h, eta, None, solver_type, alpha)
+                direction = (x_first, _terms(step1, 1, sig, i)[1])
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,
-                correction=correction,
+                correction=correction, direction=direction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])
@@ -441,10 +451,17 @@ def sample_dpmpp_3m_sde_qdrift(
                 w, terms = _terms(step, n, sig, i)
                 if form == "quadrature":
                     q = _quadrature(plan.table, list(range(i, i - n, -1)), w, sig)
+            direction = None
+            if plan.exact and use_1:  # the drift scales the step's first-order part
+                alpha = signal_scale(sigmas[i + 1], flow)
+                x_first = _step_3m_sde(x, denoised, None, None, h, None, None, eta, ratio, alpha)
+                a_cpu = signal_scale(sig[i + 1], flow)
+                step1 = lambda x_, a: _step_3m_sde(x_, a, None, None, hc, None, None, eta, r_cpu, a_cpu)  # noqa: E731
+                direction = (x_first, _terms(step1, 1, sig, i)[1])
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,
-                correction=correction,
+                correction=correction, direction=direction,
             )
             if eta:
                 noise = noise_sampler(sigmas[i], sigmas[i + 1])

@@ -239,5 +239,6 @@ def sample_heun_qdrift(
             plan.evaluate(i, s_hat)
             plan.evaluate(i + 0.5, sig[i + 1], terms=[(i, 1.0, h)])
             terms = [(i, 1.0, h / 2), (i + 0.5, 0.0, h / 2)]
-            x, _ = plan.step(i, x, x + d_prime * dt, s_hat, sig[i + 1], terms=terms, q=q)
+            direction = (x_2, [(i, 1.0, h)]) if plan.exact else None  # the drift scales the Euler predictor
+            x, _ = plan.step(i, x, x + d_prime * dt, s_hat, sig[i + 1], terms=terms, q=q, direction=direction)
     return model.final(x.to(dtype))

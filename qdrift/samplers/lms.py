@@ -107,7 +107,11 @@ def sample_lms_qdrift(
             q = injected_variance(coeffs, [plan.table[i - j] for j in range(cur_order)])
         # x + sum_j a_ij d_{i-j}: each output is reused by `order` steps (the exact methods follow that).
         terms = [(i - j, float(j == 0), float(a)) for j, a in enumerate(coeffs)]
+        direction = None
+        if plan.exact and cur_order > 1:  # the drift scales the step's Euler part (see qdrift.plan.DriftPlan)
+            h = sig[i + 1] - sig[i]
+            direction = (x + h * d, [(i, 1.0, h)])
         x, _ = plan.step(
-            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature"
+            i, x, x_base, sig[i], sig[i + 1], terms=terms, q=q, quadrature=form == "quadrature", direction=direction
         )
     return model.final(x.to(dtype))
