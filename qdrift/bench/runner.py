@@ -62,12 +62,14 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {
     "euler": SamplerSpec("euler", 30, "Euler"),
     "euler_ancestral": SamplerSpec("euler_ancestral", 4, "Euler a (turbo)"),
     "dpmpp_2m": SamplerSpec("dpmpp_2m", 20, "DPM++ 2M"),
+    "dpmpp_2m_sde": SamplerSpec("dpmpp_2m_sde", 20, "DPM++ 2M SDE"),
     "flow_euler": SamplerSpec("euler", 20, "flow Euler"),
 }
 MODEL_SAMPLERS: Dict[str, Tuple[str, ...]] = {
-    "unet": ("euler", "euler_ancestral", "dpmpp_2m"),
+    "unet": ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"),
     "dit": ("flow_euler",),
 }
+OPT_IN_SAMPLERS = frozenset({"dpmpp_2m_sde"})  # run only when --samplers names them (not in the default set)
 
 
 @dataclass
@@ -107,7 +109,9 @@ class BenchConfig:
 
     def sampler_names(self, model: str) -> List[str]:
         names = MODEL_SAMPLERS[model]
-        return [s for s in names if self.samplers is None or s in self.samplers]
+        if self.samplers is None:
+            return [s for s in names if s not in OPT_IN_SAMPLERS]
+        return [s for s in names if s in self.samplers]
 
     def steps_for(self, sampler: str) -> int:
         return int(self.steps.get(sampler, SAMPLER_SPECS[sampler].steps))

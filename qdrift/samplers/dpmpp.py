@@ -481,14 +481,15 @@ def sde_correction(correction: Optional[str], plan) -> str:
     (the paper's rule, bit for bit) and ``matched``.
 
     Why noise first. With ``eta = 1`` a DPM++ SDE step's deterministic part goes far below the next level
-    (``sigma_eff = sigma_next exp(-h)``) and extrapolates the earlier outputs; a drift of ``(1 + c)`` scales
-    that extrapolation with it, so on large or correlated errors it inflates the history terms it is meant to
-    balance, and ``|c| <= 1`` binds. The noise the step adds is the natural place for an error's variance: on
-    the analytic Gaussian (``qdrift analytic --samplers dpmpp_2m_sde,dpmpp_3m_sde``, README "Q-Drift v2") noise
-    first removes about as much as the drift where the drift does well, and far more where it does not (20
-    steps, planted variance 0.4 fresh: 2M SDE 40 -> 102 %, 3M SDE -24 -> 85 %; half of it kept along the
-    trajectory: 76 -> 95 %, 10 -> 37 %). Euler a keeps the drift (the two are equal there, and its bounded
-    drift already hands its remainder to the noise).
+    (``sigma_eff = sigma_next exp(-h)``); the noise the step adds right after is the natural place for an error's
+    variance. Until session 11 the drift scaled the step's whole increment, extrapolation included, and on large
+    or correlated errors failed where noise first did not (analytic Gaussian, 20 steps, planted variance 0.4
+    fresh: 2M SDE 40 vs 102 %, 3M SDE -24 vs 85 %). Since the drift scales the step's first-order part
+    (:class:`qdrift.plan.DriftPlan`, "Direction of the drift") the two agree within a few points on 2M SDE and
+    differ either way on 3M SDE (``docs/analytic_gaussian_*.md``, columns ``v2, drift`` and ``v2, noise``): the
+    drift is better on a correlated error (20 steps, ``--v 0.1``: 99 vs 84 %), noise first on a large fresh
+    one (``--v 0.4``: 86 vs 99 %); noise first stays the default. Euler a keeps the drift (the two are equal
+    there, and its bounded drift already hands its remainder to the noise).
     """
     if correction is not None:
         return correction

@@ -164,6 +164,14 @@ def test_c_coefficients_match_paper_rule():
     assert torch.allclose(c[:, 0], torch.tensor([6 * 0.1 / 20, 3 * 0.2 / 8, 1 * 0.4 / 2]))
 
 
+def test_dpmpp_2m_sde_runs_only_when_asked():
+    """The U-Net's DPM++ 2M SDE rows are opt-in: the default set (make demo) stays Euler, Euler a and DPM++ 2M."""
+    assert runner.BenchConfig().sampler_names("unet") == ["euler", "euler_ancestral", "dpmpp_2m"]
+    cfg = runner.BenchConfig(samplers=["dpmpp_2m_sde", "euler"])
+    assert cfg.sampler_names("unet") == ["euler", "dpmpp_2m_sde"] and cfg.steps_for("dpmpp_2m_sde") == 20
+    assert cfg.sampler_names("dit") == []
+
+
 def test_per_image_noise_is_batch_independent():
     a = runner.PerImageNoise([5, 6, 7]).draw()
     b = torch.cat([runner.PerImageNoise([5]).draw(), runner.PerImageNoise([6, 7]).draw()])
