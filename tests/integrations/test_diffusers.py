@@ -8,6 +8,7 @@ the real StableDiffusionPipeline / StableDiffusion3Pipeline with tiny networks a
 import copy
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -314,6 +315,49 @@ def test_calibrate_pipeline_sd3_flow():
     plain = q(**args, generator=torch.Generator().manual_seed(1)).images
     q.scheduler = qdrift_scheduler(q.scheduler, cal)
     corrected = q(**args, generator=torch.Generator().manual_seed(1)).images
+    assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)
+
+
+def test_calibrate_pipeline_flux_packed_latents_sizes_per_channel():
+    """A tiny real FluxPipeline: packed latents [B, tokens, 16] (channel_dim=-1). The calibration and its sizing
+    run see 16 channels; identical models give exactly no error and a measured accumulation of exactly 0 (the
+    sizing run retraces the recorded packed states); the calibration drives the flow Euler wrapper."""
+    pytest.importorskip("transformers")
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )
+
+    def make(net):
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=net)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    fp, q = make(tr), make(_fake_quant(tr))
+    g = torch.Generator().manual_seed(5)
+    prompts = [dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 8, generator=g))
+               for _ in range(2)]
+    call = dict(height=16, width=16)
+    cal = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=call,
+                             channel_dim=-1)
+    assert cal.channels == 16 and cal.V.shape == (4, 16) and bool((cal.V > 0).all())
+    info = cal.meta["drift_scale"]
+    assert info["K"] == 2 and len(info["measured"]) == 16 and all(v > 0 for v in info["measured"])
+    assert cal.drift_scale.shape == (16,) and bool(torch.isfinite(cal.drift_scale).all())
+    same = calibrate_pipeline(fp, fp, prompts[:1], K=1, num_inference_steps=4, guidance_scale=3.0, call_kwargs=call,
+                              channel_dim=-1)
+    assert torch.equal(same.V, torch.zeros_like(same.V)) and same.meta["drift_scale"]["measured"] == [0.0] * 16
+    args = dict(prompts[0], num_inference_steps=4, guidance_scale=3.0, output_type="latent", **call)
+    plain = q(**args, generator=torch.Generator().manual_seed(1)).images
+    q.scheduler = qdrift_scheduler(q.scheduler, cal, channel_dim=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)  # 3-bit weights on a 1-layer net: a large error
+        corrected = q(**args, generator=torch.Generator().manual_seed(1)).images
+    assert corrected.shape == plain.shape == (1, 64, 16)
     assert torch.isfinite(corrected).all() and not torch.equal(corrected, plain)
 
 
