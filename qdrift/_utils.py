@@ -190,6 +190,7 @@ class _BatchedBrownianTree:
         else:
             seed = [seed]
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, **kwargs) for s in seed]
+        self._span = (float(self.trees[0]._interval._start), float(self.trees[0]._interval._end))
         self.tol = float(kwargs.get("tol", 1e-6))  # torchsde's default resolution
         self._shape, self._dtype, self._device = tuple(x.shape), x.dtype, x.device
         self._generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seed]
@@ -208,6 +209,10 @@ class _BatchedBrownianTree:
 
     def __call__(self, t0, t1):
         t0, t1, sign = self._sort(t0, t1)
+        # torchsde clamps a query outside the tree's span (with a warning); a float64 schedule queried against a
+        # tree built on float32 levels lands a rounding error outside it: clamp here, the result is the same.
+        lo, hi = self._span
+        t0, t1 = min(max(float(t0), lo), hi), min(max(float(t1), lo), hi)
         w = torch.stack([tree(t0, t1) for tree in self.trees]) * (self.sign * sign)
         return w if self.batched else w[0]
 

@@ -80,6 +80,24 @@ def test_brownian_tree_matches_kdiffusion(kdiff):
     assert batched(torch.tensor(2.0), torch.tensor(1.0)).shape == x.shape
 
 
+def test_brownian_tree_takes_a_float64_level_just_outside_its_float32_span_quietly(kdiff):
+    """A tree built on float32 levels, queried with the float64 schedule: torchsde finds the top level outside
+    the tree's span, warns and clamps; qdrift clamps first: the same increment as k-diffusion's, no warning."""
+    import warnings
+
+    x = torch.zeros(2, 3)
+    top = torch.tensor(14.6146430969238, dtype=torch.float64)
+    ours = qdrift.BrownianTreeNoiseSampler(x, torch.tensor(0.03), top.float(), seed=1)
+    theirs = kdiff.BrownianTreeNoiseSampler(x, torch.tensor(0.03), top.float(), seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = ours(top, torch.tensor(5.0, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = theirs(top, torch.tensor(5.0, dtype=torch.float64))
+    assert torch.equal(a, b)
+
+
 def test_schedules_match_kdiffusion(kdiff):
     assert torch.equal(qdrift.get_sigmas_karras(10, 0.03, 14.6), kdiff.get_sigmas_karras(10, 0.03, 14.6))
     assert torch.equal(qdrift.get_sigmas_exponential(7, 0.1, 5.0), kdiff.get_sigmas_exponential(7, 0.1, 5.0))
