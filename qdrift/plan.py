@@ -201,12 +201,12 @@ class DriftPlan:
     strength replays the steps bit for bit and only builds the surrogate from the first step it has not seen.
 
     Trace. :attr:`trace` holds, per corrected step, ``step``, ``sigma``, ``sigma_eff`` and ``c`` (per unit,
-    or the paper's per channel); ``first_order`` (per unit, bool) where the sampler passed a ``direction``: the
-    drift scaled the first-order increment there; for the exact methods also the surrogate's ``excess`` (the
-    variance the
-    step would add over the full-precision state's without its correction, ``Var(D_base) + 2 Cov(y_next,
+    or the paper's per channel); for the exact methods also the surrogate's ``excess`` (the variance the step
+    would add over the full-precision state's without its correction, ``Var(D_base) + 2 Cov(y_next,
     D_base)``), ``var_fp`` (the full-precision state's variance) and ``var_diff`` (``Var(D)`` after the
-    corrected step: the predicted mean square difference from the full-precision run), each ``[units]``.
+    corrected step: the predicted mean square difference from the full-precision run), each ``[units]``, and,
+    where the sampler passed a ``direction``, ``first_order`` (``[units]`` bool: the drift scaled the
+    first-order increment there, else the whole one).
     :func:`recording` collects the plans of sampler runs; :func:`qdrift.calib.check_correction` compares
     the predictions with what the two models really do.
 
