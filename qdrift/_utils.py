@@ -190,7 +190,10 @@ class _BatchedBrownianTree:
         else:
             seed = [seed]
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s, **kwargs) for s in seed]
-        self._span = (float(self.trees[0]._interval._start), float(self.trees[0]._interval._end))
+        # The span torchsde compares queries against (it keeps its own rounded copy of t0 and t1; a torchsde
+        # without those attributes falls back to the given levels).
+        interval = getattr(self.trees[0], "_interval", None)
+        self._span = (float(getattr(interval, "_start", t0)), float(getattr(interval, "_end", t1)))
         self.tol = float(kwargs.get("tol", 1e-6))  # torchsde's default resolution
         self._shape, self._dtype, self._device = tuple(x.shape), x.dtype, x.device
         self._generators = [torch.Generator().manual_seed(int(s) % 2**63) for s in seed]
