@@ -305,9 +305,9 @@ def sample_dpmpp_2m_sde_qdrift(
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
                 ratio = sig[i + 1] / sig[i]
+                first = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
                 if prev is None:
-                    step = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
-                    w, terms = _terms(step, 1, sig, i)
+                    w, terms = _terms(first, 1, sig, i)
                 else:
                     r_cpu = h_last_cpu / h_cpu
                     step = lambda x_, a, b: _step_2m_sde(x_, a, b, ratio, h_cpu, eta, r_cpu, solver_type, a_cpu)  # noqa: E731
@@ -316,10 +316,8 @@ def sample_dpmpp_2m_sde_qdrift(
                     q = _quadrature(plan.table, [i, i - 1][: len(w)], w, sig)
             direction = None
             if plan.exact and prev is not None:  # the drift scales the step's first-order part
-                ratio = sig[i + 1] / sig[i]
-                step1 = lambda x_, a: _step_2m_sde(x_, a, None, ratio, h_cpu, eta, None, solver_type, a_cpu)  # noqa: E731
                 x_first = _step_2m_sde(x, denoised, None, sigmas[i + 1] / sigmas[i], h, eta, None, solver_type, alpha)
-                direction = (x_first, _terms(step1, 1, sig, i)[1])
+                direction = (x_first, _terms(first, 1, sig, i)[1])
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,
@@ -436,16 +434,18 @@ def sample_dpmpp_3m_sde_qdrift(
             use_1 = hc_1 is not None and not _negligible(hc_1, hc)
             use_2 = use_1 and hc_2 is not None and not _negligible(hc_2, hc)
             ratio = sigmas[i + 1] / sigmas[i] if flow else None  # the flow's x coefficient (see _step_3m_sde)
+            alpha = signal_scale(sigmas[i + 1], flow)
             x_base = _step_3m_sde(x, denoised, denoised_1, denoised_2, h, h_1 if use_1 else None,
-                                  h_2 if use_2 else None, eta, ratio, signal_scale(sigmas[i + 1], flow))
+                                  h_2 if use_2 else None, eta, ratio, alpha)
             q, terms = None, None
             if plan.table is not None and (form == "quadrature" or plan.exact):
                 n = 1 + use_1 + use_2
                 r_cpu = sig[i + 1] / sig[i] if flow else None
                 hcs = (hc_1 if use_1 else None, hc_2 if use_2 else None)
 
-                def step(x_, *ds):
-                    return _step_3m_sde(x_, *ds, *[None] * (3 - len(ds)), hc, *hcs, eta, r_cpu,
+                def step(x_, *ds):  # the step on its first len(ds) outputs (one: the first-order part)
+                    pad = [None] * (3 - len(ds))
+                    return _step_3m_sde(x_, *ds, *pad, hc, *hcs[: len(ds) - 1], *pad, eta, r_cpu,
                                         signal_scale(sig[i + 1], flow))
 
                 w, terms = _terms(step, n, sig, i)
@@ -453,11 +453,8 @@ def sample_dpmpp_3m_sde_qdrift(
                     q = _quadrature(plan.table, list(range(i, i - n, -1)), w, sig)
             direction = None
             if plan.exact and use_1:  # the drift scales the step's first-order part
-                alpha = signal_scale(sigmas[i + 1], flow)
                 x_first = _step_3m_sde(x, denoised, None, None, h, None, None, eta, ratio, alpha)
-                a_cpu = signal_scale(sig[i + 1], flow)
-                step1 = lambda x_, a: _step_3m_sde(x_, a, None, None, hc, None, None, eta, r_cpu, a_cpu)  # noqa: E731
-                direction = (x_first, _terms(step1, 1, sig, i)[1])
+                direction = (x_first, _terms(step, 1, sig, i)[1])
             x, factor = plan.step(
                 i, x, x_base, sig[i], sigma_eff, terms=terms, q=q, quadrature=form == "quadrature",
                 noise_std=noise_std,
