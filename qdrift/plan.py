@@ -582,7 +582,9 @@ class DriftPlan:
             drift = {k: torch.where(first_order if v.ndim == 1 else first_order[None], along[k], v)
                      for k, v in drift.items()}
         c, inc = drift["c"], drift["inc"]
-        clipped = bool((drift["solved"].abs() > MAX_DRIFT).any())
+        # Warn where the limit |c| <= MAX_DRIFT is what stops the drift, not the bound at level 0 (a last step to 0
+        # takes no drift whatever the balance asks: that is the step's nature, not a sign of a wrong calibration).
+        clipped = bool(((drift["solved"].abs() > MAX_DRIFT) & (c.abs() >= MAX_DRIFT)).any())
         if not self.drift:
             factor = None
         elif correction == "drift" and noise_std and self.lower_noise and not bool(drift["reached"].all()):

@@ -483,3 +483,20 @@ def test_a_version_2_file_loads_without_the_state_term_and_merging_it_says_what_
     bare = type(cal)(cal.sigmas, cal.moments, meta=dict(cal.meta))
     with pytest.warns(UserWarning, match="only one .* trajectory sums"):
         assert bare.merge(new).trajectory is None
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "heun", "lms"])
+def test_a_last_step_to_zero_is_not_reported_as_clipped(name, independent_cal):
+    """A step to level 0 takes no drift (past 0 it would put noise back), however large a ``c`` its balance asks
+    for: that bound is the step's nature, so a turbo schedule with a matching calibration does not warn that the
+    calibration may be wrong (the limit ``|c| <= 1`` still warns where it binds: test_cached_plan_still_warns_when_clipped)."""
+    from qdrift.plan import recording
+
+    sigmas = torch.tensor([80.0, 3.0, 0.45, 0.03, 0.0], dtype=torch.float64)
+    x = DATA.prior(64, 80.0, generator=torch.Generator().manual_seed(0))
+    model = PlantedErrorDenoiser(DATA, seed=1, var=0.1)
+    with recording() as plans, warnings.catch_warnings():
+        warnings.simplefilter("error", qdrift.DriftClippedWarning)
+        _run(name, model, x, sigmas, independent_cal)
+    last = plans[0].trace[-1]
+    assert last["sigma_eff"] == 0.0 and torch.equal(last["c"], torch.zeros_like(last["c"]))
