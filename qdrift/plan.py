@@ -530,12 +530,15 @@ class DriftPlan:
             predicted = dict(predicted, first_order=first_order)
         self._log(i, sigma, sigma_eff, c, predicted)
         if clipped:
-            # More than doubling (or cancelling) a step: the calibration is far from this run (another model or
-            # latent format, too large a strength), or the error too large for the step. What is not absorbed
-            # stays in the surrogate and later steps take it up.
+            # More than doubling (or cancelling) a step: the error is large against the step, or the calibration is
+            # far from this run (another model or latent format, too large a strength). What is not absorbed stays
+            # in the surrogate and later steps take it up. One message text for every step, so Python's default
+            # filter shows it once per call site (the trace has each step's c).
             warnings.warn(
-                f"{self.sampler}: Q-Drift v2 needed |c| > {MAX_DRIFT:g} at step {i} and was clipped; the "
-                "calibration may belong to another model or latent format, or strength is too large",
+                f"{self.sampler}: Q-Drift v2 asked for |c| > {MAX_DRIFT:g} (more than doubling or cancelling a step) "
+                "and clipped it; later steps take up the rest. An error large against its step (few steps, the "
+                "lowest noise levels, coarse quantization) asks for it; so do a calibration of another model or "
+                "latent format and too large a strength",
                 DriftClippedWarning, stacklevel=3,
             )
         if factor is not None:

@@ -180,3 +180,12 @@ def test_banded_gain_is_not_found_where_there_is_none_and_is_where_there_is():
                               disable=True, bands=4)
     k = gained.banded.error_model(gained.sigmas, gain=True)["k"]
     assert float(k[:20].mean()) > 0.2  # the noisier half of the schedule, where d_fp varies
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_banded_v2_takes_an_empty_batch(name):
+    """B = 0 runs as without bands (an empty FFT used to fail inside the backend)."""
+    x = DATA.prior(3, 80.0, generator=_gen(0))
+    cal = qdrift.calibrate(DATA, Speckle(1), x, CAL_SIGMAS[::4], disable=True, bands=4)
+    out = _run(name, lambda x, sigma, **kw: x * 0, x[:0], cal)  # (the spectral data's own denoiser takes FFTs too)
+    assert out.shape == (0,) + tuple(x.shape[1:])

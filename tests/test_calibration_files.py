@@ -84,7 +84,8 @@ def test_deeply_nested_metadata_is_a_calibration_file_error(tmp_path, cal):
 
 BAD_META = [("K", "five"), ("K", 2.5), ("K", -1), ("K", True), ("K", None), ("trim", "x"), ("trim", -1.0),
             ("trajectory", 3), ("model_fp", 5), ("model_q", ["a"]), ("source", {}), ("schedule", "x"),
-            ("schedule", [1.0, "a"]), ("seconds", "x"), ("seconds", -1), ("qdrift_version", [1])]
+            ("schedule", [1.0, "a"]), ("seconds", "x"), ("seconds", -1), ("qdrift_version", [1]),
+            ("band_units", 0), ("band_units", 3), ("band_units", "x"), ("band_shares", [0.5, 0.5])]
 
 
 @pytest.mark.parametrize("key,value", BAD_META, ids=[f"{k}={v!r}" for k, v in BAD_META])
@@ -116,6 +117,16 @@ def test_host_metadata_fields_and_numpy_values_round_trip(tmp_path, cal):
 def test_wrong_metadata_is_refused_in_memory_too(cal):
     with pytest.raises(ValueError, match=r"meta\['K'\] must be an integer"):
         qdrift.Calibration(cal.sigmas, cal.moments, meta={"K": "five"})
+
+
+@pytest.mark.parametrize("shares", ["abc", [0.5], [0.5, 0.0], [0.5, float("nan")]])
+def test_band_meta_is_checked_where_it_is_read(cal, shares):
+    """The band-unit fields used to load and then fail inside the error model (ZeroDivisionError, a torch
+    size mismatch) when a sampler read them."""
+    with pytest.raises(ValueError, match=r"meta\['band_shares'\] must be a list of 2 numbers in \(0, 1\]"):
+        qdrift.Calibration(cal.sigmas, cal.moments, meta={"band_units": 2, "band_shares": shares})
+    ok = qdrift.Calibration(cal.sigmas, cal.moments, meta={"band_units": 2, "band_shares": [0.25, 0.75]})
+    assert ok.V.shape == cal.V.shape
 
 
 def test_saving_into_a_missing_directory_is_an_os_error_naming_the_path(tmp_path, cal):

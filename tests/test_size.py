@@ -295,3 +295,10 @@ def test_a_hosts_third_pass_finds_the_planted_mismatch_and_names_its_misuse(cals
         trace.size_sampler(None)
     with pytest.raises(ValueError, match="z must be a finite number"):
         trace.size_sampler(cal, z=-1)
+
+
+def test_sizing_takes_latents_without_spatial_axes(cals):
+    """``[K, C]`` latents (no spatial axes) are sized like any other; the pass used to index a spatial axis."""
+    flat = X_CAL[:, :, 0, 0]
+    sized = qdrift.size_drift(cals[0.1], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), flat, SIGMAS, "euler")
+    assert sized.drift_scale.shape == (3,) and bool(torch.isfinite(sized.drift_scale).all())

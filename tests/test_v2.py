@@ -500,3 +500,16 @@ def test_a_last_step_to_zero_is_not_reported_as_clipped(name, independent_cal):
         _run(name, model, x, sigmas, independent_cal)
     last = plans[0].trace[-1]
     assert last["sigma_eff"] == 0.0 and torch.equal(last["c"], torch.zeros_like(last["c"]))
+
+
+def test_a_clipped_run_warns_with_one_text(correlated_cal):
+    """One message text for every clipped step, so Python's default filter shows it once per call site, as the
+    README says (it used to name the step, and a run showed one warning per clipped step)."""
+    sigmas = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+    x = DATA.prior(8, 80.0, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run("euler", PlantedErrorDenoiser(DATA, seed=1, var=0.2, persistent=0.2), x, sigmas, _fresh(correlated_cal))
+    texts = {str(w.message) for w in caught if w.category is qdrift.DriftClippedWarning}
+    assert len([w for w in caught if w.category is qdrift.DriftClippedWarning]) > 1 and len(texts) == 1, texts
+    assert "sample_euler_qdrift" in texts.pop()

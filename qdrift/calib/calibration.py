@@ -87,6 +87,24 @@ def _check_drift_scale(info: Any, channels: int) -> None:
         )
 
 
+def _check_band_meta(meta: Dict[str, Any], channels: int) -> None:
+    """Checks ``meta["band_units"]`` and ``meta["band_shares"]`` (a band-unit calibration's, see
+    :attr:`Calibration.banded`): an integer ``NB >= 2`` that divides the unit count, and ``NB`` shares in (0, 1]."""
+    nb = meta.get("band_units")
+    if nb is not None and (not _is_int(nb) or nb < 2 or channels % int(nb)):
+        raise ValueError(f"Calibration: meta['band_units'] must be an integer >= 2 that divides the {channels} "
+                         f"units (channels x bands), got {nb!r:.80}")
+    shares = meta.get("band_shares")
+    if shares is None:
+        return
+    if nb is None:
+        raise ValueError("Calibration: meta['band_shares'] must be given only with meta['band_units'] (both "
+                         "belong to a band-unit calibration)")
+    if not isinstance(shares, list) or len(shares) != nb or not all(_is_real(v) and 0 < v <= 1 for v in shares):
+        raise ValueError(f"Calibration: meta['band_shares'] must be a list of {nb} numbers in (0, 1], one per band, "
+                         f"got {shares!r:.80}")
+
+
 def _check_meta(meta: Dict[str, Any]) -> None:
     """Checks the type of every metadata field qdrift uses (see ``_META_FIELDS``)."""
     if not isinstance(meta, dict):
@@ -219,6 +237,7 @@ class Calibration:
         if self.matched is not None:
             self.matched = _check_matched(self.matched, self.channels)
         _check_meta(self.meta)
+        _check_band_meta(self.meta, self.channels)
         if "drift_scale" in self.meta:
             _check_drift_scale(self.meta["drift_scale"], self.channels)
         if self.banded is not None:

@@ -148,7 +148,7 @@ class Accumulation:
             channels: int) -> None:
         """One batch: the two runs' states after each step and the undrifted v2 plan's trace."""
         self.fp.add(fp_after, fp_after)
-        self.per_sample.append(torch.stack([(q.double() - f.double()).flatten(2).pow(2).mean(2)
+        self.per_sample.append(torch.stack([(q.double() - f.double()).reshape(*q.shape[:2], -1).pow(2).mean(2)
                                             for q, f in zip(q_after, fp_after)]))
         self.predicted = _predicted_by_step(trace, self.steps, channels)
         self.count += fp_after[0].shape[0]
