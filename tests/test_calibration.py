@@ -249,6 +249,21 @@ def test_calibrate_rejects_bad_input():
         qdrift.calibrate(DATA, DATA, x, SIGMAS, trim=-1, disable=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.complex64])
+def test_calibrate_refuses_a_non_floating_output(dtype):
+    """As the samplers do: an int output used to be accepted, a bool one failed inside the subtraction."""
+    x = _noise(2, spatial=(4, 4))
+    with pytest.raises(ValueError, match=rf"model_q must return a floating-point.*{dtype}.*step 0"):
+        qdrift.calibrate(DATA, lambda x, s: DATA(x, s).to(dtype), x, SIGMAS, disable=True)
+
+
+def test_calibrate_refuses_statistics_that_overflow(tmp_path):
+    """Finite outputs too large to square in float64 used to give an all-NaN V (and a file load refuses)."""
+    x = _noise(2, spatial=(4, 4)).double()
+    with pytest.raises(ValueError, match="holds NaN or inf.*too large"):
+        qdrift.calibrate(DATA, lambda x, s: DATA(x, s) * 1e200, x, SIGMAS, disable=True)
+
+
 def test_pooled_moments_equal_moments_of_pooled_data():
     a = torch.randn(3, 4, 10, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0]).reshape(1, 4, 1)
     b = a * 1.1 + torch.randn_like(a) * 0.3

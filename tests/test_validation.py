@@ -481,3 +481,25 @@ def test_a_bad_strength_is_refused_without_a_calibration_too(name, strength):
     with pytest.raises(ValueError, match="strength must be a finite number >= 0"):
         qdrift.SAMPLERS[name](lambda x, s, **k: x * 0, x, torch.tensor([1.0, 0.0], dtype=torch.float64), None,
                               strength=strength, disable=True)
+
+
+NOISY = {"euler": {"s_churn": 1.0}, "heun": {"s_churn": 1.0}, "euler_ancestral": {}, "dpmpp_2m_sde": {},
+         "dpmpp_3m_sde": {}}
+BAD_NOISE = {
+    "0-d": lambda s, t: torch.tensor(1.0),
+    "one sample for all": lambda s, t: torch.randn(1, 2, 4, 4),
+    "too many": lambda s, t: torch.randn(4, 2, 4, 4),
+    "None": lambda s, t: None,
+    "integer": lambda s, t: torch.ones(3, 2, 4, 4, dtype=torch.long),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOISY))
+@pytest.mark.parametrize("kind", sorted(BAD_NOISE))
+def test_a_noise_draw_of_the_wrong_kind_is_refused(name, kind):
+    """A draw that broadcasts used to give every sample the same noise silently; others failed inside the
+    sampler's arithmetic (IndexError, a torch size mismatch) or with an opaque TypeError."""
+    x, sigmas = _inputs()
+    with pytest.raises(ValueError, match=r"noise_sampler\(sigma, sigma_next\) must return a floating-point tensor "
+                                         r"of x's shape \(3, 2, 4, 4\)"):
+        _call(name, x, sigmas, noise_sampler=BAD_NOISE[kind], **NOISY[name])

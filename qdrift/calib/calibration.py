@@ -257,7 +257,19 @@ class Calibration:
     def from_accumulator(cls, sigmas: torch.Tensor, acc, reduce: str = "channel", conditional: bool = True,
                          meta: Optional[Dict[str, Any]] = None) -> "Calibration":
         """The calibration of a :class:`qdrift.calib.stats.PairedAccumulator`'s statistics at levels ``sigmas``
-        ``[S]`` (its frequency-band statistics, if any, as :attr:`banded`)."""
+        ``[S]`` (its frequency-band statistics, if any, as :attr:`banded`).
+
+        Raises ``ValueError`` if a statistic is not finite (outputs too large to square and sum in float64), so
+        no calibration, and no file, is made from overflowed sums."""
+        parts = [acc.moments, acc.sums] + ([] if acc.banded is None else [acc.banded.moments, acc.banded.sums])
+        for part in parts:
+            for name, t in ({} if part is None else part.tensors()).items():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"Calibration: the accumulated statistic {name!r} holds NaN or inf: the models' outputs are "
+                        "too large to square and sum in float64 (d = (x - D) / sigma beyond about 1e150); check the "
+                        "models' output scale (a latent scaling factor, an x0 model wrapped as eps)"
+                    )
         banded = None
         if acc.banded is not None:
             banded = cls(sigmas, acc.banded.moments, reduce, bool(conditional), _band_meta(acc.bands, acc.spatial),

@@ -178,10 +178,13 @@ def _run_batch(model_fp, model_q, x, sigmas, extra_args, trajectory, progress):
         den_fp = model_fp(x, sigmas[i] * s_in, **extra_args)
         den_q = model_q(x, sigmas[i] * s_in, **extra_args)
         for label, den in (("model_fp", den_fp), ("model_q", den_q)):
-            if not isinstance(den, torch.Tensor) or den.shape != x.shape:
+            if (not isinstance(den, torch.Tensor) or den.shape != x.shape or not den.is_floating_point()
+                    or den.device != x.device):
+                got = (f"{tuple(den.shape)} {den.dtype} on {den.device}" if isinstance(den, torch.Tensor)
+                       else type(den).__name__)
                 raise ValueError(
-                    f"calibrate: {label} must return a denoised tensor shaped like x {tuple(x.shape)}, got "
-                    f"{tuple(getattr(den, 'shape', ())) if isinstance(den, torch.Tensor) else type(den).__name__}"
+                    f"calibrate: {label} must return a floating-point denoised tensor shaped like x "
+                    f"{tuple(x.shape)} on {x.device}, got {got} at step {i} (sigma={float(sigmas[i]):.4g})"
                 )
             if not bool(torch.isfinite(den).all()):
                 raise ValueError(

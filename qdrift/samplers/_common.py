@@ -59,6 +59,28 @@ def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Te
     return noise if factor is None else noise * channel_view(factor, noise).to(noise.dtype)
 
 
+def checked_noise(noise_sampler: Optional[Callable], x: torch.Tensor, name: str) -> Callable:
+    """The run's noise sampler (k-diffusion's default for x when None), its every draw checked:
+    a floating-point tensor of x's shape on x's device (shape, dtype and device only: no reduction, and the
+    draw is returned unchanged, so results stay bit for bit). A draw that merely broadcasts would give every
+    sample the same noise; one of the wrong shape would fail inside the sampler's arithmetic."""
+    from .._utils import default_noise_sampler
+
+    draw = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+
+    def checked(sigma, sigma_next):
+        noise = draw(sigma, sigma_next)
+        if (not isinstance(noise, torch.Tensor) or noise.shape != x.shape or not noise.is_floating_point()
+                or noise.device != x.device):
+            got = (f"a {noise.dtype} tensor of shape {tuple(noise.shape)} on {noise.device}"
+                   if isinstance(noise, torch.Tensor) else type(noise).__name__)
+            raise ValueError(f"{name}: noise_sampler(sigma, sigma_next) must return a floating-point tensor of x's "
+                             f"shape {tuple(x.shape)} on {x.device}, got {got}")
+        return noise
+
+    return checked
+
+
 def resolve_flow(model, flow: Optional[bool], name: str) -> bool:
     """The state form a stochastic sampler injects noise for: ``flow`` when given, else the model's ``is_flow``
     (:class:`qdrift.adapters.FlowDenoiser` sets it). Hosts pass ``flow`` (ComfyUI: prediction type CONST)."""
@@ -69,4 +91,4 @@ def resolve_flow(model, flow: Optional[bool], name: str) -> bool:
     return flow
 
 
-__all__ = ["setup", "check_form", "scale_noise", "resolve_flow"]
+__all__ = ["setup", "check_form", "scale_noise", "checked_noise", "resolve_flow"]

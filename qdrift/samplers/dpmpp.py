@@ -16,7 +16,7 @@ from tqdm.auto import trange
 from .._utils import BrownianTreeNoiseSampler, half_log_snr, signal_scale
 from ..correction import quadrature_variance
 from ..validation import check_knobs
-from ._common import check_form, resolve_flow, scale_noise, setup
+from ._common import check_form, checked_noise, resolve_flow, scale_noise, setup
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -284,7 +284,7 @@ def sample_dpmpp_2m_sde_qdrift(
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
-    noise_sampler = _sde_setup(x, sigmas, noise_sampler)
+    noise_sampler = checked_noise(_sde_setup(x, sigmas, noise_sampler), x, name)
     old_denoised, h_last, h_last_cpu = None, None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -416,7 +416,7 @@ def sample_dpmpp_3m_sde_qdrift(
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
-    noise_sampler = _sde_setup(x, sigmas, noise_sampler)
+    noise_sampler = checked_noise(_sde_setup(x, sigmas, noise_sampler), x, name)
     denoised_1, denoised_2 = None, None
     h, h_1, h_2 = None, None, None
     hc, hc_1, hc_2 = None, None, None  # the same log-steps on the host, for the weights

@@ -10,9 +10,9 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import trange
 
-from .._utils import ancestral_step, default_noise_sampler, to_d
+from .._utils import ancestral_step, to_d
 from ..correction import injected_variance
-from ._common import CORRECTIONS, resolve_flow, scale_noise, setup
+from ._common import CORRECTIONS, checked_noise, resolve_flow, scale_noise, setup
 from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
@@ -82,7 +82,7 @@ def sample_euler_qdrift(
                 noise_sampler=noise_sampler, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup("sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = checked_noise(noise_sampler, x, "sample_euler_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan)
         denoised = model(x, sigma_hat * s_in, **extra_args)
@@ -151,7 +151,7 @@ def sample_euler_ancestral_qdrift(
         "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method
     )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = checked_noise(noise_sampler, x, "sample_euler_ancestral_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up, scale = ancestral_step(sigmas[i], sigmas[i + 1], eta, flow)
@@ -212,7 +212,7 @@ def sample_heun_qdrift(
                 noise_sampler=noise_sampler, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = checked_noise(noise_sampler, x, "sample_heun_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):
         x, sigma_hat, gamma = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan)
         denoised = model(x, sigma_hat * s_in, **extra_args)
