@@ -7,6 +7,7 @@ with ``V=None`` gives the same result as the k-diffusion sampler of the same nam
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -70,6 +71,8 @@ def get_sigmas_karras(
 ) -> torch.Tensor:
     """The noise schedule of Karras et al. (2022), Eq. 5: ``n`` levels plus a final 0 (``[n + 1]``)."""
     _check_schedule_args(n, sigma_min, sigma_max)
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho < math.inf:
+        raise ValueError(f"schedule: rho must be a finite number > 0, got {rho!r}")
     ramp = torch.linspace(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
@@ -87,7 +90,7 @@ def get_sigmas_exponential(
 
 
 def _check_schedule_args(n: int, sigma_min: float, sigma_max: float) -> None:
-    if int(n) != n or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or int(n) != n or n < 1:
         raise ValueError(f"schedule: n must be a positive integer, got {n!r}")
     if not (0 < sigma_min <= sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(

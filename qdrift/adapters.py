@@ -19,6 +19,11 @@ with ``c_in = 1 / sqrt(sigma^2 + 1)``, ``c_skip = 1 / (sigma^2 + 1)``, ``c_out =
 ``sigma_t = sqrt((1 - abar_t) / abar_t)`` and ``x_ve = x_vp / sqrt(abar_t)``; for a rectified flow
 ``x_t = (1 - t) x0 + t eps`` the sampler state is ``x_t`` itself and ``to_d`` is the velocity, so Euler on
 it is flow-matching Euler (as ComfyUI presents SD3/FLUX).
+
+Every adapter checks the network's output before using it: a floating-point tensor of exactly x's shape, or a
+``ValueError`` naming the adapter, the shape and dtype it got and x's shape (an output that merely broadcasts,
+``[B, 1, ...]``, ``[1, C, ...]`` or 0-d, is refused; so is a learned-sigma network's ``2C``-channel output, whose
+variance channels the caller splits off).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from ._utils import append_dims, get_sigmas_karras
+from .validation import _describe
 
 __all__ = [
     "DiscreteSchedule",
@@ -65,6 +71,32 @@ def _sigma_batch(sigma, x: torch.Tensor, name: str = "denoiser", upper: float = 
         bound = "finite and >= 0" if upper == math.inf else f"in [0, {round(upper):g}] (flow time)"
         raise ValueError(f"{name}: sigma must be {bound}, got {sigma.tolist()}")
     return sigma
+
+
+def _network_output(out, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The network's output, refused unless a floating-point tensor of exactly x's shape; returned unchanged.
+
+    An output that merely broadcasts (``[B, 1, ...]``, ``[1, C, ...]``, 0-d) would otherwise give a D of x's
+    shape that no later check can tell from a good one. A network that also learns its variance (DiT/ADM's
+    learned sigma: ``2C`` channels) is named as such; its variance channels are the caller's to split off.
+    Shape and dtype only: no reduction, no change to the arithmetic.
+    """
+    if isinstance(out, torch.Tensor) and out.shape == x.shape and out.is_floating_point():
+        return out
+    hint = ""
+    if (
+        isinstance(out, torch.Tensor) and x.ndim >= 2 and out.ndim == x.ndim and out.shape[0] == x.shape[0]
+        and out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]
+    ):
+        c = x.shape[1]
+        hint = (
+            f" (its {2 * c} channels are twice x's {c}: a network that also predicts its variance, as DiT/ADM "
+            f"with learned sigma do, needs the variance channels split off, e.g. wrap it to return out[:, :{c}])"
+        )
+    raise ValueError(
+        f"{name}: the network returned {_describe(out)}; expected a floating-point tensor of x's shape "
+        f"{tuple(x.shape)}{hint}"
+    )
 
 
 class _VEDenoiser(nn.Module):
@@ -173,6 +205,7 @@ class DiscreteEpsDenoiser(_VEDenoiser):
         sigma = _sigma_batch(sigma, x, type(self).__name__)
         s, c_in = self._scalings(sigma, x)
         eps = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
+        eps = _network_output(eps, x, type(self).__name__)
         return (x - eps * s).to(x.dtype)
 
 
@@ -183,6 +216,7 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
         sigma = _sigma_batch(sigma, x, type(self).__name__)
         s, c_in = self._scalings(sigma, x)
         v = self.inner_model((x * c_in).to(x.dtype), self.sigma_to_t(sigma), **extra_args)
+        v = _network_output(v, x, type(self).__name__)
         return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
 
 
@@ -212,7 +246,8 @@ class ContinuousEpsDenoiser(_VEDenoiser):
     def _net(self, x, sigma, extra_args):
         s = append_dims(sigma, x.ndim)
         c_in = 1 / (s**2 + 1) ** 0.5 if self.scale_input else 1.0
-        return s, self.inner_model((x * c_in).to(x.dtype), self.time_fn(sigma), **extra_args)
+        out = self.inner_model((x * c_in).to(x.dtype), self.time_fn(sigma), **extra_args)
+        return s, _network_output(out, x, type(self).__name__)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         s, eps = self._net(x, _sigma_batch(sigma, x, type(self).__name__), extra_args)
@@ -235,7 +270,8 @@ class X0Denoiser(_VEDenoiser):
         self.time_fn = _identity if time_fn is None else time_fn
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        return self.inner_model(x, self.time_fn(_sigma_batch(sigma, x, "X0Denoiser")), **extra_args)
+        x0 = self.inner_model(x, self.time_fn(_sigma_batch(sigma, x, "X0Denoiser")), **extra_args)
+        return _network_output(x0, x, type(self).__name__)
 
 
 def get_sigmas_flow(n: int, shift: float = 1.0, device="cpu") -> torch.Tensor:
@@ -278,7 +314,7 @@ class FlowDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
         t = _sigma_batch(sigma, x, "FlowDenoiser", upper=1.0 + _T_SLACK)  # flow time lives in [0, 1]
-        v = self.inner_model(x, t * self.time_scale, **extra_args)
+        v = _network_output(self.inner_model(x, t * self.time_scale, **extra_args), x, type(self).__name__)
         return (x - v * append_dims(t, x.ndim)).to(x.dtype)
 
     def noise_scaling(self, sigma, noise: torch.Tensor, latent: Optional[torch.Tensor] = None) -> torch.Tensor:

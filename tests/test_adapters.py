@@ -209,3 +209,88 @@ def test_schedule_maps_and_other_bad_adapter_inputs():
         adapters.ContinuousEpsDenoiser(lambda x, t: x, 0.01, 80.0)(torch.ones(2, 3, dtype=torch.long), 1.0)
     with pytest.raises(ValueError, match="sigma must be a number"):
         adapters.ContinuousEpsDenoiser(lambda x, t: x, 0.01, 80.0)(torch.ones(2, 3), "1.0")
+
+
+# --- the network's output: exactly x's shape, floating point (nothing that merely broadcasts) ---
+
+OUTPUT_ADAPTERS = {
+    "DiscreteEpsDenoiser": lambda net: adapters.DiscreteEpsDenoiser(net, ALPHAS_CUMPROD),
+    "DiscreteVDenoiser": lambda net: adapters.DiscreteVDenoiser(net, ALPHAS_CUMPROD, quantize=True),
+    "ContinuousEpsDenoiser": lambda net: adapters.ContinuousEpsDenoiser(net, 0.01, 80.0),
+    "ContinuousVDenoiser": lambda net: adapters.ContinuousVDenoiser(net, 0.01, 80.0, scale_input=False),
+    "X0Denoiser": lambda net: adapters.X0Denoiser(net, 0.01, 80.0),
+    "FlowDenoiser": lambda net: adapters.FlowDenoiser(net, time_scale=1000.0),
+}
+
+BAD_OUTPUTS = {  # what the network returns for x [2, 3, 4, 4] -> (shape, dtype) named in the message
+    "one_channel": (lambda x: x[:, :1], (2, 1, 4, 4), torch.float32),
+    "one_item": (lambda x: x[:1], (1, 3, 4, 4), torch.float32),
+    "zero_dim": (lambda x: x.new_tensor(0.5), (), torch.float32),
+    "learned_sigma": (lambda x: torch.cat([x, x], 1), (2, 6, 4, 4), torch.float32),
+    "int64": (lambda x: x.round().long(), (2, 3, 4, 4), torch.int64),
+}
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_ADAPTERS))
+@pytest.mark.parametrize("bad", list(BAD_OUTPUTS))
+def test_adapters_refuse_a_network_output_that_is_not_x_shaped_floating(name, bad):
+    """A [B, 1, ...], [1, C, ...] or 0-d output used to broadcast into a D of x's shape (and pass every later
+    check); a learned-sigma 2C output was a raw torch broadcasting error; X0Denoiser passed an int64 output on."""
+    make_out, shape, dtype = BAD_OUTPUTS[bad]
+    denoiser = OUTPUT_ADAPTERS[name](lambda x, t: make_out(x))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError) as info:
+        denoiser(x, torch.tensor([0.5, 0.5]))
+    msg = str(info.value)
+    assert msg.startswith(f"{name}: the network returned"), msg
+    assert f"dtype {dtype}" in msg and f"shape {shape}" in msg, msg
+    assert "expected a floating-point tensor of x's shape (2, 3, 4, 4)" in msg, msg
+    if bad == "learned_sigma":
+        assert "variance" in msg and "out[:, :3]" in msg, msg
+    else:
+        assert "variance" not in msg, msg
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_ADAPTERS))
+def test_adapters_refuse_a_network_output_that_is_not_a_tensor(name):
+    denoiser = OUTPUT_ADAPTERS[name](lambda x, t: (x,))  # e.g. a diffusers-style tuple
+    with pytest.raises(ValueError, match=f"^{name}: the network returned tuple; expected a floating-point tensor"):
+        denoiser(torch.randn(2, 3, 4), 0.5)
+
+
+def test_learned_sigma_hint_names_the_channel_axis_only():
+    """2C along another axis (or 2B items) is a plain shape error, without the learned-sigma advice."""
+    x = torch.randn(2, 3, 4, 4)
+    for make_out in (lambda x: torch.cat([x, x], 2), lambda x: torch.cat([x, x], 0)):
+        with pytest.raises(ValueError, match="DiscreteEpsDenoiser: the network returned") as info:
+            adapters.DiscreteEpsDenoiser(lambda x, t: make_out(x), ALPHAS_CUMPROD)(x, 1.0)
+        assert "variance" not in str(info.value)
+
+
+def test_a_sampler_run_with_a_broadcasting_network_is_refused():
+    """The reviewer's repro: a full sampler run with a [B, 1, H, W] eps network used to succeed."""
+    import qdrift
+
+    denoiser = adapters.DiscreteEpsDenoiser(lambda x, t: x[:, :1], ALPHAS_CUMPROD)
+    x = torch.randn(2, 3, 4, 4) * denoiser.sigma_max
+    with pytest.raises(ValueError, match=r"DiscreteEpsDenoiser: the network returned .*shape \(2, 1, 4, 4\)"):
+        qdrift.sample_euler_qdrift(denoiser, x, denoiser.get_sigmas(3), disable=True)
+
+
+@pytest.mark.parametrize("name", list(OUTPUT_ADAPTERS))
+def test_adapters_accept_an_x_shaped_output_of_another_floating_dtype(name):
+    """The check is shape and floating-ness only: a float32 output for a float16 x (autocast) still passes,
+    and X0Denoiser hands the network's output on unchanged."""
+    seen = []
+
+    def net(x, t):
+        seen.append(torch.zeros(x.shape, dtype=torch.float32))
+        return seen[-1]
+
+    x = torch.randn(2, 3, 4).half()
+    out = OUTPUT_ADAPTERS[name](net)(x, 0.5)
+    assert out.shape == x.shape
+    if name == "X0Denoiser":
+        assert out is seen[-1]
+    else:
+        assert out.dtype == x.dtype

@@ -144,6 +144,11 @@ def test_v_shape_validation_property(steps, channels, wrong):
 def test_schedule_helpers_validate():
     with pytest.raises(ValueError):
         qdrift.get_sigmas_karras(0, 0.1, 1.0)
+    for rho in (0, -1.0, float("nan"), float("inf"), True, "7"):  # 0 divided by zero; nan gave all-NaN levels
+        with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+            qdrift.get_sigmas_karras(5, 0.1, 1.0, rho=rho)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        qdrift.get_sigmas_karras(True, 0.1, 1.0)
     with pytest.raises(ValueError):
         qdrift.get_sigmas_exponential(5, 2.0, 1.0)
 
