@@ -154,8 +154,10 @@ def test_banded_calibration_file_round_trip_merge_and_errors(tmp_path):
         qdrift.calibrate(DATA, Speckle(7), DATA.prior(2, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True, bands=0)
     with pytest.raises(ValueError, match="spatial axes"):
         qdrift.calibrate(DATA, DATA, torch.randn(2, 1) * 80, CAL_SIGMAS, disable=True, bands=2)
-    with pytest.raises(ValueError, match="banded must be a Calibration"):
+    with pytest.raises(ValueError, match=r"band_units'\] must be an integer >= 2 that divides"):
         replace(cal, banded=qdrift.Calibration(cal.sigmas, cal.moments, meta={"band_units": 3}))
+    with pytest.raises(ValueError, match="banded must be a Calibration"):
+        replace(cal, banded=qdrift.Calibration(cal.sigmas, cal.moments))
 
 
 def test_paper_method_ignores_the_bands_bit_for_bit():
@@ -189,3 +191,25 @@ def test_banded_v2_takes_an_empty_batch(name):
     cal = qdrift.calibrate(DATA, Speckle(1), x, CAL_SIGMAS[::4], disable=True, bands=4)
     out = _run(name, lambda x, sigma, **kw: x * 0, x[:0], cal)  # (the spectral data's own denoiser takes FFTs too)
     assert out.shape == (0,) + tuple(x.shape[1:])
+
+
+def test_merge_keeps_band_statistics_only_when_they_pool_and_says_when_it_drops_them():
+    """A banded calibration merged with a plain one, one of another band count, or one made on another grid size
+    used to lose (or mix) its band statistics silently."""
+    x = DATA.prior(2, 80.0, generator=_gen(0))
+    sig = CAL_SIGMAS[::8]
+
+    def cal(bands, xs=x):
+        return qdrift.calibrate(DATA, Speckle(1), xs, sig, disable=True, bands=bands)
+
+    b4 = cal(4)
+    data8 = SpectralGaussianData([4.0, 1.0, 0.1, 0.01], (8, 8))
+    small = qdrift.calibrate(data8, SpeckleErrorDenoiser(data8, fresh=0.5, kept=0.5, seed=1), x[..., :8, :8], sig,
+                             disable=True, bands=4)
+    for other, match in ((cal(1), "only one of the two calibrations has frequency-band"),
+                         (cal(2), r"different band counts \(4 vs 2\)"), (small, "different spatial sizes")):
+        with pytest.warns(UserWarning, match=match):
+            assert b4.merge(other).bands == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert b4.merge(cal(4)).bands == 4

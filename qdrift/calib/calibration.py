@@ -505,8 +505,8 @@ class Calibration:
         trajectory = self.trajectory.merge(other.trajectory) if both else None
         lost = _merge_loss(self, other)
         if lost:
-            warnings.warn(f"Calibration.merge: only one of the two calibrations has {lost}; the merged calibration "
-                          "does without them (recalibrate both with this qdrift to keep them)", stacklevel=2)
+            warnings.warn(f"Calibration.merge: {lost}; the merged calibration does without them (recalibrate both "
+                          "alike with this qdrift to keep them)", stacklevel=2)
         meta.pop("drift_scale", None)
         scale, scale_lost = _merge_drift_scale(self.meta.get("drift_scale"), other.meta.get("drift_scale"))
         if scale is not None:
@@ -515,7 +515,7 @@ class Calibration:
             warnings.warn(f"Calibration.merge: {scale_lost}; the merged calibration is not sized (run "
                           "qdrift.calib.size_drift on it)", stacklevel=2)
         banded = None
-        if self.banded is not None and other.banded is not None and self.bands == other.bands:
+        if self.banded is not None and other.banded is not None and not _band_loss(self, other):
             with warnings.catch_warnings():  # said once above, for both
                 warnings.simplefilter("ignore", UserWarning)
                 banded = self.banded.merge(other.banded)
@@ -737,9 +737,25 @@ def _merge_loss(a: Calibration, b: Calibration) -> str:
     """What a merge of ``a`` and ``b`` drops because only one of them has it, in words ('' when nothing)."""
     ta, tb = a.trajectory, b.trajectory
     if (ta is None) != (tb is None):
-        return "the trajectory sums (format version 2: cross-step error accounting and the state term)"
+        return ("only one of the two calibrations has the trajectory sums (format version 2: cross-step error "
+                "accounting and the state term)")
     if ta is not None and (ta.cross_xe is None) != (tb.cross_xe is None):
-        return "the state cross sums (format version 3: the state term of the error model)"
+        return "only one of the two calibrations has the state cross sums (format version 3: the state term)"
+    return _band_loss(a, b)
+
+
+def _band_loss(a: Calibration, b: Calibration) -> str:
+    """What a merge drops of the frequency-band statistics (:attr:`Calibration.banded`), in words ('' if nothing):
+    they pool only between calibrations of the same band count on grids of the same shape (the same shares)."""
+    if a.banded is None and b.banded is None:
+        return ""
+    if (a.banded is None) != (b.banded is None):
+        return "only one of the two calibrations has frequency-band statistics (calibrate(..., bands=N))"
+    if a.bands != b.bands:
+        return f"the two calibrations' frequency-band statistics have different band counts ({a.bands} vs {b.bands})"
+    if a.banded.meta.get("band_shares") != b.banded.meta.get("band_shares"):
+        return ("the two calibrations' frequency-band statistics were made on latents of different spatial sizes (the "
+                "bands' shares differ)")
     return ""
 
 
