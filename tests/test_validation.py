@@ -508,3 +508,35 @@ def test_a_noise_draw_of_the_wrong_kind_is_refused(name, kind):
     with pytest.raises(ValueError, match=r"noise_sampler\(sigma, sigma_next\) must return a floating-point tensor "
                                          r"of x's shape \(3, 2, 4, 4\)"):
         _call(name, x, sigmas, noise_sampler=BAD_NOISE[kind], **NOISY[name])
+
+
+def test_calibration_options_are_checked_before_any_model_runs():
+    """A truthy string used to pass for True (``conditional="no"``), ``trim=True`` and ``distributed=True``
+    without a process group failed only after the whole calibration had run, and a bad seed gave a str + int
+    TypeError from inside a pass."""
+    x = DATA.prior(2, 10.0, spatial=(4, 4), generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(4, 0.05, 10.0)
+    calls = []
+
+    def model(x, s):
+        calls.append(1)
+        return DATA(x, s)
+
+    for opts, match in (({"conditional": "no"}, "conditional must be True or False"),
+                        ({"trim": True}, "trim must be None or a number >= 0"),
+                        ({"trim": float("nan")}, "trim must be"),
+                        ({"distributed": "yes"}, "distributed must be True, False or None"),
+                        ({"distributed": True}, "needs an initialized torch.distributed process group")):
+        with pytest.raises(ValueError, match=match):
+            qdrift.calibrate(model, model, x, sigmas, disable=True, **opts)
+    assert calls == []
+    cal = qdrift.calibrate(DATA, DATA, x, sigmas, disable=True)
+    with pytest.raises(ValueError, match="conditional must be True, False or None"):
+        cal.with_options(conditional="no")
+    for fn in (qdrift.size_drift, qdrift.check_correction, qdrift.match_moments, qdrift.tune_strength):
+        for seed in ("a", None, -1, 1.5, True):
+            with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+                fn(cal, model, model, x, sigmas, "euler", seed=seed)
+    assert calls == []
+    with pytest.raises(ValueError, match="mean must be True or False"):
+        qdrift.match_moments(cal, model, model, x, sigmas, "euler", mean="no")

@@ -480,10 +480,12 @@ class Calibration:
 
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
         """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
+        if conditional is not None and not isinstance(conditional, bool):
+            raise ValueError(f"Calibration.with_options: conditional must be True, False or None, got {conditional!r}")
         return replace(
             self,
             reduce=self.reduce if reduce is None else reduce,
-            conditional=self.conditional if conditional is None else bool(conditional),
+            conditional=self.conditional if conditional is None else conditional,
         )
 
     def merge(self, other: "Calibration") -> "Calibration":

@@ -179,7 +179,7 @@ def check_correction(
     """
     from ..plan import recording
 
-    info = check_pass("check_correction", calibration, sampler, sigmas, sampler_kwargs)
+    info = check_pass("check_correction", calibration, sampler, sigmas, sampler_kwargs, seed)
     fp_sums, q_sums, corr_sums = _Sums(), _Sums(), _Sums()
     predicted: Optional[torch.Tensor] = None
     levels: List[float] = []
@@ -292,7 +292,7 @@ def tune_strength(
     """
     from ..plan import recording
 
-    info = check_pass("tune_strength", calibration, sampler, sigmas, sampler_kwargs)
+    info = check_pass("tune_strength", calibration, sampler, sigmas, sampler_kwargs, seed)
     tried = []
     for value in strengths if isinstance(strengths, (list, tuple)) else [strengths]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):

@@ -23,6 +23,7 @@ run on another schedule reads them at its own levels (exact on the matched sched
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -107,11 +108,14 @@ class _Solver:
         return c, shift
 
 
-def check_pass(who: str, calibration, sampler, sigmas, sampler_kwargs):
+def check_pass(who: str, calibration, sampler, sigmas, sampler_kwargs, seed=0):
     """The checks every pass that runs the sampler on both models makes (:func:`match_moments`,
-    :func:`qdrift.calib.check_correction`, :func:`qdrift.calib.tune_strength`); returns the sampler's
-    :class:`qdrift.samplers.SamplerInfo`."""
+    :func:`qdrift.calib.check_correction`, :func:`qdrift.calib.tune_strength`, :func:`qdrift.size_drift`);
+    returns the sampler's :class:`qdrift.samplers.SamplerInfo`."""
     from ..samplers import sampler_info
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"{who}: seed must be an integer >= 0, got {seed!r}")
 
     if not isinstance(calibration, Calibration):
         raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
@@ -195,9 +199,12 @@ def match_moments(
     Raises:
         ValueError: for an unknown sampler, a calibration of another channel count, or bad inputs.
     """
-    info = check_pass("match_moments", calibration, sampler, sigmas, sampler_kwargs)
+    info = check_pass("match_moments", calibration, sampler, sigmas, sampler_kwargs, seed)
     if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
+    for name, value in (("mean", mean), ("gain", gain)):
+        if not isinstance(value, bool):
+            raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
     started = time.time()
     sums: Dict[int, List] = {}
     count = 0

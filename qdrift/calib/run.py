@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
@@ -131,8 +132,15 @@ def calibrate(
     """
     check_choice("reduce", reduce, REDUCES)
     check_choice("trajectory", trajectory, TRAJECTORIES)
-    if trim is not None and (not isinstance(trim, (int, float)) or trim < 0 or trim != trim):
+    if trim is not None and (isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not trim >= 0):
         raise ValueError(f"calibrate: trim must be None or a number >= 0, got {trim!r}")
+    if not isinstance(conditional, bool):
+        raise ValueError(f"calibrate: conditional must be True or False, got {conditional!r}")
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ValueError(f"calibrate: distributed must be True, False or None, got {distributed!r}")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("calibrate: distributed=True needs an initialized torch.distributed process group "
+                         "(torch.distributed.init_process_group) before the models run")
     if not callable(model_fp) or not callable(model_q):
         raise ValueError("calibrate: model_fp and model_q must be callables D(x, sigma, **extra_args)")
     if extra_args is not None and not isinstance(extra_args, dict):

@@ -93,7 +93,7 @@ def size_drift(
     from ..plan import recording, undrifted
 
     check_z("size_drift", z)
-    info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs)
+    info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs, seed)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
     sizing = Accumulation("size_drift", len(sigmas) - 1)
