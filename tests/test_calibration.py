@@ -146,6 +146,17 @@ def test_at_interpolates_in_log_sigma_and_clamps():
     assert cal.at(other[:-1]).shape == (37, 3)
 
 
+@pytest.mark.parametrize("levels", [[-1.0], [float("nan")], torch.tensor([1.0 + 1j]), torch.tensor([True]),
+                                    torch.ones(2, 2), None])
+def test_reading_a_calibration_at_levels_that_are_not_noise_levels_is_refused(levels):
+    """A negative level used to read silently as the last one; NaN gave NaN tables from moments_at and
+    error_model; a complex query lost its imaginary part with only a torch warning."""
+    cal = _toy_calibration()
+    for read in (cal.at, cal.moments_at, lambda s: cal.error_model(s, gain=True)):
+        with pytest.raises(ValueError, match="sigmas must be"):
+            read(levels)
+
+
 def _toy_calibration():
     q = PlantedErrorDenoiser(DATA, var=0.1, gain=0.1, seed=0)
     return qdrift.calibrate(DATA, q, _noise(4, spatial=(8, 8)), SIGMAS, disable=True)

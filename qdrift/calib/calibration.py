@@ -87,6 +87,19 @@ def _check_drift_scale(info: Any, channels: int) -> None:
         )
 
 
+def _levels(who: str, sigmas) -> torch.Tensor:
+    """Noise levels to read a calibration at: a 1-D real tensor (or sequence) of finite levels ``>= 0``."""
+    try:
+        query = torch.as_tensor(sigmas)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{who}: sigmas must be a 1-D tensor of noise levels, got {type(sigmas).__name__}") from None
+    if query.ndim != 1 or query.is_complex() or query.dtype == torch.bool:
+        raise ValueError(f"{who}: sigmas must be a 1-D real tensor, got shape {tuple(query.shape)} {query.dtype}")
+    if not bool(torch.isfinite(query).all()) or bool((query < 0).any()):
+        raise ValueError(f"{who}: sigmas must be finite and >= 0, got {query.tolist()!r:.80}")
+    return query
+
+
 def _check_band_meta(meta: Dict[str, Any], channels: int) -> None:
     """Checks ``meta["band_units"]`` and ``meta["band_shares"]`` (a band-unit calibration's, see
     :attr:`Calibration.banded`): an integer ``NB >= 2`` that divides the unit count, and ``NB`` shares in (0, 1]."""
@@ -373,11 +386,7 @@ class Calibration:
         ones gets the log-sigma interpolation of their V; a level above the highest (or below the lowest,
         including 0) gets the end value.
         """
-        query = torch.as_tensor(sigmas)
-        if query.ndim != 1:
-            raise ValueError(f"Calibration.at: sigmas must be 1-D, got shape {tuple(query.shape)}")
-        if not bool(torch.isfinite(query).all()):
-            raise ValueError("Calibration.at: sigmas must be finite")
+        query = _levels("Calibration.at", sigmas)
         return interpolate_log_sigma(self.V, self.sigmas, query).to(torch.float32)
 
     def moments_at(self, sigmas: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -386,9 +395,7 @@ class Calibration:
         Keys: ``mean_fp, mean_q, var_fp, var_q, cov`` (of ``d_fp`` and ``d_q``), interpolated like :meth:`at`;
         with ``reduce="scalar"`` the pooled moments repeated over channels.
         """
-        query = torch.as_tensor(sigmas)
-        if query.ndim != 1:
-            raise ValueError(f"Calibration.moments_at: sigmas must be 1-D, got shape {tuple(query.shape)}")
+        query = _levels("Calibration.moments_at", sigmas)
         m = self.moments.pooled() if self.reduce == "scalar" else self.moments
         table = {
             "mean_fp": m.mean_fp,
@@ -427,7 +434,7 @@ class Calibration:
         the moments, ``cov_xd = sigma`` (exact for a VE denoiser) and ``var_x = None``. Interpolated like
         :meth:`at`.
         """
-        query = torch.as_tensor(sigmas).detach().double().cpu()
+        query = _levels("Calibration.error_model", sigmas).detach().double().cpu()
         m, t = self._reduced()
         full = (self.steps, self.channels)
         j = torch.zeros(full, dtype=torch.float64)
