@@ -274,8 +274,9 @@ class CheckedModel:
         """``"sampler: at step i of n (sigma=...),"`` for the call at noise level ``sigma``."""
         s = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) and sigma.numel() else float(sigma)
         levels = self.sig[:-1]
-        # The first level at or below sigma: the step itself, or the step a churned sigma_hat was raised from.
-        step = next((j for j, level in enumerate(levels) if level <= s * (1 + 1e-6)), len(levels) - 1)
+        # The first level at or below sigma: the step itself, or the step a churned sigma_hat was raised from
+        # (within half precision's rounding: a float16 sigma can lie 5e-4 above its level).
+        step = next((j for j, level in enumerate(levels) if level <= s * (1 + 1e-3)), len(levels) - 1)
         return f"{self.sampler}: at step {step} of {len(levels)} (sigma={s:.6g}),"
 
 

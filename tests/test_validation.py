@@ -226,10 +226,13 @@ def test_bad_model_output_raises_naming_sampler_step_and_sigma(name, bad):
     assert 1 <= step <= 2 and sigma == pytest.approx(float(sigmas[step]), rel=1e-5)
 
 
-def test_bad_output_message_names_the_exact_step():
-    x, sigmas = _inputs()
-    with pytest.raises(ValueError, match=r"sample_euler_qdrift: at step 4 of 6 \(sigma="):
-        _run("euler", _bad_after(4, lambda out: out * float("nan")), x, sigmas)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("step", range(6))
+def test_bad_output_message_names_the_exact_step(dtype, step):
+    """Also in half precision, whose rounded sigma used to name the next step."""
+    x, sigmas = _inputs(dtype=dtype)
+    with pytest.raises(ValueError, match=rf"sample_euler_qdrift: at step {step} of 6 \(sigma="):
+        _run("euler", _bad_after(step, lambda out: out * float("nan")), x, sigmas)
 
 
 @pytest.mark.parametrize("name", NAMES)
