@@ -59,6 +59,7 @@ class _QDriftMixin:
     _qdrift_channel_dim: int = 1
     _qdrift_method: Optional[str] = None
     _qdrift_plan: Any = None
+    _qdrift_run: Any = None  # (the schedule tensor the plan was built on, its first step, the next step expected)
     _qdrift_plans = True  # the Euler family runs the core's DriftPlan (every method); DPM++ the paper / matched rule
 
     # ---------------------------------------------------------------- configuration
@@ -108,7 +109,7 @@ class _QDriftMixin:
         self._qdrift_strength = float(strength)
         self._qdrift_channel_dim = channel_dim
         self._qdrift_method = method
-        self._qdrift_plan = None
+        self._qdrift_plan = self._qdrift_run = None
         return self
 
     def _qdrift_resolved_method(self) -> str:
@@ -211,6 +212,11 @@ class _QDriftMixin:
     def _qdrift_plan_step(self, i, method, sample, prev, delta, sigma, sigma_eff):
         """The core's :class:`qdrift.plan.DriftPlan` on this step (one plan per run, built at its first step).
 
+        A run is the steps from the one it starts at (0 for txt2img; diffusers' begin index for img2img, or the
+        index the scheduler finds from the first timestep) to the end of the schedule: its plan is built at that
+        step from ``sigmas[start:]`` and the current sample, and takes the steps as ``i - start``, exactly as
+        the core sampler on ``sigmas[start:]`` (see :meth:`_qdrift_run_start`).
+
         The plan works on ``[B, C, ...]`` states; with ``channel_dim != 1`` the latents are viewed that way.
         The output correction of methods ``v2`` / ``matched`` (the calibrated gain and bias) acts on the
         step's direction ``d = delta / (sigma_eff - sigma)`` as in the core samplers:
@@ -221,8 +227,10 @@ class _QDriftMixin:
         dim = self._qdrift_channel_dim
         x = sample.to(torch.float32).movedim(dim, 1)
         inc = delta.movedim(dim, 1)
-        if self._qdrift_plan is None or i == 0:
-            sigmas = torch.tensor([self._qdrift_level(j) for j in range(len(self.timesteps) + 1)], dtype=torch.float64)
+        start = self._qdrift_run_start(i)
+        if self._qdrift_plan is None:
+            sigmas = torch.tensor([self._qdrift_level(j) for j in range(start, len(self.timesteps) + 1)],
+                                  dtype=torch.float64)
             self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method,
                                           spatial=dim in (1, 1 - sample.ndim),  # packed latents: tokens, no grid
                                           lower_noise=False)  # the base scheduler draws and adds its own noise
@@ -230,10 +238,25 @@ class _QDriftMixin:
         if self._qdrift_plans:
             inc = plan.correct_increment(inc, x, sigma, sigma_eff - sigma)
         base = x + inc
-        corrected, _ = plan.step(i, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
+        corrected, _ = plan.step(i - start, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
+        self._qdrift_run[2] = i + 1
         # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)
         change = ((corrected - base) + (inc - delta.movedim(dim, 1))).movedim(1, dim)
         return prev + change.to(prev.dtype)
+
+    def _qdrift_run_start(self, i: int) -> int:
+        """The first step of the run that step ``i`` belongs to; drops the plan when ``i`` starts a new run.
+
+        Step ``i`` continues the current run only if the schedule is the one the plan was built on (every
+        ``set_timesteps`` makes a new ``sigmas`` tensor) and ``i`` is the step after the last one taken;
+        anything else (a new ``set_timesteps``, a new begin index, a step index reset by hand) starts a new
+        run at ``i``.
+        """
+        run = self._qdrift_run
+        if self._qdrift_plan is None or run is None or run[0] is not self.sigmas or run[2] != i:
+            self._qdrift_plan = None
+            self._qdrift_run = run = [self.sigmas, i, i]
+        return run[1]
 
     def _qdrift_level(self, j: int) -> float:
         """Noise level ``j`` of this run's schedule in the calibration's space (0 past the last step)."""

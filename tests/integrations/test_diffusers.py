@@ -474,3 +474,128 @@ def test_wrapper_matches_core_sampler_for_every_method(name, method):
     out_core = core(cal, method=method)
     assert torch.allclose(out_diff, out_core, rtol=1e-4, atol=1e-4), (out_diff - out_core).abs().max()
     assert (core(None) - out_core).abs().max() > 1e-4  # the correction is not a no-op here
+
+
+# ---------------------------------------------------------------- img2img (begin index) and reused schedulers
+
+_CORE_NAME = {"euler": "euler", "euler_ancestral": "euler_ancestral", "flow_euler": "euler", "dpmpp_2m": "dpmpp_2m"}
+
+
+def _noisy(den, var=0.03, seed=1):
+    """A 'quantized' denoiser with a fresh random error of variance ``var`` on its direction at every call
+    (d_hat = d + sqrt(var) z): a residual error the drift of methods v2 / exact must take up at every step (small
+    enough that the ancestral steps' bounded drift reaches the balance: the core's ancestral sampler would then
+    lower its noise, which a diffusers scheduler, drawing its own, cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda x, s, **k: den(x, s) - s.reshape(-1, 1, 1, 1) * var**0.5 * torch.randn(x.shape, generator=g)
+
+
+def _calibration_for(name, matched=False):
+    """A real Calibration of a noisy version of the 'network' on the scheduler's own schedule of STEPS steps
+    (with moment-matching tables for the core sampler of ``name`` when ``matched``)."""
+    sched = SCHEDULERS[name]()
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    fp = _denoiser_of(eps_model, name == "flow_euler")
+    q = _noisy(fp)
+    noise = torch.randn(6, C, 4, 4, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True)
+    return qdrift.match_moments(cal, fp, q, noise, sigmas, _CORE_NAME[name]) if matched else cal
+
+
+def _partial_start(name, sigma, seed=2):
+    """An img2img start at level ``sigma``: an image latent noised to it (VE: x0 + s n; flow: (1 - t) x0 + t n)."""
+    g = torch.Generator().manual_seed(seed)
+    x0, n = torch.randn(2, C, 4, 4, generator=g), torch.randn(2, C, 4, 4, generator=g)
+    return (1 - sigma) * x0 + sigma * n if name == "flow_euler" else x0 + sigma * n
+
+
+def _run_from(sched, x, steps, begin=0, seed=11, set_begin=True):
+    """A diffusers-pipeline-shaped loop over ``timesteps[begin:]`` (img2img calls ``set_begin_index(begin)``;
+    ``set_begin=False``: the scheduler finds its index from the first timestep, as pipelines without it do)."""
+    sched.set_timesteps(steps)
+    if set_begin:
+        sched.set_begin_index(begin)
+    flow = isinstance(sched, FlowMatchEulerDiscreteScheduler)
+    kwargs = {"generator": torch.Generator().manual_seed(seed)} if isinstance(sched, EulerAncestralDiscreteScheduler) else {}
+    for t in sched.timesteps[begin:]:
+        x_in = x if flow else sched.scale_model_input(x, t)  # DPM-Solver++: x itself (x = alpha y, the VE input)
+        x = sched.step(eps_model_q(x_in, t), t, x, return_dict=False, **kwargs)[0]
+    return x
+
+
+def _core_from(name, x, sigmas, cal, method, seed=11):
+    kw = {}
+    if name == "euler_ancestral":
+        g = torch.Generator().manual_seed(seed)
+        kw["noise_sampler"] = lambda s, sn: torch.randn(x.shape, generator=g)
+    flow = name == "flow_euler"
+    return qdrift.SAMPLERS[_CORE_NAME[name]](_denoiser_of(eps_model_q, flow), x, sigmas, cal, disable=True,
+                                             method=method, **kw)
+
+
+@pytest.mark.parametrize("method", ["v2", "exact"])
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "flow_euler"])
+def test_img2img_begin_index_matches_core_sampler_on_the_tail(name, method):
+    """img2img (diffusers' ``set_begin_index``, or the index found from the first timestep): the run over
+    ``timesteps[begin:]`` equals the core sampler on ``sigmas[begin:]`` with the same method. The plan must be
+    built at the run's first step from ``sigmas[begin:]`` (it used to be built from the whole schedule, so the
+    surrogate started at sigmas[0] and the steps were matched to the wrong levels)."""
+    cal = _calibration_for(name)
+    begin = 3
+    sched = SCHEDULERS[name]()
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    x = _partial_start(name, float(sigmas[begin]))
+    out_core = _core_from(name, x, sigmas[begin:], cal, method)
+    assert (_core_from(name, x, sigmas[begin:], None, method) - out_core).abs().max() > 5e-4  # not a no-op
+    for set_begin in (True, False):
+        out_diff = _run_from(qdrift_scheduler(SCHEDULERS[name](), cal, method=method), x, STEPS, begin,
+                             set_begin=set_begin)
+        assert torch.allclose(out_diff, out_core, rtol=1e-5, atol=1e-5), (set_begin, (out_diff - out_core).abs().max())
+
+
+def _check_reuse(name, method):
+    cal = _calibration_for(name, matched=method == "matched")
+    probe = SCHEDULERS[name]()
+    probe.set_timesteps(STEPS)
+    x_full = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(2)) * _noise_scale(probe)
+    x_img = _partial_start(name, float(probe.sigmas[3]))
+    reused = qdrift_scheduler(SCHEDULERS[name](), cal, method=method)
+    # a longer txt2img run, img2img from two begin indices, a full run, img2img again
+    runs = [(10, 0, x_full), (STEPS, 3, x_img), (STEPS, 2, x_img), (STEPS, 0, x_full), (STEPS, 3, x_img)]
+    for steps, begin, x in runs:
+        got = _run_from(reused, x, steps, begin)
+        want = _run_from(qdrift_scheduler(SCHEDULERS[name](), cal, method=method), x, steps, begin)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (steps, begin, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "flow_euler"])
+def test_reused_scheduler_gives_the_same_result_as_a_fresh_one(name):
+    """One scheduler object for several runs (a pipeline keeps its scheduler): after a run of another length, or
+    an img2img run from another begin index, each run gives exactly what a fresh scheduler gives (Q-Drift v2's
+    plan of the previous run must not be carried into the next one)."""
+    _check_reuse(name, "v2")
+
+
+@pytest.mark.parametrize("name, method", [("dpmpp_2m", "v2"), ("dpmpp_2m", "matched"), ("euler", "matched")])
+def test_reused_scheduler_gives_the_same_result_as_a_fresh_one_stateless_rules(name, method):
+    """The same for the corrections whose step rule keeps no state across steps (DPM-Solver++'s paper rule, the
+    moment-matching tables): a guard, these never depended on the plan's start."""
+    _check_reuse(name, method)
+
+
+def test_dpmpp_img2img_begin_index_matches_core_sampler_on_the_tail():
+    """The DPM-Solver++ wrapper (the paper's rule with a Calibration) over ``timesteps[begin:]`` equals the core
+    2M sampler on ``sigmas[begin:]`` (in k-diffusion's y = x / alpha)."""
+    cal = _calibration_for("dpmpp_2m")
+    begin = 3
+    sched = SCHEDULERS["dpmpp_2m"]()
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    y = _partial_start("dpmpp_2m", float(sigmas[begin]))
+    out_core = _core_from("dpmpp_2m", y, sigmas[begin:], cal, "paper")
+    assert (_core_from("dpmpp_2m", y, sigmas[begin:], None, "paper") - out_core).abs().max() > 1e-3
+    out_diff = _run_from(qdrift_scheduler(SCHEDULERS["dpmpp_2m"](), cal), y / (sigmas[begin] ** 2 + 1) ** 0.5, STEPS,
+                         begin)
+    assert torch.allclose(out_diff, out_core, rtol=1e-4, atol=1e-4), (out_diff - out_core).abs().max()
