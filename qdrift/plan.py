@@ -185,8 +185,8 @@ class DriftPlan:
         spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
             latents: a calibration's frequency bands are then not used).
         lower_noise: the sampler scales the fresh noise it adds after a step by :meth:`step`'s factor (False for
-            a caller that cannot, such as a diffusers scheduler, which draws the noise itself): the exact methods
-            then let the noise take up what a bounded drift leaves (see :meth:`_solve`).
+            a caller that cannot): the exact methods then let the noise take up what a bounded drift leaves (see
+            :meth:`_solve`). The diffusers Euler ancestral scheduler can: it scales the noise it drew.
 
     Measured accumulation. A calibration sized by :func:`qdrift.calib.size_drift` carries a per-channel
     factor (:attr:`qdrift.Calibration.drift_scale`) on the residual error's variance ``V`` of method ``v2``:

@@ -11,7 +11,9 @@ where ``V_i`` is the calibrated ``Var(delta | d_hat)`` at ``sigma_i`` (channel-w
 - ``EulerDiscreteScheduler`` (VE sigma, ``x = x0 + sigma eps``): ``delta_x = dt * (x - x0_pred) / sigma``,
   ``sigma_eff = sigma_{i+1}``;
 - ``EulerAncestralDiscreteScheduler``: the same with ``sigma_eff = sigma_down``; the ancestral noise is
-  unchanged (paper Sec. 3.2);
+  unchanged under the paper's method (Sec. 3.2); under the exact methods (v2) it is lowered per channel by what a
+  bounded drift, or one without a root, leaves, as the core's ``sample_euler_ancestral_qdrift`` does (the noise
+  the scheduler drew is ``prev_sample - sample - delta_x``, and only its scale changes);
 - ``FlowMatchEulerDiscreteScheduler`` (sigma = flow time t): ``delta_x = dt * v``; the paper calls this
   case a heuristic (marginal preservation holds for probability-flow parameterizations);
 - ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``: in ``y = x / alpha_t`` space the
@@ -38,7 +40,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from ..correction import DEFAULT_METHOD, METHODS, first_order_coefficient, scale_increment
+from ..correction import DEFAULT_METHOD, METHODS, channel_view, first_order_coefficient, scale_increment
 from ..validation import all_finite, check_choice
 
 __all__ = [
@@ -61,6 +63,7 @@ class _QDriftMixin:
     _qdrift_plan: Any = None
     _qdrift_run: Any = None  # (the schedule tensor the plan was built on, its first step, the next step expected)
     _qdrift_plans = True  # the Euler family runs the core's DriftPlan (every method); DPM++ the paper / matched rule
+    _qdrift_lowers_noise = False  # the step adds fresh noise after its deterministic part, which the plan may lower
 
     # ---------------------------------------------------------------- configuration
     def set_calibration(
@@ -233,16 +236,20 @@ class _QDriftMixin:
                                   dtype=torch.float64)
             self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method,
                                           spatial=dim in (1, 1 - sample.ndim),  # packed latents: tokens, no grid
-                                          lower_noise=False)  # the base scheduler draws and adds its own noise
+                                          lower_noise=self._qdrift_lowers_noise)
         plan = self._qdrift_plan
         if self._qdrift_plans:
             inc = plan.correct_increment(inc, x, sigma, sigma_eff - sigma)
         base = x + inc
-        corrected, _ = plan.step(i - start, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
+        corrected, factor = plan.step(i - start, x, base, sigma, sigma_eff, noise_std=self._qdrift_noise_std(i))
         self._qdrift_run[2] = i + 1
         # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)
-        change = ((corrected - base) + (inc - delta.movedim(dim, 1))).movedim(1, dim)
-        return prev + change.to(prev.dtype)
+        change = (corrected - base) + (inc - delta.movedim(dim, 1))
+        if factor is not None and self._qdrift_lowers_noise:
+            # The noise the scheduler added after its deterministic step, scaled by the plan's factor per channel.
+            noise = prev.to(torch.float32).movedim(dim, 1) - (x + delta.movedim(dim, 1))
+            change = change + (channel_view(factor, noise).to(noise) - 1) * noise
+        return prev + change.movedim(1, dim).to(prev.dtype)
 
     def _qdrift_run_start(self, i: int) -> int:
         """The first step of the run that step ``i`` belongs to; drops the plan when ``i`` starts a new run.
@@ -311,7 +318,10 @@ class QDriftEulerDiscreteScheduler(_QDriftMixin, EulerDiscreteScheduler):
 
 
 class QDriftEulerAncestralDiscreteScheduler(_QDriftMixin, EulerAncestralDiscreteScheduler):
-    """``EulerAncestralDiscreteScheduler`` with Q-Drift: Euler to ``sigma_down`` with ``c_i``, noise unchanged."""
+    """``EulerAncestralDiscreteScheduler`` with Q-Drift: Euler to ``sigma_down`` with ``c_i``; the exact methods
+    lower the noise by what a bounded drift leaves (the module docstring)."""
+
+    _qdrift_lowers_noise = True
 
     def _qdrift_increment(self, i, model_output, sample, out, kwargs):
         s_from, s_to = _float(self.sigmas[i]), _float(self.sigmas[i + 1])

@@ -483,21 +483,19 @@ _CORE_NAME = {"euler": "euler", "euler_ancestral": "euler_ancestral", "flow_eule
 
 def _noisy(den, var=0.03, seed=1):
     """A 'quantized' denoiser with a fresh random error of variance ``var`` on its direction at every call
-    (d_hat = d + sqrt(var) z): a residual error the drift of methods v2 / exact must take up at every step (small
-    enough that the ancestral steps' bounded drift reaches the balance: the core's ancestral sampler would then
-    lower its noise, which a diffusers scheduler, drawing its own, cannot)."""
+    (d_hat = d + sqrt(var) z): a residual error the drift of methods v2 / exact must take up at every step."""
     g = torch.Generator().manual_seed(seed)
     return lambda x, s, **k: den(x, s) - s.reshape(-1, 1, 1, 1) * var**0.5 * torch.randn(x.shape, generator=g)
 
 
-def _calibration_for(name, matched=False):
+def _calibration_for(name, matched=False, var=0.03):
     """A real Calibration of a noisy version of the 'network' on the scheduler's own schedule of STEPS steps
     (with moment-matching tables for the core sampler of ``name`` when ``matched``)."""
     sched = SCHEDULERS[name]()
     sched.set_timesteps(STEPS)
     sigmas = sched.sigmas.to(torch.float32).clone()
     fp = _denoiser_of(eps_model, name == "flow_euler")
-    q = _noisy(fp)
+    q = _noisy(fp, var)
     noise = torch.randn(6, C, 4, 4, generator=torch.Generator().manual_seed(4)) * sigmas[0]
     cal = qdrift.calibrate(fp, q, noise, sigmas, disable=True)
     return qdrift.match_moments(cal, fp, q, noise, sigmas, _CORE_NAME[name]) if matched else cal
@@ -599,3 +597,21 @@ def test_dpmpp_img2img_begin_index_matches_core_sampler_on_the_tail():
     out_diff = _run_from(qdrift_scheduler(SCHEDULERS["dpmpp_2m"](), cal), y / (sigmas[begin] ** 2 + 1) ** 0.5, STEPS,
                          begin)
     assert torch.allclose(out_diff, out_core, rtol=1e-4, atol=1e-4), (out_diff - out_core).abs().max()
+
+
+@pytest.mark.parametrize("method", ["v2", "exact"])
+def test_ancestral_wrapper_lowers_its_noise_as_the_core_sampler_does(method):
+    """An error large enough that the ancestral steps' bounded drift leaves excess: the core sampler lowers the
+    ancestral noise by it, and so does the wrapper, by scaling the noise the scheduler drew (it used to keep the
+    noise, and differed from the core by up to 4 in such runs)."""
+    cal = _calibration_for("euler_ancestral", var=0.1)
+    sched = SCHEDULERS["euler_ancestral"]()
+    sched.set_timesteps(STEPS)
+    sigmas = sched.sigmas.to(torch.float32).clone()
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(2)) * _noise_scale(sched)
+    out_core = _core_from("euler_ancestral", x, sigmas, cal, method)
+    out_diff = _run_from(qdrift_scheduler(SCHEDULERS["euler_ancestral"](), cal, method=method), x, STEPS)
+    assert torch.allclose(out_diff, out_core, rtol=1e-5, atol=1e-5), (out_diff - out_core).abs().max()
+    keeps = qdrift_scheduler(SCHEDULERS["euler_ancestral"](), cal, method=method)
+    keeps._qdrift_lowers_noise = False  # the noise left as drawn: here that is not the core's result
+    assert (_run_from(keeps, x, STEPS) - out_core).abs().max() > 1e-3
