@@ -192,7 +192,7 @@ def filter_bands(t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     band = frequency_bands(t.shape[2:], gain.shape[-1], device=t.device)
     g = gain.to(device=t.device, dtype=ct)[..., band]  # [(B,) C, *spatial]
     if t.numel() == 0:  # an empty batch (some FFT backends refuse an empty transform)
-        return (t.to(ct) * g).real if g.is_complex() else t.to(ct) * g
+        return t.to(ct) * g
     return torch.fft.ifftn(torch.fft.fftn(t.to(ct), dim=dims) * g, dim=dims).real
 
 
