@@ -14,6 +14,7 @@ import numbers
 import warnings
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .correction import compute_dtype
@@ -42,6 +43,18 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raises ``ValueError`` naming the valid choices when ``value`` is not one of them."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def flag(value) -> Optional[bool]:
+    """``value`` as a Python bool if it is a boolean (``bool``, ``numpy.bool_`` or a 0-d bool tensor), else None
+    (a truthy string or a number is not a flag)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        return bool(value) if value.ndim == 0 and value.dtype == torch.bool else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return None
 
 
 def _real(value) -> Optional[float]:

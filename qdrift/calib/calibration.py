@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from .._version import __version__
+from ..validation import flag
 from .stats import MOMENT_FIELDS, PairedMoments, TrajectorySums
 
 __all__ = [
@@ -487,12 +488,12 @@ class Calibration:
 
     def with_options(self, *, reduce: str = None, conditional: bool = None) -> "Calibration":
         """The same statistics read another way (no recalibration): other ``reduce`` or ``conditional``."""
-        if conditional is not None and not isinstance(conditional, bool):
+        if conditional is not None and flag(conditional) is None:
             raise ValueError(f"Calibration.with_options: conditional must be True, False or None, got {conditional!r}")
         return replace(
             self,
             reduce=self.reduce if reduce is None else reduce,
-            conditional=self.conditional if conditional is None else conditional,
+            conditional=self.conditional if conditional is None else flag(conditional),
         )
 
     def merge(self, other: "Calibration") -> "Calibration":

@@ -32,7 +32,7 @@ import torch
 
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..correction import balance_coefficient, frequency_bands
-from ..validation import MAX_DRIFT
+from ..validation import MAX_DRIFT, flag
 from .calibration import Calibration
 from .run import _batches
 
@@ -202,9 +202,10 @@ def match_moments(
     info = check_pass("match_moments", calibration, sampler, sigmas, sampler_kwargs, seed)
     if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
-    for name, value in (("mean", mean), ("gain", gain)):
-        if not isinstance(value, bool):
-            raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
+    if flag(mean) is None or flag(gain) is None:
+        name, value = ("mean", mean) if flag(mean) is None else ("gain", gain)
+        raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
+    mean, gain = flag(mean), flag(gain)
     started = time.time()
     sums: Dict[int, List] = {}
     count = 0

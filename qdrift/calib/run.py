@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .._utils import to_d
 from .._version import __version__
-from ..validation import check_choice, prepare_sigmas, validate_sampler_inputs
+from ..validation import check_choice, flag, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
 from .stats import PairedAccumulator
 
@@ -134,10 +134,12 @@ def calibrate(
     check_choice("trajectory", trajectory, TRAJECTORIES)
     if trim is not None and (isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not trim >= 0):
         raise ValueError(f"calibrate: trim must be None or a number >= 0, got {trim!r}")
-    if not isinstance(conditional, bool):
+    if flag(conditional) is None:
         raise ValueError(f"calibrate: conditional must be True or False, got {conditional!r}")
-    if distributed is not None and not isinstance(distributed, bool):
+    conditional = flag(conditional)
+    if distributed is not None and flag(distributed) is None:
         raise ValueError(f"calibrate: distributed must be True, False or None, got {distributed!r}")
+    distributed = None if distributed is None else flag(distributed)
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("calibrate: distributed=True needs an initialized torch.distributed process group "
                          "(torch.distributed.init_process_group) before the models run")
