@@ -299,7 +299,7 @@ class DriftPlan:
             return model
         from .calib.calibration import interpolate_log_sigma
 
-        cal, cache, strength = self.em_cal, self._cache, self.strength
+        cal, cache, strength, bound = self.em_cal, self._cache, self.strength, self._bound_gain
         if ("gain", self.bands) not in cache:
             em = cal.error_model(cal.sigmas, gain=True)
             cache[("gain", self.bands)] = torch.stack([em["k"], em["j"], em["b"]], 1)  # [S, 3, units]
@@ -309,7 +309,8 @@ class DriftPlan:
             """``(k, j, b)`` ``[B or 1, units]`` at the call's levels on x's device (kept with the calibration)."""
             key = ("gain at", self.bands, strength, levels, x.device)
             if key not in cache:
-                kjb = interpolate_log_sigma(table, cal.sigmas, torch.tensor(levels, dtype=torch.float64)) * strength
+                query = torch.tensor(levels, dtype=torch.float64)
+                kjb = bound(interpolate_log_sigma(table, cal.sigmas, query) * strength)
                 # j = None where there is no state term (decided here, on the host: no device sync per call)
                 cache[key] = tuple(None if i == 1 and not bool((kjb[:, 1] != 0).any()) else kjb[:, i].to(x.device)
                                    for i in range(3))
@@ -332,6 +333,15 @@ class DriftPlan:
             if hasattr(model, attr):
                 setattr(corrected, attr, getattr(model, attr))
         return corrected
+
+    @staticmethod
+    def _bound_gain(kjb: torch.Tensor) -> torch.Tensor:
+        """``(k, j, b)`` ``[N, 3, units]`` scaled by the strength, with ``1 + k`` kept within the calibration's
+        bounds ``[1 / MAX_GAIN_FACTOR, MAX_GAIN_FACTOR]``: a strength of 2 or more on a calibrated ``k = -1/2``
+        would otherwise divide the output by 0 or flip its sign."""
+        from .calib.calibration import MAX_GAIN_FACTOR
+
+        return torch.cat([kjb[:, :1].clamp(1 / MAX_GAIN_FACTOR - 1, MAX_GAIN_FACTOR - 1), kjb[:, 1:]], 1)
 
     def _remove_gain(self, d: torch.Tensor, u: torch.Tensor, k: torch.Tensor, j: Optional[torch.Tensor],
                      b: torch.Tensor) -> torch.Tensor:
@@ -357,7 +367,7 @@ class DriftPlan:
         if not self.gain:
             return inc
         em = self.em_cal.error_model(torch.tensor([float(sigma)], dtype=torch.float64), gain=True)
-        k, j, b = (em[key] * self.strength for key in ("k", "j", "b"))
+        k, j, b = self._bound_gain(torch.stack([em[key] for key in ("k", "j", "b")], 1) * self.strength).unbind(1)
         j = j if bool((j != 0).any()) else None
         ct = compute_dtype(inc)
         return self._remove_gain(inc.to(ct), x.to(ct) * (float(h) / float(sigma)), k, j, b * float(h)).to(inc.dtype)

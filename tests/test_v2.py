@@ -513,3 +513,28 @@ def test_a_clipped_run_warns_with_one_text(correlated_cal):
     texts = {str(w.message) for w in caught if w.category is qdrift.DriftClippedWarning}
     assert len([w for w in caught if w.category is qdrift.DriftClippedWarning]) > 1 and len(texts) == 1, texts
     assert "sample_euler_qdrift" in texts.pop()
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m"])
+def test_a_large_strength_keeps_the_gain_removal_within_its_bounds(name):
+    """The output's gain is removed as ``/ (1 + strength k)``; with a calibrated ``k = -1/2`` (the bound) a
+    strength of 2 divided by 0 (NaN, blamed on the input) and above 2 flipped the output's sign. ``1 + k`` now
+    stays within the calibration's bounds at any strength, and the correction grows with the strength."""
+    def fp(x, s, **k):
+        return x / (1 + s.view(-1, *[1] * (x.ndim - 1)) ** 2)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 10
+    sig = qdrift.get_sigmas_karras(5, 0.03, 10.0)
+    cal = qdrift.calibrate(fp, lambda x, s, **k: 1.05 * fp(x, s) + 0.01 * torch.randn(x.shape, generator=g), x, sig,
+                           disable=True)
+    assert float(cal.error_model(cal.sigmas, gain=True)["k"].min()) == -0.5
+    plain = qdrift.SAMPLERS[name](fp, x[:2], sig, disable=True)
+    change = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        for strength in (1.0, 2.0, 3.0):
+            out = qdrift.SAMPLERS[name](fp, x[:2], sig, cal, strength=strength, disable=True)
+            assert bool(torch.isfinite(out).all())
+            change.append(float((out - plain).abs().max()))
+    assert change[0] < change[1] < change[2] < 10 * change[0], change
