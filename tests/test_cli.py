@@ -36,6 +36,7 @@ BAD = [
     (["bench", "--fig-ks", "0"], "expected integers >= 1"),
     (["bench", "--v", "pixel"], "invalid choice"),
     (["bench", "--out", __file__], "exists and is not a folder"),
+    (["bench", "--out", __file__ + "/sub"], "cannot create the folder"),  # checked before the run, not after it
 ]
 
 

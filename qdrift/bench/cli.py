@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,12 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a folder")
+    try:  # before the run, not after an hour of it
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {args.out}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: the folder is not writable")
     return BenchConfig(
         models=args.models, schemes=args.schemes, quant_profile=args.quant_profile, samplers=args.samplers,
         ptq=args.ptq, ptq_options={} if args.ptq_iters is None or args.ptq == "none" else {"iters": args.ptq_iters},
