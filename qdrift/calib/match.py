@@ -200,8 +200,9 @@ def match_moments(
         ValueError: for an unknown sampler, a calibration of another channel count, or bad inputs.
     """
     info = check_pass("match_moments", calibration, sampler, sigmas, sampler_kwargs, seed)
-    if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+    if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
+    bands = int(bands)
     if flag(mean) is None or flag(gain) is None:
         name, value = ("mean", mean) if flag(mean) is None else ("gain", gain)
         raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")

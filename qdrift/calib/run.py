@@ -28,8 +28,9 @@ def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
         if total == 0:
             raise ValueError(f"calibrate: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
         size = total if batch_size is None else batch_size
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
             raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
+        size = int(size)
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)

@@ -33,6 +33,7 @@ memory: the states of one batch at every step.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
@@ -117,7 +118,7 @@ def size_drift(
 
 def check_z(who: str, z: Any) -> None:
     """Refuses a ``z`` (standard errors) that is not a finite number >= 0."""
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0 <= z < float("inf"):
+    if isinstance(z, bool) or not isinstance(z, numbers.Real) or not 0 <= z < float("inf"):
         raise ValueError(f"{who}: z must be a finite number >= 0 (standard errors), got {z!r}")
 
 

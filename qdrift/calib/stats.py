@@ -7,6 +7,7 @@ result as one pass over all of it (up to float64 rounding of the merge order).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -468,10 +469,10 @@ class PairedAccumulator:
     """
 
     def __init__(self, trim: Optional[float] = 4.0, bands: int = 1):
-        if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+        if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
             raise ValueError(f"calibrate: bands must be a positive integer, got {bands!r}")
         self.trim = trim
-        self.bands = bands
+        self.bands = int(bands)
         self.moments: Optional[PairedMoments] = None
         self.sums: Optional["TrajectorySums"] = None
         self.count = 0
