@@ -543,3 +543,15 @@ def test_calibration_options_are_checked_before_any_model_runs():
     assert calls == []
     with pytest.raises(ValueError, match="mean must be True or False"):
         qdrift.match_moments(cal, model, model, x, sigmas, "euler", mean="no")
+
+
+def test_numpy_numbers_are_accepted_where_python_ones_are():
+    """``np.int64`` batch sizes and band counts, a ``np.float32`` z and rho used to be refused."""
+    import numpy as np
+
+    x = DATA.prior(4, 10.0, spatial=(8, 8), generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(np.int64(4), 0.05, 10.0, rho=np.float32(7.0))
+    cal = qdrift.calibrate(DATA, DATA, x, sigmas, disable=True, batch_size=np.int64(2), bands=np.int64(2))
+    assert cal.bands == 2 and cal.meta["K"] == 4
+    sized = qdrift.size_drift(cal, DATA, DATA, x, sigmas, "euler", z=np.float32(2.0), seed=np.int64(3))
+    assert sized.meta["drift_scale"]["z"] == 2.0
