@@ -5,6 +5,7 @@ import importlib
 import inspect
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,8 +65,131 @@ def test_accumulator_merge_equals_one_pass_and_checks_shapes():
         one.add(x, d[:, :1], e)
     with pytest.raises(ValueError, match="earlier ones"):
         one.add(x[:3], d[:3], e[:3])
-    with pytest.raises(ValueError, match="calibration_from_pairs: states"):
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: batch 0, step 0 of 6 .*D_fp has shape"):
         calibration_from_pairs(SIG, [list(x[:, :, :1].float())[:6]], [list(d.float())[:6]], [list(e.float())[:6]])
+
+
+def _nan_below(level):
+    """A full-precision model whose output turns NaN once sigma drops below ``level``."""
+
+    def model(x, sigma, **kw):
+        out = fp_model(x, sigma)
+        return out * float("nan") if float(sigma[0]) < level else out
+
+    return model
+
+
+def _one_channel(x, sigma, **kw):
+    return fp_model(x, sigma)[:, :1]
+
+
+def test_two_pass_model_outputs_are_checked_at_the_call_that_got_them():
+    """A wrong-shape or NaN output is refused in the pass that got it (pass, step, sigma), as the core samplers
+    do, instead of a garbage Calibration or a NaN image handed back to the host."""
+    trace = PairedTrace()
+    with pytest.raises(ValueError, match=r"full-precision pass\): at step 0 of 6 \(sigma=10\), the model returned "
+                                         r"a tensor of dtype torch.float32 and shape \(4, 1, 8, 8\)"):
+        trace.fp_sampler()(_one_channel, noise(4, 0), SIG, disable=True)
+    with pytest.raises(ValueError, match=r"full-precision pass\): at step 3 of 6 \(sigma=[0-9.]+\), the model "
+                                         r"returned NaN or inf"):
+        trace.fp_sampler()(_nan_below(float(SIG[2])), noise(4, 0), SIG, disable=True)
+    assert trace.runs == []
+    trace.fp_sampler()(fp_model, noise(4, 0), SIG, disable=True)
+    with pytest.raises(ValueError, match=r"quantized pass\): at step 0 of 6 \(sigma=10\), the model returned .*"
+                                         r"shape \(4, 1, 8, 8\)"):
+        trace.q_sampler()(_one_channel, noise(4, 0), SIG, disable=True)
+    with pytest.raises(ValueError, match=r"quantized pass\): at step 0 of 6 \(sigma=10\), the model returned NaN"):
+        trace.q_sampler()(lambda x, s, **k: x * float("nan"), noise(4, 0), SIG, disable=True)
+    assert trace.replayed == 0  # nothing garbage was kept; a good replay still works and gives the plain result
+    trace.q_sampler()(q_model, noise(4, 0), SIG, disable=True)
+    clean = PairedTrace()
+    clean.fp_sampler()(fp_model, noise(4, 0), SIG, disable=True)
+    clean.q_sampler()(q_model, noise(4, 0), SIG, disable=True)
+    assert torch.equal(trace.calibration().V, clean.calibration().V)
+
+
+def test_recorded_pairs_must_share_one_shape_be_floating_and_finite_at_every_step():
+    x = [noise(2, 0) / (1 + k) for k in range(6)]
+    fp = [fp_model(t, SIG[k:k + 1]) for k, t in enumerate(x)]
+    trace = PairedTrace()
+    with pytest.raises(ValueError, match=r"add_run: step 0 of 6 \(sigma=10\): D_fp has shape \(2, 1, 8, 8\), "
+                                         r"expected \(2, 3, 8, 8\)"):
+        trace.add_run(SIG, x, [t[:, :1] for t in fp], x[-1])
+    with pytest.raises(ValueError, match=r"add_run: step 2 of 6 .*: x holds NaN or inf"):
+        trace.add_run(SIG, x[:2] + [x[2] * float("nan")] + x[3:], fp, x[-1])
+    with pytest.raises(ValueError, match=r"add_run: step 4 of 6 .*: x has shape \(1, 3, 8, 8\)"):
+        trace.add_run(SIG, x[:4] + [x[4][:1]] + x[5:], fp, x[-1])
+    with pytest.raises(ValueError, match=r"add_run: step 1 of 6 .*: D_fp must be a floating-point tensor"):
+        trace.add_run(SIG, x, [fp[0], fp[1].long()] + fp[2:], x[-1])
+    assert trace.runs == [] and trace.sigmas is None
+    run = trace.add_run(SIG, x, fp, x[-1])
+    with pytest.raises(ValueError, match=r"set_q: run 0, step 0 of 6 \(sigma=10\): D_q has shape \(2, 1, 8, 8\)"):
+        trace.set_q(run, [t[:, :1] for t in fp])
+    with pytest.raises(ValueError, match=r"set_q: run 0, step 5 of 6 .*: D_q holds NaN or inf"):
+        trace.set_q(run, fp[:5] + [fp[5] * float("inf")])
+    assert trace.replayed == 0
+    q = [t * 1.05 for t in fp]
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: batch 1, step 3 of 6 .*: D_q holds NaN or inf"):
+        calibration_from_pairs(SIG, [x, x], [fp, fp], [q, q[:3] + [q[3] * float("nan")] + q[4:]])
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: batch 0, step 2 of 6 .*: D_q has shape"):
+        calibration_from_pairs(SIG, [x], [fp], [q[:2] + [q[2][:1]] + q[3:]])
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: batch 0, step 0 of 6 .*: x must be a "
+                                         r"floating-point tensor, got a tensor of dtype torch.int64"):
+        calibration_from_pairs(SIG, [[t.long() for t in x]], [fp], [q])
+    trace.set_q(run, q)
+    assert torch.equal(trace.calibration().V, calibration_from_pairs(SIG, [x], [fp], [q]).V)
+
+
+@pytest.mark.parametrize(
+    "sigmas, message",
+    [
+        ([10.0, float("nan"), 1.0, 0.0], "sigmas must be finite"),
+        ([float("inf"), 1.0, 0.0], "sigmas must be finite"),
+        ([2.0, 1.0, 1.0, 0.0], "sigmas must be strictly decreasing"),
+        ([2.0, 1.0, 0.0, 0.0], "sigmas must be strictly decreasing"),
+        ([2.0, 1.0, -1.0], "sigmas must be >= 0"),
+    ],
+)
+def test_a_bad_schedule_is_refused_at_the_first_pass_before_the_model_runs(sigmas, message):
+    sig = torch.tensor(sigmas)
+    calls = []
+
+    def model(x, sigma, **kw):
+        calls.append(float(sigma[0]))
+        return fp_model(x, sigma)
+
+    trace = PairedTrace()
+    with pytest.raises(ValueError, match=r"full-precision pass\): " + message):
+        trace.fp_sampler()(model, noise(2, 0), sig, disable=True)
+    assert calls == [] and trace.sigmas is None and trace.runs == []
+    steps = len(sigmas) - 1
+    x = [noise(2, k) for k in range(steps)]
+    with pytest.raises(ValueError, match="add_run: " + message):
+        trace.add_run(sig, x, x, x[0])
+    with pytest.raises(ValueError, match="calibration_from_pairs: " + message):
+        calibration_from_pairs(sig, [x], [x], [x])
+    trace.fp_sampler()(model, noise(2, 0), SIG, disable=True)  # the replay's schedule is checked first, too
+    with pytest.raises(ValueError, match=r"quantized pass\): " + message):
+        trace.q_sampler()(model, noise(2, 0), sig, disable=True)
+
+
+def test_calibration_from_pairs_conditional_must_be_a_flag():
+    x = [noise(2, 0) / (1 + k) for k in range(6)]
+    fp = [fp_model(t, SIG[k:k + 1]) for k, t in enumerate(x)]
+    q = [t * 1.05 + 0.01 * torch.sin(t) for t in fp]
+    for bad in ("no", 0, None, torch.tensor([False])):
+        with pytest.raises(ValueError, match="calibration_from_pairs: conditional must be True or False"):
+            calibration_from_pairs(SIG, [x], [fp], [q], conditional=bad)
+    plain = calibration_from_pairs(SIG, [x], [fp], [q], conditional=False)
+    assert plain.conditional is False
+    for same in (np.bool_(False), torch.tensor(False)):
+        other = calibration_from_pairs(SIG, [x], [fp], [q], conditional=same)
+        assert other.conditional is False and torch.equal(other.V, plain.V)
+    trace = PairedTrace()
+    trace.add_run(SIG, x, fp, x[-1])
+    trace.set_q(0, q)
+    with pytest.raises(ValueError, match="conditional must be True or False"):
+        trace.calibration(conditional="no")
 
 
 def test_old_host_module_path_still_works_with_a_warning():

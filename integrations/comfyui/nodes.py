@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
+import numbers
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -40,6 +42,9 @@ from qdrift.hosts import (
 )
 
 from qdrift.hosts._bind import BROWNIAN as SDE_SAMPLERS  # the DPM++ SDE samplers (log-SNR steps, Brownian noise)
+from qdrift.hosts._bind import first_non_file, host_seed, refuse_non_file
+from qdrift.samplers._common import CORRECTIONS as CORE_CORRECTIONS, FORMS as CORE_FORMS
+from qdrift.validation import _real, check_knobs
 
 try:  # ComfyUI's path registry; absent only in stripped test environments
     import folder_paths
@@ -74,9 +79,13 @@ def resolve_calibration_path(name: str) -> str:
     ``models/qdrift``; ``.safetensors`` is appended when missing.
 
     Raises:
-        ValueError: for an empty name.
+        ValueError: for an empty name, or one that is not a string.
+        qdrift.CalibrationFileError: (a ``ValueError``) if no file matched but a path searched is a directory (or
+            another non-regular file), naming it.
         FileNotFoundError: naming every place that was searched.
     """
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"Q-Drift Sampler: calibration_file must be a file name (a string), got {name!r:.80}")
     name = (name or "").strip()
     if not name:
         raise ValueError("Q-Drift: no calibration file given (connect a calibration or type a file name)")
@@ -87,6 +96,9 @@ def resolve_calibration_path(name: str) -> str:
             tried.append(path)
             if os.path.isfile(path):
                 return path
+    other = first_non_file(tried)
+    if other is not None:
+        refuse_non_file(other)
     raise FileNotFoundError("Q-Drift calibration file not found; looked for: " + ", ".join(tried))
 
 
@@ -182,15 +194,41 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
         ``(calibration, path)``.
 
     Raises:
-        ValueError: for an empty schedule, K < 1, an unknown reduce, models with different prediction types
-            (EPS / V_PREDICTION / CONST ...), or a filename prefix outside the output folder.
+        ValueError: before any pass runs, for an empty schedule, a latent_image that is not a LATENT holding at least
+            one latent, K not an integer >= 1, cfg not a finite number, a seed not an integer, an unknown reduce,
+            models with different prediction types (EPS / V_PREDICTION / CONST ...), or a filename prefix outside
+            the output folder or without a file name.
     """
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError("Q-Drift Calibrate: sigmas must hold at least 2 values (steps + 1); connect a scheduler")
-    if int(K) < 1:
-        raise ValueError(f"Q-Drift Calibrate: K must be >= 1, got {K}")
+    if not isinstance(K, numbers.Integral) or isinstance(K, bool) or K < 1:
+        raise ValueError(f"Q-Drift Calibrate: K (the number of trajectories) must be an integer >= 1, got {K!r:.80}")
+    cfg_value = _real(cfg)
+    if cfg_value is None or not math.isfinite(cfg_value):
+        raise ValueError(f"Q-Drift Calibrate: cfg must be a finite number, got {cfg!r:.80}")
+    host_seed(seed, "Q-Drift Calibrate")
+    latent = latent_image.get("samples") if isinstance(latent_image, dict) else None
+    if not isinstance(latent, torch.Tensor) or latent.ndim < 2:
+        if isinstance(latent, torch.Tensor):
+            got = f"'samples' of shape {tuple(latent.shape)}"
+        elif isinstance(latent_image, dict):
+            got = f"a dict with keys {sorted(map(str, latent_image))} and 'samples' {type(latent).__name__}"
+        elif isinstance(latent_image, torch.Tensor):
+            got = f"a bare tensor of shape {tuple(latent_image.shape)}"
+        else:
+            got = f"a {type(latent_image).__name__}"
+        raise ValueError(
+            "Q-Drift Calibrate: latent_image must be a LATENT (a dict whose 'samples' is a tensor [batch, channels, "
+            f"...], e.g. from Empty Latent Image), got {got}"
+        )
+    if latent.shape[0] < 1:
+        raise ValueError(
+            f"Q-Drift Calibrate: latent_image holds no latent (batch size 0, shape {tuple(latent.shape)}); its first "
+            "item sets the calibration's latent size"
+        )
     if reduce not in REDUCE_CHOICES:
         raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
+    _prefix(filename_prefix)
     if model_fp is model_q:
         LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
     kind_fp, kind_q = prediction_type(model_fp), prediction_type(model_q)
@@ -205,7 +243,6 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
             f"Q-Drift Calibrate: the models have different latent channel counts ({channels_fp} vs {channels_q}); "
             "load the same checkpoint twice (full precision and quantized)"
         )
-    latent = latent_image["samples"]
     if hasattr(comfy.sample, "fix_empty_latent_channels"):
         latent = comfy.sample.fix_empty_latent_channels(model_fp, latent)
     latent = latent[:1].repeat((int(K),) + (1,) * (latent.ndim - 1))
@@ -241,10 +278,22 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     return (cal, path)
 
 
-def _next_path(prefix: str) -> str:
+def _prefix(prefix: Optional[str]) -> str:
+    """The checked filename prefix (empty: ``qdrift/calibration``)."""
+    if prefix is not None and not isinstance(prefix, str):
+        raise ValueError(f"Q-Drift Calibrate: filename_prefix must be a string, got {prefix!r:.80}")
     prefix = (prefix or "qdrift/calibration").strip().replace("\\", "/")
     if os.path.isabs(prefix) or ".." in prefix.split("/"):
         raise ValueError(f"Q-Drift Calibrate: filename_prefix must be relative to the output folder, got {prefix!r}")
+    if prefix.split("/")[-1] in ("", "."):
+        raise ValueError(
+            f"Q-Drift Calibrate: filename_prefix must end in a file name (e.g. 'qdrift/calibration'), got {prefix!r}"
+        )
+    return prefix
+
+
+def _next_path(prefix: str) -> str:
+    prefix = _prefix(prefix)
     base = os.path.join(_output_dir(), prefix)
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     n = 1
@@ -319,14 +368,23 @@ def build_sampler(
     """The ``comfy.samplers.KSAMPLER`` for a qdrift sampler with a calibration (used by the node).
 
     Knobs the chosen sampler does not take (``eta`` for Euler, ``form`` for Euler a...) are dropped; the
-    options in :data:`HOST_OPTIONS` make strength 0 equal ComfyUI's own sampler of the same name.
+    options in :data:`HOST_OPTIONS` make strength 0 equal ComfyUI's own sampler of the same name. Every value is
+    checked here, whether the sampler takes it or not: strength, ``eta`` and ``s_noise`` finite numbers >= 0
+    (numpy numbers included), ``form`` and ``correction`` one of the core's choices (``correction`` also
+    ``"auto"``).
     """
     if sampler_name not in sampler_names():
         raise ValueError(f"Q-Drift Sampler: unknown sampler {sampler_name!r}; choose one of {sampler_names()}")
     if reduce not in SAMPLER_REDUCE_CHOICES:
         raise ValueError(f"Q-Drift Sampler: reduce must be one of {SAMPLER_REDUCE_CHOICES}, got {reduce!r}")
-    if not isinstance(strength, (int, float)) or strength < 0 or strength != strength:
-        raise ValueError(f"Q-Drift Sampler: strength must be a number >= 0, got {strength!r}")
+    value = _real(strength)
+    if value is None or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Q-Drift Sampler: strength must be a finite number >= 0, got {strength!r}")
+    strength = value
+    check_knobs("Q-Drift Sampler", **{k: knobs[k] for k in ("eta", "s_noise") if k in knobs})
+    for key, choices in (("form", CORE_FORMS), ("correction", ("auto",) + tuple(CORE_CORRECTIONS))):
+        if key in knobs and (not isinstance(knobs[key], str) or knobs[key] not in choices):
+            raise ValueError(f"Q-Drift Sampler: {key} must be one of {list(choices)}, got {knobs[key]!r:.80}")
     if source is None:
         source = getattr(calibration, "source_file", None) or "(connected input)"
     if calibration is not None and reduce != "as calibrated":

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .._utils import to_d
 from .._version import __version__
+from ..validation import CheckedModel, all_finite, flag, validate_sampler_inputs
 from .calibration import DRIFT_SCALE_Z, REDUCES, Calibration
 from .stats import PairedAccumulator
 
@@ -51,7 +52,39 @@ TRACE_VERSION = 1
 
 
 class PairedTraceError(ValueError):
-    """The two passes do not match (schedule, batch shape, starting noise) or a trace file is invalid."""
+    """The two passes do not match (schedule, batch shape, starting noise), a pass's schedule or recorded data is
+    invalid, or a trace file is invalid."""
+
+
+def _step_where(who: str, i: int, sig: torch.Tensor, run: str = "") -> str:
+    """``"who: [run, ]step i of S (sigma=...)"`` for messages about one recorded step."""
+    return f"{who}: {run}step {i} of {sig.numel() - 1} (sigma={float(sig[i]):.6g})"
+
+
+def _check_step(where: str, named: Sequence[Tuple[str, Any]], shape: Optional[torch.Size], error=ValueError):
+    """Checks one step's recorded tensors (``named``: ``(name, tensor)`` pairs): each a floating-point tensor of
+    ``shape`` (None: the first one's), finite (:func:`qdrift.validation.all_finite`, one reduction each).
+
+    Returns:
+        The shape they share.
+
+    Raises:
+        error: naming ``where`` and the bad tensor.
+    """
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = f"a tensor of dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise error(f"{where}: {name} must be a floating-point tensor, got {got}")
+        if shape is None:
+            shape = t.shape
+        elif t.shape != shape:
+            raise error(
+                f"{where}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} (x, D_fp and D_q share one "
+                "shape [B, C, ...] at every step)"
+            )
+        if not all_finite(t):
+            raise error(f"{where}: {name} holds NaN or inf")
+    return shape
 
 
 def calibration_from_pairs(
@@ -83,31 +116,41 @@ def calibration_from_pairs(
         The calibration (``K`` in its metadata is the number of trajectories).
 
     Raises:
-        ValueError: if the lists are empty, ragged, or shapes disagree.
+        ValueError: if the lists are empty or ragged, a step's x, D_fp and D_q are not finite floating-point
+            tensors of one shape (naming the batch and step), the schedule is not finite, >= 0 and strictly
+            decreasing, or an option is invalid.
     """
+    who = "calibration_from_pairs"
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    if flag(conditional) is None:
+        raise ValueError(f"{who}: conditional must be True or False, got {conditional!r}")
+    conditional = flag(conditional)
     sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
     if sig.ndim != 1 or sig.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sig.shape)}")
     steps = sig.numel() - 1
-    if bool((sig[:steps] <= 0).any()):
-        raise ValueError(f"only the last sigma may be 0, got {sig.tolist()}")
     if not xs or len(xs) != len(denoised_fp) or len(xs) != len(denoised_q):
         raise ValueError(
             f"need the same number (>= 1) of batches of x, D_fp and D_q, got {len(xs)}, {len(denoised_fp)}, "
             f"{len(denoised_q)}"
         )
-    acc = PairedAccumulator(trim, bands)
     for b, (xb, fb, qb) in enumerate(zip(xs, denoised_fp, denoised_q)):
         if not (len(xb) == len(fb) == len(qb) == steps):
             raise ValueError(
                 f"batch {b}: expected {steps} steps of x, D_fp and D_q, got {len(xb)}, {len(fb)}, {len(qb)}"
             )
+        shape = None
+        for i in range(steps):
+            shape = _check_step(_step_where(who, i, sig, f"batch {b}, "),
+                                (("x", xb[i]), ("D_fp", fb[i]), ("D_q", qb[i])), shape)
+    validate_sampler_inputs(xs[0][0], sig, who)  # the schedule: finite, >= 0, strictly decreasing
+    acc = PairedAccumulator(trim, bands)
+    for xb, fb, qb in zip(xs, denoised_fp, denoised_q):
         x = torch.stack([t.to(torch.float64) for t in xb])
         d_fp = to_d(x, sig[:steps], torch.stack(list(fb)).to(x))
         d_q = to_d(x, sig[:steps], torch.stack(list(qb)).to(x))
-        acc.add(x, d_fp, d_q, who="calibration_from_pairs")
+        acc.add(x, d_fp, d_q, who=who)
     info = {"K": acc.count, "trim": trim, "source": "qdrift.calib.trace", "qdrift_version": __version__}
     info.update(meta or {})
     return Calibration.from_accumulator(sig[:steps].clone(), acc, reduce, conditional, info)
@@ -155,12 +198,22 @@ class PairedTrace:
             r["q"] = None
         self._replayed = 0
 
-    def _check_schedule(self, sigmas: torch.Tensor, who: str) -> torch.Tensor:
+    @staticmethod
+    def _schedule(sigmas: torch.Tensor, who: str) -> torch.Tensor:
+        """The schedule as float64 on the CPU (its values not yet checked)."""
         if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
             raise PairedTraceError(f"{who}: sigmas must be a 1-D tensor with at least 2 values")
-        sig = sigmas.detach().to("cpu", torch.float64)
-        if bool((sig[:-1] <= 0).any()) or bool((sig[1:] > sig[:-1]).any()):
-            raise PairedTraceError(f"{who}: sigmas must be positive (except the last) and non-increasing, got {sig.tolist()}")
+        return sigmas.detach().to("cpu", torch.float64)
+
+    def _check_schedule(self, sigmas: torch.Tensor, who: str, x: torch.Tensor) -> torch.Tensor:
+        """Checks a pass's schedule and starting sample as the core samplers do (finite, >= 0 and strictly
+        decreasing; ``x`` a finite floating-point ``[B, C, ...]``), then against the recorded schedule (the first
+        pass records it)."""
+        sig = self._schedule(sigmas, who)
+        try:
+            validate_sampler_inputs(x, sig, who)
+        except ValueError as e:
+            raise PairedTraceError(str(e)) from None
         if self.sigmas is None:
             self.sigmas = sig
         elif sig.shape != self.sigmas.shape or not torch.allclose(sig, self.sigmas, rtol=1e-5, atol=1e-8):
@@ -181,18 +234,21 @@ class PairedTrace:
 
         @torch.no_grad()
         def sample_qdrift_record_fp(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
-            sig = self._check_schedule(sigmas, "Q-Drift calibration (full-precision pass)")
+            who = "Q-Drift calibration (full-precision pass)"
+            sig = self._check_schedule(sigmas, who, x)
+            checked = CheckedModel(model, who, sig.tolist())  # each output: x's shape, floating, device, finite
             extra_args = {} if extra_args is None else extra_args
             s_in = x.new_ones([x.shape[0]])
             xs, fps = [], []
             for i in trange(len(sig) - 1, disable=disable):
-                denoised = model(x, sigmas[i] * s_in, **extra_args)
+                denoised = checked(x, sigmas[i] * s_in, **extra_args)
                 xs.append(x.detach().to("cpu", torch.float32))
                 fps.append(denoised.detach().to("cpu", torch.float32))
                 if callback is not None:
                     callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
                 # Full-precision Euler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_fp (the calibration trajectory).
                 x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            x = checked.final(x)  # the host never gets a NaN image back
             self.runs.append(
                 {"x": torch.stack(xs), "fp": torch.stack(fps), "q": None, "final": x.detach().to("cpu", torch.float32)}
             )
@@ -217,12 +273,13 @@ class PairedTrace:
         def sample_qdrift_replay_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
             who = "Q-Drift calibration (quantized pass)"
             run = self._recorded_run(self._replayed, x, sigmas, who, atol, "replayed")
+            checked = CheckedModel(model, who, self.sigmas.tolist())
             extra_args = {} if extra_args is None else extra_args
             s_in = x.new_ones([x.shape[0]])
             qs = []
             for i in trange(self.steps, disable=disable):
                 xi = run["x"][i].to(device=x.device, dtype=x.dtype)
-                denoised = model(xi, sigmas[i] * s_in, **extra_args)
+                denoised = checked(xi, sigmas[i] * s_in, **extra_args)
                 qs.append(denoised.detach().to("cpu", torch.float32))
                 if callback is not None:
                     callback({"x": xi, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
@@ -240,7 +297,7 @@ class PairedTrace:
                 f"{who}: all {len(self.runs)} recorded run(s) are already {done}; run the full-precision "
                 "pass first, with the same batch count and size"
             )
-        self._check_schedule(sigmas, who)
+        self._check_schedule(sigmas, who, x)
         run = self.runs[index]
         if tuple(run["x"].shape[1:]) != tuple(x.shape):
             raise PairedTraceError(
@@ -373,10 +430,23 @@ class PairedTrace:
 
         Returns:
             The run's index.
+
+        Raises:
+            PairedTraceError: for a schedule that is not finite, >= 0 and strictly decreasing or differs from the
+                recorded one, or for states, outputs and result that are not finite floating-point tensors of one
+                shape (naming the step).
         """
-        self._check_schedule(sigmas, "PairedTrace.add_run")
-        if len(xs) != self.steps or len(denoised_fp) != self.steps:
-            raise PairedTraceError(f"PairedTrace.add_run: expected {self.steps} states and outputs, got {len(xs)}, {len(denoised_fp)}")
+        who = "PairedTrace.add_run"
+        sig = self._schedule(sigmas, who)
+        steps = sig.numel() - 1
+        if len(xs) != steps or len(denoised_fp) != steps:
+            raise PairedTraceError(f"{who}: expected {steps} states and outputs, got {len(xs)}, {len(denoised_fp)}")
+        shape = None
+        for i in range(steps):
+            shape = _check_step(_step_where(who, i, sig), (("x", xs[i]), ("D_fp", denoised_fp[i])), shape,
+                                PairedTraceError)
+        _check_step(who, (("the result (final)", final),), shape, PairedTraceError)
+        self._check_schedule(sigmas, who, xs[0])
         self.runs.append(
             {
                 "x": torch.stack([t.detach().to("cpu", torch.float32) for t in xs]),
@@ -388,11 +458,20 @@ class PairedTrace:
         return len(self.runs) - 1
 
     def set_q(self, run: int, denoised_q: Sequence[torch.Tensor]) -> None:
-        """Stores the quantized outputs of run ``run`` (one ``[B, C, ...]`` per step)."""
+        """Stores the quantized outputs of run ``run`` (one ``[B, C, ...]`` per step).
+
+        Raises:
+            PairedTraceError: for no such run, or outputs that are not finite floating-point tensors of the run's
+                shape (naming the step).
+        """
         if not 0 <= run < len(self.runs):
             raise PairedTraceError(f"PairedTrace.set_q: no run {run} (have {len(self.runs)})")
         if len(denoised_q) != self.steps:
             raise PairedTraceError(f"PairedTrace.set_q: expected {self.steps} outputs, got {len(denoised_q)}")
+        shape = self.runs[run]["x"].shape[1:]
+        for i in range(self.steps):
+            _check_step(_step_where("PairedTrace.set_q", i, self.sigmas, f"run {run}, "), (("D_q", denoised_q[i]),),
+                        shape, PairedTraceError)
         q = torch.stack([t.detach().to("cpu", torch.float32) for t in denoised_q])
         if q.shape != self.runs[run]["fp"].shape:
             raise PairedTraceError(f"PairedTrace.set_q: shape {tuple(q.shape)} != recorded {tuple(self.runs[run]['fp'].shape)}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
+import stat
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -50,30 +52,72 @@ def _knobs(fn: Callable) -> Dict[str, inspect.Parameter]:
     return {k: p for k, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+SEED_RANGE = 2**64
+"""Seeds are taken modulo ``2**64`` (:func:`host_seed`): torch's own rule for ``Generator.manual_seed``."""
+
+
+def host_seed(seed: Any, who: str = "seeded_noise_factory") -> int:
+    """A host's seed as the non-negative integer the noise samplers are seeded with: ``seed % 2**64``.
+
+    Hosts allow any 64-bit seed, signed or not (ComfyUI's widget goes up to ``2**64 - 1``; an API caller may send
+    -1). torch's ``Generator.manual_seed`` already reads a negative seed modulo ``2**64``, but torchsde's Brownian
+    tree (the SDE samplers' noise) refuses negative entropy; mapping every seed by the same rule keeps each seed that
+    worked before unchanged (``0 <= seed < 2**64`` as it is, a negative one as torch reads it) and gives every
+    sampler, Brownian or not, the same noise stream for the same seed.
+
+    Args:
+        seed: an integer (``int``, a numpy integer, or a 0-d integer tensor).
+        who: the function or node, for the message.
+
+    Raises:
+        ValueError: for anything else (a float such as 1.5, a string, a bool), naming the value.
+    """
+    value = seed
+    if isinstance(seed, torch.Tensor) and seed.ndim == 0 and not seed.is_floating_point() and not seed.is_complex() \
+            and seed.dtype != torch.bool:
+        value = int(seed)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{who}: the seed must be an integer (any 64-bit value; it is used modulo 2**64), got {seed!r:.80}")
+    return int(value) % SEED_RANGE
+
+
+def _check_extra_args(who: str, extra_args: Any) -> Dict[str, Any]:
+    if extra_args is None:
+        return {}
+    if not isinstance(extra_args, dict):
+        raise ValueError(f"{who}: extra_args must be a dict or None, got {type(extra_args).__name__}")
+    return extra_args
+
+
 def seeded_noise_factory(name: str) -> NoiseFactory:
     """A noise-sampler factory seeded from ``extra_args["seed"]`` (ComfyUI puts the node's seed there).
 
     SDE samplers get a :class:`qdrift.BrownianTreeNoiseSampler` over the schedule's positive range, the others
-    :func:`qdrift.default_noise_sampler`; with no seed in ``extra_args`` the sampler's own default is kept.
+    :func:`qdrift.default_noise_sampler`; with no seed in ``extra_args`` the sampler's own default is kept. Every
+    sampler reads the seed the same way, modulo ``2**64`` (:func:`host_seed`): a negative seed such as -1 works for
+    the SDE samplers too (as ``2**64 - 1``), and any seed in ``[0, 2**64)`` is used as it is.
 
     Args:
         name: short qdrift sampler name.
 
     Returns:
-        ``factory(x, sigmas, extra_args) -> noise_sampler or None``.
+        ``factory(x, sigmas, extra_args) -> noise_sampler or None``; it raises ``ValueError`` for a seed that is
+        not an integer (a float, a string) and for ``extra_args`` that is not a dict.
     """
     _check_name(name)
+    who = f"seeded_noise_factory({name!r})"
 
     def factory(x: torch.Tensor, sigmas: torch.Tensor, extra_args: Dict[str, Any]):
-        seed = (extra_args or {}).get("seed")
+        seed = _check_extra_args(who, extra_args).get("seed")
         if seed is None:
             return None
+        seed = host_seed(seed, who)
         if name in BROWNIAN:
             positive = sigmas[sigmas > 0]
             if positive.numel() == 0:
                 return None
-            return BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=int(seed))
-        return default_noise_sampler(x, seed=int(seed))
+            return BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=seed)
+        return default_noise_sampler(x, seed=seed)
 
     return factory
 
@@ -100,7 +144,8 @@ def bind_sampler(
         V: the bound calibration: None, a :class:`qdrift.Calibration` or a ``[steps, C]`` / ``[steps]`` table.
         strength: multiplier on V (>= 0).
         resolve: optional ``resolve(model, extra_args) -> (V, strength)`` called at each sampling call (for
-            hosts whose calibration choice lives in settings); overrides ``V`` and ``strength``.
+            hosts whose calibration choice lives in settings); overrides ``V`` and ``strength``. Anything but a
+            pair is refused (``ValueError``) at that call.
         noise_sampler_factory: optional ``factory(x, sigmas, extra_args) -> noise_sampler or None`` used
             when the sampler takes a ``noise_sampler`` and the caller passed none.
         **options: keyword-only knobs of that sampler (``eta``, ``form``, ``correction``, ...).
@@ -109,7 +154,9 @@ def bind_sampler(
         The bound sampler function.
 
     Raises:
-        ValueError: for an unknown sampler name or a knob the sampler does not take.
+        ValueError: for an unknown sampler name, a knob the sampler does not take, or a ``resolve`` or
+            ``noise_sampler_factory`` that is not callable. At call time: ``extra_args`` that is not a dict or
+            None, and a resolver that does not return ``(V, strength)``.
     """
     fn = _check_name(name)
     knobs = _knobs(fn)
@@ -120,11 +167,23 @@ def bind_sampler(
         )
     if resolve is not None and not callable(resolve):
         raise ValueError(f"resolve must be callable or None, got {type(resolve).__name__}")
+    if noise_sampler_factory is not None and not callable(noise_sampler_factory):
+        raise ValueError(
+            "noise_sampler_factory must be None or a callable factory(x, sigmas, extra_args) -> noise_sampler, got "
+            f"{type(noise_sampler_factory).__name__}"
+        )
     takes_noise = "noise_sampler" in knobs
 
     def sampler(model, x, sigmas, V_=_UNSET, extra_args=None, callback=None, disable=None, **kw):
+        extra = _check_extra_args(fn.__name__, extra_args)
         if resolve is not None:
-            v, s = resolve(model, extra_args or {})
+            resolved = resolve(model, extra)
+            if not isinstance(resolved, (tuple, list)) or len(resolved) != 2:
+                got = f"a {len(resolved)}-tuple" if isinstance(resolved, (tuple, list)) else repr(resolved)[:80]
+                raise ValueError(
+                    f"bind_sampler({name!r}): resolve(model, extra_args) must return a pair (V, strength), got {got}"
+                )
+            v, s = resolved
         else:
             v, s = V, strength
         if V_ is not _UNSET:
@@ -135,7 +194,7 @@ def bind_sampler(
         merged.update(kw)
         merged.setdefault("strength", s)
         if takes_noise and merged.get("noise_sampler") is None and noise_sampler_factory is not None:
-            merged["noise_sampler"] = noise_sampler_factory(x, sigmas, extra_args or {})
+            merged["noise_sampler"] = noise_sampler_factory(x, sigmas, extra)
         if merged.get("noise_sampler") is None:
             merged.pop("noise_sampler", None)
         return fn(model, x, sigmas, v, extra_args=extra_args, callback=callback, disable=disable, **merged)
@@ -163,14 +222,20 @@ def load_calibration_cached(path: str) -> Calibration:
 
     Raises:
         FileNotFoundError: with the absolute path, if there is no such file.
-        qdrift.CalibrationFileError: (a ``ValueError``) if it is not a valid qdrift calibration.
+        qdrift.CalibrationFileError: (a ``ValueError``) if it is not a valid qdrift calibration, or the path is a
+            directory (or another non-regular file), as :func:`qdrift.load_calibration` says.
     """
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise ValueError(f"calibration path must be a non-empty string, got {path!r}")
     full = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"Q-Drift calibration file not found: {full}")
-    st = os.stat(full)
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Q-Drift calibration file not found: {full}") from None
+    except (OSError, ValueError):
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        refuse_non_file(full)
     key = (st.st_mtime, st.st_size)
     with _CACHE_LOCK:
         hit = _CACHE.get(full)
@@ -182,12 +247,32 @@ def load_calibration_cached(path: str) -> Calibration:
     return cal
 
 
+def refuse_non_file(path: str) -> None:
+    """For a path that exists but is not a regular file (a directory...): the core's refusal.
+
+    Raises:
+        qdrift.CalibrationFileError: from :func:`qdrift.load_calibration`, naming the path and what it is
+            (``"... is a directory, not a regular file"``).
+    """
+    load_calibration(path)  # refuses anything but a regular file, naming what it is
+    raise FileNotFoundError(f"Q-Drift calibration file not found: {path}")  # pragma: no cover (a race)
+
+
+def first_non_file(paths) -> Optional[str]:
+    """The first of ``paths`` that exists but is not a regular file (a directory...), or None."""
+    return next((p for p in paths if os.path.exists(p) and not os.path.isfile(p)), None)
+
+
 def check_calibration_channels(calibration: Any, channels: int, *, source: str, model: str = "the model", host: str = "Q-Drift") -> None:
     """Refuses a calibration measured on a latent with another channel count, before sampling starts.
 
+    A 1-channel calibration on a multi-channel latent is refused too: the samplers refuse every calibration whose
+    channel count is not x's (only a plain 1-D or ``[steps, 1]`` tensor V is applied to every channel), and this
+    check names the file.
+
     Args:
         calibration: a :class:`qdrift.Calibration` (or anything with ``channels``); None passes.
-        channels: the latent channel count of the model about to be sampled.
+        channels: the latent channel count of the model about to be sampled (an integer >= 1).
         source: where the calibration came from (its file name), for the message.
         model: how to name the model (e.g. ``"the model (latent format SD15)"``).
         host: the message prefix (the node's or extension's name).
@@ -196,7 +281,11 @@ def check_calibration_channels(calibration: Any, channels: int, *, source: str, 
         ValueError: naming the file, its channel count and the model's.
     """
     have = getattr(calibration, "channels", None)
-    if calibration is None or have is None or have in (1, int(channels)):
+    if calibration is None or have is None:
+        return
+    if not isinstance(channels, numbers.Integral) or isinstance(channels, bool) or channels < 1:
+        raise ValueError(f"check_calibration_channels: channels must be an integer >= 1, got {channels!r:.80}")
+    if have == int(channels):
         return
     raise ValueError(
         f"{host}: the calibration {source} was measured on a {have}-channel latent, but {model} has {int(channels)} "

@@ -17,19 +17,25 @@ generation; the qdrift samplers receive a noise sampler that calls it, so seeds 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+import torch
+
 from ..samplers import REGISTRY
+from ..validation import _real
 from ._bind import (
     BROWNIAN,
     SAMPLER_LABELS,
     STOCHASTIC_SAMPLERS,
     bind_sampler,
     check_calibration_channels,
+    first_non_file,
     flow_sde_sigmas,
     load_calibration_cached,
+    refuse_non_file,
 )
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "PHASES",
     "REDUCE_CHOICES",
     "STRENGTH_FROM_SETTINGS",
+    "panel_strength",
 ]
 
 # Default schedule and noise options per sampler, as the host's own entries of the same family use them.
@@ -70,6 +77,54 @@ STRENGTH_FROM_SETTINGS = -1.0
 
 _LOCAL = threading.local()
 
+_STRENGTH_WHERE = "the strength (Settings > Q-Drift, or the Q-Drift panel / its script args in the API)"
+_CALIBRATION_WHERE = "the calibration file (Settings > Q-Drift, or the Q-Drift panel / its script args in the API)"
+
+
+def _strength_value(value: Any) -> Optional[float]:
+    """``value`` as a float if it is a real number (numpy and 0-d tensors included) or a string holding one."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return _real(value)
+
+
+def _check_strength(value: Any) -> float:
+    """A strength from the settings or the panel: a finite number >= 0, else ValueError naming the setting."""
+    v = _strength_value(value)
+    if v is None or not math.isfinite(v) or v < 0:
+        raise ValueError(f"Q-Drift: {_STRENGTH_WHERE} must be a finite number >= 0, got {value!r:.80}")
+    return v
+
+
+def panel_strength(value: Any) -> Optional[float]:
+    """The per-generation panel's strength: None (no value, or :data:`STRENGTH_FROM_SETTINGS` or any other
+    negative number: the strength in Settings) or the finite number >= 0 it sets.
+
+    Raises:
+        ValueError: for a value that is not a number (``"abc"``, ``""``, NaN), naming the setting.
+    """
+    if value is None:
+        return None
+    v = _strength_value(value)
+    if v is None or v != v or v == math.inf:
+        raise ValueError(
+            f"Q-Drift: {_STRENGTH_WHERE} must be a finite number >= 0 (or {STRENGTH_FROM_SETTINGS:g}: the one in "
+            f"Settings), got {value!r:.80}"
+        )
+    return v if v >= 0 else None
+
+
+def _calibration_name(value: Any) -> str:
+    """A calibration file name from the settings or the panel, stripped ("" for none)."""
+    if value is None:
+        return ""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"Q-Drift: {_CALIBRATION_WHERE} must be a file name (a string), got {value!r:.80}")
+    return os.fspath(value).strip()
+
 
 class Settings:
     """Where the sampler reads its calibration: per generation (attributes the extension's panel sets on
@@ -87,13 +142,19 @@ class Settings:
         self.models_dir = models_dir
 
     def for_processing(self, p: Any) -> Tuple[str, float, str]:
-        """``(calibration path as given, strength, reduce)`` for one generation."""
-        path = (getattr(p, "qdrift_calibration", None) or getattr(self.opts, "qdrift_calibration", "") or "").strip()
+        """``(calibration path as given, strength, reduce)`` for one generation.
+
+        Raises:
+            ValueError: naming the setting, for a calibration file name that is not a string or a strength that is
+                not a finite number >= 0 (a numeric string such as ``"0.5"`` is read as its number).
+        """
+        path = _calibration_name(getattr(p, "qdrift_calibration", None) or getattr(self.opts, "qdrift_calibration", "")
+                                 or "")
         strength = getattr(p, "qdrift_strength", None)
         if strength is None:
             strength = getattr(self.opts, "qdrift_strength", 1.0)
         reduce = getattr(p, "qdrift_reduce", None) or getattr(self.opts, "qdrift_reduce", "as calibrated") or "as calibrated"
-        return path, float(strength), reduce
+        return path, _check_strength(strength), reduce
 
 
 def calibration_dirs(models_dir: Optional[str]) -> List[str]:
@@ -109,10 +170,12 @@ def resolve_calibration_path(name: str, models_dir: Optional[str]) -> str:
     """Finds a calibration file (absolute, or relative to ``<models>/qdrift`` or the working directory).
 
     Raises:
-        ValueError: if no file was chosen.
+        ValueError: if no file was chosen, or ``name`` is not a string.
+        qdrift.CalibrationFileError: (a ``ValueError``) if no file matched but a path tried is a directory (or
+            another non-regular file), naming it.
         FileNotFoundError: naming every path tried.
     """
-    name = (name or "").strip()
+    name = _calibration_name(name)
     if not name:
         raise ValueError(
             "Q-Drift: no calibration file chosen. Set one in Settings > Q-Drift, or in the Q-Drift panel of this "
@@ -127,6 +190,9 @@ def resolve_calibration_path(name: str, models_dir: Optional[str]) -> str:
             tried.append(cand)
             if os.path.isfile(cand):
                 return cand
+    other = first_non_file(tried)
+    if other is not None:
+        refuse_non_file(other)
     raise FileNotFoundError("Q-Drift calibration file not found; looked for: " + ", ".join(tried))
 
 
@@ -224,6 +290,9 @@ def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None)
                 raise ValueError(f"Q-Drift: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
             path = resolve_calibration_path(path, settings.models_dir)
             V = load_calibration_cached(path)
+            if not isinstance(x, torch.Tensor) or x.ndim < 2:
+                shape = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+                raise ValueError(f"{bound.__name__}: x must be a tensor of shape [batch, channels, ...], got {shape}")
             check_calibration_channels(V, x.shape[1], source=path, model=_checkpoint_name(p))
             if reduce != "as calibrated":
                 V = V.with_options(reduce=reduce)
@@ -315,8 +384,8 @@ def register_aliases(sd_samplers: Any, entries: Iterable) -> List[str]:
 
 
 def is_qdrift_sampler(name: Optional[str]) -> bool:
-    """True for the labels (or aliases) of the registered Q-Drift samplers."""
-    if not name:
+    """True for the labels (or aliases) of the registered Q-Drift samplers (False for anything not a string)."""
+    if not name or not isinstance(name, str):
         return False
     return name in SAMPLER_LABELS.values() or name.lower() in {f"qdrift_{n}" for n in SAMPLER_LABELS}
 

@@ -6,6 +6,7 @@ import os
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -472,3 +473,101 @@ def test_classic_form_without_comfy_api(host):
     assert not hasattr(pack, "comfy_entrypoint")
     form, mapping, _ = comfy_standin.load_custom_node(pack)
     assert form == "classic" and set(mapping) == {"QDriftCalibrate", "QDriftSampler"}
+
+
+def _sample(ns, model, sampler, seed=1, channels=4):
+    g = ns.comfy_samplers.CFGGuider(model)
+    g.set_conds(cond(1.0), cond(0.0))
+    g.set_cfg(3.0)
+    noise = comfy_standin.prepare_noise(torch.zeros(1, channels, 6, 6), 1)
+    return g.sample(noise, torch.zeros_like(noise), sampler, sigmas_for(False), seed=seed)
+
+
+def test_calibrate_node_refuses_bad_inputs_before_any_pass(host, monkeypatch):
+    """Each used to fail with a bare KeyError / IndexError / int() / torch error, or after two full passes (cfg
+    NaN), or silently (K=2.5 ran K=2, prefix 'qdrift/' wrote '_00001.safetensors')."""
+    pack, _, out = host
+    fp, q = models()
+    node = pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"]()
+    ok = dict(model_fp=fp, model_q=q, positive=cond(1.0), negative=cond(0.0), latent_image={"samples": torch.zeros(1, 4, 6, 6)},
+              sigmas=sigmas_for(False), cfg=3.0, seed=1, K=2, reduce="channel", filename_prefix="qdrift/t")
+    cases = [
+        ({"latent_image": {}}, "latent_image must be a LATENT"),
+        ({"latent_image": torch.zeros(1, 4, 6, 6)}, "latent_image must be a LATENT .* got a bare tensor"),
+        ({"latent_image": {"samples": torch.zeros(0, 4, 6, 6)}}, "latent_image holds no latent"),
+        ({"K": "abc"}, "K .* must be an integer >= 1, got 'abc'"),
+        ({"K": None}, "K .* must be an integer >= 1, got None"),
+        ({"K": 2.5}, "K .* must be an integer >= 1, got 2.5"),
+        ({"cfg": "7"}, "cfg must be a finite number, got '7'"),
+        ({"cfg": float("nan")}, "cfg must be a finite number, got nan"),
+        ({"seed": "x"}, "the seed must be an integer"),
+        ({"filename_prefix": "qdrift/"}, "filename_prefix must end in a file name"),
+    ]
+    passes = []
+    fp_sampler = pack.nodes.PairedTrace.fp_sampler
+    monkeypatch.setattr(pack.nodes.PairedTrace, "fp_sampler", lambda self: passes.append(1) or fp_sampler(self))
+    for change, message in cases:
+        with pytest.raises(ValueError, match=f"Q-Drift Calibrate: {message}"):
+            node.calibrate(**dict(ok, **change))
+    assert passes == []  # refused before the first pass
+    assert not list(out.rglob("*.safetensors"))
+    cal, path = node.calibrate(**dict(ok, K=np.int64(2), cfg=np.float32(3.0)))  # numpy numbers are numbers
+    assert cal.meta["K"] == 2 and path.endswith("qdrift/t_00001.safetensors")
+
+
+def test_sampler_node_checks_its_inputs_when_built(host):
+    pack, ns, out = host
+    fp, q = models()
+    cal, path = calibrate(pack, fp, q)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    rel = os.path.relpath(path, out)
+    cases = [
+        ({"strength": float("inf")}, "strength must be a finite number >= 0, got inf"),
+        ({"form": "quad"}, r"form must be one of \['first_order', 'quadrature'\], got 'quad'"),
+        ({"correction": "nois"}, r"correction must be one of \['auto', 'drift', 'noise'\], got 'nois'"),
+        ({"eta": float("nan")}, "eta must be a finite number >= 0, got nan"),
+    ]
+    for change, message in cases:
+        kw = dict({"strength": 1.0}, **change)
+        strength = kw.pop("strength")
+        with pytest.raises(ValueError, match=f"Q-Drift Sampler: {message}"):
+            node.get_sampler("dpmpp_2m_sde", rel, "as calibrated", strength, **kw)
+    (a,) = node.get_sampler("euler", rel, "as calibrated", np.float32(1.0))  # numpy numbers are numbers
+    (b,) = node.get_sampler("euler", rel, "as calibrated", 1.0)
+    assert torch.equal(_sample(ns, q, a), _sample(ns, q, b))
+    cls = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]
+    assert cls.IS_CHANGED(calibration_file=5) == ""
+    with pytest.raises(ValueError, match="calibration_file must be a file name"):
+        node.get_sampler("euler", 5, "as calibrated", 1.0)
+
+
+def test_sde_samplers_take_negative_seeds_like_euler_a(host):
+    """A negative seed reached the SDE samplers' Brownian tree, which refused it; every sampler now reads the seed
+    modulo 2**64 (Euler a already did, through torch)."""
+    pack, ns, _ = host
+    fp, q = models()
+    cal, _ = calibrate(pack, fp, q)
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"):
+        (sampler,) = node.get_sampler(name, "", "as calibrated", 1.0, calibration=cal)
+        assert torch.equal(_sample(ns, q, sampler, seed=-1), _sample(ns, q, sampler, seed=2**64 - 1)), name
+        assert not torch.equal(_sample(ns, q, sampler, seed=-1), _sample(ns, q, sampler, seed=1)), name
+
+
+def test_directory_and_one_channel_calibration_files_are_named(host):
+    pack, ns, out = host
+    node = pack.NODE_CLASS_MAPPINGS["QDriftSampler"]()
+    (out / "folder.safetensors").mkdir()
+    with pytest.raises(qdrift.CalibrationFileError, match="folder.safetensors is a directory"):
+        node.get_sampler("euler", "folder", "as calibrated", 1.0)
+    with pytest.raises(qdrift.CalibrationFileError, match="is a directory"):
+        node.get_sampler("euler", str(out), "as calibrated", 1.0)
+    # a 1-channel calibration on the 4-channel model: refused naming the file (the core refused it without)
+    x = torch.randn(4, 1, 6, 6) * 14.6
+    one = qdrift.calibrate(lambda x, s, **k: x / (1 + s.view(-1, 1, 1, 1) ** 2),
+                           lambda x, s, **k: 1.1 * x / (1 + s.view(-1, 1, 1, 1) ** 2), x, sigmas_for(False), disable=True)
+    one.save(out / "one.safetensors")
+    fp, q = models()
+    (sampler,) = node.get_sampler("euler", "one", "as calibrated", 1.0)
+    with pytest.raises(ValueError, match=r"Q-Drift Sampler: the calibration .*one\.safetensors was measured on a 1-channel latent"):
+        _sample(ns, q, sampler)

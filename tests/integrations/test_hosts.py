@@ -2,6 +2,7 @@
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,56 @@ def test_load_calibration_cached(tmp_path):
         load_calibration_cached(str(tmp_path / "none.safetensors"))
     with pytest.raises(ValueError, match="non-empty"):
         load_calibration_cached("")
+
+
+def test_seeds_are_read_modulo_2_64_by_every_sampler():
+    """A host seed is any 64-bit integer: the SDE samplers' Brownian noise took no negative seed while Euler a did;
+    now every sampler reads it modulo 2**64 (torch's own rule), so -1 is 2**64 - 1 for all of them."""
+    from qdrift.hosts import seeded_noise_factory
+
+    x = x0(2)
+    for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"):
+        factory = seeded_noise_factory(name)
+        a = factory(x, SIG, {"seed": -5})(SIG[1], SIG[2])
+        b = factory(x, SIG, {"seed": 2**64 - 5})(SIG[1], SIG[2])
+        assert torch.equal(a, b), name
+        c = factory(x, SIG, {"seed": np.int64(4)})(SIG[1], SIG[2])  # numpy integers are integers
+        assert torch.equal(c, factory(x, SIG, {"seed": 4})(SIG[1], SIG[2])), name
+        for bad in ("abc", 1.5, 2.0, True, "7"):
+            with pytest.raises(ValueError, match=f"seeded_noise_factory\\('{name}'\\): the seed must be an integer"):
+                factory(x, SIG, {"seed": bad})
+        with pytest.raises(ValueError, match="extra_args must be a dict or None, got str"):
+            factory(x, SIG, "abc")
+    # through a bound sampler, as ComfyUI's KSAMPLER reaches it
+    fn = bind_sampler("dpmpp_2m_sde", noise_sampler_factory=seeded_noise_factory("dpmpp_2m_sde"))
+    out = fn(gauss_denoiser, x, SIG, extra_args={"seed": -1}, disable=True)
+    assert torch.equal(out, fn(gauss_denoiser, x, SIG, extra_args={"seed": 2**64 - 1}, disable=True))
+
+
+def test_bind_sampler_checks_its_callables_and_extra_args():
+    with pytest.raises(ValueError, match="noise_sampler_factory must be None or a callable"):
+        bind_sampler("euler_ancestral", noise_sampler_factory=5)
+    for bad, got in ((None, "got None"), ((None,), "got a 1-tuple"), ((None, 1.0, 2), "got a 3-tuple")):
+        fn = bind_sampler("euler", resolve=lambda model, extra, bad=bad: bad)
+        with pytest.raises(ValueError, match=rf"bind_sampler\('euler'\): resolve\(model, extra_args\) must return a pair \(V, strength\), {got}"):
+            fn(gauss_denoiser, x0(2), SIG, disable=True)
+    fn = bind_sampler("euler_ancestral", noise_sampler_factory=lambda x, s, e: None)
+    with pytest.raises(ValueError, match="sample_euler_ancestral_qdrift: extra_args must be a dict or None, got str"):
+        fn(gauss_denoiser, x0(2), SIG, extra_args="abc", disable=True)
+
+
+def test_directory_and_one_channel_calibrations_are_refused_naming_the_file(tmp_path):
+    from qdrift.hosts import check_calibration_channels
+
+    with pytest.raises(qdrift.CalibrationFileError, match="is a directory"):
+        load_calibration_cached(str(tmp_path))
+    one = qdrift.calibrate(gauss_denoiser, noisy_denoiser(0.1), x0(4)[:, :1], SIG, disable=True)
+    assert one.channels == 1
+    # the samplers refuse a 1-channel Calibration on a 3-channel latent: the host check refuses it first, naming it
+    with pytest.raises(ValueError, match="belongs to another model"):
+        qdrift.sample_euler_qdrift(gauss_denoiser, x0(2), SIG, one, disable=True)
+    with pytest.raises(ValueError, match=r"Q-Drift: the calibration one\.safetensors was measured on a 1-channel latent, but the model has 3"):
+        check_calibration_channels(one, 3, source="one.safetensors")
+    check_calibration_channels(one, 1, source="one.safetensors")  # its own channel count passes
+    with pytest.raises(ValueError, match="channels must be an integer >= 1, got 'abc'"):
+        check_calibration_channels(one, "abc", source="one.safetensors")

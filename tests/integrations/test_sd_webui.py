@@ -5,6 +5,7 @@ import inspect
 import json
 import pathlib
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -418,3 +419,66 @@ def test_panel_defaults_leave_the_settings_strength(host):
     host.always_on[-1] = (panel, ("", 1.0))  # a per-generation strength still wins
     on = host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift")).images
     assert not torch.allclose(on, euler, atol=1e-4)
+
+
+def _toy_calibration(path, channels=4):
+    """A quick core calibration of the toy denoiser on a ``channels``-channel latent, saved at ``path``."""
+    x = torch.randn(4, channels, 6, 6, generator=torch.Generator().manual_seed(0)) * 10
+    sig = qdrift.get_sigmas_karras(6, 0.03, 10.0)
+    D = lambda x, s, **k: x / (1 + s.view(-1, 1, 1, 1) ** 2)  # noqa: E731
+    cal = qdrift.calibrate(D, lambda x, s, **k: 1.1 * D(x, s), x, sig, disable=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(path)
+    return cal
+
+
+@pytest.mark.parametrize("strength", [None, "", "abc", float("nan"), -1.0, True])
+def test_bad_strength_setting_is_named(host, strength):
+    """Settings > Q-Drift strength that is not a finite number >= 0 used to fail with a bare float() error."""
+    host.shared.opts.qdrift_calibration = "cal"
+    host.shared.opts.qdrift_strength = strength
+    with pytest.raises(ValueError, match=r"Q-Drift: the strength \(Settings > Q-Drift, .*\) must be a finite number >= 0"):
+        host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift"))
+
+
+def test_panel_script_args_from_the_api_are_checked(host):
+    """The API hands the panel's script args as given: a non-number strength or a non-string file is named."""
+    panel = host.ext.QDriftPanel()
+    for args, message in (((" ", "abc"), r"the strength .* must be a finite number >= 0 \(or -1: the one in Settings\), got 'abc'"),
+                          (("", ""), r"the strength .* got ''"),
+                          ((5, 1.0), r"the calibration file must be a file name \(a string\), got 5")):
+        with pytest.raises(ValueError, match=message):
+            panel.process(webui_standin.Processing(sampler_name="Euler Q-Drift"), *args)
+    p = webui_standin.Processing(sampler_name="Euler Q-Drift")
+    panel.process(p, "cal", "0.5")  # a number given as text is still its number
+    assert p.qdrift_strength == 0.5 and p.extra_generation_params["Q-Drift strength"] == 0.5
+    host.shared.opts.qdrift_calibration = 5
+    with pytest.raises(ValueError, match=r"the calibration file \(Settings > Q-Drift, .*\) must be a file name \(a string\), got 5"):
+        host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift"))
+    with pytest.raises(ValueError, match="must be a file name"):
+        webui.resolve_calibration_path(5, str(host.tmp_path / "models"))
+    assert webui.is_qdrift_sampler(5) is False and webui.is_qdrift_sampler("qdrift_euler") is True
+
+
+def test_directory_and_one_channel_calibrations_are_named(host):
+    models = host.tmp_path / "models"
+    (models / "qdrift" / "folder").mkdir(parents=True)
+    host.shared.opts.qdrift_calibration = "folder"
+    with pytest.raises(qdrift.CalibrationFileError, match="folder is a directory"):
+        host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift"))
+    # a 1-channel calibration on the 4-channel checkpoint: refused naming the file (the core refused it without)
+    _toy_calibration(models / "qdrift" / "one.safetensors", channels=1)
+    host.shared.opts.qdrift_calibration = "one"
+    with pytest.raises(ValueError, match=r"Q-Drift: the calibration .*one\.safetensors was measured on a 1-channel latent, but the loaded checkpoint has 4"):
+        host.processing.process_images(webui_standin.Processing(sampler_name="Euler Q-Drift"))
+
+
+def test_make_sampler_names_a_latent_without_channels(tmp_path):
+    _toy_calibration(tmp_path / "qdrift" / "c4.safetensors")
+    settings = webui.Settings(SimpleNamespace(qdrift_calibration="c4"), str(tmp_path))
+    fn = webui.make_sampler("euler", settings)
+    sig = qdrift.get_sigmas_karras(6, 0.03, 10.0)
+    D = lambda x, s, **k: x / (1 + s.view(-1, *[1] * (x.ndim - 1)) ** 2)  # noqa: E731
+    assert fn(D, torch.randn(1, 4, 4, 4) * 10, sig, disable=True).shape == (1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"sample_euler_qdrift: x must be a tensor of shape \[batch, channels, \.\.\.\], got shape \(4,\)"):
+        fn(D, torch.randn(4), sig, disable=True)

@@ -85,10 +85,13 @@ class QDriftPanel(scripts.Script):
     def process(self, p, calibration="", strength=None, *args):
         if not webui.is_qdrift_sampler(getattr(p, "sampler_name", None)):
             return
+        if calibration is not None and not isinstance(calibration, str):
+            raise ValueError(f"Q-Drift panel: the calibration file must be a file name (a string), got {calibration!r:.80}")
         if calibration and calibration.strip():
             p.qdrift_calibration = calibration.strip()
-        if strength is not None and float(strength) >= 0:
-            p.qdrift_strength = float(strength)
+        value = webui.panel_strength(strength)  # None: the strength in Settings; ValueError for a non-number
+        if value is not None:
+            p.qdrift_strength = value
         path, value, reduce = SETTINGS.for_processing(p)
         p.extra_generation_params["Q-Drift calibration"] = os.path.basename(path) if path else "(none)"
         p.extra_generation_params["Q-Drift strength"] = value
