@@ -10,13 +10,15 @@ outputs the schedulers see are taken after classifier-free guidance, as in the p
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+import numbers
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from ..calib.calibration import Calibration
+from ..calib.calibration import REDUCES, Calibration
 from ..calib.trace import PairedTrace, PairedTraceError
+from ..validation import flag
 from .schedulers import (
     QDriftEulerDiscreteScheduler,
     QDriftFlowMatchEulerDiscreteScheduler,
@@ -58,6 +60,7 @@ class _PairMixin:
 
     def _qdrift_step(self, model_output, timestep, sample, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
+        _check_channel_dim(self._pair_dim, sample)  # before any statistics (the latents' shape is known only now)
         if self.step_index is None:
             self._init_step_index(timestep)
         i = int(self.step_index)
@@ -86,6 +89,22 @@ class _PairMixin:
         if return_dict:
             return out
         return (out.prev_sample,) + tuple(out.to_tuple()[1:])
+
+
+def _check_channel_dim(dim: int, sample: Any) -> None:
+    """Raises ``ValueError`` unless ``dim`` is a channel axis of the latents ``sample`` (not the batch axis 0)."""
+    ndim = getattr(sample, "ndim", None)
+    if not isinstance(ndim, int) or ndim < 2:
+        raise ValueError(
+            f"calibrate_pipeline: the scheduler was given latents of shape {tuple(getattr(sample, 'shape', ()))}; "
+            "expected a tensor [batch, ...] with a channel axis"
+        )
+    if not -ndim <= dim < ndim or dim % ndim == 0:
+        raise ValueError(
+            f"calibrate_pipeline: channel_dim={dim} is not a channel axis of the pipeline's {ndim}-D latents of shape "
+            f"{tuple(sample.shape)}: expected an axis in 1..{ndim - 1} or -{ndim - 1}..-1 (axis 0 is the batch; 1 for "
+            "[B, C, H, W] latents, -1 for packed [B, tokens, C] latents)"
+        )
 
 
 class _RecordEuler(_PairMixin, EulerDiscreteScheduler):
@@ -144,10 +163,49 @@ def _prompt_kwargs(prompt: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
     if isinstance(prompt, str):
         return {"prompt": prompt}
     if isinstance(prompt, dict):
-        return dict(prompt)
+        return _call_args("a prompt dict", prompt)
     raise ValueError(
-        f"each prompt must be a string or a dict of pipeline call arguments (e.g. prompt_embeds), got {type(prompt).__name__}"
+        "calibrate_pipeline: each prompt must be a string or a dict of pipeline call arguments (e.g. prompt_embeds), "
+        f"got {type(prompt).__name__}"
     )
+
+
+def _call_args(what: str, args: Mapping) -> Dict[str, Any]:
+    """``args`` as a dict of keyword arguments for a pipeline call (string keys; the generator is ours)."""
+    bad = [k for k in args if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"calibrate_pipeline: {what} must have string keys (pipeline argument names), got {bad[0]!r}")
+    if "generator" in args:
+        raise ValueError(
+            f"calibrate_pipeline: {what} must not hold 'generator': run k uses torch.Generator seeded with seed + k "
+            "(pass seed instead)"
+        )
+    return dict(args)
+
+
+def _int_arg(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int (numpy integers accepted; bools and floats refused)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        raise ValueError(f"calibrate_pipeline: {name} must be an int{_at_least(minimum)}, got {value!r}")
+    return int(value)
+
+
+def _at_least(minimum: Optional[int]) -> str:
+    return "" if minimum is None else f" >= {minimum}"
+
+
+def _real_arg(value: Any) -> Optional[float]:
+    """``value`` if it is a real number other than a bool (a numpy one as a Python float), else None."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    return value if isinstance(value, (int, float)) else float(value)
+
+
+def _flag_arg(name: str, value: Any) -> bool:
+    out = flag(value)
+    if out is None:
+        raise ValueError(f"calibrate_pipeline: {name} must be True or False, got {value!r}")
+    return out
 
 
 def calibrate_pipeline(
@@ -200,20 +258,65 @@ def calibrate_pipeline(
     Returns:
         The :class:`qdrift.Calibration` (for :func:`qdrift.diffusers.qdrift_scheduler` or the k-diffusion samplers).
 
+    Integer and number arguments may be numpy scalars; the flags (``conditional``, ``progress``,
+    ``size_drift``) take ``bool``, ``numpy.bool_`` or a 0-d bool tensor.
+
     Raises:
-        ValueError: for bad arguments, or when the two pipelines' runs do not pair up.
+        ValueError: for bad arguments (all checked before any pipeline runs; ``channel_dim`` against the latents
+            at the first scheduler step, before any statistics), or when the two pipelines' runs do not pair up.
     """
-    if not isinstance(K, int) or isinstance(K, bool) or K < 1:
-        raise ValueError(f"K must be an int >= 1, got {K!r}")
+    # Every argument is checked here, before any pipeline runs (channel_dim against the latents' shape at the
+    # first scheduler step, before any statistics).
+    K = _int_arg("K", K, 1)
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty list of strings or of dicts of call arguments")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    if guidance_scale is not None and not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
-        raise ValueError(f"guidance_scale must be a finite number or None, got {guidance_scale!r}")
+        raise ValueError(
+            "calibrate_pipeline: prompts must be a non-empty list of strings or of dicts of call arguments, got "
+            f"{type(prompts).__name__}" + (" of length 0" if isinstance(prompts, Sequence) and not prompts else "")
+        )
+    num_inference_steps = _int_arg("num_inference_steps", num_inference_steps, 1)
+    if guidance_scale is not None:
+        g = _real_arg(guidance_scale)
+        if g is None or not math.isfinite(g):
+            raise ValueError(
+                f"calibrate_pipeline: guidance_scale must be a finite number or None, got {guidance_scale!r}"
+            )
+        guidance_scale = g
+    seed = _int_arg("seed", seed)
+    if not -(2**63) <= seed or seed + K - 1 > 2**64 - 1:
+        raise ValueError(
+            f"calibrate_pipeline: seed must be an int with seed >= -2**63 and seed + K - 1 <= 2**64 - 1 (run k uses "
+            f"torch.Generator().manual_seed(seed + k)), got seed={seed!r} with K={K}"
+        )
+    if not isinstance(reduce, str) or reduce not in REDUCES:
+        raise ValueError(
+            f"calibrate_pipeline: reduce must be one of {', '.join(repr(r) for r in REDUCES)}, got {reduce!r}"
+        )
+    conditional = _flag_arg("conditional", conditional)
+    if trim is not None:
+        t = _real_arg(trim)
+        if t is None or not t >= 0:  # NaN fails the comparison
+            raise ValueError(
+                f"calibrate_pipeline: trim must be None or a number >= 0 (standard deviations; 0: no trimming), "
+                f"got {trim!r}"
+            )
+        trim = t
+    channel_dim = _int_arg("channel_dim", channel_dim)
+    if call_kwargs is not None:
+        if not isinstance(call_kwargs, Mapping):
+            raise ValueError(
+                "calibrate_pipeline: call_kwargs must be a dict of pipeline call arguments (e.g. "
+                f"{{'height': 512, 'width': 512}}) or None, got {type(call_kwargs).__name__}"
+            )
+        call_kwargs = _call_args("call_kwargs", call_kwargs)
+    progress = _flag_arg("progress", progress)
+    bands = _int_arg("bands", bands, 1)
+    size_drift = _flag_arg("size_drift", size_drift)
     for name, pipe in (("fp_pipe", fp_pipe), ("q_pipe", q_pipe)):
         if not callable(pipe) or not hasattr(pipe, "scheduler"):
-            raise ValueError(f"{name} must be a diffusers pipeline (callable with a .scheduler), got {type(pipe).__name__}")
+            raise ValueError(
+                f"calibrate_pipeline: {name} must be a diffusers pipeline (callable with a .scheduler), got "
+                f"{type(pipe).__name__}"
+            )
     calls = [_prompt_kwargs(p) for p in prompts]
     rec_cls = _calibration_scheduler(fp_pipe.scheduler)
     base_config = fp_pipe.scheduler.config

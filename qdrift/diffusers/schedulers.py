@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any, Optional, Type
 
 import torch
@@ -41,7 +42,7 @@ from diffusers import (
 )
 
 from ..correction import DEFAULT_METHOD, METHODS, channel_view, first_order_coefficient, scale_increment
-from ..validation import all_finite, check_choice
+from ..validation import all_finite, check_choice, check_knobs
 
 __all__ = [
     "QDriftEulerDiscreteScheduler",
@@ -74,9 +75,9 @@ class _QDriftMixin:
         Args:
             calibration: None (plain scheduler), a :class:`qdrift.Calibration` (V looked up at each step's
                 sigma), or a tensor ``[num_inference_steps, C]`` / ``[num_inference_steps]`` of V per step.
-            strength: multiplier on V (1 = the paper's correction, 0 = off).
-            channel_dim: the latents' channel axis (1 for ``[B, C, H, W]`` latents; -1 for packed
-                ``[B, tokens, C]`` latents such as FLUX's).
+            strength: multiplier on V (1 = the paper's correction, 0 = off); a Python or numpy number.
+            channel_dim: the latents' channel axis, a Python or numpy integer (1 for ``[B, C, H, W]`` latents;
+                -1 for packed ``[B, tokens, C]`` latents such as FLUX's).
             method: the correction (:data:`qdrift.correction.METHODS`), as for the core samplers: None takes
                 ``"matched"`` for a calibration with moment-matching tables, ``"v2"`` for other calibrations
                 and ``"paper"`` for a V table. The DPM-Solver++ scheduler's multistep weights are its own, so
@@ -90,10 +91,12 @@ class _QDriftMixin:
             ValueError: for a negative or non-finite strength, a non-integer channel_dim, a V table that is
                 negative or non-finite, or a calibration of another type.
         """
-        if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength) or strength < 0:
-            raise ValueError(f"strength must be a finite number >= 0, got {strength!r}")
-        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
-            raise ValueError(f"channel_dim must be an int, got {channel_dim!r}")
+        # the core samplers' rule for strength (numpy numbers accepted; bools, NaN, inf and negatives refused)
+        check_knobs(f"{type(self).__name__}.set_calibration", strength=strength)
+        if not isinstance(channel_dim, numbers.Integral) or isinstance(channel_dim, bool):
+            raise ValueError(
+                f"{type(self).__name__}.set_calibration: channel_dim must be an int, got {channel_dim!r}"
+            )
         if calibration is not None and not hasattr(calibration, "at"):
             if not isinstance(calibration, torch.Tensor):
                 raise ValueError(
@@ -110,7 +113,7 @@ class _QDriftMixin:
         self._qdrift_check_config()
         self._qdrift_V = calibration
         self._qdrift_strength = float(strength)
-        self._qdrift_channel_dim = channel_dim
+        self._qdrift_channel_dim = int(channel_dim)
         self._qdrift_method = method
         self._qdrift_plan = self._qdrift_run = None
         return self
@@ -200,6 +203,13 @@ class _QDriftMixin:
             new_prev = scale_increment(prev, delta, c, self._qdrift_channel_dim)
         else:
             new_prev = self._qdrift_plan_step(i, method, sample, prev, delta, sigma, sigma_eff)
+        if not all_finite(new_prev) and all_finite(prev):  # one reduction per step; the second only on failure
+            raise ValueError(
+                f"{type(self).__name__}: the Q-Drift step {i} of {len(self.timesteps)} (sigma={sigma:.6g}, "
+                f"timestep {float(timestep):g}, method {method!r}, strength {self._qdrift_strength:g}) gave NaN or "
+                f"inf where the plain scheduler's step was finite: an overflow in {prev.dtype}, or a calibration / "
+                "strength far from this model's (check the calibration, lower strength)"
+            )
         out.prev_sample = new_prev
         if return_dict:
             return out

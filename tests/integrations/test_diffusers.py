@@ -8,8 +8,10 @@ the real StableDiffusionPipeline / StableDiffusion3Pipeline with tiny networks a
 import copy
 import inspect
 import math
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -615,3 +617,143 @@ def test_ancestral_wrapper_lowers_its_noise_as_the_core_sampler_does(method):
     keeps = qdrift_scheduler(SCHEDULERS["euler_ancestral"](), cal, method=method)
     keeps._qdrift_lowers_noise = False  # the noise left as drawn: here that is not the core's result
     assert (_run_from(keeps, x, STEPS) - out_core).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- argument checks (review 2)
+
+
+class _NeverRun:
+    """A pipeline stand-in that fails the test if it is ever called (the arguments must be checked first)."""
+
+    def __init__(self):
+        self.scheduler = EulerDiscreteScheduler(**SD_BETAS)
+
+    def __call__(self, **kwargs):
+        raise AssertionError("a pipeline ran before calibrate_pipeline checked its arguments")
+
+
+_BAD_CALIBRATE_ARGS = [
+    ("seed", "1"), ("seed", 1.5), ("seed", True), ("seed", 2**64), ("seed", -(2**63) - 1),
+    ("channel_dim", "1"), ("channel_dim", 1.0), ("channel_dim", True),
+    ("reduce", "chanel"), ("reduce", None),
+    ("trim", "4"), ("trim", float("nan")), ("trim", -1.0), ("trim", True), ("trim", np.float32("nan")),
+    ("bands", 0), ("bands", "2"), ("bands", 1.5), ("bands", True),
+    ("call_kwargs", [1]), ("call_kwargs", "height=8"), ("call_kwargs", {"generator": None}), ("call_kwargs", {1: 2}),
+    ("conditional", "yes"), ("conditional", 1), ("size_drift", None), ("size_drift", "no"), ("progress", 0),
+    ("K", 1.0), ("K", np.int64(0)), ("K", True),
+    ("num_inference_steps", np.float64(3)), ("num_inference_steps", True), ("num_inference_steps", 0),
+    ("guidance_scale", "4"), ("guidance_scale", True), ("guidance_scale", np.float32("nan")),
+    ("guidance_scale", np.float64("inf")),
+]
+
+
+@pytest.mark.parametrize("name, value", _BAD_CALIBRATE_ARGS, ids=[f"{n}={v!r}" for n, v in _BAD_CALIBRATE_ARGS])
+def test_calibrate_pipeline_checks_every_argument_before_any_run(name, value):
+    """Review 2: every argument of calibrate_pipeline is checked up front, before any pipeline runs, with a
+    ValueError naming calibrate_pipeline, the argument and its value (typos in reduce / trim / bands used to be
+    caught only after all 2K pipeline runs; seed, channel_dim and call_kwargs gave bare TypeErrors / IndexErrors
+    from torch or dict)."""
+    never = _NeverRun()
+    args = dict(K=1, num_inference_steps=3, call_kwargs=SD_CALL)
+    args[name] = value
+    with pytest.raises(ValueError, match=f"calibrate_pipeline: {name} ") as err:
+        calibrate_pipeline(never, never, _prompts(1), **args)
+    if name != "call_kwargs":
+        assert repr(value) in str(err.value)
+    with pytest.raises(ValueError, match="calibrate_pipeline: a prompt dict must not hold 'generator'"):
+        calibrate_pipeline(never, never, [dict(_prompts(1)[0], generator=None)], K=1)
+
+
+def test_calibrate_pipeline_accepts_numpy_arguments_bit_for_bit(sd_pipes):
+    """Review 2: numpy integers / floats / bools are accepted where Python ones are (np.int64 seeds used to fail
+    with "an integer is required", numpy K / steps / guidance with "must be an int / a finite number"), and give
+    exactly the Python arguments' calibration."""
+    fp, q = sd_pipes
+    common = dict(call_kwargs=SD_CALL)
+    ref = calibrate_pipeline(fp, q, _prompts(2), 2, num_inference_steps=3, guidance_scale=4.0, seed=1, trim=3.0,
+                             bands=2, channel_dim=1, conditional=True, size_drift=True, **common)
+    got = calibrate_pipeline(fp, q, _prompts(2), np.int64(2), num_inference_steps=np.int32(3),
+                             guidance_scale=np.float32(4.0), seed=np.int64(1), trim=np.float32(3.0), bands=np.int64(2),
+                             channel_dim=np.int64(1), conditional=np.bool_(True), size_drift=np.bool_(True),
+                             progress=torch.tensor(False), **common)
+    assert torch.equal(got.V, ref.V) and torch.equal(got.drift_scale, ref.drift_scale)
+    assert got.banded is not None and torch.equal(got.banded.V, ref.banded.V)
+    timing = lambda meta: {k: v for k, v in meta.items() if k != "seconds"}  # noqa: E731 (wall time)
+    assert {k: timing(v) if k == "drift_scale" else v for k, v in got.meta.items()} == {
+        k: timing(v) if k == "drift_scale" else v for k, v in ref.meta.items()}
+    assert type(got.meta["seed"]) is int and type(got.meta["num_inference_steps"]) is int
+
+
+@pytest.mark.parametrize("channel_dim", [4, 5, -5, 0])
+def test_calibrate_pipeline_channel_dim_out_of_range_is_a_clear_error(sd_pipes, channel_dim):
+    """Review 2: a channel_dim that is not a channel axis of the latents (out of range, or the batch axis 0) is a
+    ValueError at the first scheduler step, before any statistics (it was a bare IndexError from movedim, or for
+    0 a calibration over the batch axis); the pipelines get their schedulers back."""
+    fp, q = sd_pipes
+    orig = (fp.scheduler, q.scheduler)
+    msg = (f"calibrate_pipeline: channel_dim={channel_dim} is not a channel axis of the pipeline's 4-D latents of "
+           f"shape {re.escape(str((1, C, 8, 8)))}")
+    with pytest.raises(ValueError, match=msg):
+        calibrate_pipeline(fp, q, _prompts(1), K=1, num_inference_steps=3, guidance_scale=4.0, call_kwargs=SD_CALL,
+                           channel_dim=channel_dim)
+    assert (fp.scheduler, q.scheduler) == orig
+
+
+def test_scheduler_accepts_numpy_strength_and_channel_dim():
+    """Review 2: set_calibration / qdrift_scheduler take numpy numbers for strength and channel_dim (as the core
+    samplers do), with exactly the Python numbers' result; bools, NaN, inf and negative strengths stay refused."""
+    V = v_table(STEPS)
+    x = torch.randn(2, C, 4, 4, generator=torch.Generator().manual_seed(1)) * _noise_scale(SCHEDULERS["euler"]())
+    ref = run_loop(qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, strength=0.5, channel_dim=1), x)
+    for strength, dim in ((np.float32(0.5), np.int64(1)), (np.float64(0.5), np.int32(1))):
+        got = run_loop(qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, strength=strength, channel_dim=dim), x)
+        assert torch.equal(got, ref)
+        s = QDriftEulerDiscreteScheduler(**SD_BETAS).set_calibration(V, strength=strength, channel_dim=dim)
+        assert torch.equal(run_loop(s, x), ref)
+        assert type(s._qdrift_strength) is float and type(s._qdrift_channel_dim) is int
+    two = run_loop(qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, strength=2), x)
+    assert torch.equal(run_loop(qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, strength=np.int64(2)), x), two)
+    for bad in (True, np.bool_(True), float("nan"), np.float32("nan"), -1.0, np.float64(-0.5), float("inf"),
+                np.float32("inf"), "1", None):
+        with pytest.raises(ValueError, match="set_calibration: strength must be a finite number >= 0"):
+            qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, strength=bad)
+    for bad in (True, np.bool_(True), 1.0, np.float64(1), "1", None):
+        with pytest.raises(ValueError, match="set_calibration: channel_dim must be an int"):
+            qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), V, channel_dim=bad)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_non_finite_corrected_step_raises(name):
+    """Review 2: a Q-Drift step whose corrected result holds NaN / inf while the plain step's is finite raises a
+    ValueError naming the scheduler, the step and sigma (it was returned silently, and reached the image)."""
+    sched = qdrift_scheduler(SCHEDULERS[name](), torch.full((STEPS, C), 1e38))  # finite V, but c * delta overflows
+    plain = SCHEDULERS[name]()
+    x = torch.randn(1, C, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = x * _noise_scale(sched)
+    plain.set_timesteps(STEPS)
+    t = plain.timesteps[0]
+    out = eps_model(x, t) * 1e5
+    kw = {"generator": torch.Generator().manual_seed(0)} if name == "euler_ancestral" else {}
+    assert torch.isfinite(plain.step(out, t, x, **kw).prev_sample).all()
+    cls = type(sched).__name__
+    with pytest.raises(ValueError, match=rf"{cls}: the Q-Drift step 0 of {STEPS} \(sigma=[0-9.e+]+, .*NaN or inf"):
+        sched.step(out, t, x, **kw)
+
+
+def test_non_finite_corrected_step_raises_for_the_plan_methods(monkeypatch):
+    """The same check covers the plan path (v2 and the other error-model methods), and leaves a step alone whose
+    plain result is already non-finite (the correction is not what broke it)."""
+    cal = _calibration_for("euler")
+    sched = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), cal, method="v2")
+    sched.set_timesteps(STEPS)
+    x = torch.randn(1, C, 2, 2, generator=torch.Generator().manual_seed(0)) * _noise_scale(sched)
+    t = sched.timesteps[0]
+    monkeypatch.setattr(sched, "_qdrift_plan_step", lambda i, method, sample, prev, *a: prev * float("nan"))
+    with pytest.raises(ValueError, match=r"QDriftEulerDiscreteScheduler: the Q-Drift step 0 .*method 'v2'.*NaN or inf"):
+        sched.step(eps_model(x, t), t, x)
+    paper = qdrift_scheduler(EulerDiscreteScheduler(**SD_BETAS), v_table(STEPS))
+    paper.set_timesteps(STEPS)
+    x_inf = x.clone()
+    x_inf[0, 0, 0, 0] = float("inf")
+    out = paper.step(torch.zeros_like(x), t, x_inf).prev_sample  # the plain step is inf there too: no error
+    assert not torch.isfinite(out).all()
