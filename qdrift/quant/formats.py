@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import as_flag, as_int, check_finite, check_layer_params, patterns
+
 __all__ = ["FORMAT_SCHEMES", "FORMAT_LIBRARIES", "GGUF_KEEP", "GGUF_SMALL", "GGUF_ROW", "format_available",
            "gguf_plan", "quantize_format", "format_summary", "format_grids", "RECON_FORMATS"]
 
@@ -231,7 +233,8 @@ def quantize_format(model: nn.Module, scheme: str, **options: Any) -> nn.Module:
         **options: GGUF: ``keep`` [:data:`GGUF_KEEP`] name-component regexes stored F16, ``small`` [1024] values at
             or below which a tensor stays F32, ``reshape`` [True] ComfyUI-GGUF's rows-of-256 shape fix.
             nf4/fp4: ``skip`` [()] name-component regexes left in float, ``conv`` [False] also quantize Conv2d
-            weights, ``blocksize`` [64]. quanto: ``skip`` [()], ``conv`` [False].
+            weights, ``blocksize`` [64] a power of two in [32, 4096]. quanto: ``skip`` [()], ``conv`` [False].
+            Regex options take a string or a sequence of strings; numbers may be numpy scalars.
 
     Returns:
         The copy, in eval mode, with ``qdrift_quant = {"scheme", "options", "tensors": {param name: {type, reason,
@@ -239,20 +242,59 @@ def quantize_format(model: nn.Module, scheme: str, **options: Any) -> nn.Module:
         ``"qint4"``, ``"F16"``, ``"F32"``).
 
     Raises:
-        ValueError: unknown scheme or option. ImportError: the format's library is not installed.
+        ValueError: unknown scheme or option, a bad option value (named), NaN or inf in a tensor the scheme
+            quantizes or stores (named: GGUF every floating-point parameter, bitsandbytes and quanto the weight and
+            bias of each layer they quantize).
+        ImportError: the format's library is not installed.
     """
-    if scheme not in FORMAT_SCHEMES:
-        raise ValueError(f"unknown format scheme {scheme!r}; expected one of {FORMAT_SCHEMES}")
+    return _quantize_format(model, scheme, options, "quantize_format")
+
+
+def _check_format_options(fn: str, opts: dict) -> dict:
+    """The format options checked up front (regex lists, flags, sizes); numpy scalars converted."""
+    for key in ("keep", "skip"):
+        if key in opts:
+            opts[key] = patterns(fn, key, opts[key])
+    for key in ("reshape", "conv"):
+        if key in opts:
+            opts[key] = as_flag(fn, key, opts[key])
+    if "small" in opts:
+        opts["small"] = as_int(fn, "small", opts["small"], 0,
+                               what="an integer >= 0 (tensors with at most this many values stay F32)")
+    if "blocksize" in opts:
+        opts["blocksize"] = as_int(fn, "blocksize", opts["blocksize"], 32, 4096,
+                                   what="a power of two in [32, 4096] (bitsandbytes' 4-bit block sizes)")
+        if opts["blocksize"] & (opts["blocksize"] - 1):
+            raise ValueError(f"{fn}: blocksize must be a power of two in [32, 4096] (bitsandbytes' 4-bit block sizes), "
+                             f"got {opts['blocksize']!r}")
+    return opts
+
+
+def _check_format_weights(fn: str, model: nn.Module, family: str, opts: dict) -> None:
+    """Refuse NaN / inf in what the scheme quantizes or stores: GGUF every floating parameter (each is written to
+    the file), bitsandbytes and quanto the weights and biases of the layers they quantize."""
+    if family == "gguf":
+        hint = "quantization needs finite weights (was the checkpoint loaded correctly?)"
+        for name, p in model.named_parameters():
+            layer = name.rpartition(".")[0]
+            check_finite(fn, f"parameter {name!r}" + (f" (layer {layer!r})" if layer else ""), p.detach(), hint)
+        return
+    for name, mod in _eligible(model, opts).items():
+        check_layer_params(fn, name, mod)
+
+
+def _quantize_format(model: nn.Module, scheme: str, options: dict, fn: str) -> nn.Module:
+    """:func:`quantize_format`; ``fn`` is the entry point named in error messages."""
+    if not isinstance(scheme, str) or scheme not in FORMAT_SCHEMES:
+        raise ValueError(f"{fn}: unknown format scheme {scheme!r}; expected one of {FORMAT_SCHEMES}")
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ValueError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     family = _family(scheme)
     unknown = set(options) - set(_DEFAULTS[family])
     if unknown:
-        raise ValueError(f"unknown options for {scheme}: {sorted(unknown)}; valid: {sorted(_DEFAULTS[family])}")
-    opts = dict(_DEFAULTS[family], **options)
-    for key in ("keep", "skip"):
-        if isinstance(opts.get(key), str):
-            opts[key] = (opts[key],)
+        raise ValueError(f"{fn}: unknown options for {scheme}: {sorted(unknown)}; valid: {sorted(_DEFAULTS[family])}")
+    opts = _check_format_options(fn, dict(_DEFAULTS[family], **options))
+    _check_format_weights(fn, model, family, opts)
     qmodel = copy.deepcopy(model).eval()
     report = {"gguf": _quantize_gguf, "bnb": _quantize_bnb, "quanto": _quantize_quanto}[family](qmodel, scheme, opts)
     qmodel.qdrift_quant = dict(scheme=scheme, options=opts, tensors=report)

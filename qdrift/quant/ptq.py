@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import FORMAT_SCHEMES, RECON_FORMATS, quantize_format
-from .functional import ema_range, quantize_symmetric, signed_qmax
+from ._checks import as_int, as_real, as_sequence, check_finite, check_layer_params, patterns
+from .formats import FORMAT_SCHEMES, RECON_FORMATS, _quantize_format
+from .functional import ema_range, quantize_symmetric
 from .reconstruct import RECONSTRUCTIONS, CalibSamples, ReconConfig, reconstruct
 from .layers import (LayerOp, MixDQLayer, SVDQuantLayer, channels_last, svdquant_weight, weight_columns,
                      weight_from_columns)
@@ -71,8 +72,8 @@ def _run_calib(model: nn.Module, calib_data: Any) -> int:
     if isinstance(calib_data, torch.Tensor):
         calib_data = [calib_data]
     if not isinstance(calib_data, Iterable):
-        raise ValueError("calib_data must be a callable(model), a Tensor, or an iterable of Tensors / arg tuples / "
-                         f"kwarg dicts; got {type(calib_data).__name__}")
+        raise ValueError("quantize: calib_data must be a callable(model), a Tensor, or an iterable of Tensors / arg "
+                         f"tuples / kwarg dicts; got {type(calib_data).__name__}")
     for item in calib_data:
         if isinstance(item, torch.Tensor):
             model(item)
@@ -84,10 +85,11 @@ def _run_calib(model: nn.Module, calib_data: Any) -> int:
             else:
                 model(*item)
         else:
-            raise ValueError(f"calib_data items must be Tensors, tuples of args or dicts of kwargs, got {type(item).__name__}")
+            raise ValueError("quantize: calib_data items must be Tensors, tuples of args or dicts of kwargs, got "
+                             f"{type(item).__name__}")
         calls += 1
     if calls == 0:
-        raise ValueError("calib_data is empty")
+        raise ValueError("quantize: calib_data is empty")
     return calls
 
 
@@ -119,8 +121,10 @@ class _RowReservoir:
 class _LayerStats:
     """Running per-layer input statistics collected by a forward pre-hook."""
 
-    def __init__(self, op: LayerOp, budget: int) -> None:
+    def __init__(self, op: LayerOp, budget: int, name: str = "") -> None:
         self.op = op
+        self.name = name
+        self.nonfinite: str | None = None  # the refusal, kept in case a calibration callable swallows it
         self.absmax: torch.Tensor | None = None  # [in]
         self.min = math.inf
         self.batch_min: list[float] = []
@@ -129,12 +133,19 @@ class _LayerStats:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
+        lo, hi = float(x.min()), float(x.max())  # min/max propagate NaN: both finite <=> every value finite
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self.nonfinite = self.nonfinite or (
+                f"quantize: the calibration input of layer {self.name!r} is not finite (NaN or inf; min {lo}, max "
+                f"{hi}) in its call {len(self.batch_min) + 1}; calib_data must be finite, and so must what the layers "
+                f"before {self.name!r} make of it")
+            raise ValueError(self.nonfinite)
         t = channels_last(x, self.op.channel_dim)
         am = t.abs().reshape(-1, t.shape[-1]).amax(0).to(torch.float64)
         self.absmax = am if self.absmax is None else torch.maximum(self.absmax, am)
-        self.min = min(self.min, float(x.min()))
-        self.batch_min.append(float(x.min()))
-        self.batch_max.append(float(x.max()))
+        self.min = min(self.min, lo)
+        self.batch_min.append(lo)
+        self.batch_max.append(hi)
         rows = x.reshape(-1, x.shape[-1]) if self.op.kind == "linear" else x
         self.reservoir.add(rows)
 
@@ -163,22 +174,52 @@ def quantizable_layers(model: nn.Module, skip: Sequence[str]) -> dict[str, nn.Mo
 
     Args:
         model: the network.
-        skip: regexes matched (case-insensitive ``re.search``) against each component of the dotted name.
+        skip: regexes matched (case-insensitive ``re.search``) against each component of the dotted name (one
+            string or a sequence of strings).
 
     Returns:
         ``{name: module}`` in ``named_modules`` order.
+
+    Raises:
+        ValueError: ``skip`` is not a string or a sequence of valid regular expressions.
     """
-    pats = [re.compile(p, re.IGNORECASE) for p in skip]
+    pats = [re.compile(p, re.IGNORECASE) for p in patterns("quantizable_layers", "skip", skip)]
+    return {name: mod for name, mod in _eligible_layers(model).items()
+            if not any(p.search(part) for part in name.split(".") for p in pats)}
+
+
+def _eligible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The ``Linear`` and ``Conv2d`` (groups=1, zero numeric padding) layers, before any skip list."""
     out = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)):
             continue
-        if any(p.search(part) for part in name.split(".") for p in pats):
-            continue
         out[name] = mod
     return out
+
+
+def _no_layer_message(model: nn.Module, skip: Any) -> str:
+    """Why ``quantizable_layers`` found nothing: no Linear/Conv2d at all, only unsupported convs, or the skip list."""
+    def listing(names: list[str]) -> str:
+        return ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    eligible = _eligible_layers(model)
+    if eligible:
+        return (f"quantize: no quantizable Linear/Conv2d layer left after the skip list: skip={skip!r} matches all "
+                f"{len(eligible)} of the model's Linear/Conv2d layers ({listing(list(eligible))})")
+    linconv = [n or "<model>" for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if linconv:
+        return ("quantize: no quantizable Linear/Conv2d layer: the model's Conv2d layers "
+                f"({listing(linconv)}) are all grouped or not zero-padded, which the simulated schemes do not quantize")
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if not any(True for _ in m.children()):  # leaf modules (the model itself when it has no children)
+            kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    has = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return (f"quantize: no quantizable layer: the model has no nn.Linear or nn.Conv2d layer at all (it has {has}); "
+            "the simulated schemes quantize only Linear and Conv2d layers")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -189,7 +230,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _collect(model: nn.Module, layers: dict[str, nn.Module], calib_data: Any, budget: int,
              max_calls: int = 0) -> tuple[dict[str, _LayerStats], _CallRecorder | None]:
-    stats = {name: _LayerStats(LayerOp(mod), budget) for name, mod in layers.items()}
+    stats = {name: _LayerStats(LayerOp(mod), budget, name) for name, mod in layers.items()}
     handles = [mod.register_forward_pre_hook(stats[name]) for name, mod in layers.items()]
     recorder = None
     if max_calls:
@@ -202,13 +243,35 @@ def _collect(model: nn.Module, layers: dict[str, nn.Module], calib_data: Any, bu
         for h in handles:
             h.remove()
     for name, s in stats.items():
+        if s.nonfinite:
+            raise ValueError(s.nonfinite)
         if s.absmax is None:
-            raise ValueError(f"calib_data never reached layer {name!r}")
+            raise ValueError(f"quantize: calib_data never reached layer {name!r}")
     return stats, recorder
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # SVDQuant
+
+
+def _svdquant_args(fn: str, weight_bits: Any, act_bits: Any, group_size: Any, lowrank_iters: Any,
+                   alphas: Any) -> tuple[int, int, int, int, tuple]:
+    """Checked ``weight_bits, act_bits, group_size, lowrank_iters, alphas`` of the SVDQuant schemes."""
+    weight_bits = as_int(fn, "weight_bits", weight_bits, 2, 16)
+    act_bits = as_int(fn, "act_bits", act_bits, 2, 16)
+    group_size = as_int(fn, "group_size", group_size, 1)
+    lowrank_iters = as_int(fn, "lowrank_iters", lowrank_iters, 1,
+                           what="an integer >= 1 (alternations of L = SVD_r(W - Q(W - L)); 1 = plain SVD of W)")
+    what = "a sequence of smoothing exponents, each a finite number in [0, 1] (() tries no smoothing only)"
+    checked = []
+    for a in as_sequence(fn, "alphas", alphas, what):
+        try:
+            checked.append(as_real(fn, "alphas", a, 0, 1))
+        except ValueError:
+            raise ValueError(f"{fn}: alphas must be {what}; got {alphas!r} ({a!r} is not)") from None
+    if not (isinstance(alphas, (list, tuple)) and all(type(a) in (int, float) for a in alphas)):
+        alphas = tuple(checked)  # numpy / torch scalars as floats; a valid list or tuple is kept as given
+    return weight_bits, act_bits, group_size, lowrank_iters, alphas
 
 
 def _lowrank(w_cols: torch.Tensor, shape: torch.Size, rank: int, bits: int, group: int,
@@ -256,14 +319,24 @@ def svdquant_layer(layer: nn.Module, x: torch.Tensor, *, weight_bits: int = 4, a
         ``(quantized layer, info)`` with info keys ``alpha, rank, unsigned, shift, err, err_norank, err_rtn,
         signal`` (mean squared errors of the output on ``x``: chosen config, same without the low-rank branch,
         plain round-to-nearest without smoothing or low rank; ``signal`` is the mean square of the FP output).
+
+    Raises:
+        ValueError: a bad argument (named), or a non-finite weight, bias or ``x``.
     """
+    fn = "svdquant_layer"
     op = LayerOp(layer)
+    weight_bits, act_bits, group_size, lowrank_iters, alphas = _svdquant_args(
+        fn, weight_bits, act_bits, group_size, lowrank_iters, alphas)
     w = layer.weight.detach().to(torch.float64)
     n_in = w.shape[1]
     group = min(group_size, n_in)
     max_rank = min(w.shape[0], w[0].numel())
-    if not 0 <= rank <= max_rank:
-        raise ValueError(f"rank must be in [0, {max_rank}] for a layer of weight shape {tuple(w.shape)}, got {rank}")
+    rank = as_int(fn, "rank", rank, 0, max_rank,
+                  f"an integer in [0, {max_rank}] for a layer of weight shape {tuple(w.shape)}")
+    check_layer_params(fn, type(layer).__name__, layer)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: x must be a Tensor of the layer's calibration inputs, got {type(x).__name__}")
+    check_finite(fn, "the calibration input x", x.detach(), "calibration inputs must be finite")
     x = x.detach().to(torch.float32)  # the grid search runs in float32 (weights and SVD in float64)
     ximin = float(x.min()) if input_min is None else float(input_min)
     if unsigned is None:
@@ -322,6 +395,7 @@ def mixdq_allocate_bits(sens: dict[str, dict[int, float]], sizes: dict[str, int]
     Returns:
         ``{layer: bits}``.
     """
+    avg_bits = as_real("mixdq_allocate_bits", "avg_bits", avg_bits, what="a finite number (mean bits per parameter)")
     names = list(sens)
     if not names:
         return {}
@@ -398,7 +472,11 @@ def _quantize_mixdq(model: nn.Module, layers: dict[str, nn.Module], stats: dict[
     with torch.no_grad():
         ref = [model(*a, **k) for a, k in calls]
     if not all(isinstance(r, torch.Tensor) for r in ref):
-        raise ValueError("w4a8 sensitivity analysis needs a model whose forward returns a Tensor")
+        raise ValueError("quantize: w4a8 sensitivity analysis needs a model whose forward returns a Tensor")
+    if not all(bool(torch.isfinite(r).all()) for r in ref):
+        raise ValueError("quantize: the full-precision model's output on the recorded calibration calls is not "
+                         "finite (NaN or inf); w4a8's sensitivity analysis needs finite outputs (check the model's "
+                         "parameters, also those of layers kept in float, and calib_data)")
     ranges = {n: ema_range(s.batch_min, s.batch_max, opts["ema_momentum"]) for n, s in stats.items()}
     wq = {n: {b: quantize_symmetric(m.weight.detach(), b, dim=tuple(range(1, m.weight.ndim))) for b in bits_choices}
           for n, m in layers.items()}
@@ -433,6 +511,49 @@ def _quantize_mixdq(model: nn.Module, layers: dict[str, nn.Module], stats: dict[
 # ----------------------------------------------------------------------------------------------------------------
 # entry point
 
+
+def _check_options(scheme: str, opts: dict) -> dict:
+    """``opts`` (defaults merged with the user's options) checked up front; numpy / torch scalars converted."""
+    fn = "quantize"
+    opts["skip"] = patterns(fn, "skip", opts["skip"])
+    if scheme == "w4a8":
+        what = "a non-empty sequence of weight bit widths, each an integer in [2, 16], e.g. (2, 4, 8)"
+        choices = opts["weight_bits_choices"]
+        items = as_sequence(fn, "weight_bits_choices", choices, what)
+        if not items:
+            raise ValueError(f"{fn}: weight_bits_choices must be {what}, got {choices!r}")
+        checked = []
+        for b in items:
+            try:
+                checked.append(as_int(fn, "weight_bits_choices", b, 2, 16))
+            except ValueError:
+                raise ValueError(f"{fn}: weight_bits_choices must be {what}; got {choices!r} ({b!r} is not)") from None
+        if not (isinstance(choices, (list, tuple)) and all(type(b) is int for b in choices)):
+            opts["weight_bits_choices"] = tuple(checked)
+        opts["act_bits"] = as_int(fn, "act_bits", opts["act_bits"], 2, 16)
+        opts["avg_weight_bits"] = as_real(
+            fn, "avg_weight_bits", opts["avg_weight_bits"], min(checked),
+            what=f"a finite number >= the smallest of weight_bits_choices ({min(checked)}): the budget on the "
+                 "parameter-weighted mean weight bits")
+        opts["ema_momentum"] = as_real(fn, "ema_momentum", opts["ema_momentum"], 0, 1, hi_open=True)
+        opts["float_act_fraction"] = as_real(fn, "float_act_fraction", opts["float_act_fraction"], 0, 1)
+        opts["sensitivity_calls"] = as_int(fn, "sensitivity_calls", opts["sensitivity_calls"], 1,
+                                           what="an integer >= 1 (model calls replayed for the sensitivity analysis)")
+        opts["sensitivity_rows"] = as_int(fn, "sensitivity_rows", opts["sensitivity_rows"], 0,
+                                          what="an integer >= 0 (batch rows kept per replayed call; 0 keeps all)")
+    else:
+        (opts["weight_bits"], opts["act_bits"], opts["group_size"], opts["lowrank_iters"],
+         opts["alphas"]) = _svdquant_args(fn, opts["weight_bits"], opts["act_bits"], opts["group_size"],
+                                          opts["lowrank_iters"], opts["alphas"])
+        if opts["rank"] is not None:
+            opts["rank"] = as_int(fn, "rank", opts["rank"], 0, what="None or an integer >= 0 (clipped to each "
+                                  "layer's min(out, fan_in))")
+        opts["rank_fraction"] = as_real(fn, "rank_fraction", opts["rank_fraction"], 0, 1)
+        opts["budget"] = as_int(fn, "budget", opts["budget"], 1,
+                                what="an integer >= 1 (activation elements kept per layer for the grid search)")
+    return opts
+
+
 _DEFAULTS = {
     "w4a8": dict(avg_weight_bits=4.0, weight_bits_choices=(2, 4, 8), act_bits=8, ema_momentum=0.95,
                  float_act_fraction=0.01, sensitivity_calls=4, sensitivity_rows=8, skip=MIXDQ_SKIP, budget=1),
@@ -465,16 +586,20 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, *, reconstru
             :func:`qdrift.quant.record_calib_samples`), which then also drives the scheme's own calibration.
         reconstruction_options: a :class:`qdrift.quant.ReconConfig` or a dict of its fields (iters, batch_size,
             lr, seed, progress, groups, gac_steps, ...).
-        **options: scheme settings (defaults in brackets).
-            Common: ``skip`` [scheme list] regexes of name components to keep in float.
+        **options: scheme settings (defaults in brackets). Numbers may be Python, numpy or 0-d torch scalars;
+            bit widths are integers in [2, 16].
+            Common: ``skip`` [scheme list] regexes of name components to keep in float (a string or a sequence
+            of strings; ``()`` keeps nothing in float).
             w4a4/w3a4: ``weight_bits`` [4/3], ``act_bits`` [4], ``group_size`` [64], ``rank`` [None: use
-            ``rank_fraction``], ``rank_fraction`` [1/16], ``lowrank_iters`` [2], ``alphas`` [0, 0.1, ..., 1],
+            ``rank_fraction``; clipped to each layer's ``min(out, fan_in)``], ``rank_fraction`` [1/16] in [0, 1],
+            ``lowrank_iters`` [2] >= 1, ``alphas`` [0, 0.1, ..., 1] smoothing exponents in [0, 1],
             ``budget`` [2**18] activation elements kept per layer (evenly over the calibration calls) for the
             SVDQuant grid search (w4a8 keeps only activation ranges, so it rejects ``budget``).
-            w4a8: ``avg_weight_bits`` [4.0], ``weight_bits_choices`` [(2, 4, 8)], ``act_bits`` [8],
-            ``ema_momentum`` [0.95], ``float_act_fraction`` [0.01], ``sensitivity_calls`` [4] recorded model
-            calls replayed for the sensitivity analysis, ``sensitivity_rows`` [8] batch rows kept per replayed call
-            (evenly spaced; tensors whose first dim equals the first argument's batch size are sliced).
+            w4a8: ``avg_weight_bits`` [4.0] (at least the smallest choice), ``weight_bits_choices`` [(2, 4, 8)],
+            ``act_bits`` [8], ``ema_momentum`` [0.95] in [0, 1), ``float_act_fraction`` [0.01] in [0, 1],
+            ``sensitivity_calls`` [4] (>= 1) recorded model calls replayed for the sensitivity analysis,
+            ``sensitivity_rows`` [8] batch rows kept per replayed call (evenly spaced; 0 keeps every row; tensors
+            whose first dim equals the first argument's batch size are sliced).
 
     Returns:
         The quantized copy, in eval mode, with a ``qdrift_quant`` dict attribute: ``scheme``, ``options`` and a
@@ -483,21 +608,27 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, *, reconstru
         ``reconstruction`` (:func:`qdrift.quant.reconstruct.reconstruct`'s report).
 
     Raises:
-        ValueError: unknown scheme or option, bad option value, empty calibration data, no quantizable layer.
+        ValueError: unknown scheme or option; a bad option value (checked before any calibration; the message
+            names the option, the value and what is expected); empty calibration data; no quantizable layer (the
+            message says whether the model has no Linear/Conv2d layer at all or the skip list matched them all);
+            NaN or inf in a quantized layer's weight or bias, or in a quantized layer's calibration input (named);
+            format schemes: see :func:`qdrift.quant.formats.quantize_format`.
         ImportError: a format scheme whose library is not installed.
     """
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise ValueError(f"quantize: unknown scheme {scheme!r}; expected one of {SCHEMES}")
     if reconstruction is not None:
-        if reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"unknown reconstruction {reconstruction!r}; expected None or one of {RECONSTRUCTIONS}")
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        if not isinstance(reconstruction, str) or reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"quantize: unknown reconstruction {reconstruction!r}; expected None or one of "
+                             f"{RECONSTRUCTIONS}")
         if not isinstance(calib_data, CalibSamples):
-            raise ValueError(f"reconstruction={reconstruction!r} needs calib_data as qdrift.quant.CalibSamples "
-                             "(timestep-tagged inputs recorded from full-precision sampler trajectories, e.g. "
-                             f"record_calib_samples(model, run)), got {type(calib_data).__name__}")
+            raise ValueError(f"quantize: reconstruction={reconstruction!r} needs calib_data as "
+                             "qdrift.quant.CalibSamples (timestep-tagged inputs recorded from full-precision sampler "
+                             "trajectories, e.g. record_calib_samples(model, run)), got "
+                             f"{type(calib_data).__name__}")
         if scheme in FORMAT_SCHEMES and scheme not in RECON_FORMATS:
-            raise ValueError(f"reconstruction is not supported for scheme {scheme!r} (its grid is not read back from "
-                             f"its library); it is for {', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
+            raise ValueError(f"quantize: reconstruction is not supported for scheme {scheme!r} (its grid is not read "
+                             f"back from its library); it is for {', '.join(SIMULATED_SCHEMES + RECON_FORMATS)}")
         recon_cfg = ReconConfig.from_options(reconstruction_options)
         qmodel = quantize(model, scheme, calib_data, **options)
         was_training = model.training
@@ -508,47 +639,36 @@ def quantize(model: nn.Module, scheme: str, calib_data: Any = None, *, reconstru
             model.train(was_training)
         return qmodel
     if reconstruction_options is not None:
-        raise ValueError("reconstruction_options given without a reconstruction ('brecq' or 'gac')")
+        raise ValueError("quantize: reconstruction_options given without a reconstruction ('brecq' or 'gac')")
     if scheme in FORMAT_SCHEMES:
-        return quantize_format(model, scheme, **options)
-    if scheme not in _DEFAULTS:
-        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEMES}")
+        return _quantize_format(model, scheme, options, "quantize")
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ValueError(f"quantize: model must be an nn.Module, got {type(model).__name__}")
     if scheme == "w4a8" and "budget" in options:
-        raise ValueError("budget (activation elements kept per layer for the SVDQuant grid search) applies to w4a4 "
-                         "and w3a4 only; w4a8 keeps only per-layer activation ranges")
+        raise ValueError("quantize: budget (activation elements kept per layer for the SVDQuant grid search) applies "
+                         "to w4a4 and w3a4 only; w4a8 keeps only per-layer activation ranges")
     unknown = set(options) - set(_DEFAULTS[scheme])
     if unknown:
-        raise ValueError(f"unknown options for {scheme}: {sorted(unknown)}; valid: {sorted(_DEFAULTS[scheme])}")
+        raise ValueError(f"quantize: unknown options for {scheme}: {sorted(unknown)}; "
+                         f"valid: {sorted(_DEFAULTS[scheme])}")
     if calib_data is None:
-        raise ValueError(f"scheme {scheme!r} needs calib_data (a callable running the model, a Tensor, or an iterable)")
-    opts = dict(_DEFAULTS[scheme], **options)
-    if isinstance(opts["skip"], str):
-        opts["skip"] = (opts["skip"],)
+        raise ValueError(f"quantize: scheme {scheme!r} needs calib_data (a callable running the model, a Tensor, or an "
+                         "iterable)")
+    opts = _check_options(scheme, dict(_DEFAULTS[scheme], **options))
 
     was_training = model.training
     model.eval()
     try:
         layers = quantizable_layers(model, opts["skip"])
         if not layers:
-            raise ValueError("no quantizable Linear/Conv2d layer left after the skip list")
+            raise ValueError(_no_layer_message(model, opts["skip"]))
+        for name, mod in layers.items():
+            check_layer_params("quantize", name, mod)
         if scheme == "w4a8":
-            if opts["act_bits"] < 2 or not 0 <= opts["float_act_fraction"] <= 1:
-                raise ValueError("act_bits must be >= 2 and float_act_fraction in [0, 1]")
-            for b in opts["weight_bits_choices"]:
-                signed_qmax(b)
             stats, recorder = _collect(model, layers, calib_data, 1, max_calls=opts["sensitivity_calls"])
             recorder.calls = [_slice_rows(c, opts["sensitivity_rows"]) for c in recorder.calls]
             qmodel, report = _quantize_mixdq(model, layers, stats, recorder, opts)
         else:
-            for key in ("group_size", "act_bits", "weight_bits"):
-                if not isinstance(opts[key], int) or opts[key] < 1:
-                    raise ValueError(f"{key} must be a positive integer, got {opts[key]!r}")
-            signed_qmax(opts["weight_bits"])
-            signed_qmax(opts["act_bits"])
-            if opts["rank"] is None and not 0 <= opts["rank_fraction"] <= 1:
-                raise ValueError(f"rank_fraction must be in [0, 1], got {opts['rank_fraction']}")
             stats, _ = _collect(model, layers, calib_data, opts["budget"])
             qmodel = copy.deepcopy(model)
             report = {}
