@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import os
 import stat
@@ -298,6 +299,12 @@ def flow_sde_sigmas(sigmas: torch.Tensor, start: Optional[float] = None) -> torc
     by ``start`` (default ``1 - 1e-4``; ComfyUI uses its model's ``percent_to_sigma(1e-4)``). Other schedules are
     returned as they are.
     """
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        raise ValueError(f"flow_sde_sigmas: sigmas must be a 1-D tensor, got "
+                         f"{tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__}")
+    if start is not None and not (isinstance(start, numbers.Real) and not isinstance(start, bool)
+                                  and 0 < start < math.inf):
+        raise ValueError(f"flow_sde_sigmas: start must be a finite number > 0, got {start!r}")
     if sigmas.numel() < 2 or float(sigmas[0]) < 1:
         return sigmas
     sigmas = sigmas.clone()

@@ -199,3 +199,15 @@ def test_directory_and_one_channel_calibrations_are_refused_naming_the_file(tmp_
     check_calibration_channels(one, 1, source="one.safetensors")  # its own channel count passes
     with pytest.raises(ValueError, match="channels must be an integer >= 1, got 'abc'"):
         check_calibration_channels(one, "abc", source="one.safetensors")
+
+
+def test_flow_sde_sigmas_names_bad_input():
+    """A list or a 2-D schedule used to fail with a bare torch or attribute error."""
+    from qdrift.hosts import flow_sde_sigmas
+
+    for bad in ([1.0, 0.5, 0.0], torch.ones(2, 3)):
+        with pytest.raises(ValueError, match="flow_sde_sigmas: sigmas must be a 1-D tensor"):
+            flow_sde_sigmas(bad)
+    with pytest.raises(ValueError, match="start must be a finite number > 0"):
+        flow_sde_sigmas(torch.tensor([1.0, 0.5, 0.0]), float("nan"))
+    assert float(flow_sde_sigmas(torch.tensor([1.0, 0.5, 0.0]))[0]) == pytest.approx(1 - 1e-4)
