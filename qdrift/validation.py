@@ -57,6 +57,17 @@ def flag(value) -> Optional[bool]:
     return None
 
 
+def _integer(value) -> Optional[int]:
+    """``value`` as an int if it is an integer (not a bool; numpy integers and a 0-d integer tensor count), else
+    None."""
+    if isinstance(value, torch.Tensor):
+        ok = value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        return int(value) if ok else None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
 def _real(value) -> Optional[float]:
     """``value`` as a float if it is a real number (not a bool; a 0-d real tensor counts), else None."""
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:

@@ -203,9 +203,9 @@ def match_moments(
     if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
     bands = int(bands)
-    if flag(mean) is None or flag(gain) is None:
-        name, value = ("mean", mean) if flag(mean) is None else ("gain", gain)
-        raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
+    for name, value in (("mean", mean), ("gain", gain)):
+        if flag(value) is None:
+            raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
     mean, gain = flag(mean), flag(gain)
     started = time.time()
     sums: Dict[int, List] = {}

@@ -10,7 +10,6 @@ outputs the schedulers see are taken after classifier-free guidance, as in the p
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -18,7 +17,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..calib.calibration import REDUCES, Calibration
 from ..calib.trace import PairedTrace, PairedTraceError
-from ..validation import flag
+from ..validation import _integer, _real, flag
 from .schedulers import (
     QDriftEulerDiscreteScheduler,
     QDriftFlowMatchEulerDiscreteScheduler,
@@ -185,20 +184,14 @@ def _call_args(what: str, args: Mapping) -> Dict[str, Any]:
 
 def _int_arg(name: str, value: Any, minimum: Optional[int] = None) -> int:
     """``value`` as a Python int (numpy integers accepted; bools and floats refused)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (minimum is not None and value < minimum):
+    v = _integer(value)
+    if v is None or (minimum is not None and v < minimum):
         raise ValueError(f"calibrate_pipeline: {name} must be an int{_at_least(minimum)}, got {value!r}")
-    return int(value)
+    return v
 
 
 def _at_least(minimum: Optional[int]) -> str:
     return "" if minimum is None else f" >= {minimum}"
-
-
-def _real_arg(value: Any) -> Optional[float]:
-    """``value`` if it is a real number other than a bool (a numpy one as a Python float), else None."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return None
-    return value if isinstance(value, (int, float)) else float(value)
 
 
 def _flag_arg(name: str, value: Any) -> bool:
@@ -275,7 +268,7 @@ def calibrate_pipeline(
         )
     num_inference_steps = _int_arg("num_inference_steps", num_inference_steps, 1)
     if guidance_scale is not None:
-        g = _real_arg(guidance_scale)
+        g = _real(guidance_scale)
         if g is None or not math.isfinite(g):
             raise ValueError(
                 f"calibrate_pipeline: guidance_scale must be a finite number or None, got {guidance_scale!r}"
@@ -293,7 +286,7 @@ def calibrate_pipeline(
         )
     conditional = _flag_arg("conditional", conditional)
     if trim is not None:
-        t = _real_arg(trim)
+        t = _real(trim)
         if t is None or not t >= 0:  # NaN fails the comparison
             raise ValueError(
                 f"calibrate_pipeline: trim must be None or a number >= 0 (standard deviations; 0: no trimming), "

@@ -15,6 +15,7 @@ import torch
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
 from ..samplers import REGISTRY, SAMPLERS, sampler_info, sampler_names
+from ..validation import _integer
 
 __all__ = [
     "SAMPLER_LABELS",
@@ -73,13 +74,10 @@ def host_seed(seed: Any, who: str = "seeded_noise_factory") -> int:
     Raises:
         ValueError: for anything else (a float such as 1.5, a string, a bool), naming the value.
     """
-    value = seed
-    if isinstance(seed, torch.Tensor) and seed.ndim == 0 and not seed.is_floating_point() and not seed.is_complex() \
-            and seed.dtype != torch.bool:
-        value = int(seed)
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    value = _integer(seed)
+    if value is None:
         raise ValueError(f"{who}: the seed must be an integer (any 64-bit value; it is used modulo 2**64), got {seed!r:.80}")
-    return int(value) % SEED_RANGE
+    return value % SEED_RANGE
 
 
 def _check_extra_args(who: str, extra_args: Any) -> Dict[str, Any]:

@@ -1,37 +1,26 @@
 """Argument and input checks of :mod:`qdrift.quant`'s entry points.
 
 Every refusal is a ``ValueError`` that names the function, the argument, the bad value and what is expected.
-Numbers may be Python, numpy or 0-d torch scalars; booleans are never numbers. A valid Python value is returned
-unchanged (so that valid calls compute exactly what they computed before the checks), anything else converted.
+Numbers may be Python, numpy or 0-d torch scalars (read by :mod:`qdrift.validation`'s scalar helpers, as the core
+reads them); booleans are never numbers.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..validation import flag
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+from ..validation import _integer, _real, flag
 
 
 def as_int(fn: str, name: str, value: Any, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
     """``value`` as an ``int`` in ``[lo, hi]`` (``None``: unbounded), else ``ValueError``."""
-    v = None
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
-            v = int(value)
-    elif isinstance(value, numbers.Integral) and not _is_bool(value):
-        v = int(value)
+    v = _integer(value)
     if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
         if not what:
             what = ("an integer" if lo is None and hi is None else f"an integer >= {lo}" if hi is None
@@ -43,12 +32,7 @@ def as_int(fn: str, name: str, value: Any, lo: int | None = None, hi: int | None
 def as_real(fn: str, name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
             hi_open: bool = False, what: str = "") -> float:
     """``value`` as a finite real in ``[lo, hi]`` (``[lo, hi)`` with ``hi_open``), else ``ValueError``."""
-    v = None
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool:
-            v = float(value)
-    elif isinstance(value, numbers.Real) and not _is_bool(value):
-        v = value if type(value) in (int, float) else float(value)
+    v = _real(value)
     ok = v is not None and math.isfinite(v) and (lo is None or v >= lo) and (
         hi is None or (v < hi if hi_open else v <= hi))
     if not ok:
