@@ -299,7 +299,7 @@ class DriftPlan:
             return model
         from .calib.calibration import interpolate_log_sigma
 
-        cal, cache, strength, bound = self.em_cal, self._cache, self.strength, self._bound_gain
+        cal, cache, strength, bound = self.em_cal, self._cache, self._output_strength(), self._bound_gain
         if ("gain", self.bands) not in cache:
             em = cal.error_model(cal.sigmas, gain=True)
             cache[("gain", self.bands)] = torch.stack([em["k"], em["j"], em["b"]], 1)  # [S, 3, units]
@@ -307,7 +307,7 @@ class DriftPlan:
 
         def gain_at(levels: tuple, x: torch.Tensor):
             """``(k, j, b)`` ``[B or 1, units]`` at the call's levels on x's device (kept with the calibration)."""
-            key = ("gain at", self.bands, strength, levels, x.device)
+            key = ("gain at", self.bands, self.strength, levels, x.device)
             if key not in cache:
                 query = torch.tensor(levels, dtype=torch.float64)
                 kjb = bound(interpolate_log_sigma(table, cal.sigmas, query) * strength)
@@ -333,6 +333,14 @@ class DriftPlan:
             if hasattr(model, attr):
                 setattr(corrected, attr, getattr(model, attr))
         return corrected
+
+    def _output_strength(self):
+        """What the output's gain, state term and bias are scaled by: the strength, times the measured share of the
+        correction per unit where a sizing measured it (:attr:`qdrift.Calibration.output_scale`)."""
+        share = self.cal.output_scale if self.cal is not None else None
+        if share is None:
+            return self.strength
+        return self.strength * share.repeat_interleave(self.bands)[None, None, :]
 
     @staticmethod
     def _bound_gain(kjb: torch.Tensor) -> torch.Tensor:
@@ -367,7 +375,8 @@ class DriftPlan:
         if not self.gain:
             return inc
         em = self.em_cal.error_model(torch.tensor([float(sigma)], dtype=torch.float64), gain=True)
-        k, j, b = self._bound_gain(torch.stack([em[key] for key in ("k", "j", "b")], 1) * self.strength).unbind(1)
+        k, j, b = self._bound_gain(torch.stack([em[key] for key in ("k", "j", "b")], 1)
+                                   * self._output_strength()).unbind(1)
         j = j if bool((j != 0).any()) else None
         ct = compute_dtype(inc)
         return self._remove_gain(inc.to(ct), x.to(ct) * (float(h) / float(sigma)), k, j, b * float(h)).to(inc.dtype)

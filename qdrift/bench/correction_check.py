@@ -105,9 +105,15 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
 
 def _factor_text(cal: qdrift.Calibration) -> str:
     """A sized calibration's factor per channel: raw +- standard error -> the one sampling uses."""
-    raw, se = cal.drift_scale_estimate()
-    return "[" + ", ".join(f"{r:.3f} +- {e:.3f} -> {u:.3f}"
-                           for r, e, u in zip(raw.tolist(), se.tolist(), cal.drift_scale.tolist())) + "]"
+    def text(estimate, used):
+        raw, se = estimate
+        return "[" + ", ".join(f"{r:.3f} +- {e:.3f} -> {u:.3f}" for r, e, u in zip(raw.tolist(), se.tolist(),
+                                                                                  used.tolist())) + "]"
+
+    out = text(cal.drift_scale_estimate(), cal.drift_scale)
+    if cal.output_scale is not None:
+        out += f", output share {text(cal.output_scale_estimate(), cal.output_scale)}"
+    return out
 
 
 if __name__ == "__main__":

@@ -626,6 +626,8 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
             rows.append(variant_row(ev, block, var, images, feats, secs, use_secs, ref, fp, evalset, cfg))
             if var.sized:
                 rows[-1]["drift_scale"] = use.drift_scale.tolist()
+                if use.output_scale is not None:
+                    rows[-1]["output_scale"] = use.output_scale.tolist()
             if tuned is not None:
                 rows[-1].update(strength=tuned.strength, tune_mse={f"{k:g}": v for k, v in tuned.mse.items()})
             if var.name == "quantized":

@@ -37,6 +37,10 @@ MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FAC
 MAX_STATE_GAIN = 0.5  # |j| (the gain of the denoised output, see Calibration.error_model) is kept within this
 MAX_DRIFT_SCALE = 4.0  # Calibration.drift_scale is kept within [0, MAX_DRIFT_SCALE]
 DRIFT_SCALE_Z = 2.0  # Calibration.drift_scale departs from 1 only by more than this many standard errors
+# meta["drift_scale"]["output"]: the sizing noises' mean products of a = x_plain - x_fp and b = x_q - x_plain, then
+# the means of their pairwise products (Calibration.output_scale)
+OUTPUT_TERMS = ("aa", "ab", "bb", "aa_aa", "ab_ab", "bb_bb", "aa_ab", "aa_bb", "ab_bb")
+_OUTPUT_SIGNED = ("ab", "aa_ab", "ab_bb")
 
 
 class CalibrationFileError(ValueError):
@@ -86,6 +90,23 @@ def _check_drift_scale(info: Any, channels: int) -> None:
             f"{channels} finite numbers >= 0, one per channel), 'K' (an integer >= 1), and optionally "
             f"'measured_sq' (like 'measured') and 'z' (a finite number >= 0), got {info!r:.160}"
         )
+    output = info.get("output")
+    if output is not None and not (isinstance(output, dict) and all(
+            isinstance(output.get(key), list) and len(output[key]) == channels
+            and all(_is_real(x) and math.isfinite(x) and (key in _OUTPUT_SIGNED or x >= 0) for x in output[key])
+            for key in OUTPUT_TERMS)):
+        raise ValueError(
+            "Calibration: meta['drift_scale']['output'] must be an object with the lists "
+            f"{', '.join(OUTPUT_TERMS)} ({channels} finite numbers each, >= 0 except {', '.join(_OUTPUT_SIGNED)}), "
+            f"got {output!r:.160}"
+        )
+
+
+def _guarded(estimate: Tuple[torch.Tensor, torch.Tensor], z: float) -> torch.Tensor:
+    """A measured factor ``(raw, standard error)`` where it differs from 1 by more than ``z`` standard errors, else 1
+    (a NaN standard error, from a file that kept no spread: the raw factor)."""
+    raw, se = estimate
+    return torch.where(~((raw - 1).abs() <= z * se), raw, torch.ones_like(raw))
 
 
 def _levels(who: str, sigmas) -> torch.Tensor:
@@ -343,10 +364,50 @@ class Calibration:
         estimate = self.drift_scale_estimate()
         if estimate is None:
             return None
-        raw, se = estimate
-        z = float(self.meta["drift_scale"].get("z", DRIFT_SCALE_Z))
-        kept = ~((raw - 1).abs() <= z * se)  # NaN standard error (no spread kept): the raw factor
-        return torch.where(kept, raw, torch.ones_like(raw)).clamp(0, MAX_DRIFT_SCALE)
+        return _guarded(estimate, self._scale_z()).clamp(0, MAX_DRIFT_SCALE)
+
+    def _scale_z(self) -> float:
+        return float(self.meta["drift_scale"].get("z", DRIFT_SCALE_Z))
+
+    @property
+    def output_scale(self) -> Optional[torch.Tensor]:
+        """The measured share of method ``v2``'s output correction (its gain, state term and bias) per channel
+        ``[C]`` float64 within ``[0, 1]``, or None for a calibration whose sizing did not measure it
+        (:func:`qdrift.calib.size_drift` with ``output=True``, the default).
+
+        The correction is fitted step by step on the full-precision trajectory, and a network's errors at later
+        steps partly answer the deviations its earlier ones made (it re-denoises them), so removing every step's
+        fitted error can overshoot what the whole run accumulates. The sizing pass runs each of its noises three
+        ways: full precision, plain quantized, and quantized with the whole output correction (no drift). With
+        ``a = x_plain - x_fp`` and ``b = x_q - x_plain`` after every step (summed over the steps relative to the
+        full-precision state's variance, as :attr:`drift_scale`), a share ``s`` of the correction leaves the run
+        ``a + s b`` from the full-precision one to first order, whose mean square is least at
+        ``s = -<a b> / <b b>`` (the raw share; its standard error from the noises' spread,
+        :meth:`output_scale_estimate`). The share used is the raw one kept within ``[0, 1]`` where it differs
+        from 1 by more than ``z`` standard errors, else 1: the correction as fitted. :attr:`drift_scale` is then
+        measured at that share (``<|a + s b|^2>``).
+        """
+        estimate = self.output_scale_estimate()
+        if estimate is None:
+            return None
+        return _guarded(estimate, self._scale_z()).clamp(0, 1)
+
+    def output_scale_estimate(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The raw share of the output correction and its standard error per channel (``[C]`` float64 each), or
+        None (see :attr:`output_scale`). The standard error is the ratio estimator's over the ``K`` noises
+        (infinite for ``K = 1``); both are 1 and 0 where the correction moved no run."""
+        info = self.meta.get("drift_scale")
+        if info is None or "output" not in info:
+            return None
+        o = {key: torch.tensor(info["output"][key], dtype=torch.float64) for key in OUTPUT_TERMS}
+        moved = o["bb"] > 0
+        bb = torch.where(moved, o["bb"], torch.ones_like(o["bb"]))
+        raw = torch.where(moved, -o["ab"] / bb, torch.ones_like(bb))
+        K = int(info["K"])
+        # each noise's u = ab + s bb has mean 0 at the raw share; its spread gives the share's standard error
+        u2 = (o["ab_ab"] + 2 * raw * o["ab_bb"] + raw**2 * o["bb_bb"]).clamp(min=0)
+        se = (u2 / (K - 1)).sqrt() / bb if K >= 2 else torch.full_like(raw, float("inf"))
+        return raw, torch.where(moved, se, torch.zeros_like(se))
 
     def drift_scale_estimate(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """The sizing pass's raw factor and its standard error per channel (``[C]`` float64 each), or None
@@ -362,6 +423,13 @@ class Calibration:
         some = predicted > 0
         scale = predicted.where(some, torch.ones_like(predicted))
         K = int(info["K"])
+        share = self.output_scale
+        if share is not None:  # the accumulation at the output correction's share: |a + s b|^2 per noise
+            o = {key: torch.tensor(info["output"][key], dtype=torch.float64) for key in OUTPUT_TERMS}
+            measured = (o["aa"] + 2 * share * o["ab"] + share**2 * o["bb"]).clamp(min=0)
+            square = (o["aa_aa"] + 4 * share**2 * o["ab_ab"] + share**4 * o["bb_bb"] + 4 * share * o["aa_ab"]
+                      + 2 * share**2 * o["aa_bb"] + 4 * share**3 * o["ab_bb"])
+            info = dict(info, measured_sq=square.tolist())
         if "measured_sq" not in info:
             spread = torch.full_like(measured, float("nan"))
         elif K < 2:
@@ -779,11 +847,18 @@ def _merge_drift_scale(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]])
     if (a.get("sampler"), a.get("steps")) != (b.get("sampler"), b.get("steps")):
         return None, (f"the two were sized on different samplers or step counts ({a.get('sampler')} "
                       f"{a.get('steps')} vs {b.get('sampler')} {b.get('steps')})")
+    if ("output" in a) != ("output" in b):
+        return None, "only one of the two sizings measured the output correction's share (size_drift(output=True))"
     ka, kb = a["K"], b["K"]
+
+    def mix(x, y, keys):
+        return {key: [(ka * u + kb * v) / (ka + kb) for u, v in zip(x[key], y[key])] for key in keys}
+
     keys = ("measured", "predicted") + (("measured_sq",) if "measured_sq" in a and "measured_sq" in b else ())
-    mix = {key: [(ka * x + kb * y) / (ka + kb) for x, y in zip(a[key], b[key])] for key in keys}
     out = {k: v for k, v in a.items() if k != "measured_sq"}
-    return dict(out, K=ka + kb, **mix), ""
+    if "output" in a:
+        out["output"] = mix(a["output"], b["output"], OUTPUT_TERMS)
+    return dict(out, K=ka + kb, **mix(a, b, keys)), ""
 
 
 def _file_kind(mode: int) -> str:

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .calibration import DRIFT_SCALE_Z, Calibration
+from ..validation import flag
+from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
 
@@ -61,6 +63,7 @@ def size_drift(
     seed: int = 0,
     sampler_kwargs: Optional[Dict[str, Any]] = None,
     z: float = DRIFT_SCALE_Z,
+    output: bool = True,
 ) -> Calibration:
     """A copy of ``calibration`` whose v2 drift is sized to the accumulation measured on ``x`` (module docstring).
 
@@ -77,12 +80,15 @@ def size_drift(
         sampler_kwargs: further sampler options (``eta``, ``s_noise``, ...; not ``callback``).
         z: the factor departs from 1 only where it differs from 1 by more than ``z`` standard errors of its
             mean over the noises of ``x`` (kept in the file as ``meta["drift_scale"]["z"]``); 0 uses the raw
-            factor everywhere.
+            factor everywhere (and to the output correction's share, see ``output``).
+        output: also size v2's output correction (its gain, state term and bias; module docstring, "The output
+            correction"): one more run of the quantized model per batch, without any correction.
 
     Returns:
         The calibration with ``meta["drift_scale"]`` set: per channel the measured sum's mean over the
         noises and the mean of its square (``measured``, ``measured_sq``) and the predicted sum
-        (``predicted``), ``K``, ``z``, ``sampler``, ``steps`` and ``seconds``. Method ``v2`` (the
+        (``predicted``), ``K``, ``z``, ``sampler``, ``steps`` and ``seconds``; with ``output``, the statistics
+        of the output correction's share (``output``; :attr:`~qdrift.Calibration.output_scale`). Method ``v2`` (the
         default) then samples with ``V`` scaled by :attr:`~qdrift.Calibration.drift_scale`; the file format
         keeps it (:meth:`~qdrift.Calibration.save`), and :meth:`~qdrift.Calibration.merge` pools two sizings
         of the same sampler and step count.
@@ -97,14 +103,24 @@ def size_drift(
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs, seed)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
+    output = flag(output)
+    if output is None:
+        raise ValueError(f"size_drift: output must be True or False, got {output!r}")
     sizing = Accumulation("size_drift", len(sigmas) - 1)
     base = unsized(calibration)
+    runs = [("fp", model_fp, None)] + ([("plain", model_q, None)] if output else []) + [("q", model_q, base)]
     for b, xb, args in pass_batches("size_drift", calibration, x, extra_args, batch_size):
         after: Dict[str, List[torch.Tensor]] = {}
-        for label, model, V in (("fp", model_fp, None), ("q", model_q, base)):
+        for label, model, V in runs:
             seen: List[torch.Tensor] = []
-            options = dict(sampler_kwargs or {}, extra_args=args, disable=True,
-                           callback=lambda d, seen=seen: seen.append(d["x"].detach()))
+            first: List[torch.Tensor] = []
+
+            def callback(d, seen=seen, first=first):
+                seen.append(d["x"].detach())
+                if not first:
+                    first.append(d["denoised"].detach())
+
+            options = dict(sampler_kwargs or {}, extra_args=args, disable=True, callback=callback)
             if V is not None:
                 options["method"] = "v2"
             with recording() as plans, undrifted():
@@ -112,7 +128,10 @@ def size_drift(
             after[label] = sizing.states_after(label, seen, out)
             if V is not None:
                 trace = plans[-1].trace
-        sizing.add(after["fp"], after["q"], trace, calibration.channels)
+            elif label == "plain":  # the same call again: a model whose outputs are random cannot be paired
+                again = model_q(xb, sigmas[0].to(xb) * xb.new_ones([xb.shape[0]]), **(args or {}))
+                sizing.check_repeatable(first[0], again)
+        sizing.add(after["fp"], after["q"], trace, calibration.channels, after.get("plain"))
     return sizing.sized(calibration, info.name, z)
 
 
@@ -130,14 +149,27 @@ def unsized(calibration: Calibration) -> Calibration:
 class Accumulation:
     """What a sizing pass measures, batch by batch: each noise's mean square difference between the quantized
     and the full-precision state after every step, the full-precision state's variance, and the v2 plan's
-    prediction (:func:`size_drift`; :meth:`qdrift.calib.PairedTrace.size_sampler`)."""
+    prediction (:func:`size_drift`; :meth:`qdrift.calib.PairedTrace.size_sampler`). With the plain quantized
+    run's states as well, the differences are kept split as ``a = x_plain - x_fp`` and ``b = x_q - x_plain``
+    (their mean products ``a a``, ``a b``, ``b b``), which size the output correction."""
 
     def __init__(self, who: str, steps: int):
         self.who, self.steps, self.started = who, steps, time.time()
         self.fp = _Sums()
-        self.per_sample: List[torch.Tensor] = []  # per batch [S, B, C]
+        self.per_sample: List[torch.Tensor] = []  # per batch [S, B, C] (or [S, B, C, 3]: aa, ab, bb)
         self.predicted: Optional[torch.Tensor] = None
         self.count = 0
+        self.random = False  # the quantized model gave two outputs for one input (see check_repeatable)
+
+    def check_repeatable(self, first: torch.Tensor, again: torch.Tensor) -> None:
+        """Compares two outputs of the quantized model for the same input (the plain run's first call and a repeat
+        of it). The output correction's share is measured from paired runs, which a model with random outputs
+        (a planted-noise stand-in, dropout left on, stochastic rounding) does not give: the two quantized runs
+        would differ by the model's own randomness, and the share would read about 1/2 whatever the correction
+        does. Such a model keeps the share at 1 (:meth:`sized` warns)."""
+        diff = (first.double() - again.double()).pow(2).mean().sqrt()
+        if not bool(diff <= 1e-4 * first.double().pow(2).mean().sqrt()):
+            self.random = True
 
     def states_after(self, label: str, seen: List[torch.Tensor], out: torch.Tensor) -> List[torch.Tensor]:
         """The state after each step, from a run's callback states (before each step) and its result."""
@@ -146,11 +178,25 @@ class Accumulation:
         return seen[1:] + [out.detach()]
 
     def add(self, fp_after: List[torch.Tensor], q_after: List[torch.Tensor], trace: List[Dict[str, Any]],
-            channels: int) -> None:
-        """One batch: the two runs' states after each step and the undrifted v2 plan's trace."""
+            channels: int, plain_after: Optional[List[torch.Tensor]] = None) -> None:
+        """One batch: the runs' states after each step (full precision, output-corrected quantized and, to size
+        the output correction, plain quantized) and the undrifted v2 plan's trace."""
+        if self.per_sample and (plain_after is None) != (self.per_sample[0].ndim == 3):
+            raise ValueError(f"{self.who}: every sizing run must come with the plain quantized run's states, or none")
         self.fp.add(fp_after, fp_after)
-        self.per_sample.append(torch.stack([(q.double() - f.double()).reshape(*q.shape[:2], -1).pow(2).mean(2)
-                                            for q, f in zip(q_after, fp_after)]))
+
+        def mean_product(u, v):
+            return (u * v).reshape(*u.shape[:2], -1).mean(2)
+
+        rows = []
+        for i, (q, f) in enumerate(zip(q_after, fp_after)):
+            q, f = q.double(), f.double()
+            if plain_after is None:
+                rows.append(mean_product(q - f, q - f))
+            else:
+                a, b = plain_after[i].double() - f, q - plain_after[i].double()
+                rows.append(torch.stack([mean_product(a, a), mean_product(a, b), mean_product(b, b)], -1))
+        self.per_sample.append(torch.stack(rows))
         self.predicted = _predicted_by_step(trace, self.steps, channels)
         self.count += fp_after[0].shape[0]
 
@@ -163,10 +209,25 @@ class Accumulation:
         if not bool(rows.any()):
             raise ValueError(f"{self.who}: the {sampler} run's v2 plan predicted no step (is the calibration's "
                              "error model empty, or the schedule a single step to 0 with no variance?)")
-        # each sample's accumulation [K, C]: their mean is the measured sum, their spread its standard error
-        each = (torch.cat(self.per_sample, 1)[rows] / var_fp[rows].unsqueeze(1)).sum(0)
+        # each sample's accumulation [K, C] (or its parts [K, C, 3]): their mean is the measured sum, their
+        # spread its standard error
+        weight = var_fp[rows].unsqueeze(1)
+        per = torch.cat(self.per_sample, 1)[rows]
+        each = (per / (weight.unsqueeze(-1) if per.ndim == 4 else weight)).sum(0)
         expected = (self.predicted[rows] / var_fp[rows]).sum(0)
         meta = dict(calibration.meta)
+        info = {}
+        paired = per.ndim == 4
+        if paired:  # the corrected run's own: |a + b|^2 = aa + 2 ab + bb
+            parts, each = each, (each[..., 0] + 2 * each[..., 1] + each[..., 2]).clamp(min=0)
+        if paired and self.random:
+            warnings.warn(f"{self.who}: the quantized model's outputs differ between two calls on the same input, so "
+                          "its plain and corrected runs cannot be paired; the output correction is not sized (share "
+                          "1), the drift is", stacklevel=3)
+        elif paired:
+            info["output"] = {name: parts[..., i].mean(0).tolist() for i, name in enumerate(OUTPUT_TERMS[:3])}
+            for name, (i, j) in zip(OUTPUT_TERMS[3:], ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
+                info["output"][name] = (parts[..., i] * parts[..., j]).mean(0).tolist()
         meta["drift_scale"] = {
             "measured": each.mean(0).tolist(),
             "measured_sq": each.pow(2).mean(0).tolist(),
@@ -176,6 +237,7 @@ class Accumulation:
             "sampler": sampler,
             "steps": self.steps,
             "seconds": round(time.time() - self.started, 3),
+            **info,
         }
         return replace(calibration, meta=meta)
 

@@ -314,7 +314,8 @@ class PairedTrace:
         return run
 
     # ------------------------------------------------------------------ the optional third pass: sizing
-    def size_sampler(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z, atol: float = 1e-3):
+    def size_sampler(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z, atol: float = 1e-3,
+                     output: bool = True):
         """A k-diffusion sampler for a third pass that sizes Q-Drift v2's drift (:func:`qdrift.size_drift`) on
         the recorded runs; :meth:`sized` then gives the sized calibration.
 
@@ -322,13 +323,16 @@ class PairedTrace:
         drift (:func:`qdrift.plan.undrifted`), from the next recorded run's starting noise (same seed, size and
         schedule as the full-precision pass), and compares its state after every step with the recorded
         full-precision Euler state, as :func:`qdrift.size_drift` does with both models in hand. It returns its
-        own sample (the output-corrected quantized image). The sizing is kept in memory only (not in
+        own sample (the output-corrected quantized image). With ``output`` each call first samples the plain
+        quantized Euler run from the same noise as well (twice the model calls), which sizes the output
+        correction (:attr:`qdrift.Calibration.output_scale`). The sizing is kept in memory only (not in
         :meth:`save`); calling :meth:`size_sampler` again starts a new sizing.
 
         Args:
             calibration: the calibration of these runs (:meth:`calibration`; the options you sample with).
             z: see :func:`qdrift.size_drift`.
             atol: tolerance for the starting-noise check (as :meth:`q_sampler`).
+            output: also size the output correction (see :func:`qdrift.size_drift`).
 
         Returns:
             ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x_final``.
@@ -339,23 +343,32 @@ class PairedTrace:
         from ..plan import recording, undrifted
         from ..samplers import sample_euler_qdrift
 
+        output = flag(output)
+        if output is None:
+            raise ValueError("Q-Drift calibration (sizing pass): output must be True or False")
         base = self.begin_sizing(calibration, z=z)
         who = "Q-Drift calibration (sizing pass)"
 
         @torch.no_grad()
         def sample_qdrift_size_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
             self._recorded_run(self.sized_runs, x, sigmas, who, atol, "sized")
-            seen: List[torch.Tensor] = []
 
-            def record(info):
-                seen.append(info["x"].detach().to("cpu", torch.float32))
-                if callback is not None:
-                    callback(info)
+            def states(V, report):
+                seen: List[torch.Tensor] = []
 
-            with recording() as plans, undrifted():
-                out = sample_euler_qdrift(model, x, sigmas, base, extra_args=extra_args, callback=record,
-                                          disable=disable, method="v2")
-            self.add_sized_run(seen + [out.detach().to("cpu", torch.float32)], plans[-1].trace)
+                def record(info):
+                    seen.append(info["x"].detach().to("cpu", torch.float32))
+                    if report and callback is not None:
+                        callback(info)
+
+                with recording() as plans, undrifted():
+                    out = sample_euler_qdrift(model, x, sigmas, V, extra_args=extra_args, callback=record,
+                                              disable=disable, **({"method": "v2"} if V is not None else {}))
+                return seen + [out.detach().to("cpu", torch.float32)], plans, out
+
+            plain = states(None, False)[0] if output else None
+            seen, plans, out = states(base, True)
+            self.add_sized_run(seen, plans[-1].trace, plain)
             return out
 
         return sample_qdrift_size_q
@@ -378,12 +391,16 @@ class PairedTrace:
         if not isinstance(calibration, Calibration):
             raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
         check_z(who, z)
-        self._sizing = {"calibration": calibration, "z": float(z), "runs": 0, "sums": Accumulation(who, self.steps)}
+        self._sizing = {"calibration": calibration, "z": float(z), "runs": 0, "plain": None,
+                        "sums": Accumulation(who, self.steps)}
         return unsized(calibration)
 
-    def add_sized_run(self, states: Sequence[torch.Tensor], plan_trace: List[Dict[str, Any]]) -> None:
+    def add_sized_run(self, states: Sequence[torch.Tensor], plan_trace: List[Dict[str, Any]],
+                      plain: Optional[Sequence[torch.Tensor]] = None) -> None:
         """Adds the next sizing run: its states before each step and its result (``S + 1`` tensors
-        ``[B, C, ...]``, the recorded run's layout) and its v2 plan's ``trace``.
+        ``[B, C, ...]``, the recorded run's layout) and its v2 plan's ``trace``; ``plain``: the same for the plain
+        quantized Euler run from the same noise (no correction), which sizes the output correction
+        (:attr:`qdrift.Calibration.output_scale`; give it for every run of a sizing or for none).
 
         Raises:
             PairedTraceError: before :meth:`begin_sizing`, past the last recorded run, or for states that do not
@@ -396,14 +413,26 @@ class PairedTrace:
         if not states:
             raise PairedTraceError(f"{who}: no states given")
         run = self._recorded_run(sizing["runs"], states[0], self.sigmas, who, 1e-3, "sized")
-        if len(states) != self.steps + 1 or any(tuple(t.shape) != tuple(run["final"].shape) for t in states):
-            raise PairedTraceError(
-                f"{who}: expected {self.steps + 1} states of shape {tuple(run['final'].shape)} (before each step, "
-                f"then the result), got {len(states)} of shapes {sorted({tuple(t.shape) for t in states})}"
-            )
-        states = [t.detach().to("cpu", torch.float32) for t in states]
+        runs = {"sizing run": states} if plain is None else {"sizing run": states, "plain run": plain}
+        for name, given in runs.items():
+            if (not isinstance(given, (list, tuple)) or len(given) != self.steps + 1
+                    or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(run["final"].shape)
+                           for t in given)):
+                shapes = sorted({tuple(getattr(t, "shape", ())) for t in given}) if isinstance(given, (list, tuple)) else given
+                raise PairedTraceError(
+                    f"{who}: the {name} needs {self.steps + 1} states of shape {tuple(run['final'].shape)} (before "
+                    f"each step, then the result), got {len(given) if isinstance(given, (list, tuple)) else 0} "
+                    f"of shapes {shapes!r:.120}"
+                )
+        if plain is not None:
+            self._recorded_run(sizing["runs"], plain[0], self.sigmas, who, 1e-3, "sized")
+        if sizing["runs"] and sizing["plain"] != (plain is not None):
+            raise PairedTraceError(f"{who}: give the plain run's states with every sizing run of a sizing, or with none")
+        sizing["plain"] = plain is not None
+        cpu = lambda ts: [t.detach().to("cpu", torch.float32) for t in ts]  # noqa: E731
         fp_after = list(run["x"][1:]) + [run["final"]]
-        sizing["sums"].add(fp_after, states[1:], plan_trace, sizing["calibration"].channels)
+        sizing["sums"].add(fp_after, cpu(states)[1:], plan_trace, sizing["calibration"].channels,
+                           None if plain is None else cpu(plain)[1:])
         sizing["runs"] += 1
 
     @property

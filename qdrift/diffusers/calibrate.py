@@ -243,9 +243,10 @@ def calibrate_pipeline(
         progress: show the pipelines' progress bars.
         bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`); only for latents
             with a spatial grid after the channel axis (``channel_dim=1``); packed latents get none.
-        size_drift: then run the quantized pipeline ``K`` more times, with the Q-Drift Euler scheduler of its
-            family, v2's output correction and no drift, from the same seeds, and size v2's drift by what those
-            runs accumulate against the full-precision ones (:func:`qdrift.size_drift`;
+        size_drift: then run the quantized pipeline ``2 K`` more times from the same seeds, with the Q-Drift
+            Euler scheduler of its family and no drift, plain and with v2's output correction, and size v2's
+            output correction and drift by what those runs accumulate against the full-precision ones
+            (:func:`qdrift.size_drift`; :attr:`qdrift.Calibration.output_scale`,
             :attr:`qdrift.Calibration.drift_scale`).
 
     Returns:
@@ -366,14 +367,18 @@ def _size(trace: PairedTrace, cal: Calibration, q_pipe: Any, runs: List[Dict[str
 
     base = trace.begin_sizing(cal)
     for k, kwargs in enumerate(runs):
-        sizer = size_cls.from_config(config).set_calibration(base, channel_dim=channel_dim, method="v2")
-        sizer._size_begin(channel_dim)
-        q_pipe.scheduler = sizer
-        with recording() as plans, undrifted():
-            q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
+        states = []
+        for strength in (0.0, 1.0):  # the plain run (sizes the output correction), then the output-corrected one
+            sizer = size_cls.from_config(config).set_calibration(base, channel_dim=channel_dim, method="v2",
+                                                                 strength=strength)
+            sizer._size_begin(channel_dim)
+            q_pipe.scheduler = sizer
+            with recording() as plans, undrifted():
+                q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
+            states.append(sizer._size_states)
         if not plans:
             raise PairedTraceError("the quantized pipeline's sizing run made no Q-Drift step")
-        trace.add_sized_run(sizer._size_states, plans[-1].trace)
+        trace.add_sized_run(states[1], plans[-1].trace, plain=states[0])
     return trace.sized()
 
 
