@@ -203,11 +203,11 @@ def test_a_factor_carried_by_one_noise_of_five_is_not_applied(cals):
         exact = DATA(x, sigma, **kwargs)
         return exact + weight.to(x) * (planted(x, sigma, **kwargs) - exact)
 
-    sized = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS)
+    sized = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS, output=False)
     raw, se = sized.drift_scale_estimate()
     assert bool(((raw > 1.5) & (raw < 2.1)).all()) and bool(((se > 0.7 * raw) & (se < 1.3 * raw)).all()), (raw, se)
     assert sized.drift_scale.tolist() == [1.0, 1.0, 1.0]
-    unguarded = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS, z=0)
+    unguarded = qdrift.size_drift(cals[0.1], DATA, one_noisy_sample, X_CAL, SIGMAS, z=0, output=False)
     assert torch.equal(unguarded.drift_scale, unguarded.drift_scale_estimate()[0])
     assert bool(((unguarded.drift_scale > 1.4) & (unguarded.drift_scale < 2.4)).all())
 
@@ -268,6 +268,9 @@ def test_a_hosts_third_pass_sizes_like_size_drift():
     assert info["K"] == 5 and info["sampler"] == "euler" and info["steps"] == 20
     for key in ("measured", "measured_sq", "predicted"):
         assert info[key] == pytest.approx(ref[key], rel=1e-4), key
+    for key in ref["output"]:  # the plain run of each call sizes the output correction alike
+        assert info["output"][key] == pytest.approx(ref["output"][key], rel=1e-3, abs=1e-12), key
+    assert sized.output_scale.tolist() == pytest.approx(direct.output_scale.tolist(), rel=1e-3)
     assert torch.equal(sized.V, cal.V) and "drift_scale" not in cal.meta
     with undrifted():
         again = qdrift.sample_euler_qdrift(_deterministic_q, parts[0], SIGMAS, cal, method="v2", disable=True)
@@ -302,3 +305,127 @@ def test_sizing_takes_latents_without_spatial_axes(cals):
     flat = X_CAL[:, :, 0, 0]
     sized = qdrift.size_drift(cals[0.1], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), flat, SIGMAS, "euler")
     assert sized.drift_scale.shape == (3,) and bool(torch.isfinite(sized.drift_scale).all())
+
+
+# -- the output correction's share (size_drift(output=True)) ---------------------------------------------------
+def _gain_bias_q(x, sigma, **kwargs):
+    """A deterministic quantized stand-in with a planted gain and bias (d_hat = 1.1 d + 0.05): v2's output
+    correction removes them exactly."""
+    return PlantedErrorDenoiser(DATA, gain=0.1, bias=0.05)(x, sigma, **kwargs)
+
+
+def test_the_output_share_is_one_where_the_output_correction_is_exact():
+    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True)
+    sized = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS)
+    raw, se = sized.output_scale_estimate()
+    assert raw.tolist() == pytest.approx([1.0] * 3, abs=1e-6)
+    assert sized.output_scale.tolist() == pytest.approx([1.0] * 3, abs=1e-6)
+    out = sized.meta["drift_scale"]["output"]
+    assert all(b > 100 * max(a + 2 * ab + b, 1e-30) for a, ab, b in zip(out["aa"], out["ab"], out["bb"]))  # b = -a
+    assert qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS, output=False).output_scale is None
+
+
+def _accumulated(a_scale, K=6, seed=0, scatter=0.2):
+    """A sizing's sums from made-up runs: the plain run is the FP one plus ``a``, the corrected one adds
+    ``b = -a / a_scale`` plus independent scatter, so the run closest to FP takes the share ``a_scale``."""
+    from qdrift.calib.size import Accumulation
+
+    gen = torch.Generator().manual_seed(seed)
+    steps = 4
+    acc = Accumulation("test", steps)
+    fp = [torch.randn(K, 2, 5, 5, generator=gen, dtype=torch.float64) * (steps - i) for i in range(steps)]
+    b = [torch.randn(K, 2, 5, 5, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    scatter = [scatter * torch.randn(K, 2, 5, 5, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    plain = [f - a_scale * bi + e for f, bi, e in zip(fp, b, scatter)]
+    q = [p + bi for p, bi in zip(plain, b)]
+    trace = [{"step": i, "var_diff": torch.ones(2, dtype=torch.float64)} for i in range(steps)]
+    acc.add(fp, q, trace, 2, plain)
+    return acc, fp, plain, q
+
+
+def test_the_output_share_is_the_least_squares_share_of_the_paired_runs():
+    """The raw share minimizes the sizing runs' mean square distance from FP over the scaled output correction
+    (summed over steps relative to the FP state's variance); its standard error is the ratio estimator's over the
+    noises; the drift is then sized to the accumulation at that share."""
+    acc, fp, plain, q = _accumulated(0.4)
+    cal2 = qdrift.calibrate(GaussianData([0.0, 1.0], [1.0, 0.5]), GaussianData([0.0, 1.0], [1.0, 0.5]),
+                            torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 80, SIGMAS[:5],
+                            disable=True)
+    sized = acc.sized(cal2, "euler", 2.0)
+    raw, se = sized.output_scale_estimate()
+    var = torch.stack([f.transpose(0, 1).reshape(2, -1).var(1, unbiased=False) for f in fp])  # [S, C]
+    per = []  # each noise's (sum over steps of <a b> / var, <b b> / var)
+    for n in range(6):
+        ab = sum(((plain[i] - fp[i])[n] * (q[i] - plain[i])[n]).reshape(2, -1).mean(1) / var[i] for i in range(4))
+        bb = sum(((q[i] - plain[i])[n] ** 2).reshape(2, -1).mean(1) / var[i] for i in range(4))
+        per.append((ab, bb))
+    ab, bb = torch.stack([p[0] for p in per]), torch.stack([p[1] for p in per])
+    s = -ab.mean(0) / bb.mean(0)
+    assert raw.tolist() == pytest.approx(s.tolist(), rel=1e-9) and bool(((raw > 0.3) & (raw < 0.5)).all())
+    u = ab + s * bb
+    assert se.tolist() == pytest.approx(((u.pow(2).mean(0) / 5).sqrt() / bb.mean(0)).tolist(), rel=1e-9)
+    assert torch.equal(sized.output_scale, raw)  # far more than 2 standard errors from 1
+    # the drift is sized to the accumulation at that share: each noise's |a + s b|^2
+    acc_s = torch.stack([sum((((plain[i] - fp[i])[n] + s.view(2, 1, 1) * (q[i] - plain[i])[n]) ** 2).reshape(2, -1).mean(1)
+                             / var[i] for i in range(4)) for n in range(6)])
+    measured, _ = sized.drift_scale_estimate()
+    predicted = torch.tensor(sized.meta["drift_scale"]["predicted"], dtype=torch.float64)
+    assert (measured * predicted).tolist() == pytest.approx(acc_s.mean(0).tolist(), rel=1e-9)
+    # an overshoot the runs cannot tell from none keeps the share at 1; a share above 1 is kept at 1
+    near = _accumulated(0.9, K=3, seed=1, scatter=3.0)[0].sized(cal2, "euler", 2.0)
+    assert near.output_scale.tolist() == [1.0, 1.0]
+    above = _accumulated(1.5, seed=2)[0].sized(cal2, "euler", 2.0)
+    assert bool((above.output_scale_estimate()[0] > 1.3).all()) and above.output_scale.tolist() == [1.0, 1.0]
+
+
+def test_a_model_with_random_outputs_keeps_the_share_at_one_and_says_so(cals):
+    """Paired runs of a model whose outputs are random differ by the model's own noise, which would read as a
+    share of 1/2 whatever the correction does (and halve the drift); the pass sees two calls disagree."""
+    with pytest.warns(UserWarning, match="outputs differ between two calls on the same input"):
+        sized = qdrift.size_drift(cals[0.1], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS)
+    assert sized.output_scale is None and "output" not in sized.meta["drift_scale"]
+    assert torch.allclose(sized.drift_scale_estimate()[0], torch.ones(3, dtype=torch.float64), rtol=0.15)
+
+
+def test_the_share_scales_the_output_correction_and_travels_with_the_file(tmp_path):
+    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True)
+    sized = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS)
+    info = sized.meta["drift_scale"]
+    # a made-up sizing whose runs say the correction overshoots by 2x in every channel: share 1/2
+    half = dict(info, output=dict(info["output"], ab=[-0.5 * b for b in info["output"]["bb"]],
+                                  ab_ab=[0.25 * b for b in info["output"]["bb_bb"]],
+                                  ab_bb=[-0.5 * b for b in info["output"]["bb_bb"]]))
+    halved = qdrift.Calibration(sized.sigmas, sized.moments, meta=dict(sized.meta, drift_scale=half),
+                                trajectory=sized.trajectory)
+    assert halved.output_scale.tolist() == pytest.approx([0.5, 0.5, 0.5])
+    x = DATA.prior(2, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(3))
+    sigma = torch.full((2,), 3.0)
+    from qdrift.plan import DriftPlan
+
+    def corrected(c):
+        return DriftPlan(c, SIGMAS, x, "t").wrap(_gain_bias_q)(x, sigma)
+
+    d_hat, d_fp = (x - _gain_bias_q(x, sigma)) / 3.0, (x - DATA(x, sigma)) / 3.0
+    em = cal.error_model(torch.tensor([3.0], dtype=torch.float64), gain=True)
+    k, b = em["k"][0].view(1, 3, 1, 1).float(), em["b"][0].view(1, 3, 1, 1).float()
+    assert torch.allclose((x - corrected(sized)) / 3.0, d_fp, atol=1e-4)  # share 1: the gain and bias removed
+    assert torch.allclose((x - corrected(halved)) / 3.0, (d_hat - 0.5 * b) / (1 + 0.5 * k), atol=1e-5)
+    halved.save(tmp_path / "h.safetensors")
+    back = load_calibration(tmp_path / "h.safetensors")
+    assert torch.equal(back.output_scale, halved.output_scale) and torch.equal(back.drift_scale, halved.drift_scale)
+    with pytest.raises(ValueError, match=r"drift_scale'\]\['output'\] must be an object"):
+        qdrift.Calibration(sized.sigmas, sized.moments,
+                           meta=dict(sized.meta, drift_scale=dict(info, output=dict(info["output"], bb=[-1.0] * 3))))
+
+
+def test_merge_pools_the_output_share_and_drops_a_sizing_only_one_side_measured_it():
+    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True)
+    a = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL[:3], SIGMAS)
+    b = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL[3:], SIGMAS)
+    both = a.merge(b).meta["drift_scale"]["output"]
+    oa, ob = a.meta["drift_scale"]["output"], b.meta["drift_scale"]["output"]
+    for key in oa:
+        assert both[key] == pytest.approx([(3 * p + 2 * q) / 5 for p, q in zip(oa[key], ob[key])])
+    plain = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL[3:], SIGMAS, output=False)
+    with pytest.warns(UserWarning, match="only one of the two sizings measured the output correction"):
+        assert a.merge(plain).drift_scale is None

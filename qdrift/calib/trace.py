@@ -353,11 +353,15 @@ class PairedTrace:
         def sample_qdrift_size_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
             self._recorded_run(self.sized_runs, x, sigmas, who, atol, "sized")
 
+            first: List[torch.Tensor] = []
+
             def states(V, report):
                 seen: List[torch.Tensor] = []
 
                 def record(info):
                     seen.append(info["x"].detach().to("cpu", torch.float32))
+                    if not first:
+                        first.append(info["denoised"].detach())
                     if report and callback is not None:
                         callback(info)
 
@@ -366,9 +370,13 @@ class PairedTrace:
                                               disable=disable, **({"method": "v2"} if V is not None else {}))
                 return seen + [out.detach().to("cpu", torch.float32)], plans, out
 
-            plain = states(None, False)[0] if output else None
+            plain, repeat = None, None
+            if output:
+                plain = states(None, False)[0]
+                s_in = x.new_ones([x.shape[0]])
+                repeat = (first[0], model(x, sigmas[0].to(x) * s_in, **(extra_args or {})))
             seen, plans, out = states(base, True)
-            self.add_sized_run(seen, plans[-1].trace, plain)
+            self.add_sized_run(seen, plans[-1].trace, plain, repeat=repeat)
             return out
 
         return sample_qdrift_size_q
@@ -396,11 +404,14 @@ class PairedTrace:
         return unsized(calibration)
 
     def add_sized_run(self, states: Sequence[torch.Tensor], plan_trace: List[Dict[str, Any]],
-                      plain: Optional[Sequence[torch.Tensor]] = None) -> None:
+                      plain: Optional[Sequence[torch.Tensor]] = None,
+                      repeat: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
         """Adds the next sizing run: its states before each step and its result (``S + 1`` tensors
         ``[B, C, ...]``, the recorded run's layout) and its v2 plan's ``trace``; ``plain``: the same for the plain
         quantized Euler run from the same noise (no correction), which sizes the output correction
-        (:attr:`qdrift.Calibration.output_scale`; give it for every run of a sizing or for none).
+        (:attr:`qdrift.Calibration.output_scale`; give it for every run of a sizing or for none), with ``repeat``:
+        the quantized model's output for the first step's input from two separate calls (a model whose outputs
+        differ cannot be paired, and its output correction is then not sized).
 
         Raises:
             PairedTraceError: before :meth:`begin_sizing`, past the last recorded run, or for states that do not
@@ -429,6 +440,8 @@ class PairedTrace:
         if sizing["runs"] and sizing["plain"] != (plain is not None):
             raise PairedTraceError(f"{who}: give the plain run's states with every sizing run of a sizing, or with none")
         sizing["plain"] = plain is not None
+        if repeat is not None:
+            sizing["sums"].check_repeatable(*repeat)
         cpu = lambda ts: [t.detach().to("cpu", torch.float32) for t in ts]  # noqa: E731
         fp_after = list(run["x"][1:]) + [run["final"]]
         sizing["sums"].add(fp_after, cpu(states)[1:], plan_trace, sizing["calibration"].channels,

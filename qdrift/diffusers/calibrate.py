@@ -121,11 +121,14 @@ class _SizeMixin:
     def _size_begin(self, channel_dim: int) -> None:
         self._size_dim = channel_dim
         self._size_states: List[torch.Tensor] = []
+        self._size_first: Optional[torch.Tensor] = None
 
     def _qdrift_step(self, model_output, timestep, sample, **kwargs):
         if self.step_index is None:
             self._init_step_index(timestep)
         last = int(self.step_index) == len(self.timesteps) - 1
+        if not self._size_states:
+            self._size_first = model_output.detach().to("cpu", torch.float32)
         self._size_states.append(sample.detach().to("cpu", torch.float32).movedim(self._size_dim, 1))
         out = super()._qdrift_step(model_output, timestep, sample, **kwargs)
         if last:
@@ -367,7 +370,7 @@ def _size(trace: PairedTrace, cal: Calibration, q_pipe: Any, runs: List[Dict[str
 
     base = trace.begin_sizing(cal)
     for k, kwargs in enumerate(runs):
-        states = []
+        states, firsts = [], []  # the two runs' states, and the quantized model's first output in each
         for strength in (0.0, 1.0):  # the plain run (sizes the output correction), then the output-corrected one
             sizer = size_cls.from_config(config).set_calibration(base, channel_dim=channel_dim, method="v2",
                                                                  strength=strength)
@@ -376,9 +379,10 @@ def _size(trace: PairedTrace, cal: Calibration, q_pipe: Any, runs: List[Dict[str
             with recording() as plans, undrifted():
                 q_pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + k))
             states.append(sizer._size_states)
+            firsts.append(sizer._size_first)
         if not plans:
             raise PairedTraceError("the quantized pipeline's sizing run made no Q-Drift step")
-        trace.add_sized_run(states[1], plans[-1].trace, plain=states[0])
+        trace.add_sized_run(states[1], plans[-1].trace, plain=states[0], repeat=tuple(firsts))
     return trace.sized()
 
 
