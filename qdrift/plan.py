@@ -194,6 +194,8 @@ class DriftPlan:
     from the full-precision run to the surrogate's prediction of it. The surrogate's accumulated difference is
     linear in ``V``, so the scaled surrogate predicts the measured accumulation and each step's drift is sized
     to it (a network that removes an error-made deviation faster than the surrogate's ``kappa`` gets less drift).
+    A sizing that also ran the plain quantized sampler carries the measured share of the output correction
+    (:attr:`qdrift.Calibration.output_scale`): the gain, state term and bias are scaled by it (times ``strength``).
 
     Cost. The surrogate never looks at ``x``: it depends on the calibration, the schedule and the sampler's
     calls. Each solved step is kept with the calibration (until the calibration changes) under a digest of the

@@ -151,7 +151,7 @@ CALIBRATE_INPUTS = [
     ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
 ]
 CALIBRATE_OPTIONAL_INPUTS = [
-    ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (one more quantized sampling run per trajectory) that sizes the Q-Drift v2 drift to the error the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one."}),
+    ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (two quantized sampling runs per trajectory: plain and output-corrected) that sizes the Q-Drift v2 output correction and drift to what the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one."}),
 ]
 SAMPLER_INPUTS = [
     ("sampler_name", sampler_names(), {"default": "euler"}),
@@ -186,8 +186,8 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
     and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. With ``size_drift``,
-    pass 3 samples the quantized MODEL with qdrift Euler (v2's output correction, no drift) from the same noises
-    and sizes v2's drift by what it accumulates against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
+    pass 3 samples the quantized MODEL with qdrift Euler from the same noises, plain and with v2's output
+    correction (no drift), and sizes v2's output correction and drift by what they accumulate against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
     K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type.
 
     Returns:

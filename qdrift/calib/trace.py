@@ -13,8 +13,9 @@ together (two large checkpoints), or a host application loads one checkpoint at 
 
 Optionally, a third pass sizes Q-Drift v2's drift to the error the quantized sampler really accumulates
 (:meth:`PairedTrace.size_sampler`, :meth:`PairedTrace.sized`; :func:`qdrift.size_drift` with both models in
-hand): the quantized model samples Euler with v2's output correction and no drift from the recorded runs' noises,
-and its states are compared with the recorded full-precision ones.
+hand): the quantized model samples Euler from the recorded runs' noises, plain and with v2's output correction
+(no drift), and the states are compared with the recorded full-precision ones; the pair sizes the output
+correction, the corrected run the drift.
 
 :meth:`PairedTrace.calibration` then forms ``d = (x - D) / sigma`` for both and feeds the same accumulator
 as :func:`qdrift.calibrate` (:class:`qdrift.calib.stats.PairedAccumulator`: per-(step, channel) moments with

@@ -458,9 +458,10 @@ def run_calibration_pass(
     Pass 1 (full-precision checkpoint loaded): generates with plain Euler, recording the trajectory, and saves the
     trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds and settings, evaluates the quantized
     model on the recorded states (the images stay pass 1's full-precision Euler result), and writes the
-    calibration. With ``size_drift``, pass 2 then generates once more with the quantized model (qdrift Euler
-    with v2's output correction and no drift, same seeds; those images are not saved) and sizes v2's drift by
-    what it accumulates against pass 1's states (:meth:`qdrift.calib.PairedTrace.size_sampler`). K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
+    calibration. With ``size_drift``, pass 2 then generates once more with the quantized model (qdrift Euler, same
+    seeds, each image sampled twice: plain and with v2's output correction, no drift; those images are not saved)
+    and sizes v2's output correction and drift by what they accumulate against pass 1's states
+    (:meth:`qdrift.calib.PairedTrace.size_sampler`). K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
     are) with a ``Q-Drift calibration pass`` field; pass 2 adds ``Q-Drift calibration written: <path>``, which
     the API returns in ``info`` (``extra_generation_params`` and ``infotexts``).
 

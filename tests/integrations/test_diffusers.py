@@ -262,6 +262,10 @@ def test_calibrate_pipeline_sd(sd_pipes):
     assert info["K"] == 3 and info["sampler"] == "euler" and info["steps"] == 5
     assert all(v > 0 for v in info["measured"]) and all(v > 0 for v in info["predicted"])
     assert bool(torch.isfinite(cal.drift_scale).all())
+    # each sizing run is paired with a plain quantized run from the same seed, which sizes the output correction
+    share = cal.output_scale
+    assert share is not None and share.shape == (C,) and bool(((share >= 0) & (share <= 1)).all())
+    assert set(info["output"]) >= {"aa", "ab", "bb"} and all(v > 0 for v in info["output"]["aa"])
     plain = calibrate_pipeline(fp, q, _prompts(2), K=3, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL,
                                size_drift=False)
     assert "drift_scale" not in plain.meta and torch.equal(plain.V, cal.V)

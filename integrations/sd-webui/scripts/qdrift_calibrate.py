@@ -1,8 +1,8 @@
 """'Q-Drift calibrate': measure a calibration inside the webui, in two passes (Scripts dropdown, txt2img).
 
 Pass 1 with the full-precision checkpoint records the Euler trajectory; pass 2 with the quantized checkpoint
-(e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states, optionally generates once more to size the
-drift, and writes the calibration file.
+(e.g. an NF4/GGUF load in Forge) evaluates it on the recorded states, optionally generates once more (two quantized
+runs per image) to size the output correction and the drift, and writes the calibration file.
 K = batch count x batch size. See the "Host integrations" section of the qdrift README.
 """
 
@@ -38,8 +38,8 @@ class QDriftCalibrateScript(scripts.Script):
         trace = gr.Textbox(value="trace.safetensors", label="Trace file (written by pass 1, read by pass 2; relative to models/qdrift)")
         out = gr.Textbox(value="calibration.safetensors", label="Calibration file to write in pass 2 (relative to models/qdrift)")
         reduce = gr.Radio(["channel", "scalar"], value="channel", label="V per channel, or pooled per step (scalar)")
-        size = gr.Checkbox(value=True, label="Pass 2: size the drift to what the quantized sampler accumulates "
-                                             "(one more generation with the quantized checkpoint)")
+        size = gr.Checkbox(value=True, label="Pass 2: size the correction to what the quantized sampler accumulates "
+                                             "(one more generation with the quantized checkpoint, two runs per image)")
         return [phase, trace, out, reduce, size]
 
     def run(self, p, phase, trace_path, out_path, reduce, size_drift=True):
