@@ -337,9 +337,9 @@ class DriftPlan:
         return corrected
 
     def _output_strength(self):
-        """What the output's gain, state term and bias are scaled by: the strength, times the measured share of the
-        correction per unit where a sizing measured it (:attr:`qdrift.Calibration.output_scale`)."""
-        share = self.cal.output_scale if self.cal is not None else None
+        """What the output's gain, state term and bias are scaled by: the strength, times (method ``v2``, which the
+        sizing measured) the measured share of the correction per unit (:attr:`qdrift.Calibration.output_scale`)."""
+        share = self.cal.output_scale if (self.cal is not None and self.method == "v2") else None
         if share is None:
             return self.strength
         return self.strength * share.repeat_interleave(self.bands)[None, None, :]

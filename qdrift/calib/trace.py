@@ -343,6 +343,7 @@ class PairedTrace:
         """
         from ..plan import recording, undrifted
         from ..samplers import sample_euler_qdrift
+        from .size import repeat_first_call
 
         output = flag(output)
         if output is None:
@@ -354,7 +355,7 @@ class PairedTrace:
         def sample_qdrift_size_q(model, x, sigmas, extra_args=None, callback=None, disable=None, **_unused):
             self._recorded_run(self.sized_runs, x, sigmas, who, atol, "sized")
 
-            first: List[torch.Tensor] = []
+            first: List[Dict[str, Any]] = []
 
             def states(V, report):
                 seen: List[torch.Tensor] = []
@@ -362,7 +363,7 @@ class PairedTrace:
                 def record(info):
                     seen.append(info["x"].detach().to("cpu", torch.float32))
                     if not first:
-                        first.append(info["denoised"].detach())
+                        first.append(info)
                     if report and callback is not None:
                         callback(info)
 
@@ -374,8 +375,7 @@ class PairedTrace:
             plain, repeat = None, None
             if output:
                 plain = states(None, False)[0]
-                s_in = x.new_ones([x.shape[0]])
-                repeat = (first[0], model(x, sigmas[0].to(x) * s_in, **(extra_args or {})))
+                repeat = repeat_first_call(model, first[0], extra_args)
             seen, plans, out = states(base, True)
             self.add_sized_run(seen, plans[-1].trace, plain, repeat=repeat)
             return out
