@@ -157,6 +157,8 @@ def test_bad_inputs_are_named(cals):
         qdrift.size_drift(cal, DATA, model, X_CAL[:, :2], SIGMAS)
     with pytest.raises(ValueError, match="held no batches"):
         qdrift.size_drift(cal, DATA, model, [], SIGMAS)
+    with pytest.raises(ValueError, match="output must be True or False"):
+        qdrift.size_drift(cal, DATA, model, X_CAL, SIGMAS, output="yes")
 
 
 def _with_scale(cal, **info):
@@ -432,3 +434,29 @@ def test_merge_pools_the_output_share_and_drops_a_sizing_only_one_side_measured_
     plain = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL[3:], SIGMAS, output=False)
     with pytest.warns(UserWarning, match="only one of the two sizings measured the output correction"):
         assert a.merge(plain).drift_scale is None
+
+
+def test_a_hosts_sizing_runs_give_the_plain_run_with_every_run_or_none():
+    from qdrift.calib import PairedTraceError
+    from qdrift.plan import recording, undrifted
+
+    trace, parts = _trace_passes(_deterministic_q, X_CAL, batches=2)
+    base = trace.begin_sizing(trace.calibration())
+
+    def runs(x, V):
+        seen = []
+        with recording() as plans, undrifted():
+            out = qdrift.sample_euler_qdrift(_deterministic_q, x, SIGMAS, V, disable=True,
+                                             callback=lambda d: seen.append(d["x"]))
+        return seen + [out], (plans[-1].trace if plans else None)
+
+    states, plan_trace = runs(parts[0], base)
+    plain, _ = runs(parts[0], None)
+    with pytest.raises(PairedTraceError, match="plain run needs 21 states"):
+        trace.add_sized_run(states, plan_trace, plain[:-1])
+    trace.add_sized_run(states, plan_trace, plain)
+    states, plan_trace = runs(parts[1], base)
+    with pytest.raises(PairedTraceError, match="with every sizing run of a sizing, or with none"):
+        trace.add_sized_run(states, plan_trace)
+    with pytest.raises(ValueError, match="output must be True or False"):
+        trace.size_sampler(base, output="yes")
