@@ -102,6 +102,11 @@ def _check_drift_scale(info: Any, channels: int) -> None:
         )
 
 
+def _output_terms(info: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """``meta["drift_scale"]["output"]`` as float64 tensors ``[C]`` (see :data:`OUTPUT_TERMS`)."""
+    return {key: torch.tensor(info["output"][key], dtype=torch.float64) for key in OUTPUT_TERMS}
+
+
 def _guarded(estimate: Tuple[torch.Tensor, torch.Tensor], z: float) -> torch.Tensor:
     """A measured factor ``(raw, standard error)`` where it differs from 1 by more than ``z`` standard errors, else 1
     (a NaN standard error, from a file that kept no spread: the raw factor)."""
@@ -399,7 +404,7 @@ class Calibration:
         info = self.meta.get("drift_scale")
         if info is None or "output" not in info:
             return None
-        o = {key: torch.tensor(info["output"][key], dtype=torch.float64) for key in OUTPUT_TERMS}
+        o = _output_terms(info)
         moved = o["bb"] > 0
         bb = torch.where(moved, o["bb"], torch.ones_like(o["bb"]))
         raw = torch.where(moved, -o["ab"] / bb, torch.ones_like(bb))
@@ -425,7 +430,7 @@ class Calibration:
         K = int(info["K"])
         share = self.output_scale
         if share is not None:  # the accumulation at the output correction's share: |a + s b|^2 per noise
-            o = {key: torch.tensor(info["output"][key], dtype=torch.float64) for key in OUTPUT_TERMS}
+            o = _output_terms(info)
             measured = (o["aa"] + 2 * share * o["ab"] + share**2 * o["bb"]).clamp(min=0)
             square = (o["aa_aa"] + 4 * share**2 * o["ab_ab"] + share**4 * o["bb_bb"] + 4 * share * o["aa_ab"]
                       + 2 * share**2 * o["aa_bb"] + 4 * share**3 * o["ab_bb"])

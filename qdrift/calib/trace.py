@@ -427,14 +427,13 @@ class PairedTrace:
         run = self._recorded_run(sizing["runs"], states[0], self.sigmas, who, 1e-3, "sized")
         runs = {"sizing run": states} if plain is None else {"sizing run": states, "plain run": plain}
         for name, given in runs.items():
-            if (not isinstance(given, (list, tuple)) or len(given) != self.steps + 1
-                    or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(run["final"].shape)
-                           for t in given)):
-                shapes = sorted({tuple(getattr(t, "shape", ())) for t in given}) if isinstance(given, (list, tuple)) else given
+            given = list(given) if isinstance(given, (list, tuple)) else []
+            shapes = sorted({tuple(getattr(t, "shape", ())) for t in given})
+            if len(given) != self.steps + 1 or shapes != [tuple(run["final"].shape)] or not all(
+                    isinstance(t, torch.Tensor) for t in given):
                 raise PairedTraceError(
                     f"{who}: the {name} needs {self.steps + 1} states of shape {tuple(run['final'].shape)} (before "
-                    f"each step, then the result), got {len(given) if isinstance(given, (list, tuple)) else 0} "
-                    f"of shapes {shapes!r:.120}"
+                    f"each step, then the result), got {len(given)} of shapes {shapes!r:.120}"
                 )
         if plain is not None:
             self._recorded_run(sizing["runs"], plain[0], self.sigmas, who, 1e-3, "sized")
