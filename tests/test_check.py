@@ -119,3 +119,46 @@ def test_tune_strength_refuses_bad_strengths(cal):
     for bad in ([], [-0.5], [float("nan")], [True], ["1"]):
         with pytest.raises(ValueError, match="strengths"):
             qdrift.tune_strength(cal, DATA, DATA, _noises(4), SIGMAS, strengths=bad)
+
+
+def test_the_final_spectrum_splits_each_channels_variance_by_band(cal):
+    """The bands of the final samples' variance add up to each run's channel variance (Parseval; band 0 carries the
+    mean), and identical models show a flat 1 in every band."""
+    chk = qdrift.check_correction(cal, DATA, PlantedErrorDenoiser(DATA, seed=11, var=0.1), _noises(60), SIGMAS,
+                                  "euler", method="paper")
+    assert chk.band_var_fp.shape == (3, qdrift.calib.check.SPECTRUM_BANDS)
+    final_fp = chk.var_fp[-1]
+    assert torch.allclose(chk.band_var_fp.sum(1), final_fp, rtol=1e-9)
+    assert torch.allclose(chk.band_var_q.sum(1), final_fp + chk.excess_q[-1], rtol=1e-9)
+    assert torch.allclose(chk.band_var_corr.sum(1), final_fp + chk.excess_corr[-1], rtol=1e-9)
+    x = DATA.prior(20, 80.0, spatial=(8, 8), generator=torch.Generator().manual_seed(3))
+    same = qdrift.check_correction(cal, DATA, DATA, x, SIGMAS, "euler")
+    assert "plain 1.000 1.000 1.000 1.000, corrected" in same.spectrum()
+    tiny = qdrift.check_correction(cal, DATA, DATA, _noises(20), SIGMAS, "euler")  # 2 x 2: band 1 has no bins
+    assert "plain 1.000 - 1.000 1.000, corrected" in tiny.spectrum()
+
+
+def test_the_final_spectrum_shows_a_model_that_loses_fine_detail(cal):
+    """A quantized model whose output keeps half the amplitude of the top frequency band at every call: its final
+    samples lose nearly all of that band's variance (each step pulls the state towards the halved output) and keep
+    all of the others'. The channel variance alone would show a deficit and not where it sits."""
+    from qdrift.correction import filter_bands
+
+    gain = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+
+    def blurred(x, sigma, **kwargs):
+        return filter_bands(DATA(x, sigma, **kwargs), gain).to(x.dtype)
+
+    x = DATA.prior(80, 80.0, spatial=(16, 16), generator=torch.Generator().manual_seed(3))
+    chk = qdrift.check_correction(cal, DATA, blurred, x, SIGMAS, "euler", method="paper")
+    ratio = chk.band_var_q.sum(0) / chk.band_var_fp.sum(0)
+    assert float(ratio[-1]) < 0.05, chk.spectrum()
+    assert torch.allclose(ratio[:2], torch.ones(2, dtype=torch.float64), atol=0.02), chk.spectrum()
+    assert "plain" in chk.spectrum() and "corrected" in chk.spectrum()
+
+
+def test_samples_without_spatial_axes_have_no_spectrum(cal):
+    x = DATA.prior(30, 80.0, generator=torch.Generator().manual_seed(3))
+    assert x.ndim == 2
+    chk = qdrift.check_correction(cal, DATA, DATA, x, SIGMAS, "euler")
+    assert chk.band_var_fp is None and chk.spectrum() is None

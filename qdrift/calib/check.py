@@ -12,7 +12,11 @@ answers it on a few noises, at the cost of three sampler runs per batch:
   run's mean square difference from the full-precision run's state, its excess variance
   ``Var(x) - Var(x_fp)`` and its mean difference;
 - next to them it puts what the run's plan predicted (:attr:`qdrift.plan.DriftPlan.trace`): the corrected
-  run's mean square difference ``Var(D)`` (exact methods) at the same levels.
+  run's mean square difference ``Var(D)`` (exact methods) at the same levels;
+- for samples with spatial axes it splits the final samples' variance by radial frequency band
+  (:func:`qdrift.correction.band_components`): one ``c`` per channel scales every band alike, so a correction
+  can leave the channel's variance right and still take texture a band never had in excess
+  (:meth:`CorrectionCheck.spectrum`).
 
 A correction that does its job leaves the corrected run's excess variance near 0 and removes most of the plain
 run's; a surrogate that fits predicts the mean square difference. Memory: the full-precision run's states of
@@ -26,10 +30,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..correction import band_components
 from .calibration import Calibration
 from .match import _channel_stats, _run, check_pass, pass_batches
 
 __all__ = ["CorrectionCheck", "StrengthTuning", "check_correction", "tune_strength"]
+
+SPECTRUM_BANDS = 4  # CorrectionCheck.spectrum: radial frequency bands of the final samples' variance
 
 
 class _Inputs:
@@ -92,6 +99,8 @@ class CorrectionCheck:
             methods; NaN where the plan predicts nothing at that level: the paper's method, ancestral levels).
         method: the corrected run's method; trace: its plan's :attr:`~qdrift.plan.DriftPlan.trace` (last batch).
         samples: noises checked.
+        band_var_fp, band_var_q, band_var_corr: the final samples' variance per channel and radial frequency band
+            ``[C, NB]`` (the bands sum to the channel's variance), or None for samples without spatial axes.
     """
 
     levels: torch.Tensor
@@ -106,6 +115,9 @@ class CorrectionCheck:
     method: str
     samples: int
     trace: List[Dict[str, Any]] = field(default_factory=list, repr=False)
+    band_var_fp: Optional[torch.Tensor] = None
+    band_var_q: Optional[torch.Tensor] = None
+    band_var_corr: Optional[torch.Tensor] = None
 
     def removed(self) -> torch.Tensor:
         """Share of the plain run's final excess variance the correction removed, per channel ``[C]`` (NaN
@@ -129,6 +141,20 @@ class CorrectionCheck:
                      self.shift_q, self.shift_corr]
             rows.append(f"| {float(self.levels[e]):.4g} | " + " | ".join(f"{float(t[e].mean()):+.4g}" for t in cells) + " |")
         return "\n".join(rows)
+
+    def spectrum(self) -> Optional[str]:
+        """One line: the final samples' variance per radial frequency band (low to high, channels pooled) of the
+        plain and the corrected run over the full-precision run's, or None without spatial axes. A band below 1
+        lost texture the full-precision samples have; above 1, it carries excess (speckle, grain)."""
+        if self.band_var_fp is None:
+            return None
+        fp = self.band_var_fp.sum(0)
+
+        def ratios(var):  # "-": a band with no variance in the FP samples (a grid too small to have its bins)
+            return " ".join(f"{float(v) / float(f):.3f}" if f > 0 else "-" for v, f in zip(var.sum(0), fp))
+
+        return (f"{self.method}, final variance per frequency band over FP's (low -> high, {len(fp)} bands): "
+                f"plain {ratios(self.band_var_q)}, corrected {ratios(self.band_var_corr)}")
 
     def summary(self) -> str:
         """One line: the final sample's excess variance and mean square difference, plain vs corrected."""
@@ -181,6 +207,7 @@ def check_correction(
 
     info = check_pass("check_correction", calibration, sampler, sigmas, sampler_kwargs, seed)
     fp_sums, q_sums, corr_sums = _Sums(), _Sums(), _Sums()
+    band_sums = {label: _Sums() for label in ("fp", "q", "corr")}
     predicted: Optional[torch.Tensor] = None
     levels: List[float] = []
     trace: List[Dict[str, Any]] = []
@@ -206,6 +233,12 @@ def check_correction(
         fp_states = runs["fp"].states
         for sums, label in ((fp_sums, "fp"), (q_sums, "q"), (corr_sums, "corr")):
             sums.add(runs[label].states, fp_states)
+        if xb.ndim >= 3 and band_sums is not None:
+            final = {label: band_components(probe.states[-1], SPECTRUM_BANDS) for label, probe in runs.items()}
+            for label, sums in band_sums.items():
+                sums.add([final[label]], [final["fp"]])
+        else:
+            band_sums = None
         count += xb.shape[0]
         predicted = _predicted(trace, levels, calibration.channels)
     if count == 0:
@@ -216,6 +249,8 @@ def check_correction(
         excess_q=q_sums.var() - var_fp, excess_corr=corr_sums.var() - var_fp,
         mse_q=q_sums.mse(), mse_corr=corr_sums.mse(), shift_q=q_sums.mean_diff(), shift_corr=corr_sums.mean_diff(),
         predicted_mse=predicted, method=used, samples=count, trace=trace,
+        **({} if band_sums is None else {f"band_var_{label}": sums.var()[0].reshape(-1, SPECTRUM_BANDS)
+                                         for label, sums in band_sums.items()}),
     )
 
 
