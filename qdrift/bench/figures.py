@@ -41,7 +41,8 @@ def labelled_grid(rows: Sequence[Tuple[str, torch.Tensor]], scale: int = 3, pad:
     """One image row per ``(label, images [N, 1, H, W] in [-1, 1])``; returns uint8 ``[H', W', 3]``.
 
     Images are upscaled ``scale`` times (nearest) so that 28x28 tiles are visible; without Pillow the labels
-    are left out.
+    are left out. The label column is ``label_width`` pixels wide, or wider where a label needs it (a label
+    never runs into the first image).
     """
     if not rows:
         raise ValueError("labelled_grid needs at least one row")
@@ -60,6 +61,8 @@ def labelled_grid(rows: Sequence[Tuple[str, torch.Tensor]], scale: int = 3, pad:
     from PIL import Image, ImageDraw
 
     h, w = g.shape
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max([label_width] + [int(measure.textlength(label, font=_font())) + 12 for label, _ in rows])
     canvas = Image.new("RGB", (w + label_width, h), (255, 255, 255))
     canvas.paste(Image.fromarray(g).convert("RGB"), (label_width, 0))
     draw = ImageDraw.Draw(canvas)
