@@ -273,19 +273,24 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
                                 "--table", "--threads", "1"], load_net=_tiny)
     out = capsys.readouterr().out
     assert rc == 0
-    lines = [ln for ln in out.splitlines() if ln.startswith("w4a4 ")]
+    spectra = [ln for ln in out.splitlines() if ln.startswith("w4a4 ") and "per frequency band" in ln]
+    lines = [ln for ln in out.splitlines() if ln.startswith("w4a4 ") and ln not in spectra]
     assert len(lines) == 4 and sum("calibration: paper" in ln for ln in lines) == 1
     assert sum("held-out: v2 on 3 noises" in ln for ln in lines) == 1
     assert "| level | Var fp |" in out
+    assert len(spectra) == 4 and sum("held-out: v2, final variance per frequency band" in ln for ln in spectra) == 1
+    assert all(re.search(r"plain( \d+\.\d{3}){4}, corrected( \d+\.\d{3}){4}$", ln) for ln in spectra), spectra
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
                                 "--methods", "v2", "--strengths", "0.5,2", "--threads", "1"], load_net=_tiny)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ") and "frequency band" not in ln]
     assert rc == 0 and len(lines) == 4 and sum("held-out (strength 2): v2" in ln for ln in lines) == 1
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
                                 "--methods", "v2", "--size-drift", "--threads", "1"], load_net=_tiny)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("w4a4 ") and "frequency band" not in ln]
     assert rc == 0 and len(lines) == 5 and sum("size_drift factor" in ln for ln in lines) == 1
     assert sum("held-out: v2-sized on 3 noises" in ln for ln in lines) == 1
+    assert "held-out: v2-sized, final variance per frequency band" in out  # the row's label, not its method
     assert re.search(r"calibration \[\d+\.\d{3} \+- (\d+\.\d{3}|inf|nan) -> \d+\.\d{3}\]", lines[0]), lines[0]
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
                                 "--methods", "v2", "--size-drift", "--factor-only", "--threads", "1"], load_net=_tiny)
