@@ -98,8 +98,9 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
                                                       seed=R.CAL_SEED)
                     summary = chk.summary() if label == method else chk.summary().replace(method, label, 1)
                     print(f"{scheme} {name}{at}: {summary}", flush=True)
-                    if chk.spectrum() is not None:
-                        print(f"{scheme} {name}{at}: {chk.spectrum().replace(method, label, 1)}", flush=True)
+                    spectrum = chk.spectrum()
+                    if spectrum is not None:
+                        print(f"{scheme} {name}{at}: {spectrum.replace(method, label, 1)}", flush=True)
                     if args.table:
                         print(chk.table(every=3) + "\n")
     return 0
