@@ -172,7 +172,12 @@ class DriftPlan:
     drift, 37 % of a correlated one by 3M SDE's noise first). Such samplers pass ``direction``, their first-order
     result and its terms: per unit the drift scales that increment where it reaches the balance, else whichever
     of it and the whole increment comes closer. Without a root the drift takes the closest ``c``, and what is
-    left goes to the fresh noise that follows, as for a bounded drift.
+    left goes to the fresh noise that follows, as for a bounded drift. On a rectified flow (``flow``) the step's
+    first-order part ``h d`` with ``d = eps_hat - x0_hat`` removes noise *and* grows the signal; the score
+    direction is ``h eps_hat`` (the scaled VE coordinates ``x / (1 - t)``, :meth:`_score_direction`), and it
+    takes the first-order part's place (every unit of a sampler that passes no direction). Along the whole flow
+    step a band whose variance is stationary (its signal grows as fast as its noise shrinks) can shed the
+    error's excess only with ``c = -1``: frozen at its noise level, which on the bench DiT was visible grain.
 
     Args:
         V: a :class:`qdrift.Calibration` or a tensor table (see :func:`resolve_v`).
@@ -187,6 +192,7 @@ class DriftPlan:
         lower_noise: the sampler scales the fresh noise it adds after a step by :meth:`step`'s factor (False for
             a caller that cannot): the exact methods then let the noise take up what a bounded drift leaves (see
             :meth:`_solve`). The diffusers Euler ancestral scheduler can: it scales the noise it drew.
+        flow: the model is a rectified flow (sigma = t): the exact methods drift along the score (above).
 
     Measured accumulation. A calibration sized by :func:`qdrift.calib.size_drift` carries a per-channel
     factor (:attr:`qdrift.Calibration.drift_scale`) on the residual error's variance ``V`` of method ``v2``:
@@ -225,7 +231,7 @@ class DriftPlan:
     _warned_old = False
 
     def __init__(self, V, sigmas: torch.Tensor, x: torch.Tensor, sampler: str, strength: float = 1.0,
-                 method: Optional[str] = None, spatial: bool = True, lower_noise: bool = True):
+                 method: Optional[str] = None, spatial: bool = True, lower_noise: bool = True, flow: bool = False):
         # A moment-matching pass (qdrift.calib.match_moments) hands the plan its probe in place of V.
         self.trace: list = []  # per corrected step: see the class docstring
         for plans in getattr(_RECORDING, "stack", ()):
@@ -263,6 +269,7 @@ class DriftPlan:
         self.strength = float(strength)
         self.drift = not getattr(_RECORDING, "undrifted", False)  # False: c = 0 at every step (see undrifted())
         self.lower_noise = bool(lower_noise)
+        self.flow = bool(flow)
         # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
         # per unit and scales that band of the increment (exact for stationary Gaussian data).
         banded = spatial and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
@@ -289,7 +296,8 @@ class DriftPlan:
             # with the same history replays it; the surrogate itself is built only when a step is not known.
             self._sigma0 = float(sigmas[0])
             base = (method, self.gain, self.cross, self.strength, self.bands, self.units,
-                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0, self.drift, self.lower_noise)
+                    tuple(x.shape[2:]) if self.bands > 1 else None, self._sigma0, self.drift, self.lower_noise,
+                    self.flow)
             self._digest = hashlib.blake2b(repr(base).encode(), digest_size=16).digest()
             self._events: list = []
             self._live = False
@@ -535,14 +543,18 @@ class DriftPlan:
         self.evaluate(float(i), sigma)
         terms = ((float(i), 1.0, float(sigma_eff) - float(sigma)),) if terms is None else _terms(terms)
         x_dir, dir_terms = (x_base, None) if direction is None else (direction[0], _terms(direction[1]))
+        if self.flow:  # along the score (a sampler without a direction: its whole step is the first-order part)
+            x_dir, dir_terms = self._score_direction(i, x, x_dir, terms if dir_terms is None else dir_terms, sigma,
+                                                     sigma_eff, dir_terms)
+        only = direction is None and dir_terms is not None
         key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction, float(sigma), float(sigma_eff),
-                            dir_terms))
+                            dir_terms, only))
         solved = self._cache.get(key)
         if solved is None:
             if not self._live:
                 self._build()
             solved = self._solve(int(i), terms, float(noise_std or 0.0), correction, float(sigma), float(sigma_eff),
-                                 dir_terms)
+                                 dir_terms, only)
             self._cache.put(key, solved)
         else:
             self._live = False  # the surrogate (if built) is behind the history now
@@ -572,6 +584,30 @@ class DriftPlan:
         along = self._scale(x_base, x_dir - x, c * first_order, x)
         return self._scale(along, x_base - x, c * ~first_order, x), factor
 
+    @staticmethod
+    def _score_direction(i: int, x: torch.Tensor, x_first: torch.Tensor, first_terms, sigma: float, sigma_eff: float,
+                         dir_terms):
+        """A flow's drift direction: ``(x_score, its terms)``, or ``(x_first, dir_terms)`` unchanged where the step's
+        first-order part is not the Euler (DDIM) step ``x + (sigma_eff - sigma) d`` from the current state.
+
+        A flow's state ``x = (1 - t) x0 + t eps`` moves along ``d = eps_hat - x0_hat``: a longer step removes more
+        noise *and* grows the signal faster. The drift of Karras' generalized SDE is along the score, in the scaled
+        (VE) coordinates ``x / (1 - t)``: it removes noise and leaves the signal's scale on the schedule. With
+        ``eps_hat = x + (1 - t) d`` that is the increment ``h eps_hat`` (``h = sigma_eff - t``), so
+        ``x_score = x + h eps_hat = (1 - t) x_first + sigma_eff x``. Along the whole step a balance that asks to
+        remove an excess where the state's variance is stationary (the signal grows as fast as the noise shrinks)
+        is met only by ``c = -1``: a band frozen at its noise level, grain on real data. Along the score the step
+        always removes noise, and ``c`` has the same bound at level 0 (``x_score``'s noise is ``sigma_eff + c h``).
+        """
+        h = float(sigma_eff) - float(sigma)
+        if len(first_terms) != 1:
+            return x_first, dir_terms
+        key, a_coef, b_coef = first_terms[0]
+        if key != float(i) or abs(a_coef - 1.0) > 1e-9 or abs(b_coef - h) > 1e-9 * max(abs(h), 1e-12):
+            return x_first, dir_terms
+        t = float(sigma)
+        return (1 - t) * x_first + float(sigma_eff) * x, ((float(i), 1.0 + h, (1.0 - t) * h),)
+
     def _scale(self, x_base: torch.Tensor, inc: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x_base + c inc`` with ``c`` per unit (per channel, or per channel and band; x: the step's start)."""
         if self.bands > 1:
@@ -579,9 +615,10 @@ class DriftPlan:
         return scale_increment(x_base, inc, c.to(device=x.device, dtype=compute_dtype(x)))
 
     def _solve(self, i: int, terms, noise_std: float, correction: str, sigma: float, sigma_eff: float,
-               dir_terms=None):
+               dir_terms=None, only: bool = False):
         """The step's balance on the surrogate, which it advances; returns ``(c [units], factor or None,
-        clipped, the surrogate's predictions for the trace, first_order [units] bool or None)``."""
+        clipped, the surrogate's predictions for the trace, first_order [units] bool or None)``. ``only``: the drift
+        is along ``dir_terms`` in every unit (a flow's score direction in a step without another)."""
         src = self._src
         y_next, d_base = self._apply(terms)
         cur = src.pad(self._y) + src.pad(self._d)
@@ -602,7 +639,7 @@ class DriftPlan:
         if dir_terms is not None:
             y_dir, d_dir = self._apply(dir_terms)
             along = self._drift(y_dir + d_dir - cur, const, y_next + d_base, sigma, sigma_eff)
-            first_order = along["reached"] | (along["left"].abs() <= drift["left"].abs())
+            first_order = along["reached"] | (along["left"].abs() <= drift["left"].abs()) | only
             drift = {k: torch.where(first_order if v.ndim == 1 else first_order[None], along[k], v)
                      for k, v in drift.items()}
         c, inc = drift["c"], drift["inc"]

@@ -213,34 +213,86 @@ def test_file_round_trip_keeps_the_trajectory_and_old_files_fall_back(tmp_path, 
         qdrift.sample_euler_qdrift(q(), x, sigmas, old, disable=True)  # once only
 
 
-def test_v2_on_a_flow_model():
-    """Rectified flow (sigma = t, x = (1 - t) x0 + t eps) with planted velocity noise: the FP denoiser's slope
-    exceeds 1 at low t (x0 = x / (1 - t)); v2 removes most of the excess, the paper's heuristic does not."""
+def _flow_velocity(x, t, noise=0.0, gen=None):
+    """The exact velocity of DATA as a rectified flow (x = (1 - t) x0 + t eps), plus planted noise of variance
+    ``noise``."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    mu, sd = (v.reshape((1, -1) + (1,) * (x.ndim - 2)) for v in (DATA.mean, DATA.std))
+    a = 1 - t
+    x0 = mu + a * sd**2 * (x - a * mu) / (a**2 * sd**2 + t**2)  # E[x0 | x_t]
+    v = (x - a * x0) / t.clamp(min=1e-6) - x0
+    return v if not noise else v + noise**0.5 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+
+def _flow_quantized(seed):
     from qdrift.adapters import FlowDenoiser
 
-    def velocity(x, t, noise=0.0, gen=None):
-        t = torch.as_tensor(t, dtype=x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-        mu, sd = (v.reshape((1, -1) + (1,) * (x.ndim - 2)) for v in (DATA.mean, DATA.std))
-        a = 1 - t
-        x0 = mu + a * sd**2 * (x - a * mu) / (a**2 * sd**2 + t**2)  # E[x0 | x_t]
-        v = (x - a * x0) / t.clamp(min=1e-6) - x0
-        return v if not noise else v + noise**0.5 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return FlowDenoiser(lambda x, t: _flow_velocity(x, t, 0.1, gen))
 
-    def quantized(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return FlowDenoiser(lambda x, t: velocity(x, t, 0.1, gen))
 
-    fp_model = FlowDenoiser(velocity)
+@pytest.fixture(scope="module")
+def flow_runs():
+    """FP, uncorrected and v2 (along the score, and along the whole step) flow Euler 20 runs, with v2's traces."""
+    from qdrift.adapters import FlowDenoiser
+    from qdrift.plan import recording
+
+    fp_model = FlowDenoiser(_flow_velocity)
     sigmas = torch.linspace(1, 0, 21).double()
     x = torch.randn(20000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     cal_x = torch.randn(5, 3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    cal = qdrift.calibrate(fp_model, quantized(7), cal_x, sigmas, disable=True)
-    fp = qdrift.sample_euler_qdrift(fp_model, x.clone(), sigmas, disable=True).var(0)
-    excess = float((qdrift.sample_euler_qdrift(quantized(1), x.clone(), sigmas, disable=True).var(0) - fp).sum())
-    left = {m: float((qdrift.sample_euler_qdrift(quantized(1), x.clone(), sigmas, cal, disable=True, method=m)
-                      .var(0) - fp).sum()) for m in ("paper", "v2")}
+    cal = qdrift.calibrate(fp_model, _flow_quantized(7), cal_x, sigmas, disable=True)
+    out = {"fp": qdrift.sample_euler_qdrift(fp_model, x.clone(), sigmas, disable=True),
+           "q": qdrift.sample_euler_qdrift(_flow_quantized(1), x.clone(), sigmas, disable=True),
+           "paper": qdrift.sample_euler_qdrift(_flow_quantized(1), x.clone(), sigmas, cal, disable=True,
+                                               method="paper")}
+    for key, flow in (("v2", None), ("v2 whole step", False)):  # None: the FlowDenoiser's is_flow
+        with recording() as plans:
+            out[key] = qdrift.sample_euler_qdrift(_flow_quantized(1), x.clone(), sigmas, cal, disable=True, flow=flow)
+        out[key + " c"] = torch.stack([t["c"] for t in plans[0].trace])
+    return out
+
+
+def test_v2_on_a_flow_model(flow_runs):
+    """Rectified flow (sigma = t, x = (1 - t) x0 + t eps) with planted velocity noise: the FP denoiser's slope
+    exceeds 1 at low t (x0 = x / (1 - t)); v2 removes most of the excess, the paper's heuristic does not."""
+    fp = flow_runs["fp"].var(0)
+    excess = float((flow_runs["q"].var(0) - fp).sum())
+    left = {m: float((flow_runs[m].var(0) - fp).sum()) for m in ("paper", "v2")}
     assert abs(left["v2"]) < 0.3 * excess, (excess, left)
     assert left["paper"] > 0.5 * excess, (excess, left)
+
+
+def test_a_flow_drifts_along_the_score(flow_runs):
+    """A flow's step grows the signal as it removes noise; where a channel's variance is stationary (data std 1 at
+    t = 1/2, 0.5 at t = 1/3) the step barely changes it, and a balance along the whole step can remove the error's
+    excess only with c near -1: the channel frozen at its noise level, its samples moved away from FP's. Along the
+    score (the drift of Karras' SDE in the scaled coordinates) the step always removes noise: no such c, and the
+    samples no farther from FP's than the uncorrected ones."""
+    assert float(flow_runs["v2 whole step c"].min()) < -0.5  # the failure this guards against
+    assert float(flow_runs["v2 c"].min()) > -0.1, flow_runs["v2 c"].min()
+    mse = {k: ((flow_runs[k] - flow_runs["fp"]) ** 2).mean(0) for k in ("q", "v2", "v2 whole step")}
+    assert bool((mse["v2"] <= 1.05 * mse["q"]).all()), mse
+    assert bool((mse["v2 whole step"] > 1.3 * mse["q"]).any()), mse
+
+
+def test_the_score_direction_of_a_flow_step():
+    """``x + h eps_hat`` with ``eps_hat = (x - (1 - t) D) / t``, from the Euler step ``x + h (x - D) / t``; any other
+    first-order part (not the Euler step from the current state) is left as it is."""
+    from qdrift.plan import DriftPlan
+
+    gen = torch.Generator().manual_seed(0)
+    x, denoised = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=gen,
+                                                                                          dtype=torch.float64)
+    t, t_next = 0.6, 0.45
+    h = t_next - t
+    euler = x + h * (x - denoised) / t
+    score, terms = DriftPlan._score_direction(3, x, euler, ((3.0, 1.0, h),), t, t_next, None)
+    assert torch.allclose(score, x + h * (x - (1 - t) * denoised) / t, atol=1e-12)
+    assert terms == ((3.0, 1.0 + h, (1 - t) * h),)
+    for other in (((3.0, 0.9, h),), ((2.0, 1.0, h),), ((3.0, 1.0, h), (2.0, 0.0, 0.1))):
+        same, kept = DriftPlan._score_direction(3, x, euler, other, t, t_next, other)
+        assert same is euler and kept == other
 
 
 # -- the plan's cache: a run's solved steps depend on the calibration, schedule and sampler, never on x -------

@@ -9,7 +9,8 @@ denoised output); ``comfy.sample.prepare_noise``; and ``comfy.utils.ProgressBar`
 Comfy-Org/ComfyUI a125cd84 (v0.3.64), also run inside it (tests/integrations/test_real_hosts.py).
 
 Flow models (SD3, FLUX): ComfyUI presents them to samplers as denoisers with sigma = flow time, which is what the
-qdrift samplers and calibration expect; the ancestral/SDE samplers are told to inject noise in the flow form.
+qdrift samplers and calibration expect; every sampler is told it samples a flow (v2's drift is then along the
+score, and the ancestral/SDE samplers inject noise in the flow form).
 """
 
 from __future__ import annotations
@@ -332,9 +333,10 @@ def _guard(sampler_name: str, fn, calibration, source: str):
     """The sampler as ComfyUI runs it: checks the calibration against the model being sampled first.
 
     A calibration measured on another latent (4-channel SD1.5 vs 16-channel SD3...) is refused naming the file,
-    its channels and the model's latent format. The ancestral/SDE samplers get ``flow=True`` on flow models
-    (prediction type CONST, as ComfyUI switches to its RF formulas), and the SDE ones ComfyUI's offset first sigma
-    with their Brownian noise laid over the schedule as given, as ComfyUI's own do.
+    its channels and the model's latent format. Every sampler gets ``flow=True`` on flow models (prediction type
+    CONST: v2 then drifts along the score, and the ancestral/SDE samplers switch to the RF formulas as ComfyUI's
+    do), and the SDE ones ComfyUI's offset first sigma with their Brownian noise laid over the schedule as given,
+    as ComfyUI's own do.
     """
     noise_factory = seeded_noise_factory(sampler_name)
 
@@ -345,8 +347,8 @@ def _guard(sampler_name: str, fn, calibration, source: str):
         channels = getattr(latent_format, "latent_channels", None) or x.shape[1]
         fmt = f" (latent format {type(latent_format).__name__})" if latent_format is not None else ""
         check_calibration_channels(calibration, channels, source=source, model=f"the model{fmt}", host="Q-Drift Sampler")
+        kwargs["flow"] = _is_flow_model(model)  # the noise formulas' state form, and the drift's direction
         if sampler_name in STOCHASTIC_SAMPLERS:
-            kwargs["flow"] = _is_flow_model(model)
             if kwargs["flow"] and sampler_name in SDE_SAMPLERS:
                 if kwargs.get("noise_sampler") is None:
                     kwargs["noise_sampler"] = noise_factory(x, sigmas, kwargs.get("extra_args") or {})

@@ -65,6 +65,7 @@ class _QDriftMixin:
     _qdrift_run: Any = None  # (the schedule tensor the plan was built on, its first step, the next step expected)
     _qdrift_plans = True  # the Euler family runs the core's DriftPlan (every method); DPM++ the paper / matched rule
     _qdrift_lowers_noise = False  # the step adds fresh noise after its deterministic part, which the plan may lower
+    _qdrift_flow = False  # sigma is flow time: v2's drift is along the score (qdrift.plan.DriftPlan)
 
     # ---------------------------------------------------------------- configuration
     def set_calibration(
@@ -246,7 +247,7 @@ class _QDriftMixin:
                                   dtype=torch.float64)
             self._qdrift_plan = DriftPlan(self._qdrift_V, sigmas, x, type(self).__name__, self._qdrift_strength, method,
                                           spatial=dim in (1, 1 - sample.ndim),  # packed latents: tokens, no grid
-                                          lower_noise=self._qdrift_lowers_noise)
+                                          lower_noise=self._qdrift_lowers_noise, flow=self._qdrift_flow)
         plan = self._qdrift_plan
         if self._qdrift_plans:
             inc = plan.correct_increment(inc, x, sigma, sigma_eff - sigma)
@@ -347,7 +348,10 @@ class QDriftEulerAncestralDiscreteScheduler(_QDriftMixin, EulerAncestralDiscrete
 
 
 class QDriftFlowMatchEulerDiscreteScheduler(_QDriftMixin, FlowMatchEulerDiscreteScheduler):
-    """``FlowMatchEulerDiscreteScheduler`` with Q-Drift in flow time (``delta_x = dt * v``)."""
+    """``FlowMatchEulerDiscreteScheduler`` with Q-Drift in flow time (``delta_x = dt * v``; v2 drifts along the
+    score, as the core samplers on a flow)."""
+
+    _qdrift_flow = True
 
     def _qdrift_check_config(self):
         if getattr(self.config, "stochastic_sampling", False):

@@ -32,8 +32,9 @@ SAMPLER_LABELS: Dict[str, str] = {name: f"{info.label} Q-Drift" for name, info i
 """Short qdrift sampler name -> the label hosts show (A1111/Forge sampler list, ComfyUI choices)."""
 
 STOCHASTIC_SAMPLERS = tuple(sampler_names(stochastic=True))
-"""Samplers that inject noise: their noise formulas depend on the state form, so hosts pass ``flow=True`` for flow
-models (SD3, FLUX) and :func:`flow_sde_sigmas` for the SDE ones."""
+"""Samplers that inject noise: their noise formulas depend on the state form (hosts pass ``flow=True`` for flow
+models, SD3 and FLUX, to every sampler: v2's drift direction depends on it too) and :func:`flow_sde_sigmas` for the
+SDE ones."""
 
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
 BROWNIAN = frozenset(sampler_names(brownian=True))

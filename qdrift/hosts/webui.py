@@ -258,7 +258,8 @@ def _checkpoint_name(p: Any) -> str:
 def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None) -> Callable:
     """The function a webui ``KDiffusionSampler`` runs for the qdrift sampler ``name``.
 
-    On flow models (:func:`is_flow_model`) the ancestral/SDE samplers inject noise in the flow form (``flow=True``;
+    On flow models (:func:`is_flow_model`) every sampler gets ``flow=True``: v2's drift is then along the score, and
+    the ancestral/SDE samplers inject noise in the flow form (
     Forge's own "Euler a" does the same through its RF variant, its DPM++ SDE samplers do not), the SDE ones from
     ``t = 1 - 1e-4`` when the schedule starts at 1. A calibration measured on another latent channel count is
     refused naming the file, its channels and the model's.
@@ -277,8 +278,8 @@ def make_sampler(name: str, settings: Settings, kdiffusion_sampling: Any = None)
 
     def sampler(model, x, sigmas, V=None, extra_args=None, callback=None, disable=None, **kw):
         p = getattr(model, "p", None)
+        kw["flow"] = is_flow_model(p)  # the noise formulas' state form, and the drift's direction
         if name in STOCHASTIC_SAMPLERS:
-            kw["flow"] = is_flow_model(p)
             if kw["flow"] and name in BROWNIAN:
                 sigmas = flow_sde_sigmas(sigmas)
         calib = active_pass()

@@ -21,13 +21,14 @@ class SamplerInfo:
         name: short name, k-diffusion's without ``sample_`` (``"dpmpp_2m"``).
         fn: the qdrift sampler function.
         label: the name hosts show, without the " Q-Drift" suffix (``"DPM++ 2M"``).
-        stochastic: injects fresh noise (ancestral / SDE): takes ``eta``, ``s_noise``, ``noise_sampler``,
-            ``correction="noise"`` and ``flow`` (on a flow model it injects noise in the flow form).
+        stochastic: injects fresh noise (ancestral / SDE): takes ``eta``, ``s_noise``, ``noise_sampler`` and
+            ``correction="noise"``; on a flow model (``flow``) it injects noise in the flow form.
         brownian: hosts draw its noise from a Brownian tree (the SDE solvers); on a flow model it steps in
             half-log-SNR, so its schedule must start below ``t = 1`` (:func:`qdrift.hosts.flow_sde_sigmas`).
         multistep: reuses earlier steps' outputs; takes ``form="quadrature"`` (the authors' DPM-Solver++ rule).
         flow: runs on flow-matching models (SD3, FLUX; :class:`qdrift.adapters.FlowDenoiser`). Every qdrift
-            sampler does: deterministic ones integrate the flow ODE in ``t``, stochastic ones need ``flow``.
+            sampler does, and takes ``flow`` (None: the model's ``is_flow``): deterministic ones integrate the
+            flow ODE in ``t``, stochastic ones inject noise in the flow form, and v2 drifts along the score.
     """
 
     name: str

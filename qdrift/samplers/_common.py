@@ -16,14 +16,15 @@ CORRECTIONS = ("drift", "noise")
 
 def setup(
     name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, V, extra_args: Optional[dict], strength: float,
-    method: Optional[str] = None,
+    method: Optional[str] = None, flow: Optional[bool] = None,
 ) -> Tuple[DriftPlan, Callable, torch.Tensor, Dict, torch.Tensor, List[float]]:
     """Validates inputs; returns ``(plan, model, sigmas, extra_args, s_in [B], sigmas as floats)``.
 
     ``plan`` (:class:`qdrift.plan.DriftPlan`) holds the run's correction. ``model`` is the checked model
     (:class:`qdrift.validation.CheckedModel`: the output is returned unchanged after checking its shape,
     type and finiteness, naming the step and sigma of a bad call), with the plan's output correction (gain
-    and bias, method ``v2``) applied after the check. The schedule comes back widened to float32 if it was
+    and bias, method ``v2``) applied after the check. ``flow``: the model is a rectified flow (None: its
+    ``is_flow``; see :func:`resolve_flow`); the exact methods then drift along the score. The schedule comes back widened to float32 if it was
     half precision and on x's device. The float copy of the schedule (made once, on the host) feeds the
     correction's scalar math so the loop makes no device round trips.
     """
@@ -31,7 +32,7 @@ def setup(
     validate_sampler_inputs(x, sigmas, name)
     if extra_args is not None and not isinstance(extra_args, dict):
         raise ValueError(f"{name}: extra_args must be a dict or None, got {type(extra_args).__name__}")
-    plan = DriftPlan(V, sigmas, x, name, strength, method)
+    plan = DriftPlan(V, sigmas, x, name, strength, method, flow=resolve_flow(model, flow, name))
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     sig = sigmas.detach().double().cpu().tolist()

@@ -83,6 +83,7 @@ def sample_dpmpp_2m_qdrift(
     strength: float = 1.0,
     form: str = "first_order",
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) with Q-Drift.
 
@@ -96,6 +97,8 @@ def sample_dpmpp_2m_qdrift(
             the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
+        flow: the model is a rectified flow (sigma = t): v2's drift is then along the score (see
+            :class:`qdrift.plan.DriftPlan`). None takes the model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -103,7 +106,7 @@ def sample_dpmpp_2m_qdrift(
     method = check_form(form, method=method)
     check_knobs("sample_dpmpp_2m_qdrift", callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup(
-        "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength, method
+        "sample_dpmpp_2m_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
     )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigma_fn = lambda t: t.neg().exp()  # noqa: E731
@@ -269,7 +272,8 @@ def sample_dpmpp_2m_sde_qdrift(
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"``, ``"noise"`` or None (:func:`sde_correction`).
-        flow: the state form: None takes the model's ``is_flow`` (False: VE).
+        flow: the state form (the noise formulas, and v2's drift along the score on a flow): None takes the
+            model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -280,7 +284,7 @@ def sample_dpmpp_2m_sde_qdrift(
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method, flow=flow)
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
@@ -403,7 +407,8 @@ def sample_dpmpp_3m_sde_qdrift(
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         correction: ``"drift"``, ``"noise"`` or None (:func:`sde_correction`).
-        flow: the state form: None takes the model's ``is_flow`` (False: VE).
+        flow: the state form (the noise formulas, and v2's drift along the score on a flow): None takes the
+            model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -412,7 +417,7 @@ def sample_dpmpp_3m_sde_qdrift(
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method, flow=flow)
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype

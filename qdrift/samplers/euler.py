@@ -49,6 +49,7 @@ def sample_euler_qdrift(
     noise_sampler: Optional[Callable] = None,
     strength: float = 1.0,
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """Euler steps (Karras et al. 2022, Algorithm 2) with Q-Drift (arXiv 2603.18095, Eq. 12).
 
@@ -71,6 +72,8 @@ def sample_euler_qdrift(
             the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
+        flow: the model is a rectified flow (sigma = t): v2's drift is then along the score (see
+            :class:`qdrift.plan.DriftPlan`). None takes the model's ``is_flow`` (False: VE).
 
     With churn the step starts at ``sigma_hat`` (up to ``1.41 sigma_i``) but uses ``V_i``, the value
     calibrated at ``sigma_i``.
@@ -80,7 +83,9 @@ def sample_euler_qdrift(
     """
     check_knobs("sample_euler_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 noise_sampler=noise_sampler, callback=callback)
-    plan, model, sigmas, extra_args, s_in, sig = setup("sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        "sample_euler_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(noise_sampler, x, "sample_euler_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -138,7 +143,8 @@ def sample_euler_ancestral_qdrift(
             the exact variance balance with cross-step error covariance), ``"correlated"``, ``"exact"``, or
             ``"paper"`` (the paper's first-order rule, as in qdrift 0.1). None (default): ``"v2"`` for a
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
-        flow: the state form: None takes the model's ``is_flow`` (False: VE).
+        flow: the state form (the noise formulas, and v2's drift along the score on a flow): None takes the
+            model's ``is_flow`` (False: VE).
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -148,7 +154,7 @@ def sample_euler_ancestral_qdrift(
     check_knobs("sample_euler_ancestral_qdrift", eta=eta, s_noise=s_noise,
                 noise_sampler=noise_sampler, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup(
-        "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method
+        "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
     )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(noise_sampler, x, "sample_euler_ancestral_qdrift")
@@ -188,6 +194,7 @@ def sample_heun_qdrift(
     noise_sampler: Optional[Callable] = None,
     strength: float = 1.0,
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
 ) -> torch.Tensor:
     """Heun steps (Karras et al. 2022, Algorithm 2) with a Q-Drift correction derived by the same rule.
 
@@ -210,7 +217,9 @@ def sample_heun_qdrift(
     """
     check_knobs("sample_heun_qdrift", s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                 noise_sampler=noise_sampler, callback=callback)
-    plan, model, sigmas, extra_args, s_in, sig = setup("sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        "sample_heun_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(noise_sampler, x, "sample_heun_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):

@@ -50,6 +50,7 @@ def sample_lms_qdrift(
     strength: float = 1.0,
     form: str = "first_order",
     method: Optional[str] = None,
+    flow: Optional[bool] = None,
     final_denoise: bool = False,
 ) -> torch.Tensor:
     """Linear multistep in sigma (k-diffusion's ``sample_lms``) with Q-Drift.
@@ -74,6 +75,7 @@ def sample_lms_qdrift(
             Calibration; ``"paper"`` for a tensor V, which carries only the variance.
         final_denoise: on the step to sigma = 0 return the denoised output (a first-order step, as ComfyUI's
             ``sample_lms`` does since mid-2025) instead of k-diffusion's multistep step (the default).
+        flow: as :func:`qdrift.sample_euler_qdrift`.
 
     Returns:
         The sample ``[B, C, ...]``.
@@ -82,7 +84,9 @@ def sample_lms_qdrift(
     if not isinstance(final_denoise, bool):
         raise ValueError(f"sample_lms_qdrift: final_denoise must be True or False, got {final_denoise!r}")
     check_knobs("sample_lms_qdrift", order=order, callback=callback)
-    plan, model, sigmas, extra_args, s_in, sig = setup("sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        "sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
+    )
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     sigmas_cpu = sigmas.detach().cpu().numpy()  # the coefficients from the schedule's own dtype, as k-diffusion
     ds = []

@@ -293,7 +293,8 @@ def _guider(ns, q, inner=False):
 
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
 def test_flow_model_as_comfyui_presents_it(host, name):
-    """SD3/FLUX: sigma = flow time, D = x - t v; the sampler needs nothing special."""
+    """SD3/FLUX: sigma = flow time, D = x - t v; the node tells the sampler it samples a flow (v2's drift is then
+    along the score), and is otherwise the core sampler."""
     pack, ns, _ = host
     fp, q = models(flow=True)
     cal, _ = calibrate(pack, fp, q, flow=True)
@@ -309,8 +310,10 @@ def test_flow_model_as_comfyui_presents_it(host, name):
     assert torch.isfinite(on).all() and not torch.allclose(on, off, atol=1e-5)
     # and it is the core sampler on the guided flow denoiser (sigma = t, noise scaled by t)
     g = _guider(ns, q, inner=True)
-    ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True)
+    ref = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True, flow=True)
     assert torch.allclose(on, ref, atol=1e-5)
+    ve = qdrift.SAMPLERS[name](lambda x, s, **k: g(x, s), noise * sig[0], sig, cal, disable=True)
+    assert not torch.allclose(on, ve, atol=1e-5)  # the flow form's drift is not the VE one
 
 
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"])

@@ -467,7 +467,7 @@ def test_wrapper_matches_core_sampler_for_every_method(name, method):
         if name == "euler_ancestral":
             g = torch.Generator().manual_seed(11)
             kw["noise_sampler"] = lambda s, sn: torch.randn(x.shape, generator=g)
-        return qdrift.SAMPLERS[core_name](q, x, sigmas, V, disable=True, **kw)
+        return qdrift.SAMPLERS[core_name](q, x, sigmas, V, disable=True, flow=flow, **kw)
 
     sched = qdrift_scheduler(SCHEDULERS[name](), cal, method=method)
     sched.set_timesteps(STEPS)
@@ -535,7 +535,7 @@ def _core_from(name, x, sigmas, cal, method, seed=11):
         kw["noise_sampler"] = lambda s, sn: torch.randn(x.shape, generator=g)
     flow = name == "flow_euler"
     return qdrift.SAMPLERS[_CORE_NAME[name]](_denoiser_of(eps_model_q, flow), x, sigmas, cal, disable=True,
-                                             method=method, **kw)
+                                             method=method, flow=flow, **kw)
 
 
 @pytest.mark.parametrize("method", ["v2", "exact"])
