@@ -258,8 +258,12 @@ def test_sd3_flow_strength_zero_is_comfyuis_sampler(comfy, sd3, name):
     ours = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 0.0))
     host = sample(comfy, sd3, comfy.samplers.sampler_object(name))
     assert torch.equal(ours, host), float((ours - host).abs().max())
-    corrected = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 1.0))
+    from qdrift.plan import recording
+
+    with recording() as plans:  # the node tells the sampler it samples a flow: v2 drifts along the score
+        corrected = sample(comfy, sd3, qdrift_sampler(comfy, name, sd3, 1.0))
     assert torch.isfinite(corrected).all() and not torch.equal(corrected, host)
+    assert plans and all(plan.flow for plan in plans)
 
 
 @pytest.mark.parametrize("name", ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"))
