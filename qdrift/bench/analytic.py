@@ -20,8 +20,12 @@ own schedule from K further noises) of ``qdrift.correction.METHODS``; multistep 
 stochastic samplers also with ``correction="noise"`` and v2 with each correction (the column ``v2`` is the
 sampler's default: noise first for the DPM++ SDE samplers, the drift for Euler a).
 
+``--flow``: the same data as a rectified flow (:class:`qdrift.bench.gaussian.FlowGaussianData`), the error
+planted in the velocity; columns paper and v2, and v2 along the whole flow step (before session 15) with the
+mean square difference from FP's samples, which the variance alone does not show (:func:`measure_flow`).
+
 Run:  qdrift analytic [--n 200000] [--steps 20] [--error independent|correlated|persistent] [--samplers a,b]
-      [--eta E] [--markdown out.md]
+      [--eta E] [--flow] [--markdown out.md]
       (or python benchmarks/analytic_gaussian.py, the same)
 """
 
@@ -38,7 +42,7 @@ from qdrift.samplers import sampler_names
 from qdrift.cli import ArgumentParser, int_at_least, number
 
 from ..correction import band_components
-from .gaussian import GaussianData, PlantedErrorDenoiser, SpeckleErrorDenoiser, SpectralGaussianData
+from .gaussian import FlowGaussianData, GaussianData, PlantedErrorDenoiser, SpeckleErrorDenoiser, SpectralGaussianData
 
 DATA = GaussianData([0.5, -1.0, 0.0], [1.0, 0.5, 2.0])
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -50,15 +54,19 @@ SPECTRAL = SpectralGaussianData([4.0, 1.0, 0.1, 0.01], (16, 16))  # image-like: 
 BANDS = 4
 
 
-def planted(kind: str, v: float, seed: int) -> PlantedErrorDenoiser:
-    """The planted "quantized" model: total per-call error variance ``v`` (eps units), fresh at every call
-    (``independent``), half fresh and half kept along each trajectory (``correlated``) or all kept
-    (``persistent``)."""
+FLOW = FlowGaussianData(DATA)
+FLOW_SAMPLERS = ("euler", "euler_ancestral", "heun", "lms", "dpmpp_2m")  # from t = 1 (the SDE solvers start below)
+
+
+def planted(kind: str, v: float, seed: int, data=DATA) -> PlantedErrorDenoiser:
+    """The planted "quantized" model: total per-call error variance ``v`` (in ``d`` units: eps, or a flow's
+    velocity), fresh at every call (``independent``), half fresh and half kept along each trajectory
+    (``correlated``) or all kept (``persistent``)."""
     if kind == "independent":
-        return PlantedErrorDenoiser(DATA, var=v, seed=seed)
+        return PlantedErrorDenoiser(data, var=v, seed=seed)
     if kind == "persistent":
-        return PlantedErrorDenoiser(DATA, var=0.0, persistent=v, seed=seed)
-    return PlantedErrorDenoiser(DATA, var=v / 2, persistent=v / 2, seed=seed)
+        return PlantedErrorDenoiser(data, var=0.0, persistent=v, seed=seed)
+    return PlantedErrorDenoiser(data, var=v / 2, persistent=v / 2, seed=seed)
 
 
 def columns(name):
@@ -118,6 +126,54 @@ def measure(n: int, steps: int, v: float, K: int, error: str = "independent", se
             row["v2, one c per channel"] = 100.0 * (1 - float((corr - fp).sum()) / excess)
         table[name] = row
     return table
+
+
+def measure_flow(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0, samplers=None):
+    """The same data as a rectified flow (:data:`FLOW`, uniform ``t`` from 1 to 0), the error planted in the
+    velocity. Returns ``{sampler: {column: (excess removed %, mean square difference from FP's samples over the
+    quantized run's)}}``; the column ``v2, whole step`` runs v2 with ``flow=False`` (the drift along the whole
+    flow step, as before session 15; deterministic samplers only: a stochastic one's noise form changes too)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T = FLOW.prior(n, generator=gen)
+    sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    cal = qdrift.calibrate(FLOW, planted(error, v, seed + 1, FLOW), FLOW.prior(K, spatial=(16, 16), generator=gen),
+                           torch.linspace(1, 0, 41, dtype=torch.float64), disable=True)
+    cols = [("paper (oracle V)", torch.full((steps, DATA.channels), v), {"method": "paper"}),
+            ("paper", cal, {"method": "paper"}), ("v2", cal, {"method": "v2"}),
+            ("v2, whole step", cal, {"method": "v2", "flow": False})]
+    table = {}
+    for name in samplers or FLOW_SAMPLERS:
+        fp = run(name, x_T, sigmas, FLOW, None, seed + 2)
+        q = run(name, x_T, sigmas, planted(error, v, seed + 3, FLOW), None, seed + 2)
+        excess, mse_q = float((q.var(0) - fp.var(0)).sum()), float(((q - fp) ** 2).mean())
+        row = {"quantized vs FP": (100.0 * float((q.var(0) / fp.var(0) - 1).mean()), 1.0)}
+        for label, V, opts in cols:
+            if opts.get("flow") is False and name in STOCHASTIC:
+                continue
+            corr = run(name, x_T, sigmas, planted(error, v, seed + 3, FLOW), V, seed + 2, **opts)
+            row[label] = (100.0 * (1 - float((corr.var(0) - fp.var(0)).sum()) / excess),
+                          float(((corr - fp) ** 2).mean()) / mse_q)
+        table[name] = row
+    return table
+
+
+def flow_markdown(table, args) -> str:
+    labels = ["paper (oracle V)", "paper", "v2", "v2, whole step"]
+    error = {"independent": f"fresh N(0, {args.v}) per call", "persistent": f"N(0, {args.v}) kept along each "
+             "trajectory"}.get(args.error, f"N(0, {args.v / 2:g}) fresh per call plus N(0, {args.v / 2:g}) kept along "
+                                           "each trajectory")
+    head = (f"Analytic Gaussian as a rectified flow, {args.steps} uniform steps in t (1 -> 0), planted velocity "
+            f"error: {error}; N = {args.n} samples, calibration K = {args.K}. Each cell: share of the excess final "
+            "variance removed (100 % = the FP sampler's variance), and in brackets the mean square difference from "
+            "the FP sampler's samples (same noise) over the uncorrected quantized run's. `v2, whole step`: v2's "
+            "drift along the whole flow step (`flow=False`, before session 15), deterministic samplers only.\n\n"
+            "| sampler | quantized vs FP | " + " | ".join(labels) + " |\n|---|" + "---:|" * (len(labels) + 1) + "\n")
+    lines = []
+    for name, row in table.items():
+        cells = [f"{row['quantized vs FP'][0]:+.1f} %"]
+        cells += [f"{row[k][0]:.1f} % ({row[k][1]:.2f})" if k in row else "—" for k in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 def measure_spectral(n: int, steps: int, K: int, seed: int = 0, amp: float = 0.5):
@@ -205,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--bands", type=int_at_least(1), default=1,
                    help="frequency bands of the calibration (the exact methods use them; > 1 samples 16x16 fields: "
                         "--n is then their number)")
+    p.add_argument("--flow", action="store_true",
+                   help="the same data as a rectified flow (uniform t, error in the velocity), samplers "
+                        f"{', '.join(FLOW_SAMPLERS)}: v2 along the score and along the whole flow step")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.markdown and not os.path.isdir(os.path.dirname(os.path.abspath(args.markdown))):
@@ -217,8 +276,14 @@ def main(argv=None) -> int:
             p.error(f"--samplers: expected qdrift samplers from {', '.join(qdrift.SAMPLERS)}, got {args.samplers!r}")
     if args.error == "speckle" and (samplers is not None or args.eta is not None):
         p.error("--samplers and --eta apply to the independent, correlated and persistent errors, not speckle")
+    if args.flow and (args.error == "speckle" or args.eta is not None or args.bands > 1):
+        p.error("--flow takes the independent, correlated and persistent errors, without --eta and --bands")
+    if args.flow and samplers is not None and any(name not in FLOW_SAMPLERS for name in samplers):
+        p.error(f"--flow: expected samplers from {', '.join(FLOW_SAMPLERS)}, got {args.samplers!r}")
     t0 = time.time()
-    if args.error == "speckle":
+    if args.flow:
+        table = flow_markdown(measure_flow(args.n, args.steps, args.v, args.K, args.error, samplers=samplers), args)
+    elif args.error == "speckle":
         table = spectral_markdown(measure_spectral(args.n, args.steps, args.K), args)
     else:
         table = to_markdown(measure(args.n, args.steps, args.v, args.K, args.error, bands=args.bands,

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["GaussianData", "SpectralGaussianData", "SpeckleErrorDenoiser", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
+__all__ = ["GaussianData", "FlowGaussianData", "SpectralGaussianData", "SpeckleErrorDenoiser", "PlantedErrorDenoiser", "AnalyticCalibration", "channel_stats"]
 
 
 def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,37 @@ class GaussianData:
     def sample(self, n: int, *, spatial=(), generator: Optional[torch.Generator] = None, dtype=torch.float64):
         """``[n, C, *spatial]`` samples of the data."""
         return self.prior(n, 0.0, spatial=spatial, generator=generator, dtype=dtype)
+
+
+class FlowGaussianData:
+    """:class:`GaussianData` as a rectified flow: ``sigma`` is flow time ``t`` and ``x_t = (1 - t) x0 + t eps``.
+
+    The exact denoiser is ``E[x0 | x_t] = mu + a s^2 (x - a mu) / (a^2 s^2 + t^2)`` with ``a = 1 - t`` (finite at
+    ``t = 1``, where it is ``mu``); ``is_flow`` tells the samplers the state form. :class:`PlantedErrorDenoiser`
+    on it plants its error in the flow's ``d`` (the velocity ``eps_hat - x0_hat``).
+    """
+
+    is_flow = True
+
+    def __init__(self, data: GaussianData):
+        self.data = data
+
+    @property
+    def channels(self) -> int:
+        return self.data.channels
+
+    def denoiser(self, x: torch.Tensor, t, **_) -> torch.Tensor:
+        s2, mu = _view(self.data.std**2, x), _view(self.data.mean, x)
+        t = _sigma_view(t, x)
+        a = 1 - t
+        return mu + a * s2 * (x - a * mu) / (a**2 * s2 + t**2)
+
+    __call__ = denoiser
+
+    def prior(self, n: int, *, spatial=(), generator: Optional[torch.Generator] = None,
+              dtype=torch.float64) -> torch.Tensor:
+        """``[n, C, *spatial]`` samples at ``t = 1``: standard normal noise."""
+        return torch.randn((n, self.channels) + tuple(spatial), generator=generator, dtype=dtype)
 
 
 class SpectralGaussianData:
@@ -167,7 +198,7 @@ class PlantedErrorDenoiser:
     form (:meth:`conditional_variance`).
 
     Args:
-        data: the :class:`GaussianData` whose exact denoiser is corrupted.
+        data: the :class:`GaussianData` (or :class:`FlowGaussianData`) whose exact denoiser is corrupted.
         var: planted fresh-noise variance per channel ``[C]`` or scalar (eps units).
         gain: multiplicative error ``k`` (scalar or ``[C]``).
         bias: additive error ``b`` (scalar or ``[C]``).
@@ -177,6 +208,7 @@ class PlantedErrorDenoiser:
 
     def __init__(self, data: GaussianData, var=0.0, gain=0.0, bias=0.0, seed: int = 0, persistent=0.0):
         self.data = data
+        self.is_flow = bool(getattr(data, "is_flow", False))  # a FlowGaussianData: the error is in the velocity
         c = data.channels
         self.var = torch.as_tensor(var, dtype=torch.float64).expand(c).clone()
         self.gain = torch.as_tensor(gain, dtype=torch.float64).expand(c).clone()
