@@ -596,8 +596,9 @@ class DriftPlan:
         ``eps_hat = x + (1 - t) d`` that is the increment ``h eps_hat`` (``h = sigma_eff - t``), so
         ``x_score = x + h eps_hat = (1 - t) x_first + sigma_eff x``. Along the whole step a balance that asks to
         remove an excess where the state's variance is stationary (the signal grows as fast as the noise shrinks)
-        is met only by ``c = -1``: a band frozen at its noise level, grain on real data. Along the score the step
-        always removes noise, and ``c`` has the same bound at level 0 (``x_score``'s noise is ``sigma_eff + c h``).
+        is met only by ``c = -1``: a band frozen at its noise level, grain on real data. Along the score the step's
+        full-precision part always removes noise (``c < 0`` is then left to increments dominated by the error, as
+        on a VE model), and ``c`` has the same bound at level 0 (``x_score``'s noise is ``sigma_eff + c h``).
         """
         h = float(sigma_eff) - float(sigma)
         if len(first_terms) != 1:
