@@ -25,8 +25,8 @@ def setup(
     type and finiteness, naming the step and sigma of a bad call), with the plan's output correction (gain
     and bias, method ``v2``) applied after the check. ``flow``: the model is a rectified flow (None: its
     ``is_flow``; see :func:`resolve_flow`); the exact methods then drift along the score. The schedule comes back
-    widened to float32 if it was half precision and on x's device. The float copy of the schedule (made once, on the host) feeds the
-    correction's scalar math so the loop makes no device round trips.
+    widened to float32 if it was half precision and on x's device. The float copy of the schedule (made once, on
+    the host) feeds the correction's scalar math so the loop makes no device round trips.
     """
     sigmas = prepare_sigmas(sigmas, x, name)
     validate_sampler_inputs(x, sigmas, name)

@@ -284,7 +284,9 @@ def sample_dpmpp_2m_sde_qdrift(
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method, flow=flow)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        name, model, x, sigmas, V, extra_args, strength, method, flow=flow
+    )
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
@@ -417,7 +419,9 @@ def sample_dpmpp_3m_sde_qdrift(
     method = check_form(form, correction, method)
     check_knobs(name, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, callback=callback)
     flow = resolve_flow(model, flow, name)
-    plan, model, sigmas, extra_args, s_in, sig = setup(name, model, x, sigmas, V, extra_args, strength, method, flow=flow)
+    plan, model, sigmas, extra_args, s_in, sig = setup(
+        name, model, x, sigmas, V, extra_args, strength, method, flow=flow
+    )
     correction = sde_correction(correction, plan)
     _check_flow_start(name, sig, flow)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
