@@ -588,26 +588,30 @@ class DriftPlan:
     def _score_direction(i: int, x: torch.Tensor, x_first: torch.Tensor, first_terms, sigma: float, sigma_eff: float,
                          dir_terms):
         """A flow's drift direction: ``(x_score, its terms)``, or ``(x_first, dir_terms)`` unchanged where the step's
-        first-order part is not the Euler (DDIM) step ``x + (sigma_eff - sigma) d`` from the current state.
+        first-order part is not a single-evaluation step ``A x + B d`` from the current state.
 
         A flow's state ``x = (1 - t) x0 + t eps`` moves along ``d = eps_hat - x0_hat``: a longer step removes more
         noise *and* grows the signal faster. The drift of Karras' generalized SDE is along the score, in the scaled
-        (VE) coordinates ``x / (1 - t)``: it removes noise and leaves the signal's scale on the schedule. With
-        ``eps_hat = x + (1 - t) d`` that is the increment ``h eps_hat`` (``h = sigma_eff - t``), so
-        ``x_score = x + h eps_hat = (1 - t) x_first + sigma_eff x``. Along the whole step a balance that asks to
-        remove an excess where the state's variance is stationary (the signal grows as fast as the noise shrinks)
-        is met only by ``c = -1``: a band frozen at its noise level, grain on real data. Along the score the step's
-        full-precision part always removes noise (``c < 0`` is then left to increments dominated by the error, as
-        on a VE model), and ``c`` has the same bound at level 0 (``x_score``'s noise is ``sigma_eff + c h``).
+        (VE) coordinates ``x / (1 - t)``: it removes noise and leaves the signal's scale as the step leaves it. With
+        ``x = (1 - t) x0_hat + t eps_hat`` and ``eps_hat = x + (1 - t) d``, the step ``A x + B d`` changes the noise
+        coefficient by ``k = A t + B - t`` (``sigma_eff - t``: Euler/DDIM's ``A = 1, B = h``, and the DPM++ SDE
+        solvers' first-order part in the flow form alike), so the drift scales ``k eps_hat``:
+        ``x_score = x + k (x + (1 - t) d)`` (Euler: ``(1 - t) x_first + sigma_eff x``). Along the whole step a balance
+        that asks to remove an excess where the state's variance is stationary (the signal grows as fast as the
+        noise shrinks) is met only by ``c = -1``: a band frozen at its noise level, grain on real data. Along the
+        score the step's full-precision part always removes noise (``c < 0`` is then left to increments dominated
+        by the error, as on a VE model), and ``c`` has the same bound at level 0 (``x_score``'s noise is
+        ``sigma_eff + c k``).
         """
-        h = float(sigma_eff) - float(sigma)
         if len(first_terms) != 1:
             return x_first, dir_terms
         key, a_coef, b_coef = first_terms[0]
-        if key != float(i) or abs(a_coef - 1.0) > 1e-9 or abs(b_coef - h) > 1e-9 * max(abs(h), 1e-12):
+        if key != float(i) or b_coef == 0.0:
             return x_first, dir_terms
         t = float(sigma)
-        return (1 - t) * x_first + float(sigma_eff) * x, ((float(i), 1.0 + h, (1.0 - t) * h),)
+        k = a_coef * t + b_coef - t
+        d = (x_first - a_coef * x) / b_coef
+        return x + k * (x + (1.0 - t) * d), ((float(i), 1.0 + k, k * (1.0 - t)),)
 
     def _scale(self, x_base: torch.Tensor, inc: torch.Tensor, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x_base + c inc`` with ``c`` per unit (per channel, or per channel and band; x: the step's start)."""

@@ -26,7 +26,6 @@ BAD = [
     (["analytic", "--error", "speckle", "--eta", "0"], "--samplers and --eta apply to"),
     (["analytic", "--flow", "--bands", "4"], "--flow takes the independent, correlated and persistent errors"),
     (["analytic", "--flow", "--error", "speckle"], "--flow takes the independent"),
-    (["analytic", "--flow", "--samplers", "dpmpp_2m_sde"], "--flow: expected samplers from euler"),
     (["bench", "--cfg", "nan"], "--cfg: expected a finite number >= 0"),
     (["bench", "--cfg", "-1"], "--cfg: expected a finite number >= 0"),
     (["bench", "--threads", "0"], "--threads: expected an integer >= 1"),
