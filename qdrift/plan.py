@@ -544,8 +544,9 @@ class DriftPlan:
         terms = ((float(i), 1.0, float(sigma_eff) - float(sigma)),) if terms is None else _terms(terms)
         x_dir, dir_terms = (x_base, None) if direction is None else (direction[0], _terms(direction[1]))
         if self.flow:  # along the score (a sampler without a direction: its whole step is the first-order part)
-            x_dir, dir_terms = self._score_direction(i, x, x_dir, terms if dir_terms is None else dir_terms, sigma,
-                                                     sigma_eff, dir_terms)
+            score = self._score_direction(i, x, x_dir, terms if dir_terms is None else dir_terms, sigma)
+            if score is not None:
+                x_dir, dir_terms = score
         only = direction is None and dir_terms is not None
         key = self._record(("s", int(i), terms, float(noise_std or 0.0), correction, float(sigma), float(sigma_eff),
                             dir_terms, only))
@@ -585,10 +586,9 @@ class DriftPlan:
         return self._scale(along, x_base - x, c * ~first_order, x), factor
 
     @staticmethod
-    def _score_direction(i: int, x: torch.Tensor, x_first: torch.Tensor, first_terms, sigma: float, sigma_eff: float,
-                         dir_terms):
-        """A flow's drift direction: ``(x_score, its terms)``, or ``(x_first, dir_terms)`` unchanged where the step's
-        first-order part is not a single-evaluation step ``A x + B d`` from the current state.
+    def _score_direction(i: int, x: torch.Tensor, x_first: torch.Tensor, first_terms, sigma: float):
+        """A flow's drift direction ``(x_score, its terms)`` from the step's first-order result ``x_first`` and its
+        terms, or None where that part is not a single-evaluation step ``A x + B d`` from the current state.
 
         A flow's state ``x = (1 - t) x0 + t eps`` moves along ``d = eps_hat - x0_hat``: a longer step removes more
         noise *and* grows the signal faster. The drift of Karras' generalized SDE is along the score, in the scaled
@@ -603,11 +603,9 @@ class DriftPlan:
         by the error, as on a VE model), and ``c`` has the same bound at level 0 (``x_score``'s noise is
         ``sigma_eff + c k``).
         """
-        if len(first_terms) != 1:
-            return x_first, dir_terms
-        key, a_coef, b_coef = first_terms[0]
-        if key != float(i) or b_coef == 0.0:
-            return x_first, dir_terms
+        if len(first_terms) != 1 or first_terms[0][0] != float(i) or first_terms[0][2] == 0.0:
+            return None
+        _, a_coef, b_coef = first_terms[0]
         t = float(sigma)
         k = a_coef * t + b_coef - t
         d = (x_first - a_coef * x) / b_coef

@@ -55,7 +55,6 @@ BANDS = 4
 
 
 FLOW = FlowGaussianData(DATA)
-FLOW_SAMPLERS = tuple(qdrift.SAMPLERS)
 FLOW_SDE_START = 1 - 1e-4  # the DPM++ SDE solvers' first t on a flow (half-log-SNR is -inf at 1; ComfyUI's offset)
 
 
@@ -144,7 +143,7 @@ def measure_flow(n: int, steps: int, v: float, K: int, error: str = "independent
             ("v2, whole step", cal, {"method": "v2", "flow": False})]
     table = {}
     brownian = set(sampler_names(brownian=True))
-    for name in samplers or FLOW_SAMPLERS:
+    for name in samplers or qdrift.SAMPLERS:
         sig = sigmas
         if name in brownian:  # they start below t = 1 (the same noise: at 1 - 1e-4 it is the marginal to 1e-4)
             sig = sigmas.clone()
