@@ -11,6 +11,7 @@ The DPM++ SDE solvers start at t = 1 - 1e-4 (:func:`qdrift.hosts.flow_sde_sigmas
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
@@ -23,14 +24,13 @@ from . import runner as R
 from .guidance import schedule
 from .models import load_model
 
-STEPS = {"heun": 10}  # Heun evaluates twice per step: 10 steps, as many calls as the others' 20
-
-
-def main(argv=None) -> int:
+def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> int:
     p = ArgumentParser(prog="flow_direction", description=__doc__.split("\n\n")[0])
     p.add_argument("--schemes", default="w4a4,w3a4")
     p.add_argument("--samplers", default="euler,dpmpp_2m,heun,lms")
     p.add_argument("-n", type=int_at_least(2), default=40, help="held-out noises")
+    p.add_argument("--steps", type=int_at_least(2), default=20,
+                   help="steps (Heun: half as many, as many model calls as the others')")
     p.add_argument("--whole-step", action="store_true", help="flow=False (deterministic samplers only)")
     p.add_argument("--correction", choices=("noise", "drift"), default=None, help="the SDE solvers' correction")
     p.add_argument("--threads", type=int_at_least(1), default=1)
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
     cfg = R.BenchConfig(models=("dit",), schemes=schemes, quant_profile="stress", progress=False, K=5)
-    bm = R.prepare_model("dit", cfg, schemes, lambda s: None, load_model)
-    block = R.Block("dit", "flow_euler", 20, schedule("dit", bm.fp, 20))
+    bm = R.prepare_model("dit", cfg, schemes, lambda s: None, load_net)
+    block = R.Block("dit", "flow_euler", args.steps, schedule("dit", bm.fp, args.steps))
     held = R.EvalSet.for_config(R.BenchConfig(n_images=args.n, batch_size=args.n))
     x = R.initial_noise(held.seeds, float(block.sigmas[0]))
     brownian = set(sampler_names(brownian=True))
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         cal, _ = R.calibrate_block(bm, scheme, block, 5)
         cal = cal.with_options(reduce="channel")
         for sampler in samplers:
-            steps = STEPS.get(sampler, 20)
+            steps = args.steps // 2 if sampler == "heun" else args.steps
             sig = schedule("dit", bm.fp, steps)
             kwargs = {"flow": not args.whole_step}
             if sampler in brownian:

@@ -318,3 +318,23 @@ def test_error_anatomy_script_prints_a_table_per_scheme(capsys):
     out = capsys.readouterr().out
     assert rc == 0 and out.count("| step | sigma |") == 2 and out.count("plain quantized sampler") == 2
     assert "dit w3a4, Euler 3 steps" in out
+
+
+def test_flow_direction_script_prints_a_line_per_scheme_and_sampler(capsys):
+    """benchmarks/flow_direction.py on a tiny untrained DiT: one line per (scheme, sampler), the SDE solvers from
+    t = 1 - 1e-4; --whole-step runs flow=False and refuses a stochastic sampler."""
+    from qdrift.bench import flow_direction
+
+    torch.set_num_threads(1)
+    rc = flow_direction.main(["--schemes", "w4a4", "--samplers", "euler,heun,dpmpp_2m_sde", "--steps", "4", "-n", "3"],
+                             load_net=_tiny)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
+    assert rc == 0 and [ln.split(":")[0] for ln in lines] == [
+        "w4a4 euler 4 flow=True", "w4a4 heun 2 flow=True", "w4a4 dpmpp_2m_sde 4 flow=True"]
+    assert all(re.search(r"mse q \d\.\d{5} -> \d\.\d{5}; min c [+-]\d\.\d{3}; v2, final variance", ln) for ln in lines)
+    rc = flow_direction.main(["--schemes", "w4a4", "--samplers", "euler", "--steps", "4", "-n", "3", "--whole-step"],
+                             load_net=_tiny)
+    assert rc == 0 and "w4a4 euler 4 flow=False:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        flow_direction.main(["--samplers", "euler_ancestral", "--whole-step"], load_net=_tiny)
+    assert "deterministic samplers only" in capsys.readouterr().err
