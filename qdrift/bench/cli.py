@@ -120,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-drift", action="store_true",
                    help="add a qdrift-v2-sized row after each v2 row: its drift sized by qdrift.size_drift on the K "
                         "calibration noises (to the mean square difference the undrifted quantized sampler really "
-                        "accumulates); the row records the per-channel factor")
+                        "accumulates) and its output correction to the share that brings the run closest to FP; "
+                        "the row records the per-channel factor and share")
+    p.add_argument("--size-output", action="store_true",
+                   help="add a qdrift-v2-sized-output row after each v2 row (after its -sized row): qdrift.size_drift "
+                        "with drift=False, the output correction's share sized alone, the drift as calibrated")
     p.add_argument("--tune", action="store_true",
                    help="add a qdrift-<method>-tuned row after each row of an error-model method (not paper): its "
                         "strength chosen by qdrift.tune_strength on the K calibration noises (the strength whose "
@@ -174,7 +178,7 @@ def config_from_args(args: argparse.Namespace):
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
         methods=tuple(args.methods), bands=tuple(args.bands), tune=args.tune,
-        size=args.size_drift,
+        size=tuple(part for part, on in (("all", args.size_drift), ("output", args.size_output)) if on),
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),
         fig_scheme=args.fig_scheme, grid_n=min(args.grid_n, args.n_images), out=args.out,

@@ -69,6 +69,7 @@ MODEL_SAMPLERS: Dict[str, Tuple[str, ...]] = {
     "unet": ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"),
     "dit": ("flow_euler",),
 }
+SIZED_SUFFIX = {"all": "sized", "output": "sized-output"}  # BenchConfig.size: the row name's suffix per part sized
 OPT_IN_SAMPLERS = frozenset({"dpmpp_2m_sde"})  # run only when --samplers names them (not in the default set)
 
 
@@ -92,7 +93,9 @@ class BenchConfig:
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
     bands: Sequence[int] = (1,)  # frequency bands of the exact-method and "matched" rows (one row each; 1 = per channel)
     tune: bool = False  # also a "-tuned" row per exact-method row: strength by qdrift.tune_strength on the K noises
-    size: bool = False  # also a "-sized" row per v2 row: its drift sized by qdrift.size_drift on the K noises
+    # also a row per v2 row sized by qdrift.size_drift on the K noises, per part sized: "all" (the drift and the output
+    # correction: "-sized") and "output" (the output correction alone: "-sized-output")
+    size: Sequence[str] = ()
     baselines: Sequence[str] = ()
     fid: bool = False
     fid_ref: int = 10000
@@ -340,14 +343,14 @@ class Variant:
     method: Optional[str] = None
     bands: int = 1  # frequency bands of the error model (exact methods) or of moment matching ("matched")
     tuned: bool = False  # strength chosen by qdrift.tune_strength on the calibration noises
-    sized: bool = False  # v2's drift sized by qdrift.size_drift on the calibration noises
+    sized: str = ""  # v2 sized by qdrift.size_drift on the calibration noises: "all" or "output" (see BenchConfig.size)
 
 
 def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
     """The rows of a block: quantized, then ``qdrift-<method>`` per method (the paper's method also per DPM
     form, ``-quadrature``), per V reduction (``-channel`` after the first), per band count of the exact methods
     and of matching (``-b<N>``), each exact-method row followed by its ``-tuned`` row with ``cfg.tune`` and each v2
-    row by its ``-sized`` row with ``cfg.size``, then the baselines."""
+    row by its ``-sized`` / ``-sized-output`` rows with ``cfg.size``, then the baselines."""
     out = [Variant("quantized", scheme)]
     for method in cfg.methods:
         bands = (1,) if method == "paper" else tuple(cfg.bands)
@@ -365,9 +368,9 @@ def variants_for(cfg: BenchConfig, sampler: str, scheme: str) -> List[Variant]:
                     bsuffix = "" if b == 1 else f"-b{b}"
                     out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}", scheme, cfg.K, reduce, form,
                                        method=method, bands=b))
-                    if cfg.size and method == "v2":
-                        out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-sized", scheme, cfg.K, reduce,
-                                           form, method=method, bands=b, sized=True))
+                    for part in (cfg.size if method == "v2" else ()):
+                        out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-{SIZED_SUFFIX[part]}", scheme,
+                                           cfg.K, reduce, form, method=method, bands=b, sized=part))
                     if cfg.tune and method != "paper":
                         out.append(Variant(f"qdrift-{method}{suffix}{fsuffix}{bsuffix}-tuned", scheme, cfg.K, reduce,
                                            form, method=method, bands=b, tuned=True))
@@ -502,12 +505,13 @@ def tune_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var:
 
 
 def size_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var: Variant) -> Tuple[Any, float]:
-    """``qdrift.size_drift`` of a variant's calibration (its V reduction) on the calibration's ``K`` noises;
-    returns the sized calibration and the pass's wall time."""
+    """``qdrift.size_drift`` of a variant's calibration (its V reduction) on the calibration's ``K`` noises, sizing
+    the part ``var.sized`` names; returns the sized calibration and the pass's wall time."""
     t0 = time.perf_counter()
     x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
     sized = qdrift.size_drift(cal.with_options(reduce=var.v_reduce), bm.fp, bm.quantized[scheme], x_cal,
-                              block.sigmas, block.fn, {"y": calib_labels(K)}, seed=CAL_SEED)
+                              block.sigmas, block.fn, {"y": calib_labels(K)}, seed=CAL_SEED,
+                              drift=var.sized != "output")
     return sized, time.perf_counter() - t0
 
 
@@ -565,7 +569,8 @@ def grid_label(var: Variant, cfg: BenchConfig) -> Optional[str]:
         return f"{var.scheme} Q"
     if var.method is not None and var.form in (None, cfg.dpm_forms[0]) and var.v_reduce == cfg.v_reduce[0]:
         bands = f" {var.bands} bands" if var.bands > 1 else ""
-        return f"{var.scheme} Q-Drift {var.method}{bands}" + (" tuned" if var.tuned else "") + (" sized" if var.sized else "")
+        return f"{var.scheme} Q-Drift {var.method}{bands}" + (" tuned" if var.tuned else "") + (
+            {"": "", "all": " sized", "output": " sized output"}[var.sized])
     return None
 
 

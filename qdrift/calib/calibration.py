@@ -84,12 +84,17 @@ def _check_drift_scale(info: Any, channels: int) -> None:
     if (not isinstance(info, dict) or not per_channel(info.get("measured")) or not per_channel(info.get("predicted"))
             or not (_is_int(info.get("K")) and info["K"] >= 1)
             or not ("measured_sq" not in info or per_channel(info["measured_sq"]))
-            or not ("z" not in info or (_is_real(info["z"]) and 0 <= info["z"] < math.inf))):
+            or not ("z" not in info or (_is_real(info["z"]) and 0 <= info["z"] < math.inf))
+            or not ("drift" not in info or isinstance(info["drift"], bool))):
         raise ValueError(
             "Calibration: meta['drift_scale'] must be an object with 'measured' and 'predicted' (lists of "
             f"{channels} finite numbers >= 0, one per channel), 'K' (an integer >= 1), and optionally "
-            f"'measured_sq' (like 'measured') and 'z' (a finite number >= 0), got {info!r:.160}"
+            f"'measured_sq' (like 'measured'), 'z' (a finite number >= 0) and 'drift' (true or false), "
+            f"got {info!r:.160}"
         )
+    if info.get("drift") is False and "output" not in info:
+        raise ValueError("Calibration: meta['drift_scale'] has 'drift': false (the output correction sized alone) "
+                         "but no 'output' statistics")
     output = info.get("output")
     if output is not None and not (isinstance(output, dict) and all(
             isinstance(output.get(key), list) and len(output[key]) == channels
@@ -364,11 +369,14 @@ class Calibration:
         from 1 by more than ``z`` standard errors (``meta["drift_scale"]["z"]``, default ``DRIFT_SCALE_Z``),
         and 1 (the surrogate as calibrated) where the pass's noises cannot tell it from 1; within
         ``[0, MAX_DRIFT_SCALE]``, and 1 where the surrogate predicted nothing. A file sized before the
-        standard error was kept (no ``measured_sq``) uses its raw factor.
+        standard error was kept (no ``measured_sq``) uses its raw factor. A sizing of the output correction alone
+        (``size_drift(drift=False)``, ``meta["drift_scale"]["drift"]`` false) keeps 1 in every channel.
         """
         estimate = self.drift_scale_estimate()
         if estimate is None:
             return None
+        if self.meta["drift_scale"].get("drift", True) is False:
+            return torch.ones_like(estimate[0])
         return _guarded(estimate, self._scale_z()).clamp(0, MAX_DRIFT_SCALE)
 
     def _scale_z(self) -> float:
@@ -854,6 +862,8 @@ def _merge_drift_scale(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]])
                       f"{a.get('steps')} vs {b.get('sampler')} {b.get('steps')})")
     if ("output" in a) != ("output" in b):
         return None, "only one of the two sizings measured the output correction's share (size_drift(output=True))"
+    if a.get("drift", True) != b.get("drift", True):
+        return None, "only one of the two sizings sized the drift (size_drift(drift=False) sizes the output alone)"
     ka, kb = a["K"], b["K"]
 
     def mix(x, y, keys):

@@ -80,6 +80,7 @@ def size_drift(
     sampler_kwargs: Optional[Dict[str, Any]] = None,
     z: float = DRIFT_SCALE_Z,
     output: bool = True,
+    drift: bool = True,
 ) -> Calibration:
     """A copy of ``calibration`` whose v2 drift is sized to the accumulation measured on ``x`` (module docstring).
 
@@ -99,6 +100,10 @@ def size_drift(
             factor everywhere (and to the output correction's share, see ``output``).
         output: also size v2's output correction (its gain, state term and bias; module docstring, "The output
             correction"): one more run of the quantized model per batch, without any correction.
+        drift: size the drift (the factor on ``V``); False sizes the output correction alone (needs ``output``)
+            and the drift keeps the surrogate's ``V`` (:attr:`~qdrift.Calibration.drift_scale` is then 1; the
+            measured factor is still kept, for :meth:`~qdrift.Calibration.drift_scale_estimate`). The module
+            docstring, "Which part to size", has the measurements.
 
     Returns:
         The calibration with ``meta["drift_scale"]`` set: per channel the measured sum's mean over the
@@ -119,9 +124,11 @@ def size_drift(
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs, seed)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
-    output = flag(output)
-    if output is None:
-        raise ValueError(f"size_drift: output must be True or False, got {output!r}")
+    output, drift = flag(output), flag(drift)
+    if output is None or drift is None:
+        name, value = ("output", output) if output is None else ("drift", drift)
+        raise ValueError(f"size_drift: {name} must be True or False, got {value!r}")
+    check_parts("size_drift", output, drift)
     sizing = Accumulation("size_drift", len(sigmas) - 1)
     base = unsized(calibration)
     runs = [("fp", model_fp, None)] + ([("plain", model_q, None)] if output else []) + [("q", model_q, base)]
@@ -147,7 +154,14 @@ def size_drift(
             elif label == "plain":  # the same call again: a model whose outputs are random cannot be paired
                 sizing.check_repeatable(*repeat_first_call(model_q, first[0], args))
         sizing.add(after["fp"], after["q"], trace, calibration.channels, after.get("plain"))
-    return sizing.sized(calibration, info.name, z)
+    return sizing.sized(calibration, info.name, z, drift=drift)
+
+
+def check_parts(who: str, output: bool, drift: bool) -> None:
+    """Refuses a sizing of nothing (``drift=False`` without ``output``)."""
+    if not (drift or output):
+        raise ValueError(f"{who}: drift=False sizes only the output correction, which needs output=True "
+                         "(with both False there is nothing to size)")
 
 
 def repeat_first_call(model: Callable, first: Dict[str, Any], extra_args: Optional[Dict[str, Any]]):
@@ -222,8 +236,9 @@ class Accumulation:
         self.predicted = _predicted_by_step(trace, self.steps, channels)
         self.count += fp_after[0].shape[0]
 
-    def sized(self, calibration: Calibration, sampler: str, z: float) -> Calibration:
-        """``calibration`` with ``meta["drift_scale"]`` from the batches added (see :func:`size_drift`)."""
+    def sized(self, calibration: Calibration, sampler: str, z: float, drift: bool = True) -> Calibration:
+        """``calibration`` with ``meta["drift_scale"]`` from the batches added (see :func:`size_drift`; ``drift``
+        False: only the output correction is sized)."""
         if self.count == 0:
             raise ValueError(f"{self.who}: x held no batches")
         var_fp = self.fp.var()
@@ -260,6 +275,7 @@ class Accumulation:
             "steps": self.steps,
             "seconds": round(time.time() - self.started, 3),
             **info,
+            **({} if drift else {"drift": False}),
         }
         return replace(calibration, meta=meta)
 
