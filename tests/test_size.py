@@ -460,3 +460,47 @@ def test_a_hosts_sizing_runs_give_the_plain_run_with_every_run_or_none():
         trace.add_sized_run(states, plan_trace)
     with pytest.raises(ValueError, match="output must be True or False"):
         trace.size_sampler(base, output="yes")
+
+
+def test_sizing_the_output_alone_keeps_the_calibrated_drift(tmp_path):
+    """``size_drift(drift=False)`` measures what the full sizing does and keeps the output share, but samples with
+    the drift as calibrated (factor 1); the file keeps the choice, merge pools only like with like, and a sizing
+    of nothing is refused."""
+    from qdrift.plan import DriftPlan
+
+    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True)
+    full = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS)
+    alone = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS, drift=False)
+    strip = lambda info: {k: v for k, v in info.items() if k not in ("seconds", "drift")}  # noqa: E731
+    assert strip(alone.meta["drift_scale"]) == strip(full.meta["drift_scale"]) and alone.meta["drift_scale"]["drift"] is False
+    assert "drift" not in full.meta["drift_scale"]  # a full sizing's file is as before
+    # a made-up sizing whose surrogate predicted a third of what it did: the full sizing's factor departs from 1
+    info = dict(full.meta["drift_scale"], predicted=[p / 3 for p in full.meta["drift_scale"]["predicted"]])
+    tripled, kept = (qdrift.Calibration(cal.sigmas, cal.moments, trajectory=cal.trajectory,
+                                        meta=dict(cal.meta, drift_scale=dict(info, **flag)))
+                     for flag in ({}, {"drift": False}))
+    assert bool((tripled.drift_scale - 1).abs().gt(0.1).all())
+    assert kept.drift_scale.tolist() == [1.0] * 3 and torch.equal(kept.drift_scale_estimate()[0],
+                                                                   tripled.drift_scale_estimate()[0])
+    assert torch.equal(kept.output_scale, tripled.output_scale)
+    x = DATA.prior(4, 80.0, spatial=(2, 2), generator=torch.Generator().manual_seed(3))
+    assert DriftPlan(kept, SIGMAS, x, "t")._v_scale.tolist() == [1.0] * 3
+    runs = {name: qdrift.sample_euler_qdrift(PlantedErrorDenoiser(DATA, gain=0.1, bias=0.05, var=0.05, seed=4),
+                                             x.clone(), SIGMAS, c, disable=True)
+            for name, c in (("tripled", tripled), ("kept", kept), ("full", full), ("alone", alone))}
+    # without the drift's sizing the (made-up) factor does not matter; with it, it does
+    assert torch.equal(runs["kept"], runs["alone"]) and not torch.equal(runs["tripled"], runs["full"])
+    kept.save(tmp_path / "k.safetensors")
+    assert load_calibration(tmp_path / "k.safetensors").meta["drift_scale"]["drift"] is False
+    with pytest.warns(UserWarning, match="only one of the two sizings sized the drift"):
+        assert full.merge(alone).drift_scale is None
+    assert alone.merge(alone).drift_scale.tolist() == [1.0] * 3
+    with pytest.raises(ValueError, match="needs output=True"):
+        qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS, drift=False, output=False)
+    with pytest.raises(ValueError, match="drift must be True or False"):
+        qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS, drift="no")
+    with pytest.raises(ValueError, match="'drift' \\(true or false\\)"):
+        qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=dict(info, drift="no")))
+    bare = {k: v for k, v in info.items() if k != "output"}
+    with pytest.raises(ValueError, match="but no 'output' statistics"):
+        qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=dict(bare, drift=False)))

@@ -338,3 +338,31 @@ def test_flow_direction_script_prints_a_line_per_scheme_and_sampler(capsys):
     with pytest.raises(SystemExit):
         flow_direction.main(["--samplers", "euler_ancestral", "--whole-step"], load_net=_tiny)
     assert "deterministic samplers only" in capsys.readouterr().err
+
+
+def test_the_sized_rows_name_the_part_they_size(monkeypatch):
+    """``--size-drift`` adds a ``-sized`` row (the drift and the output correction), ``--size-output`` a
+    ``-sized-output`` row (``qdrift.size_drift(drift=False)``), each after its v2 row; the paper's rows get none."""
+    args = cli.build_parser().parse_args(["--methods", "paper,v2", "--size-drift", "--size-output"])
+    cfg = cli.config_from_args(args)
+    assert cfg.size == ("all", "output")
+    names = [(v.name, v.sized) for v in runner.variants_for(cfg, "euler", "w4a4")]
+    assert names[:5] == [("quantized", ""), ("qdrift-paper", ""), ("qdrift-v2", ""), ("qdrift-v2-sized", "all"),
+                         ("qdrift-v2-sized-output", "output")]
+    assert cli.config_from_args(cli.build_parser().parse_args(["--size-output"])).size == ("output",)
+    seen = []
+    monkeypatch.setattr(runner.qdrift, "size_drift", lambda cal, *a, **kw: seen.append(kw["drift"]) or cal)
+
+    class _Cal:
+        def with_options(self, reduce):
+            return self
+
+    class _Block:
+        sigmas, fn = torch.tensor([80.0, 1.0, 0.0]), "euler"
+
+    class _Bench:
+        fp, quantized = None, {"w4a4": None}
+
+    for var in runner.variants_for(cfg, "euler", "w4a4")[3:5]:
+        runner.size_block(_Bench(), "w4a4", _Block(), 2, _Cal(), var)
+    assert seen == [True, False]
