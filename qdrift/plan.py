@@ -637,11 +637,11 @@ class DriftPlan:
             const = const.clamp(max=0) + left
         # The drift scales the step's first-order increment (the score direction), or its whole increment where
         # only that reaches the balance or comes closer to it (see the class docstring).
-        drift = self._drift(y_next + d_base - cur, const, y_next + d_base, sigma, sigma_eff)
+        drift = self._drift(y_next + d_base - cur, const, y_next + d_base, sigma, sigma_eff, len(terms) == 1)
         first_order = None
         if dir_terms is not None:
             y_dir, d_dir = self._apply(dir_terms)
-            along = self._drift(y_dir + d_dir - cur, const, y_next + d_base, sigma, sigma_eff)
+            along = self._drift(y_dir + d_dir - cur, const, y_next + d_base, sigma, sigma_eff, True)
             first_order = along["reached"] | (along["left"].abs() <= drift["left"].abs()) | only
             drift = {k: torch.where(first_order if v.ndim == 1 else first_order[None], along[k], v)
                      for k, v in drift.items()}
@@ -662,10 +662,11 @@ class DriftPlan:
         return c, factor, clipped, predicted, first_order
 
     def _drift(self, inc: torch.Tensor, const: torch.Tensor, x_base: torch.Tensor, sigma: float,
-               sigma_eff: float) -> dict:
+               sigma_eff: float, first_order: bool) -> dict:
         """The balance ``const + 2 c Cov(x_base, inc) + c^2 Var(inc) = 0`` for a drift ``c inc`` (``inc`` and the
-        uncorrected result ``x_base`` as vectors over sources): ``c`` within its bounds, the unbounded
-        ``solved``, what is ``left`` of the excess, and whether the balance is ``reached``, each ``[units]``."""
+        uncorrected result ``x_base`` as vectors over sources; ``first_order``: ``inc`` is one evaluation's step):
+        ``c`` within its bounds, the unbounded ``solved``, what is ``left`` of the excess, and whether the balance
+        is ``reached``, each ``[units]``."""
         lin, quad = self._src.covar(x_base, inc), self._src.covar(inc, inc)
         solved = balance_coefficient(const, lin, quad)
         if not self.drift:
@@ -676,6 +677,13 @@ class DriftPlan:
         # 0). So c stops where the scaled step reaches 0; what it cannot absorb stays for later steps.
         if sigma > sigma_eff >= 0:
             c = c.clamp(max=sigma_eff / (sigma - sigma_eff))
+        # On a step to 0 along a first-order part, x + (1 + c)(x0_hat - x) with c < 0 leaves |c| of the noise the model
+        # sees in the final sample: white noise, which lands where the sample's own spectrum is weakest (grain). The
+        # surrogate, one unit per channel, counts it as variance like any other; so that step takes no drift (the
+        # bound above already stops c > 0). A whole multistep increment (LMS's last step) may still be held back:
+        # that scales its extrapolation of earlier outputs, not only the noise.
+        if sigma_eff == 0 and first_order:
+            c = c.clamp(min=0.0)
         left = const + 2 * c * lin + c * c * quad
         reached = left.abs() <= 1e-6 * (const.abs() + (2 * c * lin).abs() + c * c * quad)
         return {"c": c, "solved": solved, "left": left, "reached": reached, "inc": inc}
