@@ -302,6 +302,39 @@ def test_the_score_direction_of_a_flow_step():
         assert DriftPlan._score_direction(3, x, euler, other, t) is None
 
 
+
+def test_a_first_order_step_to_zero_takes_no_drift():
+    """On the analytic flow with a correlated error the balance of every sampler's last step (t = 0.05 -> 0) asks to
+    hold the step back, and before this rule took ``c = -1``: the final sample kept all its noise at t = 0.05, which
+    the variance cannot tell from the error it replaces. A first-order step to 0 now returns the model's denoised
+    output as the plain sampler does; LMS's last step, a four-output extrapolation scaled as a whole, may still be
+    held back."""
+    from qdrift.bench.analytic import FLOW, FLOW_SDE_START, planted
+    from qdrift.plan import recording
+
+    sigmas = torch.linspace(1, 0, 21).double()
+    gen = torch.Generator().manual_seed(0)
+    x = FLOW.prior(2000, generator=gen)
+    cal = qdrift.calibrate(FLOW, planted("correlated", 0.2, 1, data=FLOW), FLOW.prior(5, spatial=(16,), generator=gen),
+                           sigmas, disable=True)
+    for name in ("euler", "euler_ancestral", "dpmpp_2m", "heun", "lms", "dpmpp_3m_sde"):
+        sig = sigmas.clone()
+        if name == "dpmpp_3m_sde":
+            sig[0] = FLOW_SDE_START
+        kw = {"noise_sampler": qdrift.default_noise_sampler(x, seed=3)} if name in STOCHASTIC else {}
+        last = []
+        with recording() as plans, warnings.catch_warnings():
+            warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+            out = qdrift.SAMPLERS[name](planted("correlated", 0.2, 2, data=FLOW), x.clone(), sig, cal, disable=True,
+                                        callback=lambda d: last.append(d["denoised"]), **kw)
+        step = plans[0].trace[-1]
+        assert step["sigma_eff"] == 0.0 and bool((step["excess"] > 0).all()), (name, step)
+        if name == "lms":
+            assert not bool(step["first_order"].any()) and float(step["c"].min()) < -0.04, step["c"]
+        else:
+            assert step["c"].tolist() == [0.0] * 3, (name, step["c"])
+            assert torch.allclose(out, last[-1], atol=1e-12), name  # the last evaluation's denoised output
+
 # -- the plan's cache: a run's solved steps depend on the calibration, schedule and sampler, never on x -------
 def _planted():
     """A fresh planted-error model (it draws its errors from its own generator as it is called)."""
