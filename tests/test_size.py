@@ -277,6 +277,17 @@ def test_a_hosts_third_pass_sizes_like_size_drift():
     with undrifted():
         again = qdrift.sample_euler_qdrift(_deterministic_q, parts[0], SIGMAS, cal, method="v2", disable=True)
     assert torch.allclose(outs[0], again)  # the pass returns its own (output-corrected, undrifted) sample
+    # the output correction sized alone: the same measurement, the drift as calibrated
+    alone = trace.size_sampler(cal, drift=False)
+    for part in parts:
+        alone(_deterministic_q, part, SIGMAS, disable=True)
+    alone = trace.sized()
+    assert alone.meta["drift_scale"]["drift"] is False and alone.drift_scale.tolist() == [1.0] * 3
+    assert alone.meta["drift_scale"]["measured"] == pytest.approx(info["measured"], rel=1e-9)
+    with pytest.raises(ValueError, match="drift=False sizes only the output correction, which needs output=True"):
+        trace.size_sampler(cal, drift=False, output=False)
+    with pytest.raises(ValueError, match="drift must be True or False, got 'yes'"):
+        trace.size_sampler(cal, drift="yes")
 
 
 def test_a_hosts_third_pass_finds_the_planted_mismatch_and_names_its_misuse(cals):
@@ -460,6 +471,13 @@ def test_a_hosts_sizing_runs_give_the_plain_run_with_every_run_or_none():
         trace.add_sized_run(states, plan_trace)
     with pytest.raises(ValueError, match="output must be True or False"):
         trace.size_sampler(base, output="yes")
+    # the output correction sized alone needs the plain runs: a host that gave none hears so when it asks
+    base = trace.begin_sizing(trace.calibration(), drift=False)
+    trace.add_sized_run(*runs(parts[0], base))
+    with pytest.raises(ValueError, match="drift=False sizes only the output correction, which needs the plain"):
+        trace.sized()
+    with pytest.raises(ValueError, match="drift must be True or False"):
+        trace.begin_sizing(trace.calibration(), drift=None)
 
 
 def test_sizing_the_output_alone_keeps_the_calibrated_drift(tmp_path):

@@ -37,6 +37,7 @@ MAX_GAIN_FACTOR = 2.0  # 1 + k is kept within [1 / MAX_GAIN_FACTOR, MAX_GAIN_FAC
 MAX_STATE_GAIN = 0.5  # |j| (the gain of the denoised output, see Calibration.error_model) is kept within this
 MAX_DRIFT_SCALE = 4.0  # Calibration.drift_scale is kept within [0, MAX_DRIFT_SCALE]
 DRIFT_SCALE_Z = 2.0  # Calibration.drift_scale departs from 1 only by more than this many standard errors
+SIZE_THE_DRIFT = True  # what qdrift.size_drift and the hosts' sizing pass size by default: the drift as well (True)
 # meta["drift_scale"]["output"]: the sizing noises' mean products of a = x_plain - x_fp and b = x_q - x_plain, then
 # the means of their pairwise products (Calibration.output_scale)
 OUTPUT_TERMS = ("aa", "ab", "bb", "aa_aa", "ab_ab", "bb_bb", "aa_ab", "aa_bb", "ab_bb")

@@ -58,7 +58,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from ..validation import flag
-from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, Calibration
+from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, SIZE_THE_DRIFT, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
 
@@ -80,7 +80,7 @@ def size_drift(
     sampler_kwargs: Optional[Dict[str, Any]] = None,
     z: float = DRIFT_SCALE_Z,
     output: bool = True,
-    drift: bool = True,
+    drift: bool = SIZE_THE_DRIFT,
 ) -> Calibration:
     """A copy of ``calibration`` whose v2 drift is sized to the accumulation measured on ``x`` (module docstring).
 
@@ -124,10 +124,10 @@ def size_drift(
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs, seed)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
+    for name, value in (("output", output), ("drift", drift)):
+        if flag(value) is None:
+            raise ValueError(f"size_drift: {name} must be True or False, got {value!r}")
     output, drift = flag(output), flag(drift)
-    if output is None or drift is None:
-        name, value = ("output", output) if output is None else ("drift", drift)
-        raise ValueError(f"size_drift: {name} must be True or False, got {value!r}")
     check_parts("size_drift", output, drift)
     sizing = Accumulation("size_drift", len(sigmas) - 1)
     base = unsized(calibration)
@@ -255,6 +255,9 @@ class Accumulation:
         meta = dict(calibration.meta)
         info = {}
         paired = per.ndim == 4
+        if not drift and not paired:
+            raise ValueError(f"{self.who}: drift=False sizes only the output correction, which needs the plain "
+                             "quantized run's states with every sizing run (output=True)")
         if paired:  # the corrected run's own: |a + b|^2 = aa + 2 ab + bb
             parts, each = each, (each[..., 0] + 2 * each[..., 1] + each[..., 2]).clamp(min=0)
         if paired and self.random:
@@ -265,6 +268,8 @@ class Accumulation:
             info["output"] = {name: parts[..., i].mean(0).tolist() for i, name in enumerate(OUTPUT_TERMS[:3])}
             for name, (i, j) in zip(OUTPUT_TERMS[3:], ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
                 info["output"][name] = (parts[..., i] * parts[..., j]).mean(0).tolist()
+        if not drift and "output" not in info:  # nothing was sized (the warning above says why)
+            return unsized(calibration)
         meta["drift_scale"] = {
             "measured": each.mean(0).tolist(),
             "measured_sq": each.pow(2).mean(0).tolist(),

@@ -37,7 +37,7 @@ import torch
 from .._utils import to_d
 from .._version import __version__
 from ..validation import CheckedModel, all_finite, flag, validate_sampler_inputs
-from .calibration import DRIFT_SCALE_Z, REDUCES, Calibration
+from .calibration import DRIFT_SCALE_Z, REDUCES, SIZE_THE_DRIFT, Calibration
 from .stats import PairedAccumulator
 
 try:  # tqdm is a core dependency; the fallback keeps this module importable in stripped hosts
@@ -316,7 +316,7 @@ class PairedTrace:
 
     # ------------------------------------------------------------------ the optional third pass: sizing
     def size_sampler(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z, atol: float = 1e-3,
-                     output: bool = True):
+                     output: bool = True, drift: bool = SIZE_THE_DRIFT):
         """A k-diffusion sampler for a third pass that sizes Q-Drift v2's drift (:func:`qdrift.size_drift`) on
         the recorded runs; :meth:`sized` then gives the sized calibration.
 
@@ -334,6 +334,7 @@ class PairedTrace:
             z: see :func:`qdrift.size_drift`.
             atol: tolerance for the starting-noise check (as :meth:`q_sampler`).
             output: also size the output correction (see :func:`qdrift.size_drift`).
+            drift: size the drift too (see :func:`qdrift.size_drift`; False needs ``output``).
 
         Returns:
             ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None) -> x_final``.
@@ -343,12 +344,14 @@ class PairedTrace:
         """
         from ..plan import recording, undrifted
         from ..samplers import sample_euler_qdrift
-        from .size import repeat_first_call
+        from .size import check_parts, repeat_first_call
 
-        output = flag(output)
-        if output is None:
-            raise ValueError("Q-Drift calibration (sizing pass): output must be True or False")
-        base = self.begin_sizing(calibration, z=z)
+        for name, value in (("output", output), ("drift", drift)):
+            if flag(value) is None:
+                raise ValueError(f"Q-Drift calibration (sizing pass): {name} must be True or False, got {value!r}")
+        output, drift = flag(output), flag(drift)
+        check_parts("Q-Drift calibration (sizing pass)", output, drift)
+        base = self.begin_sizing(calibration, z=z, drift=drift)
         who = "Q-Drift calibration (sizing pass)"
 
         @torch.no_grad()
@@ -382,11 +385,14 @@ class PairedTrace:
 
         return sample_qdrift_size_q
 
-    def begin_sizing(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z) -> Calibration:
+    def begin_sizing(self, calibration: Calibration, *, z: float = DRIFT_SCALE_Z,
+                     drift: bool = SIZE_THE_DRIFT) -> Calibration:
         """Starts a sizing of ``calibration`` on the recorded runs (for hosts that run the sizing pass outside a
         k-diffusion sampler; :meth:`size_sampler` does it for those that do): each sizing run is an Euler run of
         the quantized model with ``method="v2"`` inside :func:`qdrift.plan.undrifted` and
         :func:`qdrift.plan.recording`, from a recorded run's starting noise, given to :meth:`add_sized_run`.
+        ``drift``: size the drift too (:func:`qdrift.size_drift`; False needs the plain runs in
+        :meth:`add_sized_run`).
 
         Returns:
             The calibration to run them with (``calibration`` without a previous sizing).
@@ -400,7 +406,9 @@ class PairedTrace:
         if not isinstance(calibration, Calibration):
             raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
         check_z(who, z)
-        self._sizing = {"calibration": calibration, "z": float(z), "runs": 0, "plain": None,
+        if flag(drift) is None:
+            raise ValueError(f"{who}: drift must be True or False, got {drift!r}")
+        self._sizing = {"calibration": calibration, "z": float(z), "drift": flag(drift), "runs": 0, "plain": None,
                         "sums": Accumulation(who, self.steps)}
         return unsized(calibration)
 
@@ -464,7 +472,7 @@ class PairedTrace:
         if sizing is None or sizing["runs"] == 0:
             raise PairedTraceError("no sizing run yet: after the two passes, sample the quantized model with "
                                    "PairedTrace.size_sampler(calibration), then call sized()")
-        return sizing["sums"].sized(sizing["calibration"], "euler", sizing["z"])
+        return sizing["sums"].sized(sizing["calibration"], "euler", sizing["z"], drift=sizing["drift"])
 
     # ------------------------------------------------------------------ direct recording (diffusers)
     def add_run(self, sigmas: torch.Tensor, xs: Sequence[torch.Tensor], denoised_fp: Sequence[torch.Tensor], final: torch.Tensor) -> int:
