@@ -401,6 +401,10 @@ def test_a_model_with_random_outputs_keeps_the_share_at_one_and_says_so(cals):
         sized = qdrift.size_drift(cals[0.1], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS)
     assert sized.output_scale is None and "output" not in sized.meta["drift_scale"]
     assert torch.allclose(sized.drift_scale_estimate()[0], torch.ones(3, dtype=torch.float64), rtol=0.15)
+    with pytest.warns(UserWarning, match="with drift=False nothing is: the calibration is returned unsized"):
+        alone = qdrift.size_drift(cals[0.1], DATA, PlantedErrorDenoiser(DATA, seed=8, var=0.1), X_CAL, SIGMAS,
+                                  drift=False)
+    assert "drift_scale" not in alone.meta
 
 
 def test_the_share_scales_the_output_correction_and_travels_with_the_file(tmp_path):

@@ -261,9 +261,10 @@ class Accumulation:
         if paired:  # the corrected run's own: |a + b|^2 = aa + 2 ab + bb
             parts, each = each, (each[..., 0] + 2 * each[..., 1] + each[..., 2]).clamp(min=0)
         if paired and self.random:
+            rest = "the drift is" if drift else "and with drift=False nothing is: the calibration is returned unsized"
             warnings.warn(f"{self.who}: the quantized model's outputs differ between two calls on the same input, so "
                           "its plain and corrected runs cannot be paired; the output correction is not sized (share "
-                          "1), the drift is", stacklevel=3)
+                          f"1), {rest}", stacklevel=3)
         elif paired:
             info["output"] = {name: parts[..., i].mean(0).tolist() for i, name in enumerate(OUTPUT_TERMS[:3])}
             for name, (i, j) in zip(OUTPUT_TERMS[3:], ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))):
