@@ -7,11 +7,13 @@ and labels). Prints one summary line per (scheme, method, noise set) and, with `
     python benchmarks/correction_check.py --model unet --sampler euler --schemes w4a8,w4a4,w3a4 -n 40
     python benchmarks/correction_check.py --model dit --methods v2 --strengths 0.5,1,1.5   # the strength curve
     python benchmarks/correction_check.py --model dit --methods v2 --size-drift   # v2 sized by qdrift.size_drift
+    python benchmarks/correction_check.py --model unet --methods v2 --size-drift --size-output   # and its output alone
 
 With ``--size-drift`` each scheme also prints the per-channel factor :func:`qdrift.size_drift` measures on the
 calibration noises and, for comparison, on the held-out ones (raw +- its standard error -> the factor used), and
 checks v2 with the calibration sized on the calibration noises (rows ``v2-sized``); ``--factor-only`` prints the
-factors alone.
+factors alone. ``--size-output`` adds rows ``v2-sized-output``: ``qdrift.size_drift(drift=False)`` on the calibration
+noises, the output correction's share sized alone and the drift as calibrated.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("--strengths", default="1", help="comma-separated correction strengths to check (each >= 0)")
     p.add_argument("--size-drift", action="store_true",
                    help="also size v2's drift with qdrift.size_drift (on the calibration noises) and check it")
+    p.add_argument("--size-output", action="store_true",
+                   help="with --size-drift: also check v2 with only its output correction sized (size_drift(drift=False))")
     p.add_argument("--factor-only", action="store_true",
                    help="with --size-drift: print the factors (raw +- standard error -> used) and skip the checks")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
@@ -60,6 +64,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         p.error(f"--strengths must be comma-separated numbers, got {args.strengths!r}")
     if args.factor_only and not args.size_drift:
         p.error("--factor-only needs --size-drift")
+    if args.size_output and not args.size_drift:
+        p.error("--size-output needs --size-drift")
     if args.bands < 1:
         p.error(f"--bands must be >= 1, got {args.bands}")
     if not strengths or not all(0 <= v < float("inf") for v in strengths):
@@ -87,6 +93,11 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
             if args.factor_only:
                 continue
             runs.append(("v2-sized", "v2", sized["calibration"]))
+            if args.size_output:
+                x, labels = sets["calibration"]
+                runs.append(("v2-sized-output", "v2", qdrift.size_drift(
+                    cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn, {"y": labels}, seed=R.CAL_SEED,
+                    drift=False)))
         for label, method, use in runs:
             for strength in strengths:
                 at = "" if strengths == [1.0] else f" (strength {strength:g})"

@@ -285,11 +285,12 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ") and "frequency band" not in ln]
     assert rc == 0 and len(lines) == 4 and sum("held-out (strength 2): v2" in ln for ln in lines) == 1
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
-                                "--methods", "v2", "--size-drift", "--threads", "1"], load_net=_tiny)
+                                "--methods", "v2", "--size-drift", "--size-output", "--threads", "1"], load_net=_tiny)
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("w4a4 ") and "frequency band" not in ln]
-    assert rc == 0 and len(lines) == 5 and sum("size_drift factor" in ln for ln in lines) == 1
+    assert rc == 0 and len(lines) == 7 and sum("size_drift factor" in ln for ln in lines) == 1
     assert sum("held-out: v2-sized on 3 noises" in ln for ln in lines) == 1
+    assert sum("held-out: v2-sized-output on 3 noises" in ln for ln in lines) == 1
     assert "held-out: v2-sized, final variance per frequency band" in out  # the row's label, not its method
     assert re.search(r"calibration \[\d+\.\d{3} \+- (\d+\.\d{3}|inf|nan) -> \d+\.\d{3}\]", lines[0]), lines[0]
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
@@ -299,6 +300,9 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
     with pytest.raises(SystemExit):
         correction_check.main(["--model", "unet", "--factor-only"], load_net=_tiny)
     assert "--factor-only needs --size-drift" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        correction_check.main(["--model", "unet", "--size-output"], load_net=_tiny)
+    assert "--size-output needs --size-drift" in capsys.readouterr().err
     for bad in ("x", "-1", "inf", ""):
         with pytest.raises(SystemExit):
             correction_check.main(["--model", "unet", "--strengths", bad], load_net=_tiny)
