@@ -157,11 +157,11 @@ class DriftPlan:
     solved exactly (:func:`balance_coefficient`), within ``|c| <= 1`` and ``c <= sigma_eff / (sigma -
     sigma_eff)``: the scaled step goes to the level ``sigma + (1 + c)(sigma_eff - sigma)``, and past 0 it
     would put noise back instead of removing it (``c sigma`` of it on a step to 0: the speckle of a few long
-    ancestral steps). A first-order step to 0 takes no drift of either sign: ``c < 0`` there would leave ``|c|`` of
-    the noise the model sees in the final sample, white noise that the one-unit-per-channel surrogate counts as
-    variance like the error it replaces, but that lands where the sample's spectrum is weakest (on the bench DiT,
-    w3a4 DPM++ 3M SDE, the last step's ``c = -0.81`` took the top band from 2.9x FP's to 3.9x). What a bounded step
-    cannot absorb is taken from the fresh noise the sampler adds right
+    ancestral steps). In a run that injects noise a first-order step to 0 takes no drift of either sign: ``c < 0``
+    there would leave ``|c|`` of the noise the model sees, the sampler's fresh noise among it, in the final sample,
+    white noise that the one-unit-per-channel surrogate counts as variance like the error it replaces, but that
+    lands where the sample's spectrum is weakest (on the bench DiT, w3a4 DPM++ 3M SDE, the last step's ``c = -0.81``
+    took the top band from 2.9x FP's to 3.9x). What a bounded step cannot absorb is taken from the fresh noise the sampler adds right
     after it, if any (its variance lowered by what is left, as ``correction="noise"`` does; callers that cannot
     scale their noise pass ``lower_noise=False``); the rest stays in ``D`` and the next step's balance takes it up.
     For a fresh error, one Euler step of pure noise this is ``c = |h| V / (2 sigma_eff)`` to first order;
@@ -452,6 +452,7 @@ class DriftPlan:
         self._d = torch.zeros_like(self._y)  # corrected minus full-precision
         self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
         self._errors: list = []  # (sigma, id, source index, std [C])
+        self._noisy = False  # the run has injected fresh noise (see _drift)
         if self.cross and ("rho", self.gain) not in self._cache:
             rho = self.em_cal.error_correlation(gain=self.gain)
             self._cache[("rho", self.gain)] = None if rho is None else between_evaluations(rho)
@@ -481,6 +482,7 @@ class DriftPlan:
     def _noise(self, std: float, factor: Optional[torch.Tensor]) -> None:
         if not std:
             return
+        self._noisy = True
         var = torch.full((self.units,), float(std) ** 2, dtype=torch.float64)
         index = self._src.add(var * self._shares if self.bands > 1 else var)
         self._y = self._src.pad(self._y)
@@ -681,12 +683,13 @@ class DriftPlan:
         # 0). So c stops where the scaled step reaches 0; what it cannot absorb stays for later steps.
         if sigma > sigma_eff >= 0:
             c = c.clamp(max=sigma_eff / (sigma - sigma_eff))
-        # On a step to 0 along a first-order part, x + (1 + c)(x0_hat - x) with c < 0 leaves |c| of the noise the model
-        # sees in the final sample: white noise, which lands where the sample's own spectrum is weakest (grain). The
-        # surrogate, one unit per channel, counts it as variance like any other; so that step takes no drift (the
-        # bound above already stops c > 0). A whole multistep increment (LMS's last step) may still be held back:
-        # that scales its extrapolation of earlier outputs, not only the noise.
-        if sigma_eff == 0 and first_order:
+        # In a run that injects noise, a step to 0 along a first-order part, x + (1 + c)(x0_hat - x), with c < 0 would
+        # leave |c| of the noise the model sees, the sampler's own fresh noise among it, in the final sample: white
+        # noise, which lands where the sample's spectrum is weakest (grain), and which the surrogate, one unit per
+        # channel, counts as variance like the error it saves. So that step takes no drift (the bound above already
+        # stops c > 0). A deterministic run may still hold its last step back (on the bench DiT that backs off the
+        # step before, which overshot, and gives a better FID), and so may a whole multistep increment (LMS's).
+        if sigma_eff == 0 and first_order and self._noisy:
             c = c.clamp(min=0.0)
         left = const + 2 * c * lin + c * c * quad
         reached = left.abs() <= 1e-6 * (const.abs() + (2 * c * lin).abs() + c * c * quad)
