@@ -43,6 +43,12 @@ over the noises (:attr:`qdrift.Calibration.output_scale`). The drift is then siz
 pairing needs a model whose outputs are a function of its input: a model with random outputs (two calls on the
 same input disagree) keeps the share at 1, with a warning.
 
+Which part to size. The drift factor and the output share pull apart on the bench (``docs/bench_results.md``, "Which
+part of the sizing helps"): on the U-Net (Euler 30, w4a4) the factor is what brings the samples closer to FP than
+uncorrected (mean square 0.0108 -> 0.0082; the share alone 0.0111), on the flow DiT (w3a4) it costs FID (13 -> 10 %
+of the gap) where the share alone costs little. So both are sized by default (``SIZE_THE_DRIFT``), and
+``drift=False`` sizes the share alone for a model where plain v2 checks closer (:func:`qdrift.check_correction`).
+
 Cost: two sampler runs per batch (the full-precision and the quantized model, one call per evaluation each),
 three with ``output`` (plus one quantized call); memory: the states of one batch at every step.
 """
