@@ -161,9 +161,11 @@ class DriftPlan:
     there would leave ``|c|`` of the noise the model sees, the sampler's fresh noise among it, in the final sample,
     white noise that the one-unit-per-channel surrogate counts as variance like the error it replaces, but that
     lands where the sample's spectrum is weakest (on the bench DiT, w3a4 DPM++ 3M SDE, the last step's ``c = -0.81``
-    took the top band from 2.9x FP's to 3.9x). What a bounded step cannot absorb is taken from the fresh noise the sampler adds right
-    after it, if any (its variance lowered by what is left, as ``correction="noise"`` does; callers that cannot
-    scale their noise pass ``lower_noise=False``); the rest stays in ``D`` and the next step's balance takes it up.
+    took the top band from 2.9x FP's to 3.9x; a deterministic run keeps its hold-back, which on the DiT's flow Euler
+    backs off an overshooting step before it). What a bounded step cannot absorb is taken from the fresh noise the
+    sampler adds right after it, if any (its variance lowered by what is left, as ``correction="noise"`` does;
+    callers that cannot scale their noise pass ``lower_noise=False``); the rest stays in ``D`` and the next step's
+    balance takes it up.
     For a fresh error, one Euler step of pure noise this is ``c = |h| V / (2 sigma_eff)`` to first order;
     the paper's ``|h| V / (2 sigma)`` (Eq. 12) is its short-step limit.
 
