@@ -130,11 +130,7 @@ def size_drift(
     info = check_pass("size_drift", calibration, sampler, sigmas, sampler_kwargs, seed)
     if "callback" in (sampler_kwargs or {}):
         raise ValueError("size_drift: sampler_kwargs may not set 'callback'; the pass sets it")
-    for name, value in (("output", output), ("drift", drift)):
-        if flag(value) is None:
-            raise ValueError(f"size_drift: {name} must be True or False, got {value!r}")
-    output, drift = flag(output), flag(drift)
-    check_parts("size_drift", output, drift)
+    output, drift = check_parts("size_drift", output, drift)
     sizing = Accumulation("size_drift", len(sigmas) - 1)
     base = unsized(calibration)
     runs = [("fp", model_fp, None)] + ([("plain", model_q, None)] if output else []) + [("q", model_q, base)]
@@ -163,11 +159,17 @@ def size_drift(
     return sizing.sized(calibration, info.name, z, drift=drift)
 
 
-def check_parts(who: str, output: bool, drift: bool) -> None:
-    """Refuses a sizing of nothing (``drift=False`` without ``output``)."""
+def check_parts(who: str, output: Any, drift: Any) -> tuple:
+    """The sizing's parts ``(output, drift)`` as bools; refuses a flag that is not one, and a sizing of nothing
+    (``drift=False`` without ``output``)."""
+    for name, value in (("output", output), ("drift", drift)):
+        if flag(value) is None:
+            raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
+    output, drift = flag(output), flag(drift)
     if not (drift or output):
         raise ValueError(f"{who}: drift=False sizes only the output correction, which needs output=True "
                          "(with both False there is nothing to size)")
+    return output, drift
 
 
 def repeat_first_call(model: Callable, first: Dict[str, Any], extra_args: Optional[Dict[str, Any]]):

@@ -346,11 +346,7 @@ class PairedTrace:
         from ..samplers import sample_euler_qdrift
         from .size import check_parts, repeat_first_call
 
-        for name, value in (("output", output), ("drift", drift)):
-            if flag(value) is None:
-                raise ValueError(f"Q-Drift calibration (sizing pass): {name} must be True or False, got {value!r}")
-        output, drift = flag(output), flag(drift)
-        check_parts("Q-Drift calibration (sizing pass)", output, drift)
+        output, drift = check_parts("Q-Drift calibration (sizing pass)", output, drift)
         base = self.begin_sizing(calibration, z=z, drift=drift)
         who = "Q-Drift calibration (sizing pass)"
 
