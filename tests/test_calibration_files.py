@@ -155,3 +155,29 @@ def test_meta_that_cannot_be_json_is_a_value_error(cal, tmp_path):
     loop["self"] = loop
     with pytest.raises(ValueError, match="meta cannot be written as JSON"):
         qdrift.Calibration(cal.sigmas, cal.moments, meta={"loop": loop}).save(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("name,edit,match", [
+    ("traj_sum_xx", lambda t: -t, "sum_xx has a negative sum of squares"),
+    ("traj_n", lambda t: t * 0, "at least one position"),
+    ("traj_n", lambda t: -t, "at least one position"),
+    ("traj_sum_xd", lambda t: t * 1e3 + 1.0, "sum_xd is above its Cauchy-Schwarz bound"),
+    ("traj_cross_xd", lambda t: t * 1e3 + 1.0, "cross_xd has a sum of products above its Cauchy-Schwarz bound"),
+])
+def test_trajectory_sums_no_data_could_give_are_refused_at_load(tmp_path, cal, name, edit, match):
+    """A file's cross-step sums are read tensor by tensor: one that no set of trajectories could have summed to (a
+    negated sum of squares, a count of 0) changed the samples silently before; now the file is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good.qdrift.safetensors"
+    cal.save(good)
+    assert qdrift.load_calibration(good).trajectory is not None  # the untouched file loads
+    tensors = load_file(str(good))
+    with safe_open(str(good), framework="pt") as f:
+        metadata = f.metadata()
+    tensors[name] = edit(tensors[name])
+    bad = tmp_path / "bad.qdrift.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    with pytest.raises(CalibrationFileError, match=match):
+        qdrift.load_calibration(bad)

@@ -157,3 +157,20 @@ def test_frequency_bands_match_the_spectrum_where_one_c_per_channel_cannot():
         frequency_bands((4, 4), 0)
     with pytest.raises(ValueError, match="need spatial axes"):
         qdrift.match_moments(cal, data, HighFrequencyError(2), torch.randn(4, 1), SIGMAS, "euler", bands=2)
+
+
+def test_merge_keeps_matching_tables_and_their_description_together():
+    """The tables and ``meta["match"]`` (which sampler they were measured with) travel together through a merge:
+    before, a merge of tables measured with two samplers dropped the tables silently and kept the description, and a
+    merge onto an unmatched calibration kept the tables without it (so sampling with another sampler did not warn)."""
+    euler, heun = _matched("euler", var=0.1), _matched("heun", var=0.1)
+    plain = qdrift.calibrate(DATA, PlantedErrorDenoiser(DATA, seed=7, var=0.1), _prior(5, 5, (16, 16)), CAL_SIGMAS,
+                             disable=True)
+    with pytest.warns(UserWarning, match="moment-matching tables were measured differently.*'euler' vs 'heun'"):
+        mixed = euler.merge(heun)
+    assert mixed.matched is None and "match" not in mixed.meta
+    onto = plain.merge(euler)
+    assert onto.matched is not None and onto.meta["match"]["sampler"] == "euler"
+    same = euler.merge(euler)
+    assert same.meta["match"]["K"] == 2 * euler.meta["match"]["K"]
+    assert torch.allclose(same.matched["V"], euler.matched["V"])

@@ -224,3 +224,63 @@ def test_one_sampler_registry():
         sampler_info(print)
     with pytest.raises(ValueError, match="unknown flag"):
         sampler_names(ode=True)
+
+
+def _saved_trace(path):
+    trace = PairedTrace()
+    trace.fp_sampler()(fp_model, noise(2, 0), SIG, disable=True)
+    trace.save(path)
+    return path
+
+
+def _rewrite(src, dst, tensors_edit=None, header_edit=None):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    with safe_open(str(src), framework="pt") as f:
+        header = json.loads(f.metadata()["qdrift"])
+    if tensors_edit is not None:
+        tensors_edit(tensors)
+    if header_edit is not None:
+        header_edit(header)
+    save_file(tensors, str(dst), metadata={"qdrift": json.dumps(header)})
+    return dst
+
+
+@pytest.mark.parametrize("tensors_edit,header_edit,match", [
+    (lambda t: t.__setitem__("run0.final", t["run0.final"] * float("nan")), None, "'run0.final' is not finite"),
+    (lambda t: t.__setitem__("run0.final", t["run0.final"][:1]), None, "inconsistent shapes"),
+    (lambda t: t.__setitem__("run0.fp", t["run0.fp"].to(torch.int32)), None, "'run0.fp' is not finite floating"),
+    (None, lambda h: h.__setitem__("runs", "abc"), "not a count"),
+    (None, lambda h: h.__setitem__("runs", -1), "not a count"),
+    (None, lambda h: h.__setitem__("runs", True), "not a count"),
+    (None, lambda h: h.__setitem__("meta", "x"), "'meta' of type str"),
+    (None, lambda h: h.__setitem__("meta", [1]), "'meta' of type list"),
+    (None, lambda h: h.__setitem__("format_version", True), "format_version True"),
+    (None, lambda h: h.__setitem__("format_version", -3), "format_version -3"),
+])
+def test_a_trace_file_is_checked_where_it_is_read(tmp_path, tensors_edit, header_edit, match):
+    """A host keeps the first pass's trace on disk between its passes: a tampered or damaged file is refused with a
+    message naming what is wrong (before, a NaN ``final`` came back as the quantized pass's image, and a negative run
+    count dropped the recorded run silently)."""
+    from qdrift.calib import PairedTraceError
+
+    good = _saved_trace(tmp_path / "good.safetensors")
+    assert len(PairedTrace.load(good).runs) == 1
+    bad = _rewrite(good, tmp_path / "bad.safetensors", tensors_edit, header_edit)
+    with pytest.raises(PairedTraceError, match=match):
+        PairedTrace.load(bad)
+
+
+def test_trace_paths_that_are_not_files_are_refused_clearly(tmp_path):
+    from qdrift.calib import PairedTraceError
+
+    with pytest.raises(PairedTraceError, match="is a directory"):
+        PairedTrace.load(tmp_path)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        PairedTrace.load(3)
+    with pytest.raises(FileNotFoundError, match="PairedTrace.save: cannot write .*no such directory"):
+        _saved_trace(tmp_path / "missing" / "t.safetensors")

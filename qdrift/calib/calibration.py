@@ -611,8 +611,15 @@ class Calibration:
             with warnings.catch_warnings():  # said once above, for both
                 warnings.simplefilter("ignore", UserWarning)
                 banded = self.banded.merge(other.banded)
+        matched, match, match_lost = _merge_matched(self, other)
+        meta.pop("match", None)
+        if match is not None:
+            meta["match"] = match
+        if match_lost:
+            warnings.warn(f"Calibration.merge: {match_lost}; the merged calibration has none (run "
+                          "qdrift.calib.match_moments on it)", stacklevel=2)
         return replace(self, moments=self.moments.merge(other.moments), meta=meta, trajectory=trajectory,
-                       matched=_merge_matched(self, other), banded=banded)
+                       matched=matched, banded=banded)
 
     def __repr__(self) -> str:
         return (
@@ -661,18 +668,23 @@ class Calibration:
             text = json.dumps(header, default=_json_default)
         except (ValueError, TypeError, RecursionError) as e:
             raise ValueError(f"Calibration.save: meta cannot be written as JSON ({e})") from None
-        data = save(tensors, metadata={"qdrift": text})
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as e:
-            if os.path.isfile(tmp):
-                os.remove(tmp)
-            parent = os.path.dirname(os.path.abspath(path))
-            reason = f"no such directory {parent}" if not os.path.isdir(parent) else (e.strerror or str(e))
-            raise OSError(e.errno, f"Calibration.save: cannot write {path}: {reason}") from None
+        write_atomic(path, save(tensors, metadata={"qdrift": text}), "Calibration.save")
+
+
+def write_atomic(path: str, data: bytes, who: str) -> None:
+    """Writes ``data`` next to ``path`` and renames it into place, so a failed write leaves any previous file
+    intact; an ``OSError`` (its errno subclass) names the path and, for a missing directory, the directory."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        parent = os.path.dirname(os.path.abspath(path))
+        reason = f"no such directory {parent}" if not os.path.isdir(parent) else (e.strerror or str(e))
+        raise OSError(e.errno, f"{who}: cannot write {path}: {reason}") from None
 
 
 def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
@@ -754,9 +766,14 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
     try:
         moments = PairedMoments(**{k: tensors[k] for k in _TENSORS if k != "sigmas"})
         trajectory = TrajectorySums(**traj) if traj else None
+        if trajectory is not None:
+            trajectory.check_consistent()
         banded = None
         if band:
             band_traj = {k[len(_TRAJ_PREFIX):]: v for k, v in band.items() if k.startswith(_TRAJ_PREFIX)}
+            band_sums = TrajectorySums(**band_traj) if band_traj else None
+            if band_sums is not None:
+                band_sums.check_consistent()
             band_moments = PairedMoments(**{k: v for k, v in band.items() if not k.startswith(_TRAJ_PREFIX)})
             shares = header.get("band_shares")
             if shares is not None and (not isinstance(shares, list) or len(shares) != bands
@@ -764,7 +781,7 @@ def load_calibration(path: Union[str, os.PathLike]) -> Calibration:
                 raise CalibrationFileError(f"load_calibration: {path} has invalid band_shares {shares!r:.80}")
             band_meta = {"band_units": bands} if shares is None else {"band_units": bands, "band_shares": shares}
             banded = Calibration(tensors["sigmas"], band_moments, reduce, conditional, band_meta,
-                                 trajectory=TrajectorySums(**band_traj) if band_traj else None)
+                                 trajectory=band_sums)
         return Calibration(tensors["sigmas"], moments, reduce, conditional, dict(meta), trajectory=trajectory,
                            matched=matched or None, banded=banded)
     except TypeError as e:  # unknown or missing trajectory fields
@@ -887,17 +904,21 @@ def _file_kind(mode: int) -> str:
     return "a special file"
 
 
-def _merge_matched(a: Calibration, b: Calibration) -> Optional[Dict[str, torch.Tensor]]:
-    """Moment-matching tables of two merged calibrations: their K-weighted mean when both were matched the same
-    way on the same levels, else those of the one that has them (None when neither or both differ)."""
+def _merge_matched(a: Calibration, b: Calibration) -> tuple:
+    """Moment-matching tables of two merged calibrations and their ``meta["match"]``, with why they were lost (or
+    None): their K-weighted mean when both were matched the same way on the same levels, else those of the one that
+    has them (tables and description together), else none."""
     if a.matched is None or b.matched is None:
-        return a.matched if b.matched is None else b.matched
+        one = b if a.matched is None else a
+        return one.matched, one.meta.get("match"), None
     ma, mb = a.meta.get("match") or {}, b.meta.get("match") or {}
     same = {k: ma.get(k) for k in ("sampler", "gain", "mean")} == {k: mb.get(k) for k in ("sampler", "gain", "mean")}
     if not same or a.matched["sigmas"].shape != b.matched["sigmas"].shape or not torch.allclose(
         a.matched["sigmas"], b.matched["sigmas"], rtol=1e-9
     ):
-        return None
+        return None, None, (f"their moment-matching tables were measured differently ({ma.get('sampler')!r} vs "
+                            f"{mb.get('sampler')!r} sampler, or other levels or options)")
     ka, kb = float(ma.get("K", 1)), float(mb.get("K", 1))
     mix = {k: (ka * a.matched[k] + kb * b.matched[k]) / (ka + kb) for k in ("V", "shift")}
-    return {"sigmas": a.matched["sigmas"], **mix}
+    match = dict(ma, K=ma.get("K", 1) + mb.get("K", 1))
+    return {"sigmas": a.matched["sigmas"], **mix}, match, None

@@ -382,6 +382,35 @@ class TrajectorySums:
         common = [f for f in self.fields if f in other.fields]
         return TrajectorySums(**{f: getattr(self, f) + getattr(other, f) for f in common})
 
+    def check_consistent(self) -> None:
+        """Raises ``ValueError`` naming the first field that no set of trajectories could have summed to: a count
+        below 1, a negative sum of squares, or a sum of products above its Cauchy-Schwarz bound
+        (``|sum a b| <= sqrt(sum a^2 sum b^2)``, ``(sum a)^2 <= n sum a^2``). For sums read from a file, whose
+        tensors arrive one by one; sums this class computes always pass."""
+        if bool((self.n < 1).any()):
+            raise ValueError(f"TrajectorySums.n must count at least one position per channel, got {self.n.tolist()!r:.80}")
+        diag = lambda t: torch.diagonal(t, dim1=0, dim2=1).transpose(0, 1)  # noqa: E731  [S, S, C] -> [S, C]
+        cross = self.cross_xe is not None
+        squares = {"sum_dd": diag(self.sum_dd), "sum_ee": diag(self.sum_ee), "sum_xx": self.sum_xx}
+        if cross:
+            squares["cross_xx"] = diag(self.cross_xx)
+        for name, sq in squares.items():
+            if bool((sq < 0).any()):
+                raise ValueError(f"TrajectorySums.{name} has a negative sum of squares")
+        dd, ee, xx = squares["sum_dd"], squares["sum_ee"], self.sum_xx
+        above = lambda value, bound: bool((value.abs() > bound * (1 + 1e-6) + 1e-12).any())  # noqa: E731
+        pairs = {"sum_dd": (dd, dd), "sum_de": (dd, ee), "sum_ee": (ee, ee)}
+        if cross:
+            pairs.update(cross_xx=(xx, xx), cross_xd=(xx, dd), cross_xe=(xx, ee))
+        singles = {"sum_d": (self.sum_d, self.n * dd), "sum_e": (self.sum_e, self.n * ee),
+                   "sum_x": (self.sum_x, self.n * xx), "sum_xd": (self.sum_xd, xx * dd)}
+        for name, (a, b) in pairs.items():
+            if above(getattr(self, name), (a[:, None] * b[None, :]).sqrt()):
+                raise ValueError(f"TrajectorySums.{name} has a sum of products above its Cauchy-Schwarz bound")
+        for name, (value, product) in singles.items():
+            if above(value, product.sqrt()):
+                raise ValueError(f"TrajectorySums.{name} is above its Cauchy-Schwarz bound")
+
     def pooled(self) -> "TrajectorySums":
         """Sums pooled over channels (``[.., 1]``), for one scalar per step."""
         return TrajectorySums(**{f: v.sum(-1, keepdim=True) for f, v in self.tensors().items()})

@@ -37,7 +37,7 @@ import torch
 from .._utils import to_d
 from .._version import __version__
 from ..validation import CheckedModel, all_finite, flag, validate_sampler_inputs
-from .calibration import DRIFT_SCALE_Z, REDUCES, SIZE_THE_DRIFT, Calibration
+from .calibration import DRIFT_SCALE_Z, REDUCES, SIZE_THE_DRIFT, Calibration, write_atomic
 from .stats import PairedAccumulator
 
 try:  # tqdm is a core dependency; the fallback keeps this module importable in stripped hosts
@@ -559,8 +559,13 @@ class PairedTrace:
 
     # ------------------------------------------------------------------ file
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the trace (safetensors + JSON metadata; no pickle)."""
-        from safetensors.torch import save_file
+        """Writes the trace (safetensors + JSON metadata; no pickle), next to ``path`` and renamed into place.
+
+        Raises:
+            PairedTraceError: if nothing is recorded yet.
+            OSError: (its errno subclass) naming the path, if the file cannot be written.
+        """
+        from safetensors.torch import save
 
         if self.sigmas is None:
             raise PairedTraceError("PairedTrace.save: nothing recorded yet")
@@ -570,7 +575,8 @@ class PairedTrace:
                 if r[f] is not None:
                     tensors[f"run{k}.{f}"] = r[f].contiguous()
         header = {"format": TRACE_FORMAT, "format_version": TRACE_VERSION, "runs": len(self.runs), "meta": self.meta}
-        save_file(tensors, os.fspath(path), metadata={"qdrift": json.dumps(header, default=str)})
+        write_atomic(os.fspath(path), save(tensors, metadata={"qdrift": json.dumps(header, default=str)}),
+                     "PairedTrace.save")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "PairedTrace":
@@ -582,7 +588,11 @@ class PairedTrace:
         """
         from safetensors import safe_open
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"PairedTrace.load: path must be a str or os.PathLike, got {type(path).__name__}")
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise PairedTraceError(f"{path} is a directory, not a qdrift paired trace file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Q-Drift trace file not found: {os.path.abspath(path)}")
         try:
@@ -594,21 +604,32 @@ class PairedTrace:
             raise PairedTraceError(f"{path} is not a readable qdrift paired trace ({e})") from None
         if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
             raise PairedTraceError(f"{path} is not a qdrift paired trace (format {TRACE_FORMAT!r})")
-        if not isinstance(header.get("format_version"), int) or header["format_version"] > TRACE_VERSION:
-            raise PairedTraceError(f"{path} has trace format_version {header.get('format_version')!r}: upgrade qdrift")
-        trace = cls(meta=header.get("meta") or {})
-        if "sigmas" not in tensors:
-            raise PairedTraceError(f"{path} lacks its schedule")
+        version = header.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= TRACE_VERSION:
+            raise PairedTraceError(f"{path} has trace format_version {version!r}; this qdrift reads 1 to {TRACE_VERSION}")
+        runs, meta = header.get("runs", 0), header.get("meta") or {}
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 0:
+            raise PairedTraceError(f"{path} has 'runs' = {runs!r:.40}, not a count (an integer >= 0)")
+        if not isinstance(meta, dict):
+            raise PairedTraceError(f"{path} has metadata 'meta' of type {type(meta).__name__}, not an object")
+        for name, t in tensors.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise PairedTraceError(f"{path}: tensor {name!r} is not finite floating point")
+        trace = cls(meta=meta)
+        if "sigmas" not in tensors or tensors["sigmas"].ndim != 1 or len(tensors["sigmas"]) < 2:
+            raise PairedTraceError(f"{path} lacks its schedule (a 1-D 'sigmas' of at least two levels)")
         trace.sigmas = tensors["sigmas"].to(torch.float64)
-        for k in range(int(header.get("runs", 0))):
-            try:
-                run = {f: tensors.get(f"run{k}.{f}") for f in ("x", "fp", "q", "final")}
-            except KeyError:  # pragma: no cover
-                run = {}
-            if run.get("x") is None or run.get("fp") is None or run.get("final") is None:
+        for k in range(runs):
+            run = {f: tensors.get(f"run{k}.{f}") for f in ("x", "fp", "q", "final")}
+            if run["x"] is None or run["fp"] is None or run["final"] is None:
                 raise PairedTraceError(f"{path}: run {k} is incomplete")
-            if run["x"].shape[0] != trace.steps or run["fp"].shape != run["x"].shape:
-                raise PairedTraceError(f"{path}: run {k} has inconsistent shapes")
+            x = run["x"]
+            if (x.ndim < 3 or x.shape[0] != trace.steps or run["fp"].shape != x.shape
+                    or run["final"].shape != x.shape[1:] or (run["q"] is not None and run["q"].shape != x.shape)):
+                raise PairedTraceError(
+                    f"{path}: run {k} has inconsistent shapes (x {tuple(x.shape)}, fp {tuple(run['fp'].shape)}, "
+                    f"final {tuple(run['final'].shape)}; expected x and fp [{trace.steps}, B, C, ...], final [B, C, ...])"
+                )
             trace.runs.append(run)
         trace._replayed = 0
         while trace._replayed < len(trace.runs) and trace.runs[trace._replayed]["q"] is not None:
