@@ -24,6 +24,10 @@ Every adapter checks the network's output before using it: a floating-point tens
 ``ValueError`` naming the adapter, the shape and dtype it got and x's shape (an output that merely broadcasts,
 ``[B, 1, ...]``, ``[1, C, ...]`` or 0-d, is refused; so is a learned-sigma network's ``2C``-channel output, whose
 variance channels the caller splits off).
+
+Options are checked at construction (``sigma_min``/``sigma_max`` real numbers with ``0 < sigma_min < sigma_max``,
+``time_fn`` None or callable, ``quantize``/``scale_input`` True or False: a truthy ``"no"`` is refused), and a
+custom ``time_fn``'s output is checked finite at each call, as sigma is, before the network sees it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 
 from ._utils import append_dims, get_sigmas_karras
-from .validation import _describe
+from .validation import FLOW_T_SLACK, _describe, _integer, _real, flag
 
 __all__ = [
     "DiscreteSchedule",
@@ -73,6 +77,39 @@ def _sigma_batch(sigma, x: torch.Tensor, name: str = "denoiser", upper: float = 
     return sigma
 
 
+def _flag(value, name: str, label: str) -> bool:
+    """An adapter's on/off option as a bool, refused unless it is a boolean (a truthy ``"no"`` or 1 is not)."""
+    if flag(value) is None:
+        raise ValueError(f"{name}: {label} must be True or False, got {value!r}")
+    return flag(value)
+
+
+def _time_fn(time_fn, name: str) -> Callable:
+    """The sigma -> network time map (None: sigma itself), refused at construction unless callable."""
+    if time_fn is None:
+        return _identity
+    if not callable(time_fn):
+        raise ValueError(f"{name}: time_fn must be None or a callable sigma [B] -> time, got {time_fn!r:.80} "
+                         f"({type(time_fn).__name__})")
+    return time_fn
+
+
+def _network_time(time_fn: Callable, sigma: torch.Tensor, name: str):
+    """``time_fn(sigma)``, refused if it holds NaN or inf (the network would get a NaN timestep); the identity is
+    not checked again (sigma is). One check per call, like sigma's."""
+    t = time_fn(sigma)
+    if time_fn is _identity:
+        return t
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        finite = bool(torch.isfinite(t).all())
+    else:
+        finite = not isinstance(t, numbers.Real) or math.isfinite(t)
+    if not finite:
+        got = t.tolist() if isinstance(t, torch.Tensor) else t
+        raise ValueError(f"{name}: time_fn returned {got} for sigma {sigma.tolist()}; expected finite times")
+    return t
+
+
 def _network_output(out, x: torch.Tensor, name: str) -> torch.Tensor:
     """The network's output, refused unless a floating-point tensor of exactly x's shape; returned unchanged.
 
@@ -106,6 +143,11 @@ class _VEDenoiser(nn.Module):
         super().__init__()
         if not callable(inner_model):
             raise ValueError(f"{type(self).__name__}: the network must be callable, got {type(inner_model).__name__}")
+        for label, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            if _real(value) is None:
+                raise ValueError(f"{type(self).__name__}: {label} must be a real number, got {value!r} "
+                                 f"({type(value).__name__})")
+        sigma_min, sigma_max = _real(sigma_min), _real(sigma_max)
         if not (0 < sigma_min < sigma_max < math.inf):
             raise ValueError(f"{type(self).__name__}: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.inner_model = inner_model
@@ -141,7 +183,7 @@ class DiscreteSchedule(nn.Module):
         # Plain float64 attributes, not buffers: `.half()` on a wrapper must not round the schedule.
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
-        self.quantize = quantize
+        self.quantize = _flag(quantize, "DiscreteSchedule", "quantize")
 
     @property
     def sigma_min(self) -> float:
@@ -153,7 +195,7 @@ class DiscreteSchedule(nn.Module):
 
     def sigma_to_t(self, sigma: torch.Tensor, quantize: Optional[bool] = None) -> torch.Tensor:
         """Fractional timestep of ``sigma`` (linear in log-sigma between grid points; clamped to [0, T-1])."""
-        quantize = self.quantize if quantize is None else quantize
+        quantize = self.quantize if quantize is None else _flag(quantize, "DiscreteSchedule.sigma_to_t", "quantize")
         if not bool(((sigma >= 0) & (sigma < math.inf)).all()):
             raise ValueError(f"DiscreteSchedule.sigma_to_t: sigma must be finite and >= 0, got {sigma.tolist()}")
         grid = self.log_sigmas.to(sigma.device)
@@ -187,7 +229,7 @@ class DiscreteEpsDenoiser(_VEDenoiser):
     """
 
     def __init__(self, inner_model: Callable, alphas_cumprod: torch.Tensor, quantize: bool = False):
-        schedule = DiscreteSchedule(alphas_cumprod, quantize)
+        schedule = DiscreteSchedule(alphas_cumprod, _flag(quantize, type(self).__name__, "quantize"))
         super().__init__(inner_model, schedule.sigma_min, schedule.sigma_max)
         self.schedule = schedule
 
@@ -220,7 +262,7 @@ class DiscreteVDenoiser(DiscreteEpsDenoiser):
         return (x / (s**2 + 1) - v * s / (s**2 + 1) ** 0.5).to(x.dtype)
 
 
-_T_SLACK = 1e-5
+_T_SLACK = FLOW_T_SLACK  # flow time may exceed 1 by rounding this much
 """Rounding slack above flow time 1 (a shifted schedule's first value may round to 1 + 1 ulp)."""
 
 
@@ -240,13 +282,14 @@ class ContinuousEpsDenoiser(_VEDenoiser):
 
     def __init__(self, inner_model, sigma_min: float, sigma_max: float, time_fn=None, scale_input: bool = True):
         super().__init__(inner_model, sigma_min, sigma_max)
-        self.time_fn = _identity if time_fn is None else time_fn
-        self.scale_input = scale_input
+        self.time_fn = _time_fn(time_fn, type(self).__name__)
+        self.scale_input = _flag(scale_input, type(self).__name__, "scale_input")
 
     def _net(self, x, sigma, extra_args):
         s = append_dims(sigma, x.ndim)
         c_in = 1 / (s**2 + 1) ** 0.5 if self.scale_input else 1.0
-        out = self.inner_model((x * c_in).to(x.dtype), self.time_fn(sigma), **extra_args)
+        t = _network_time(self.time_fn, sigma, type(self).__name__)
+        out = self.inner_model((x * c_in).to(x.dtype), t, **extra_args)
         return s, _network_output(out, x, type(self).__name__)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
@@ -267,21 +310,34 @@ class X0Denoiser(_VEDenoiser):
 
     def __init__(self, inner_model, sigma_min: float, sigma_max: float, time_fn=None):
         super().__init__(inner_model, sigma_min, sigma_max)
-        self.time_fn = _identity if time_fn is None else time_fn
+        self.time_fn = _time_fn(time_fn, type(self).__name__)
 
     def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
-        x0 = self.inner_model(x, self.time_fn(_sigma_batch(sigma, x, "X0Denoiser")), **extra_args)
+        t = _network_time(self.time_fn, _sigma_batch(sigma, x, type(self).__name__), type(self).__name__)
+        x0 = self.inner_model(x, t, **extra_args)
         return _network_output(x0, x, type(self).__name__)
 
 
 def get_sigmas_flow(n: int, shift: float = 1.0, device="cpu") -> torch.Tensor:
-    """Flow-matching times ``[n + 1]`` from 1 to 0, uniform then shifted: ``t' = s t / (1 + (s - 1) t)``."""
-    if int(n) != n or n < 1:
+    """Flow-matching times ``[n + 1]`` from 1 to 0, uniform then shifted: ``t' = s t / (1 + (s - 1) t)``.
+
+    Raises:
+        ValueError: unless ``n`` is a positive integer and ``shift`` a real number in ``[0.01, 100]`` (ComfyUI's
+            shift widgets reach 100; below 0.01 float32 cancellation moves the first time off 1, e.g. 0.987 at
+            1e-6 and inf at 1e-8), or if the times round to repeated values (a large shift with many steps).
+    """
+    count = _integer(n)
+    if count is None or count < 1:
         raise ValueError(f"get_sigmas_flow: n must be a positive integer, got {n!r}")
-    if not 0 < shift < math.inf:
-        raise ValueError(f"get_sigmas_flow: shift must be a finite number > 0, got {shift!r}")
-    t = torch.linspace(1, 0, n + 1, device=device)
-    return shift * t / (1 + (shift - 1) * t)
+    if _real(shift) is None or not 0.01 <= _real(shift) <= 100:
+        raise ValueError(f"get_sigmas_flow: shift must be a real number in [0.01, 100] (float32 cannot hold the "
+                         f"shifted times outside it), got {shift!r}")
+    t = torch.linspace(1, 0, count + 1, device=device)
+    sigmas = shift * t / (1 + (shift - 1) * t)
+    if bool((sigmas[1:] >= sigmas[:-1]).any()):
+        raise ValueError(f"get_sigmas_flow: with n={n!r} and shift={shift!r} the times round to repeated values in "
+                         f"{sigmas.dtype}; use fewer steps or a shift nearer 1")
+    return sigmas
 
 
 class FlowDenoiser(nn.Module):

@@ -38,6 +38,10 @@ MAX_DRIFT = 1.0
 MIN_SIGMA = 1e-10
 """Smallest positive noise level a schedule may hold (below it a level is 0 for any network)."""
 
+FLOW_T_SLACK = 1e-5
+"""Rounding slack above flow time 1 that a flow schedule's first level may have (a shifted schedule's first
+value may round to 1 + 1 ulp); the same slack as :class:`qdrift.adapters.FlowDenoiser` allows."""
+
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raises ``ValueError`` naming the valid choices when ``value`` is not one of them."""
@@ -340,3 +344,17 @@ def clip_drift(c: torch.Tensor) -> torch.Tensor:
         DriftClippedWarning,
     )
     return c.clamp(max=MAX_DRIFT)
+
+
+def check_extra_args(who: str, extra_args, label: str = "extra_args") -> None:
+    """Refuses ``extra_args`` that cannot be passed as ``D(x, sigma, **extra_args)``: not a dict or None, a key that
+    is not a string, or the keys ``x`` and ``sigma`` (the call passes those itself)."""
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise ValueError(f"{who}: {label} must be a dict or None, got {type(extra_args).__name__}")
+    for key in extra_args or {}:
+        if not isinstance(key, str):
+            raise ValueError(f"{who}: {label} keys must be strings (the model's keyword argument names), got "
+                             f"{key!r} ({type(key).__name__})")
+        if key in ("x", "sigma"):
+            raise ValueError(f"{who}: {label} must not hold {key!r}: the model is called as "
+                             f"D(x, sigma, **extra_args), which passes x and sigma itself")

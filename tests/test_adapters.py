@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import qdrift
 from qdrift import adapters
 from qdrift.bench.gaussian import GaussianData
 
@@ -294,3 +295,73 @@ def test_adapters_accept_an_x_shaped_output_of_another_floating_dtype(name):
         assert out is seen[-1]
     else:
         assert out.dtype == x.dtype
+
+
+# --- adapter options: checked at construction; a custom time_fn's output at each call ---
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: adapters.ContinuousEpsDenoiser(_recording_net([]), 0.1, 10.0, time_fn=3),
+     r"ContinuousEpsDenoiser: time_fn must be None or a callable sigma \[B\] -> time, got 3 \(int\)"),
+    (lambda: adapters.X0Denoiser(_recording_net([]), 0.1, 10.0, time_fn="sqrt"),
+     r"X0Denoiser: time_fn must be None or a callable .*got 'sqrt' \(str\)"),
+    (lambda: adapters.ContinuousEpsDenoiser(_recording_net([]), "0.1", 10.0),
+     r"ContinuousEpsDenoiser: sigma_min must be a real number, got '0.1' \(str\)"),
+    (lambda: adapters.ContinuousVDenoiser(_recording_net([]), 0.1, True),
+     r"ContinuousVDenoiser: sigma_max must be a real number, got True \(bool\)"),
+    (lambda: adapters.X0Denoiser(_recording_net([]), None, 10.0),
+     r"X0Denoiser: sigma_min must be a real number, got None"),
+    (lambda: adapters.DiscreteEpsDenoiser(_recording_net([]), ALPHAS_CUMPROD, quantize="no"),
+     "DiscreteEpsDenoiser: quantize must be True or False, got 'no'"),
+    (lambda: adapters.DiscreteVDenoiser(_recording_net([]), ALPHAS_CUMPROD, quantize=1),
+     "DiscreteVDenoiser: quantize must be True or False, got 1"),
+    (lambda: adapters.DiscreteSchedule(ALPHAS_CUMPROD, quantize="False"),
+     "DiscreteSchedule: quantize must be True or False, got 'False'"),
+    (lambda: adapters.DiscreteSchedule(ALPHAS_CUMPROD).sigma_to_t(torch.ones(2), quantize="yes"),
+     "DiscreteSchedule.sigma_to_t: quantize must be True or False, got 'yes'"),
+    (lambda: adapters.ContinuousVDenoiser(_recording_net([]), 0.1, 10.0, scale_input="no"),
+     "ContinuousVDenoiser: scale_input must be True or False, got 'no'"),
+], ids=["time_fn_int", "time_fn_str", "sigma_min_str", "sigma_max_bool", "sigma_min_none", "quantize_str",
+        "quantize_int", "schedule_quantize", "sigma_to_t_quantize", "scale_input_str"])
+def test_adapter_options_are_refused_at_construction(make, match):
+    """time_fn=3 used to fail at the first call ("'int' object is not callable"), sigma_min="0.1" with a bare
+    TypeError from the comparison, and quantize="no" / scale_input="no" were taken as true."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_adapter_options_accept_numpy_and_tensor_values():
+    np = pytest.importorskip("numpy")
+    model = adapters.ContinuousEpsDenoiser(_recording_net([]), np.float32(0.1), torch.tensor(10.0),
+                                           scale_input=np.bool_(False))
+    assert (model.sigma_min, model.scale_input) == (pytest.approx(0.1), False)
+    assert adapters.DiscreteEpsDenoiser(_recording_net([]), ALPHAS_CUMPROD, quantize=np.bool_(True)).schedule.quantize
+
+
+@pytest.mark.parametrize("make", [
+    lambda net, fn: adapters.ContinuousEpsDenoiser(net, 0.01, 80.0, time_fn=fn),
+    lambda net, fn: adapters.ContinuousVDenoiser(net, 0.01, 80.0, time_fn=fn),
+    lambda net, fn: adapters.X0Denoiser(net, 0.01, 80.0, time_fn=fn),
+], ids=["continuous_eps", "continuous_v", "x0"])
+def test_a_time_fn_that_returns_nan_or_inf_is_refused_before_the_network(make):
+    """A time_fn that returns NaN (here log(0) = -inf, and 0 * inf = NaN) used to pass it on to the network."""
+    seen = []
+    x = torch.randn(2, 3, 4)
+    for fn, sigma in ((lambda s: s.log(), torch.tensor([1.0, 0.0])), (lambda s: s * float("inf"), 0.0)):
+        with pytest.raises(ValueError, match=r"time_fn returned \[.*\] for sigma \[.*\]; expected finite times"):
+            make(_recording_net(seen), fn)(x, sigma)
+    assert not seen
+    make(_recording_net(seen), lambda s: 250.0 * s.log1p())(x, torch.tensor([1.0, 0.0]))  # a finite map passes
+    assert torch.equal(seen[-1], 250.0 * torch.tensor([1.0, 0.0]).log1p())
+
+
+def test_get_sigmas_flow_refuses_what_float32_cannot_hold():
+    """get_sigmas_flow(None) / shift="2" were bare TypeErrors, True was n=1, shift=1e-8 gave inf first, 1e-6 0.987."""
+    for n in (None, True, 2.0, 0):
+        with pytest.raises(ValueError, match=r"get_sigmas_flow: n must be a positive integer"):
+            qdrift.get_sigmas_flow(n)
+    for shift in ("2", 1e-8, 1e-6, 1e3, float("nan"), True):
+        with pytest.raises(ValueError, match=r"get_sigmas_flow: shift must be a real number in \[0.01, 100\]"):
+            qdrift.get_sigmas_flow(4, shift)
+    for shift in (0.01, 1.0, 3.0, 100.0):
+        t = qdrift.get_sigmas_flow(50, shift)
+        assert abs(float(t[0]) - 1) <= 1e-5 and float(t[-1]) == 0 and bool((t[1:] < t[:-1]).all())

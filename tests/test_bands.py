@@ -213,3 +213,107 @@ def test_merge_keeps_band_statistics_only_when_they_pool_and_says_when_it_drops_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert b4.merge(cal(4)).bands == 4
+
+
+# --- calibrate's input checks made before any model call (bands, extra_args) and tune_strength's strengths ---
+
+class _Counting:
+    """A toy denoiser pair member that counts its calls."""
+
+    def __init__(self, scale=1.0):
+        self.calls, self.scale = 0, scale
+
+    def __call__(self, x, sigma, **kwargs):
+        self.calls += 1
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2) * self.scale
+
+
+TOY_SIGMAS = qdrift.get_sigmas_karras(4, 0.1, 10.0)
+
+
+def _supported(spatial):
+    """The band counts whose every band holds an FFT bin, by brute force over every count up to the bins."""
+    n = torch.Size(spatial).numel()
+    return [b for b in range(1, n + 1) if bool((band_shares(spatial, b) > 0).all())]
+
+
+@pytest.mark.parametrize("spatial,bands,match", [
+    ((4, 4), 100, r"bands=100 leaves 94 of its 100 radial frequency bands without any FFT bin of x's 4x4 spatial "
+                  r"grid .*; expected bands <= 5, the largest count a 4x4 grid supports"),
+    ((4, 4), 6, r"bands=6 .* 4x4 .*expected bands <= 5"),
+    ((1, 1), 2, r"bands=2 leaves 1 of its 2 .* 1x1 spatial grid .*expected bands <= 1"),
+    ((8, 8), 10, r"bands=10 .* 8x8 .*11 is the largest a 8x8 grid supports, but not every count below it works "
+                 r"\(10 does not; the nearest below that does is 9\)"),
+])
+def test_calibrate_refuses_a_band_count_with_an_empty_band_before_any_model_call(spatial, bands, match):
+    """bands=100 on a 4x4 latent (or 2 on 1x1) used to run every model call and then fail inside Calibration
+    ("meta['band_shares'] must be a list of 100 numbers in (0, 1]")."""
+    fp, q = _Counting(), _Counting(1.05)
+    x = torch.randn((2, 3) + spatial, generator=_gen(0)) * 10
+    with pytest.raises(ValueError, match=match):
+        qdrift.calibrate(fp, q, x, TOY_SIGMAS, bands=bands, disable=True)
+    assert fp.calls == q.calls == 0
+    cal = qdrift.calibrate(fp, q, x, TOY_SIGMAS, bands=max(_supported(spatial)), disable=True)
+    assert cal.bands == max(_supported(spatial))  # the largest count named in the message works
+
+
+@pytest.mark.parametrize("spatial", [(1, 1), (1, 5), (3, 3), (4, 4), (2, 8), (5, 7), (8, 8), (16, 16), (4, 4, 4),
+                                     (7,)])
+def test_the_largest_supported_band_count_is_the_brute_force_one(spatial):
+    from qdrift.calib.run import _band_limit
+
+    assert _band_limit(spatial) == max(_supported(spatial))
+
+
+def test_calibrate_refuses_an_extra_args_tensor_it_cannot_split_before_any_model_call():
+    """A conditioning tensor of leading size 2 with K = 3 noises used to reach both batches whole, and the error
+    then blamed model_fp's output shape."""
+    fp, q = _Counting(), _Counting(1.05)
+    x = torch.randn(3, 3, 4, 4, generator=_gen(1)) * 10
+    with pytest.raises(ValueError, match=r"extra_args\['cond'\] has shape \(2,\), whose leading size 2 is neither "
+                                         r"K=3 .* nor 1 .*; expected a leading size of K or 1"):
+        qdrift.calibrate(fp, q, x, TOY_SIGMAS, {"cond": torch.ones(2)}, batch_size=2, disable=True)
+    assert fp.calls == q.calls == 0
+    for cond in (torch.ones(3), torch.ones(1, 5), torch.tensor(2.0), [1, 2]):  # split, shared, 0-d, not a tensor
+        qdrift.calibrate(fp, q, x, TOY_SIGMAS, {"cond": cond}, batch_size=2, disable=True)
+    qdrift.calibrate(fp, q, x, TOY_SIGMAS, {"cond": torch.ones(2)}, batch_size=None, disable=True)  # one batch: whole
+
+
+@pytest.mark.parametrize("args,match", [
+    ({1: 1.0}, r"calibrate: extra_args keys must be strings .*got 1 \(int\)"),
+    ({"sigma": 1.0}, r"calibrate: extra_args must not hold 'sigma': the model is called as D\(x, sigma"),
+    ({"x": 1.0}, r"calibrate: extra_args must not hold 'x'"),
+])
+def test_calibrate_refuses_extra_args_keys_that_cannot_be_keywords(args, match):
+    fp, q = _Counting(), _Counting(1.05)
+    x = torch.randn(2, 3, 4, 4, generator=_gen(2)) * 10
+    with pytest.raises(ValueError, match=match):
+        qdrift.calibrate(fp, q, x, TOY_SIGMAS, args, disable=True)
+    with pytest.raises(ValueError, match=match.replace("extra_args", "the extra_args of batch 0", 1)):
+        qdrift.calibrate(fp, q, [(x, args)], TOY_SIGMAS, disable=True)
+    assert fp.calls == q.calls == 0
+
+
+def test_tune_strength_takes_any_iterable_of_real_numbers_and_refuses_only_bad_values():
+    """np.array([0, .5, 1]), a tensor, range(3) and [np.int64(1)] used to be refused as "strengths must be finite
+    numbers >= 0"; a repeated strength was run twice and its MSE summed twice."""
+    np = pytest.importorskip("numpy")
+    fp, q = _Counting(), _Counting(1.05)
+    x = torch.randn(2, 3, 4, 4, generator=_gen(3)) * 10
+    cal = qdrift.calibrate(fp, q, x, TOY_SIGMAS, disable=True)
+
+    def tune(strengths):
+        return qdrift.tune_strength(cal, fp, q, x, TOY_SIGMAS, strengths=strengths)
+
+    reference = tune([0.0, 0.5, 1.0]).mse
+    for strengths in (np.array([0, 0.5, 1]), torch.tensor([0.0, 0.5, 1.0]), (v for v in (0, 0.5, 1.0)),
+                      [np.int64(0), np.float32(0.5), torch.tensor(1.0)], [0, 0.5, 1, 1.0, np.int64(1)]):
+        assert tune(strengths).mse == reference
+    assert list(tune(range(3)).mse) == [0.0, 1.0, 2.0]
+    assert list(tune(np.float64(0.5)).mse) == list(tune(torch.tensor(0.5)).mse) == [0.5]
+    for bad in ([-1], [float("nan")], np.array([0.5, np.inf]), [True], torch.tensor([[0.0, 1.0]])):
+        with pytest.raises(ValueError, match="tune_strength: strengths must be finite numbers >= 0, got"):
+            tune(bad)
+    for bad in ("0.5", None):
+        with pytest.raises(ValueError, match="tune_strength: strengths must be a number or an iterable of numbers"):
+            tune(bad)

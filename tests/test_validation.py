@@ -555,3 +555,138 @@ def test_numpy_numbers_are_accepted_where_python_ones_are():
     assert cal.bands == 2 and cal.meta["K"] == 4
     sized = qdrift.size_drift(cal, DATA, DATA, x, sigmas, "euler", z=np.float32(2.0), seed=np.int64(3))
     assert sized.meta["drift_scale"]["z"] == 2.0
+
+
+def test_flow_ancestral_refuses_an_eta_that_steps_past_t_zero():
+    """ComfyUI's RF step goes to t_down = t_{i+1} (1 + (t_{i+1} / t_i - 1) eta), below 0 for a large eta (no clamp
+    there either): it used to integrate past t = 0 silently; now refused at entry, before any model call."""
+    from qdrift._utils import get_ancestral_step_flow
+
+    calls = []
+    model = qdrift.adapters.FlowDenoiser(lambda x, t, **k: calls.append(t) or x * 0.5)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"eta=4.0 takes flow step 1 of 4 \(t=0.75 -> 0.5\) past t = 0 .* 2 for this"):
+        qdrift.sample_euler_ancestral_qdrift(model, x, model.get_sigmas(4), eta=4.0, disable=True)
+    assert calls == []
+    out = qdrift.sample_euler_ancestral_qdrift(model, x, model.get_sigmas(4), eta=2.0, disable=True)  # t_down = 0
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match=r"get_ancestral_step_flow: eta=4.0 .* past t = 0 .* eta <= t_from / \(t_from"):
+        get_ancestral_step_flow(0.75, 0.5, 4.0)
+    with pytest.raises(ValueError, match=r"get_ancestral_step_flow: a flow step must end below t = 1"):
+        get_ancestral_step_flow(4.0, 2.0)
+
+
+def test_flow_ancestral_refuses_flow_levels_above_one():
+    """A flow schedule above t = 1 divided by zero (t_down = 1) or was used silently; t = 1 itself is a valid start
+    for Euler ancestral (its step divides by 1 - t_down only), the SDE samplers still need t < 1."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    half = lambda x, s, **k: x * 0.5  # noqa: E731
+    for levels in ([4.0, 2.0, 0.0], [1.5, 0.5, 0.0]):
+        with pytest.raises(ValueError, match=r"sample_euler_ancestral_qdrift: on a flow model the schedule must start "
+                                             r"at or below t = 1 .*got " + str(levels[0])):
+            qdrift.sample_euler_ancestral_qdrift(half, x, torch.tensor(levels), flow=True, disable=True)
+    out = qdrift.sample_euler_ancestral_qdrift(half, x, torch.tensor([1.0, 0.5, 0.0]), flow=True, disable=True)
+    assert bool(torch.isfinite(out).all())
+    out = qdrift.sample_euler_ancestral_qdrift(half, x, torch.tensor([1.0 + 1e-6, 0.5, 0.0]), flow=True, disable=True)
+    assert bool(torch.isfinite(out).all())  # a rounding above 1, as FlowDenoiser allows
+    with pytest.raises(ValueError, match=r"must start below t = 1 \(log-SNR is -inf there\)"):
+        qdrift.sample_dpmpp_2m_sde_qdrift(half, x, torch.tensor([1.0, 0.5, 0.0]), flow=True, disable=True)
+
+
+def test_brownian_tree_refuses_a_query_outside_its_range():
+    """A query outside [sigma_min, sigma_max] used to give zero noise silently (torchsde clamps it)."""
+    x = torch.zeros(2, 3)
+    noise = qdrift.BrownianTreeNoiseSampler(x, 1.0, 2.0, seed=0)
+    for a, b in ((10.0, 2.93), (2.0, 0.5), (3.0, 2.5), (float("nan"), 1.5)):
+        with pytest.raises(ValueError, match=r"BrownianTreeNoiseSampler: queried sigma=.* outside the tree's range "
+                                             r"\[sigma_min, sigma_max\] = \[1.0, 2.0\]"):
+            noise(torch.tensor(a), torch.tensor(b))
+    assert float(noise(torch.tensor(2.0), torch.tensor(1.0)).std()) > 0
+    # The edges within torchsde's tolerance (1e-6) and float32 rounding: accepted (clamped to the same increment).
+    inside = noise(torch.tensor(2.0), torch.tensor(1.0))
+    edges = noise(torch.tensor(2.0 + 5e-7, dtype=torch.float64), torch.tensor(1.0 - 5e-7, dtype=torch.float64))
+    assert torch.allclose(edges.float(), inside, rtol=1e-5)
+
+
+def test_brownian_tree_checks_its_range_and_seed():
+    x = torch.zeros(3, 2)
+    for lo, hi in ((2.0, 1.0), (float("nan"), 1.0), (-1.0, 1.0), (0.1, float("inf"))):
+        with pytest.raises(ValueError, match=r"BrownianTreeNoiseSampler: need 0 <= sigma_min <= sigma_max < inf"):
+            qdrift.BrownianTreeNoiseSampler(x, lo, hi, seed=0)
+    with pytest.raises(ValueError, match=r"sigma_min must be a real number or a 0-d tensor, got '0.1' \(str\)"):
+        qdrift.BrownianTreeNoiseSampler(x, "0.1", 1.0, seed=0)
+    with pytest.raises(ValueError, match=r"transform maps .* expected finite times"):
+        qdrift.BrownianTreeNoiseSampler(x, 0.0, 1.0, seed=0, transform=lambda s: s.log())
+    for seed in (True, 1.5, "7", -1, [1, 2.0, 3], [1, 2, "3"]):
+        with pytest.raises(ValueError, match=r"BrownianTreeNoiseSampler: seed must be None, an integer >= 0 or a list"):
+            qdrift.BrownianTreeNoiseSampler(x, 0.1, 1.0, seed=seed)
+    with pytest.raises(ValueError, match=r"got 2 seeds for a batch of 3"):
+        qdrift.BrownianTreeNoiseSampler(x, 0.1, 1.0, seed=[1, 2])
+    one_level = qdrift.BrownianTreeNoiseSampler(x, torch.tensor(5.0), torch.tensor(5.0), seed=2**64 - 1)
+    assert one_level.tree.covers(torch.tensor(5.0), torch.tensor(5.0))  # a one-level schedule's tree (k-diffusion)
+    assert qdrift.BrownianTreeNoiseSampler(x, 0.1, 1.0, seed=[1, 2, 3])(0.5, 0.2).shape == x.shape
+
+
+def test_schedule_helpers_refuse_what_they_cannot_build():
+    for fn in (qdrift.get_sigmas_karras, qdrift.get_sigmas_exponential):
+        who = fn.__name__
+        for n in (2.0, True, "4", None):  # 2.0 used to fail inside torch.linspace with a bare TypeError
+            with pytest.raises(ValueError, match=who + r": n must be a positive integer"):
+                fn(n, 0.1, 10.0)
+        with pytest.raises(ValueError, match=who + r": sigma_min must be a real number, got '0.1' \(str\)"):
+            fn(4, "0.1", 10.0)
+        with pytest.raises(ValueError, match=who + r": sigma_min == sigma_max \(2.0\) would repeat one level 4 times"):
+            fn(4, 2.0, 2.0)
+        assert fn(1, 2.0, 2.0).tolist() == pytest.approx([2.0, 0.0])  # one level: sigma_max
+        with pytest.raises(ValueError, match=who + r": the levels overflow torch.float32 .*sigma_max=1e\+39"):
+            fn(4, 0.1, 1e39)
+    with pytest.raises(ValueError, match=r"get_sigmas_karras: the levels overflow float64 with .*rho=0.001"):
+        qdrift.get_sigmas_karras(4, 0.1, 10.0, rho=1e-3)  # was a bare OverflowError
+    with pytest.raises(ValueError, match=r"get_sigmas_karras: the levels overflow torch.float32 .*rho=0.01"):
+        qdrift.get_sigmas_karras(4, 0.1, 10.0, rho=0.01)  # was all inf
+    with pytest.raises(ValueError, match=r"get_sigmas_karras: the levels underflow to 0"):
+        qdrift.get_sigmas_karras(4, 1e-300, 1.0)
+
+
+def test_ancestral_step_helper_refuses_a_step_up_or_from_zero(kdiff):
+    with pytest.raises(ValueError, match=r"get_ancestral_step: a step goes down in noise: need 0 <= sigma_to <= "
+                                         r"sigma_from, got sigma_from=1.0, sigma_to=2.0"):
+        qdrift.get_ancestral_step(1.0, 2.0)  # was a TypeError about complex numbers
+    with pytest.raises(ValueError, match=r"get_ancestral_step: sigma_from must be > 0 .*got sigma_from=0.0"):
+        qdrift.get_ancestral_step(0, 0)  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match=r"get_ancestral_step: eta must be a finite number >= 0, got 'a'"):
+        qdrift.get_ancestral_step(2.0, 1.0, eta="a")
+    with pytest.raises(ValueError, match=r"get_ancestral_step: sigma_to must be a real number"):
+        qdrift.get_ancestral_step(2.0, "1")
+    for a, b, eta in ((2.0, 1.0, 1.0), (14.6, 0.03, 0.5), (1.0, 1.0, 1.0), (3.0, 0.0, 1.0), (0, 0, 0.0)):
+        assert qdrift.get_ancestral_step(a, b, eta) == kdiff.get_ancestral_step(a, b, eta)
+        ta, tb = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+        ours, theirs = qdrift.get_ancestral_step(ta, tb, eta), kdiff.get_ancestral_step(ta, tb, eta)
+        assert all(torch.equal(torch.as_tensor(p), torch.as_tensor(q)) for p, q in zip(ours, theirs))
+
+
+def test_default_noise_sampler_refuses_a_seed_that_is_not_an_integer():
+    x = torch.zeros(2, 3)
+    for seed in ("a", "3", 1.5, True, 2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=r"default_noise_sampler: seed must be None or an integer in \[-2\*\*63, "
+                                             r"2\*\*64\), got "):
+            qdrift.default_noise_sampler(x, seed=seed)
+    import numpy as np
+
+    first = qdrift.default_noise_sampler(x, seed=np.int64(5))(1.0, 0.5)
+    assert torch.equal(first, torch.randn(x.shape, generator=torch.Generator().manual_seed(5)))
+    assert qdrift.default_noise_sampler(x, seed=-1)(1.0, 0.5).shape == x.shape
+
+
+@pytest.mark.parametrize("extra_args,match", [
+    ({"sigma": 1.0}, r"extra_args must not hold 'sigma': the model is called as D\(x, sigma, \*\*extra_args\)"),
+    ({"x": 1.0}, r"extra_args must not hold 'x'"),
+    ({1: 1.0}, r"extra_args keys must be strings .*got 1 \(int\)"),
+])
+def test_sampler_extra_args_that_cannot_be_keywords_are_refused_by_name(extra_args, match):
+    """With a v2 calibration a 'sigma' key failed inside the plan's wrapper ("got multiple values for argument
+    'sigma'"), and a non-string key with Python's bare "keywords must be strings"."""
+    model = lambda x, sigma, **kw: x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)  # noqa: E731
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="sample_euler_qdrift: " + match):
+        qdrift.sample_euler_qdrift(model, x, qdrift.get_sigmas_karras(4, 0.1, 10.0), None, extra_args=extra_args)

@@ -25,12 +25,16 @@ one batch at every model call (use ``batch_size`` for large latents); the statis
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..correction import band_components
+from ..validation import _real
 from .calibration import Calibration
 from .match import _channel_stats, _run, check_pass, pass_batches
 
@@ -286,6 +290,26 @@ class StrengthTuning:
                 f"by strength: {cells})")
 
 
+def _strengths(strengths) -> List[float]:
+    """The strengths to try as distinct floats in the given order: one real number, or any iterable of them (a
+    list, a range, a 1-D numpy array or tensor; numpy scalars and 0-d tensors count), each finite and >= 0."""
+    if isinstance(strengths, (torch.Tensor, np.ndarray)) and strengths.ndim == 0:
+        strengths = [strengths]
+    elif _real(strengths) is not None:
+        strengths = [strengths]
+    elif isinstance(strengths, (str, bytes)) or not isinstance(strengths, Iterable):
+        raise ValueError(f"tune_strength: strengths must be a number or an iterable of numbers >= 0, got "
+                         f"{strengths!r:.80} ({type(strengths).__name__})")
+    tried: List[float] = []
+    for value in strengths:
+        real = _real(value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value)
+        if real is None or not (math.isfinite(real) and real >= 0):
+            raise ValueError(f"tune_strength: strengths must be finite numbers >= 0, got {value!r:.80}")
+        if real not in tried:  # a repeated strength would be run (and summed) twice
+            tried.append(real)
+    return tried
+
+
 @torch.no_grad()
 def tune_strength(
     calibration: Calibration,
@@ -320,7 +344,8 @@ def tune_strength(
     Args:
         calibration, model_fp, model_q, x, sigmas, sampler, extra_args, method, batch_size, seed,
             sampler_kwargs: as :func:`check_correction`.
-        strengths: the strengths to try (each >= 0).
+        strengths: the strengths to try (each finite and >= 0): a number or any iterable of real numbers (list,
+            range, 1-D numpy array or tensor); repeats are tried once.
 
     Returns:
         A :class:`StrengthTuning`; pass ``result.strength`` as the samplers' ``strength``.
@@ -328,11 +353,7 @@ def tune_strength(
     from ..plan import recording
 
     info = check_pass("tune_strength", calibration, sampler, sigmas, sampler_kwargs, seed)
-    tried = []
-    for value in strengths if isinstance(strengths, (list, tuple)) else [strengths]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-            raise ValueError(f"tune_strength: strengths must be finite numbers >= 0, got {value!r}")
-        tried.append(float(value))
+    tried = _strengths(strengths)
     if not tried:
         raise ValueError("tune_strength: strengths is empty; give at least one strength to try")
     sums = dict.fromkeys(tried, 0.0)

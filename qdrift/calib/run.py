@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from .._utils import to_d
 from .._version import __version__
-from ..validation import check_choice, flag, prepare_sigmas, validate_sampler_inputs
+from ..correction import band_shares
+from ..validation import check_choice, check_extra_args, flag, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
 from .stats import PairedAccumulator
 
@@ -23,6 +24,7 @@ Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
 
 def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
     """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
+    check_extra_args("calibrate", extra_args)
     if isinstance(x, torch.Tensor):
         total = x.shape[0] if x.ndim >= 2 else 0
         if total == 0:
@@ -31,6 +33,8 @@ def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
         if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
             raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
         size = int(size)
+        if size < total:
+            _check_split(extra_args, total)
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)
@@ -51,9 +55,63 @@ def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
             raise ValueError(
                 f"calibrate: batch {b} of x holds no samples (shape {tuple(xb.shape)}); expected [B, C, ...] with B >= 1"
             )
-        if args is not None and not isinstance(args, dict):
-            raise ValueError(f"calibrate: the extra_args of batch {b} must be a dict or None, got {type(args).__name__}")
+        check_extra_args("calibrate", args, f"the extra_args of batch {b}")
         yield xb, args
+
+
+def _check_split(extra_args, total: int) -> None:
+    """Refuses, when x is split into batches, a tensor in extra_args that has a leading axis of neither K (split
+    with x) nor 1 (shared by every batch): it would reach every batch whole, whatever the batch's size."""
+    for key, v in (extra_args or {}).items():
+        if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] not in (1, total):
+            raise ValueError(
+                f"calibrate: extra_args[{key!r}] has shape {tuple(v.shape)}, whose leading size {v.shape[0]} is "
+                f"neither K={total} (x's samples: split with x into batches) nor 1 (shared by every batch); "
+                "expected a leading size of K or 1 (or pass batch_size=None to give it whole to one batch, or x "
+                "as an iterable of (x, extra_args) batches)"
+            )
+
+
+def _check_bands(bands: int, x: torch.Tensor) -> None:
+    """Refuses a band count that leaves a radial band of x's spatial grid without any FFT bin (its statistics and
+    its variance share would be empty: :func:`qdrift.correction.band_shares`), before the models run."""
+    spatial = tuple(x.shape[2:])
+    shares = band_shares(spatial, bands)
+    if bool((shares > 0).all()):
+        return
+    grid, limit = "x".join(map(str, spatial)), _band_limit(spatial)
+    message = (f"calibrate: bands={bands} leaves {int((shares == 0).sum())} of its {bands} radial frequency bands "
+               f"without any FFT bin of x's {grid} spatial grid (qdrift.correction.frequency_bands); ")
+    if bands > limit:
+        message += f"expected bands <= {limit}, the largest count a {grid} grid supports"
+    else:
+        below = max(b for b in range(1, bands) if bool((band_shares(spatial, b) > 0).all()))
+        message += (f"expected a count whose every band holds a bin: {limit} is the largest a {grid} grid supports, "
+                    f"but not every count below it works ({bands} does not; the nearest below that does is {below})")
+    raise ValueError(message)
+
+
+def _band_limit(spatial) -> int:
+    """The largest band count whose every radial band holds an FFT bin of a ``spatial`` grid.
+
+    ``b`` bands all hold a bin iff the grid's distinct radii (normalized as :func:`frequency_bands
+    <qdrift.correction.frequency_bands>` does) fall into ``b`` distinct bands, so no count above the number of
+    distinct radii works; the counts are tried downwards and the answer is confirmed by :func:`band_shares`.
+    """
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) for n in spatial], indexing="ij")
+    radius = torch.zeros(tuple(spatial), dtype=torch.float64)
+    for g in grids:
+        radius = radius + g * g
+    radius = radius.sqrt().unique()  # sorted
+    top = float(radius[-1])
+    if top == 0:
+        return 1
+    u = radius / top
+    for b in range(len(u), 1, -1):
+        band = (u * b).floor().clamp(max=b - 1)
+        if int((band[1:] != band[:-1]).sum()) + 1 == b and bool((band_shares(spatial, b) > 0).all()):
+            return b
+    return 1
 
 
 def _slice_args(extra_args, sl, total):
@@ -105,7 +163,9 @@ def calibrate(
         x: initial noise ``[K, C, ...]`` already scaled by ``sigmas[0]``, or an iterable of batches
             (tensors or ``(x, extra_args)`` pairs) for any K at constant memory.
         sigmas: calibration schedule ``[S + 1]`` (decreasing; the last value, usually 0, is not evaluated).
-        extra_args: keyword arguments for both models; tensors whose first dim equals K are split with x.
+        extra_args: keyword arguments for both models (string keys other than ``x`` and ``sigma``); tensors
+            whose first dim equals K are split with x, others go whole to every batch: when x is split, a
+            tensor's first dim must be K or 1.
         reduce: ``"channel"`` (V per channel) or ``"scalar"`` (one pooled V per step).
         conditional: ``Var(delta | d_hat)`` (True) or ``Var(delta)`` (False, the paper's ablation).
         trim: drop pairs whose delta is more than ``trim`` std from the mean of its own sample, step and
@@ -123,7 +183,9 @@ def calibrate(
             axes; :attr:`Calibration.banded`), for the frequency-resolved Q-Drift v2: the error model, the
             sample's own variance and the cross-step correlation per band, and each band of a step's
             increment scaled on its own. Exact for stationary Gaussian data; costs ``bands`` FFTs per
-            tensor here and two FFTs per step when sampling.
+            tensor here and two FFTs per step when sampling. Every band must hold an FFT bin of x's spatial
+            grid (a 4x4 grid supports at most 5 bands, a 1x1 grid none); a count that leaves one empty is
+            refused before the models run.
 
     Returns:
         A :class:`Calibration` with ``.sigmas = sigmas[:-1]`` and ``.V`` ``[S, C]``.
@@ -157,6 +219,8 @@ def calibrate(
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
         acc.check_sample(xb)  # before the models run
+        if acc.bands > 1:
+            _check_bands(acc.bands, xb)
         if acc.shape is not None and xb.shape[1] != acc.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
         acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))

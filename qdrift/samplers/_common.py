@@ -8,7 +8,14 @@ import torch
 
 from ..correction import channel_view
 from ..plan import DriftPlan
-from ..validation import CheckedModel, check_choice, prepare_sigmas, validate_sampler_inputs
+from ..validation import (
+    FLOW_T_SLACK,
+    CheckedModel,
+    check_choice,
+    check_extra_args,
+    prepare_sigmas,
+    validate_sampler_inputs,
+)
 
 FORMS = ("first_order", "quadrature")
 CORRECTIONS = ("drift", "noise")
@@ -30,8 +37,7 @@ def setup(
     """
     sigmas = prepare_sigmas(sigmas, x, name)
     validate_sampler_inputs(x, sigmas, name)
-    if extra_args is not None and not isinstance(extra_args, dict):
-        raise ValueError(f"{name}: extra_args must be a dict or None, got {type(extra_args).__name__}")
+    check_extra_args(name, extra_args)
     plan = DriftPlan(V, sigmas, x, name, strength, method, flow=resolve_flow(model, flow, name))
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
@@ -92,4 +98,22 @@ def resolve_flow(model, flow: Optional[bool], name: str) -> bool:
     return flow
 
 
-__all__ = ["setup", "check_form", "scale_noise", "checked_noise", "resolve_flow"]
+def check_flow_start(name: str, sig: List[float], flow: bool, log_snr: bool = False) -> None:
+    """On a flow (sigma = t, ``x_t = (1 - t) x0 + t eps``) the schedule must start at t <= 1 (flow time lives in
+    [0, 1]; :data:`qdrift.validation.FLOW_T_SLACK` of rounding allowed): above it the signal ``1 - t`` is negative
+    and the ancestral step's scale divides by zero at ``t_down = 1``. A sampler working in half-log-SNR
+    (``log_snr``) needs t < 1: log-SNR is -inf at t = 1 (ComfyUI offsets its first sigma with
+    ``offset_first_sigma_for_snr``; the ComfyUI node does the same before calling)."""
+    if flow and log_snr and sig[0] >= 1:
+        raise ValueError(
+            f"{name}: on a flow model the schedule must start below t = 1 (log-SNR is -inf there), got {sig[0]}; "
+            "start at e.g. 1 - 1e-4"
+        )
+    if flow and sig[0] > 1 + FLOW_T_SLACK:
+        raise ValueError(
+            f"{name}: on a flow model the schedule must start at or below t = 1 (flow time lives in [0, 1]), got "
+            f"{sig[0]}; pass a flow schedule (qdrift.get_sigmas_flow) or flow=False for a VE schedule"
+        )
+
+
+__all__ = ["setup", "check_form", "scale_noise", "checked_noise", "resolve_flow", "check_flow_start"]

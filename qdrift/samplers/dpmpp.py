@@ -16,7 +16,7 @@ from tqdm.auto import trange
 from .._utils import BrownianTreeNoiseSampler, half_log_snr, signal_scale
 from ..correction import quadrature_variance
 from ..validation import check_knobs
-from ._common import check_form, checked_noise, resolve_flow, scale_noise, setup
+from ._common import check_flow_start, check_form, checked_noise, resolve_flow, scale_noise, setup
 
 __all__ = ["sample_dpmpp_2m_qdrift", "sample_dpmpp_2m_sde_qdrift", "sample_dpmpp_3m_sde_qdrift"]
 
@@ -202,16 +202,6 @@ def _sde_levels(sig, i, eta, s_noise, flow=False):
     return h, sigma_eff, sig[i + 1] * math.sqrt(-math.expm1(-2 * eta * float(h))) * s_noise
 
 
-def _check_flow_start(name, sig, flow):
-    """A flow's half-log-SNR is -inf at t = 1: the schedule must start below it (ComfyUI offsets its first sigma
-    with ``offset_first_sigma_for_snr``; the ComfyUI node does the same before calling)."""
-    if flow and sig[0] >= 1:
-        raise ValueError(
-            f"{name}: on a flow model the schedule must start below t = 1 (log-SNR is -inf there), got {sig[0]}; "
-            "start at e.g. 1 - 1e-4"
-        )
-
-
 _FLOW_DOC = """On a rectified flow (``flow``; sigma = t, ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = 1 - t``,
     ``sigma_t = t``) the DPM-Solver++ SDE step is the same exponential integrator in ``lambda = log(alpha /
     sigma)`` (Lu et al. 2022; ComfyUI computes both forms this way):
@@ -288,7 +278,7 @@ def sample_dpmpp_2m_sde_qdrift(
         name, model, x, sigmas, V, extra_args, strength, method, flow=flow
     )
     correction = sde_correction(correction, plan)
-    _check_flow_start(name, sig, flow)
+    check_flow_start(name, sig, flow, log_snr=True)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(_sde_setup(x, sigmas, noise_sampler), x, name)
     old_denoised, h_last, h_last_cpu = None, None, None
@@ -423,7 +413,7 @@ def sample_dpmpp_3m_sde_qdrift(
         name, model, x, sigmas, V, extra_args, strength, method, flow=flow
     )
     correction = sde_correction(correction, plan)
-    _check_flow_start(name, sig, flow)
+    check_flow_start(name, sig, flow, log_snr=True)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(_sde_setup(x, sigmas, noise_sampler), x, name)
     denoised_1, denoised_2 = None, None

@@ -12,7 +12,7 @@ from tqdm.auto import trange
 
 from .._utils import ancestral_step, to_d
 from ..correction import injected_variance
-from ._common import CORRECTIONS, checked_noise, resolve_flow, scale_noise, setup
+from ._common import CORRECTIONS, check_flow_start, checked_noise, resolve_flow, scale_noise, setup
 from ..validation import check_choice, check_knobs
 
 __all__ = ["sample_euler_qdrift", "sample_euler_ancestral_qdrift", "sample_heun_qdrift"]
@@ -30,6 +30,21 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, plan):
             x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
             plan.noise(s_noise * float(sigma_hat**2 - sigmas[i] ** 2) ** 0.5)
     return x, sigma_hat, gamma
+
+
+def _check_flow_eta(name, sig, eta):
+    """Refuses, before any model call, an ``eta`` whose flow step goes below t = 0: ``t_down`` (see
+    :func:`qdrift._utils.get_ancestral_step_flow`) is negative once ``eta > t_i / (t_i - t_{i+1})``, and ComfyUI's
+    ``sample_euler_ancestral_RF`` does not clamp it either."""
+    for i in range(len(sig) - 1):
+        t_down = ancestral_step(sig[i], sig[i + 1], eta, flow=True)[0]
+        if t_down < 0:
+            most = min(t / (t - t_next) for t, t_next in zip(sig[:-1], sig[1:]) if t_next > 0)
+            raise ValueError(
+                f"{name}: eta={eta!r} takes flow step {i} of {len(sig) - 1} (t={sig[i]:.6g} -> {sig[i + 1]:.6g}) past "
+                f"t = 0 (t_down={t_down:.6g}); on a flow eta must be at most t_i / (t_i - t_{{i+1}}) on every step, "
+                f"{most:.6g} for this schedule"
+            )
 
 
 @torch.no_grad()
@@ -125,7 +140,9 @@ def sample_euler_ancestral_qdrift(
     :func:`qdrift._utils.get_ancestral_step_flow` (derivation there; ComfyUI's ``sample_euler_ancestral_RF``):
     Euler to ``t_down``, scale by ``(1 - t_{i+1}) / (1 - t_down)``, then noise of std ``sigma_up``. The drift
     ``c_i`` acts on the Euler part with ``sigma = t`` (the paper's flow heuristic, as for flow Euler); the
-    ``"noise"`` budget is the fresh noise expressed before the scaling.
+    ``"noise"`` budget is the fresh noise expressed before the scaling. The flow schedule must start at t <= 1,
+    and ``eta`` must not take a step past t = 0 (``eta <= t_i / (t_i - t_{i+1})`` on every step; ComfyUI does not
+    clamp it either): both are refused at entry.
 
     ``correction="drift"`` (the paper): ``c_i = |sigma_down - sigma_i| V_i / (2 sigma_i)``, ancestral noise
     unchanged. ``correction="noise"``: the ancestral noise variance ``(s_noise sigma_up)^2`` is lowered by the
@@ -156,6 +173,9 @@ def sample_euler_ancestral_qdrift(
     plan, model, sigmas, extra_args, s_in, sig = setup(
         "sample_euler_ancestral_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
     )
+    check_flow_start("sample_euler_ancestral_qdrift", sig, flow)
+    if flow:
+        _check_flow_eta("sample_euler_ancestral_qdrift", sig, eta)
     dtype = x.dtype  # k-diffusion's steps may promote half inputs; the result keeps x's dtype
     noise_sampler = checked_noise(noise_sampler, x, "sample_euler_ancestral_qdrift")
     for i in trange(len(sigmas) - 1, disable=disable):
