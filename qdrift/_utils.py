@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .validation import _integer, _real, check_knobs
+from .validation import _integer, _real, check_knobs, real_arg
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -111,10 +111,7 @@ def _check_schedule_args(who: str, n, sigma_min, sigma_max) -> int:
     count = _integer(n)
     if count is None or count < 1:
         raise ValueError(f"{who}: n must be a positive integer (the number of levels), got {n!r}")
-    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-        if _real(value) is None:
-            raise ValueError(f"{who}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    lo, hi = _real(sigma_min), _real(sigma_max)
+    lo, hi = real_arg(who, "sigma_min", sigma_min), real_arg(who, "sigma_max", sigma_max)
     if not (0 < lo <= hi < math.inf):
         raise ValueError(
             f"{who}: need 0 < sigma_min <= sigma_max < inf, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}"
@@ -177,10 +174,8 @@ def _check_step(who: str, start, end, eta, flow: bool = False) -> None:
     (any flow step, a VE step with ``eta != 0``) and, on a flow, one that ends at ``t >= 1`` (its signal
     ``1 - t`` is 0 there: the step's scale divides by it)."""
     check_knobs(who, eta=eta)
-    for name, value in (start, end):
-        if _real(value) is None:
-            raise ValueError(f"{who}: {name} must be a real number or a 0-d tensor, got {value!r:.80}")
-    (a_name, a), (b_name, b) = (start[0], _real(start[1])), (end[0], _real(end[1]))
+    what = "a real number or a 0-d tensor"
+    (a_name, a), (b_name, b) = ((name, real_arg(who, name, value, what)) for name, value in (start, end))
     if not 0 <= b <= a:
         raise ValueError(f"{who}: a step goes down in noise: need 0 <= {b_name} <= {a_name}, got {a_name}={a!r}, "
                          f"{b_name}={b!r}")
@@ -375,11 +370,9 @@ class BrownianTreeNoiseSampler:
     """
 
     def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seed=None, transform=lambda s: s):
-        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if _real(value) is None:
-                raise ValueError(f"BrownianTreeNoiseSampler: {name} must be a real number or a 0-d tensor, got "
-                                 f"{value!r:.80} ({type(value).__name__})")
-        self.sigma_min, self.sigma_max = _real(sigma_min), _real(sigma_max)
+        who, what = "BrownianTreeNoiseSampler", "a real number or a 0-d tensor"
+        self.sigma_min = real_arg(who, "sigma_min", sigma_min, what)
+        self.sigma_max = real_arg(who, "sigma_max", sigma_max, what)
         if not 0 <= self.sigma_min <= self.sigma_max < math.inf:
             raise ValueError(f"BrownianTreeNoiseSampler: need 0 <= sigma_min <= sigma_max < inf, got "
                              f"sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r}")

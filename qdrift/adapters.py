@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._utils import append_dims, get_sigmas_karras
-from .validation import FLOW_T_SLACK, _describe, _integer, _real, flag
+from .validation import FLOW_T_SLACK, _describe, _integer, _real, flag_arg, real_arg
 
 __all__ = [
     "DiscreteSchedule",
@@ -75,13 +75,6 @@ def _sigma_batch(sigma, x: torch.Tensor, name: str = "denoiser", upper: float = 
         bound = "finite and >= 0" if upper == math.inf else f"in [0, {round(upper):g}] (flow time)"
         raise ValueError(f"{name}: sigma must be {bound}, got {sigma.tolist()}")
     return sigma
-
-
-def _flag(value, name: str, label: str) -> bool:
-    """An adapter's on/off option as a bool, refused unless it is a boolean (a truthy ``"no"`` or 1 is not)."""
-    if flag(value) is None:
-        raise ValueError(f"{name}: {label} must be True or False, got {value!r}")
-    return flag(value)
 
 
 def _time_fn(time_fn, name: str) -> Callable:
@@ -143,11 +136,8 @@ class _VEDenoiser(nn.Module):
         super().__init__()
         if not callable(inner_model):
             raise ValueError(f"{type(self).__name__}: the network must be callable, got {type(inner_model).__name__}")
-        for label, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if _real(value) is None:
-                raise ValueError(f"{type(self).__name__}: {label} must be a real number, got {value!r} "
-                                 f"({type(value).__name__})")
-        sigma_min, sigma_max = _real(sigma_min), _real(sigma_max)
+        who = type(self).__name__
+        sigma_min, sigma_max = real_arg(who, "sigma_min", sigma_min), real_arg(who, "sigma_max", sigma_max)
         if not (0 < sigma_min < sigma_max < math.inf):
             raise ValueError(f"{type(self).__name__}: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.inner_model = inner_model
@@ -183,7 +173,7 @@ class DiscreteSchedule(nn.Module):
         # Plain float64 attributes, not buffers: `.half()` on a wrapper must not round the schedule.
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
-        self.quantize = _flag(quantize, "DiscreteSchedule", "quantize")
+        self.quantize = flag_arg("DiscreteSchedule", "quantize", quantize)
 
     @property
     def sigma_min(self) -> float:
@@ -195,7 +185,7 @@ class DiscreteSchedule(nn.Module):
 
     def sigma_to_t(self, sigma: torch.Tensor, quantize: Optional[bool] = None) -> torch.Tensor:
         """Fractional timestep of ``sigma`` (linear in log-sigma between grid points; clamped to [0, T-1])."""
-        quantize = self.quantize if quantize is None else _flag(quantize, "DiscreteSchedule.sigma_to_t", "quantize")
+        quantize = self.quantize if quantize is None else flag_arg("DiscreteSchedule.sigma_to_t", "quantize", quantize)
         if not bool(((sigma >= 0) & (sigma < math.inf)).all()):
             raise ValueError(f"DiscreteSchedule.sigma_to_t: sigma must be finite and >= 0, got {sigma.tolist()}")
         grid = self.log_sigmas.to(sigma.device)
@@ -229,7 +219,7 @@ class DiscreteEpsDenoiser(_VEDenoiser):
     """
 
     def __init__(self, inner_model: Callable, alphas_cumprod: torch.Tensor, quantize: bool = False):
-        schedule = DiscreteSchedule(alphas_cumprod, _flag(quantize, type(self).__name__, "quantize"))
+        schedule = DiscreteSchedule(alphas_cumprod, flag_arg(type(self).__name__, "quantize", quantize))
         super().__init__(inner_model, schedule.sigma_min, schedule.sigma_max)
         self.schedule = schedule
 
@@ -283,7 +273,7 @@ class ContinuousEpsDenoiser(_VEDenoiser):
     def __init__(self, inner_model, sigma_min: float, sigma_max: float, time_fn=None, scale_input: bool = True):
         super().__init__(inner_model, sigma_min, sigma_max)
         self.time_fn = _time_fn(time_fn, type(self).__name__)
-        self.scale_input = _flag(scale_input, type(self).__name__, "scale_input")
+        self.scale_input = flag_arg(type(self).__name__, "scale_input", scale_input)
 
     def _net(self, x, sigma, extra_args):
         s = append_dims(sigma, x.ndim)

@@ -61,6 +61,24 @@ def flag(value) -> Optional[bool]:
     return None
 
 
+def flag_arg(who: str, name: str, value) -> bool:
+    """``value`` as a Python bool (``bool``, ``numpy.bool_`` or a 0-d bool tensor: :func:`flag`), else a
+    ``ValueError`` naming ``who`` and the option (a truthy ``"no"`` or 1 is not a flag)."""
+    out = flag(value)
+    if out is None:
+        raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
+    return out
+
+
+def real_arg(who: str, name: str, value, what: str = "a real number") -> float:
+    """``value`` as a float (:func:`_real`: a real number, numpy scalar or 0-d tensor, not a bool), else a
+    ``ValueError`` naming ``who``, the argument and what it got."""
+    out = _real(value)
+    if out is None:
+        raise ValueError(f"{who}: {name} must be {what}, got {value!r:.80} ({type(value).__name__})")
+    return out
+
+
 def _integer(value) -> Optional[int]:
     """``value`` as an int if it is an integer (not a bool; numpy integers and a 0-d integer tensor count), else
     None."""

@@ -32,7 +32,7 @@ import torch
 
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..correction import balance_coefficient, frequency_bands
-from ..validation import MAX_DRIFT, flag
+from ..validation import MAX_DRIFT, flag_arg
 from .calibration import Calibration
 from .run import _batches
 
@@ -203,10 +203,7 @@ def match_moments(
     if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"match_moments: bands must be a positive integer, got {bands!r}")
     bands = int(bands)
-    for name, value in (("mean", mean), ("gain", gain)):
-        if flag(value) is None:
-            raise ValueError(f"match_moments: {name} must be True or False, got {value!r}")
-    mean, gain = flag(mean), flag(gain)
+    mean, gain = flag_arg("match_moments", "mean", mean), flag_arg("match_moments", "gain", gain)
     started = time.time()
     sums: Dict[int, List] = {}
     count = 0

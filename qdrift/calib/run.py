@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .._utils import to_d
 from .._version import __version__
 from ..correction import band_shares
-from ..validation import check_choice, check_extra_args, flag, prepare_sigmas, validate_sampler_inputs
+from ..validation import check_choice, check_extra_args, flag, flag_arg, prepare_sigmas, validate_sampler_inputs
 from .calibration import REDUCES, Calibration
 from .stats import PairedAccumulator
 
@@ -197,9 +197,7 @@ def calibrate(
     check_choice("trajectory", trajectory, TRAJECTORIES)
     if trim is not None and (isinstance(trim, bool) or not isinstance(trim, numbers.Real) or not trim >= 0):
         raise ValueError(f"calibrate: trim must be None or a number >= 0, got {trim!r}")
-    if flag(conditional) is None:
-        raise ValueError(f"calibrate: conditional must be True or False, got {conditional!r}")
-    conditional = flag(conditional)
+    conditional = flag_arg("calibrate", "conditional", conditional)
     if distributed is not None and flag(distributed) is None:
         raise ValueError(f"calibrate: distributed must be True, False or None, got {distributed!r}")
     distributed = None if distributed is None else flag(distributed)

@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..validation import flag
+from ..validation import flag_arg
 from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, SIZE_THE_DRIFT, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
@@ -162,10 +162,7 @@ def size_drift(
 def check_parts(who: str, output: Any, drift: Any) -> tuple:
     """The sizing's parts ``(output, drift)`` as bools; refuses a flag that is not one, and a sizing of nothing
     (``drift=False`` without ``output``)."""
-    for name, value in (("output", output), ("drift", drift)):
-        if flag(value) is None:
-            raise ValueError(f"{who}: {name} must be True or False, got {value!r}")
-    output, drift = flag(output), flag(drift)
+    output, drift = flag_arg(who, "output", output), flag_arg(who, "drift", drift)
     if not (drift or output):
         raise ValueError(f"{who}: drift=False sizes only the output correction, which needs output=True "
                          "(with both False there is nothing to size)")

@@ -36,7 +36,7 @@ import torch
 
 from .._utils import to_d
 from .._version import __version__
-from ..validation import CheckedModel, all_finite, flag, validate_sampler_inputs
+from ..validation import CheckedModel, all_finite, flag_arg, validate_sampler_inputs
 from .calibration import DRIFT_SCALE_Z, REDUCES, SIZE_THE_DRIFT, Calibration, write_atomic
 from .stats import PairedAccumulator
 
@@ -124,9 +124,7 @@ def calibration_from_pairs(
     who = "calibration_from_pairs"
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
-    if flag(conditional) is None:
-        raise ValueError(f"{who}: conditional must be True or False, got {conditional!r}")
-    conditional = flag(conditional)
+    conditional = flag_arg(who, "conditional", conditional)
     sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
     if sig.ndim != 1 or sig.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 values, got shape {tuple(sig.shape)}")
@@ -402,9 +400,7 @@ class PairedTrace:
         if not isinstance(calibration, Calibration):
             raise ValueError(f"{who}: calibration must be a qdrift.Calibration, got {type(calibration).__name__}")
         check_z(who, z)
-        if flag(drift) is None:
-            raise ValueError(f"{who}: drift must be True or False, got {drift!r}")
-        self._sizing = {"calibration": calibration, "z": float(z), "drift": flag(drift), "runs": 0, "plain": None,
+        self._sizing = {"calibration": calibration, "z": float(z), "drift": flag_arg(who, "drift", drift), "runs": 0, "plain": None,
                         "sums": Accumulation(who, self.steps)}
         return unsized(calibration)
 

@@ -17,7 +17,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..calib.calibration import REDUCES, Calibration
 from ..calib.trace import PairedTrace, PairedTraceError
-from ..validation import _integer, _real, flag
+from ..validation import _integer, _real, flag_arg
 from .schedulers import (
     QDriftEulerDiscreteScheduler,
     QDriftFlowMatchEulerDiscreteScheduler,
@@ -198,10 +198,7 @@ def _at_least(minimum: Optional[int]) -> str:
 
 
 def _flag_arg(name: str, value: Any) -> bool:
-    out = flag(value)
-    if out is None:
-        raise ValueError(f"calibrate_pipeline: {name} must be True or False, got {value!r}")
-    return out
+    return flag_arg("calibrate_pipeline", name, value)
 
 
 def calibrate_pipeline(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..validation import _integer, _real, flag
+from ..validation import _integer, _real, flag_arg
 
 
 def as_int(fn: str, name: str, value: Any, lo: int | None = None, hi: int | None = None, what: str = "") -> int:
@@ -47,10 +47,7 @@ def as_real(fn: str, name: str, value: Any, lo: float | None = None, hi: float |
 def as_flag(fn: str, name: str, value: Any) -> bool:
     """``value`` as a Python bool (``bool``, ``numpy.bool_`` or a 0-d bool tensor: :func:`qdrift.validation.flag`),
     else ``ValueError``."""
-    v = flag(value)
-    if v is None:
-        raise ValueError(f"{fn}: {name} must be True or False, got {value!r}")
-    return v
+    return flag_arg(fn, name, value)
 
 
 def as_sequence(fn: str, name: str, value: Any, what: str) -> tuple:
