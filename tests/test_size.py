@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -526,3 +527,17 @@ def test_sizing_the_output_alone_keeps_the_calibrated_drift(tmp_path):
     bare = {k: v for k, v in info.items() if k != "output"}
     with pytest.raises(ValueError, match="but no 'output' statistics"):
         qdrift.Calibration(cal.sigmas, cal.moments, meta=dict(cal.meta, drift_scale=dict(bare, drift=False)))
+
+
+def test_host_sizes_auto_skips_flow_models():
+    """The hosts' default sizing ("auto") runs on every model but a rectified flow, where it measured worse on the
+    bench; True and False (numpy and 0-d tensor flags too) are taken as given; anything else is refused."""
+    from qdrift.calib.size import SIZE_FLOW_MODELS, host_sizes
+
+    assert SIZE_FLOW_MODELS is False
+    assert host_sizes("host", "auto", flow=False) is True and host_sizes("host", "auto", flow=True) is False
+    for value, expected in ((True, True), (False, False), (np.bool_(True), True), (torch.tensor(False), False)):
+        assert host_sizes("host", value, flow=True) is expected and host_sizes("host", value, flow=False) is expected
+    for bad in ("yes", "AUTO", 1, None, 0.0):
+        with pytest.raises(ValueError, match=r"host: size_drift must be True, False or 'auto', got"):
+            host_sizes("host", bad, flow=False)

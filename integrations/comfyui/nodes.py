@@ -30,6 +30,7 @@ import comfy.samplers
 import comfy.utils
 
 import qdrift
+from qdrift.calib.size import host_sizes
 from qdrift.hosts import (
     SAMPLER_LABELS,
     STOCHASTIC_SAMPLERS,
@@ -45,7 +46,7 @@ from qdrift.hosts import (
 from qdrift.hosts._bind import BROWNIAN as SDE_SAMPLERS  # the DPM++ SDE samplers (log-SNR steps, Brownian noise)
 from qdrift.hosts._bind import first_non_file, host_seed, refuse_non_file
 from qdrift.samplers._common import CORRECTIONS as CORE_CORRECTIONS, FORMS as CORE_FORMS
-from qdrift.validation import _real, check_knobs
+from qdrift.validation import _real, check_knobs, flag
 
 try:  # ComfyUI's path registry; absent only in stripped test environments
     import folder_paths
@@ -152,7 +153,7 @@ CALIBRATE_INPUTS = [
     ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
 ]
 CALIBRATE_OPTIONAL_INPUTS = [
-    ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (two quantized sampling runs per trajectory: plain and output-corrected) that sizes the Q-Drift v2 output correction and drift to what the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one."}),
+    ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (two quantized sampling runs per trajectory: plain and output-corrected) that sizes the Q-Drift v2 output correction and drift to what the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one. Skipped on flow models (SD3, FLUX), where it measured worse."}),
 ]
 SAMPLER_INPUTS = [
     ("sampler_name", sampler_names(), {"default": "euler"}),
@@ -182,12 +183,13 @@ def _classic(table) -> Dict[str, tuple]:
 
 # ------------------------------------------------------------------------------------------------ the work
 def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-              size_drift=True):
+              size_drift="auto"):
     """Q-Drift Calibrate: runs the passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
-    and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. With ``size_drift``,
-    pass 3 samples the quantized MODEL with qdrift Euler from the same noises, plain and with v2's output
+    and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. With ``size_drift``
+    (True, False, or ``"auto"``: every model but a flow model, where it measured worse,
+    :func:`qdrift.calib.size.host_sizes`; the node's ticked box), pass 3 samples the quantized MODEL with qdrift Euler from the same noises, plain and with v2's output
     correction (no drift), and sizes v2's output correction and drift by what they accumulate against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
     K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type.
 
@@ -229,6 +231,7 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
         )
     if reduce not in REDUCE_CHOICES:
         raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
+    host_sizes("Q-Drift Calibrate", size_drift, False)
     _prefix(filename_prefix)
     if model_fp is model_q:
         LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
@@ -249,7 +252,10 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     latent = latent[:1].repeat((int(K),) + (1,) * (latent.ndim - 1))
     noise = comfy.sample.prepare_noise(latent, int(seed))
     steps = sigmas.numel() - 1
-    pbar = comfy.utils.ProgressBar((3 if size_drift else 2) * steps)
+    sizes = host_sizes("Q-Drift Calibrate", size_drift, kind_fp == "CONST")
+    if size_drift == "auto" and not sizes:
+        LOG.info("Q-Drift Calibrate: not sizing the correction on a flow model (CONST), where it measured worse")
+    pbar = comfy.utils.ProgressBar((3 if sizes else 2) * steps)
     callback = lambda i, denoised, x, total: pbar.update(1)  # noqa: E731 (ComfyUI's callback signature)
     trace = PairedTrace(meta={"host": "comfyui", "cfg": float(cfg), "seed": int(seed), "prediction_type": kind_fp})
 
@@ -265,7 +271,7 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     run(model_fp, trace.fp_sampler())
     run(model_q, trace.q_sampler())
     cal = trace.calibration(reduce=reduce)
-    if size_drift:
+    if sizes:
         run(model_q, trace.size_sampler(cal))
         cal = trace.sized()
         raw, se = cal.drift_scale_estimate()
@@ -308,6 +314,12 @@ def _base_model(model_k):
     reach ``model_sampling``): KSamplerX0Inpaint -> guider -> BaseModel."""
     guider = getattr(model_k, "inner_model", None)
     return getattr(guider, "inner_model", None)
+
+
+def node_sizing(size_drift):
+    """The Calibrate node's ticked ``size_drift`` box as :func:`calibrate`'s argument: ``"auto"`` (not on a flow
+    model), else the value as given (unticked: False; anything else is refused there)."""
+    return "auto" if flag(size_drift) else size_drift
 
 
 def _is_flow_model(model_k) -> bool:
@@ -448,7 +460,7 @@ class QDriftCalibrate:
     def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
                   size_drift=True):
         return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-                         size_drift)
+                         node_sizing(size_drift))
 
     _next_path = staticmethod(_next_path)
 

@@ -64,7 +64,7 @@ class QDriftCalibrate(io.ComfyNode):
     def execute(cls, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
                 filename_prefix, size_drift=True) -> io.NodeOutput:
         cal, path = nodes.calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
-                                    filename_prefix, size_drift)
+                                    filename_prefix, nodes.node_sizing(size_drift))
         return io.NodeOutput(cal, path)
 
 

@@ -68,7 +68,30 @@ from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, SIZE_THE_DRIFT, Calibratio
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
 
-__all__ = ["size_drift"]  # Accumulation, check_z, repeat_first_call, unsized: for PairedTrace.size_sampler
+__all__ = ["size_drift", "host_sizes"]  # Accumulation, check_z, repeat_first_call, unsized: for PairedTrace.size_sampler
+
+SIZE_FLOW_MODELS = False
+"""Whether a host calibration's default sizing pass (``size_drift="auto"``) runs on a rectified-flow model (SD3,
+FLUX). Measured on the bench flow DiT since the drift goes along the score (session 15): wherever the sizing changed
+the correction it gave back less (Inception FID gap, n = 500: w4a4 9 -> 5 %, w3a4 25 -> 12 %) or left the samples
+farther from the full-precision ones (FP4: 22 -> 18 % of the distance removed; quanto int4: -1.72 -> -1.23), and no
+flow row did better with it (README, "Sizing, measured"; docs/bench_results.md, "The flow drift along the score",
+"The formats people run, with v2"). On the U-Net (VE) it trades part of the recovery on a large gap for less
+over-correction where there is no gap, so it stays on there."""
+
+
+def host_sizes(who: str, size_drift: Any, flow: bool) -> bool:
+    """Whether a host's in-app calibration runs the sizing pass: ``size_drift`` True (always), False (never) or
+    ``"auto"`` (the hosts' default: every model but a rectified flow, :data:`SIZE_FLOW_MODELS`). ``flow``: the
+    calibrated model is a rectified flow. Anything else is a ``ValueError`` naming ``who``."""
+    if isinstance(size_drift, str):
+        if size_drift != "auto":
+            raise ValueError(f"{who}: size_drift must be True, False or 'auto', got {size_drift!r:.80}")
+        return not flow or SIZE_FLOW_MODELS
+    try:
+        return flag_arg(who, "size_drift", size_drift)
+    except ValueError:
+        raise ValueError(f"{who}: size_drift must be True, False or 'auto', got {size_drift!r:.80}") from None
 
 
 @torch.no_grad()

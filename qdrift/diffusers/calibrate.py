@@ -16,6 +16,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..calib.calibration import REDUCES, Calibration
+from ..calib.size import host_sizes
 from ..calib.trace import PairedTrace, PairedTraceError
 from ..validation import _integer, _real, flag_arg
 from .schedulers import (
@@ -217,7 +218,7 @@ def calibrate_pipeline(
     call_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = False,
     bands: int = 1,
-    size_drift: bool = True,
+    size_drift: Union[bool, str] = "auto",
 ) -> Calibration:
     """Calibrates Q-Drift for a quantized diffusers pipeline against its full-precision twin.
 
@@ -243,17 +244,18 @@ def calibrate_pipeline(
         progress: show the pipelines' progress bars.
         bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`); only for latents
             with a spatial grid after the channel axis (``channel_dim=1``); packed latents get none.
-        size_drift: then run the quantized pipeline ``2 K`` more times from the same seeds, with the Q-Drift
+        size_drift: True: then run the quantized pipeline ``2 K`` more times from the same seeds, with the Q-Drift
             Euler scheduler of its family and no drift, plain and with v2's output correction, and size v2's
             output correction and drift by what those runs accumulate against the full-precision ones
             (:func:`qdrift.size_drift`; :attr:`qdrift.Calibration.output_scale`,
-            :attr:`qdrift.Calibration.drift_scale`).
+            :attr:`qdrift.Calibration.drift_scale`). ``"auto"`` (the default): size every model but a flow model,
+            where the sizing measured worse (:data:`qdrift.calib.size.SIZE_FLOW_MODELS`). False: never.
 
     Returns:
         The :class:`qdrift.Calibration` (for :func:`qdrift.diffusers.qdrift_scheduler` or the k-diffusion samplers).
 
-    Integer and number arguments may be numpy scalars; the flags (``conditional``, ``progress``,
-    ``size_drift``) take ``bool``, ``numpy.bool_`` or a 0-d bool tensor.
+    Integer and number arguments may be numpy scalars; the flags (``conditional``, ``progress``, and
+    ``size_drift`` besides ``"auto"``) take ``bool``, ``numpy.bool_`` or a 0-d bool tensor.
 
     Raises:
         ValueError: for bad arguments (all checked before any pipeline runs; ``channel_dim`` against the latents
@@ -304,7 +306,7 @@ def calibrate_pipeline(
         call_kwargs = _call_args("call_kwargs", call_kwargs)
     progress = _flag_arg("progress", progress)
     bands = _int_arg("bands", bands, 1)
-    size_drift = _flag_arg("size_drift", size_drift)
+    host_sizes("calibrate_pipeline", size_drift, False)  # checked before any pipeline runs
     for name, pipe in (("fp_pipe", fp_pipe), ("q_pipe", q_pipe)):
         if not callable(pipe) or not hasattr(pipe, "scheduler"):
             raise ValueError(
@@ -348,7 +350,7 @@ def calibrate_pipeline(
             trace.set_q(run, replayer._pair_d)
         cal = trace.calibration(reduce=reduce, conditional=conditional, trim=trim, meta={"K_runs": K},
                                 bands=bands if channel_dim in (1, -3) else 1)
-        if size_drift:
+        if host_sizes("calibrate_pipeline", size_drift, rec_cls is _RecordFlowEuler):
             cal = _size(trace, cal, q_pipe, [_run_kwargs(calls, k, call_kwargs, num_inference_steps, guidance_scale)
                                              for k in range(K)], seed, channel_dim,
                         _SizeFlowEuler if rec_cls is _RecordFlowEuler else _SizeEuler, base_config)

@@ -20,7 +20,7 @@ import copy
 import math
 import os
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -452,16 +452,17 @@ def run_calibration_pass(
     KDiffusionSampler: Callable,
     models_dir: Optional[str] = None,
     checkpoint: Optional[str] = None,
-    size_drift: bool = True,
+    size_drift: Union[bool, str] = "auto",
 ) -> Any:
     """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
 
     Pass 1 (full-precision checkpoint loaded): generates with plain Euler, recording the trajectory, and saves the
     trace. Pass 2 (quantized checkpoint loaded): restores pass 1's seeds and settings, evaluates the quantized
     model on the recorded states (the images stay pass 1's full-precision Euler result), and writes the
-    calibration. With ``size_drift``, pass 2 then generates once more with the quantized model (qdrift Euler, same
-    seeds, each image sampled twice: plain and with v2's output correction, no drift; those images are not saved)
-    and sizes v2's output correction and drift by what they accumulate against pass 1's states
+    calibration. With ``size_drift`` (``"auto"``, the default: on every model but a flow model, where it measured
+    worse, :func:`qdrift.calib.size.host_sizes`), pass 2 then generates once more with the quantized model (qdrift
+    Euler, same seeds, each image sampled twice: plain and with v2's output correction, no drift; those images are
+    not saved) and sizes v2's output correction and drift by what they accumulate against pass 1's states
     (:meth:`qdrift.calib.PairedTrace.size_sampler`). K = batch count x batch size. Both passes' infotext says ``Sampler: Euler`` (what the images
     are) with a ``Q-Drift calibration pass`` field; pass 2 adds ``Q-Drift calibration written: <path>``, which
     the API returns in ``info`` (``extra_generation_params`` and ``infotexts``).
@@ -477,13 +478,16 @@ def run_calibration_pass(
         KDiffusionSampler: the host's ``sd_samplers_kdiffusion.KDiffusionSampler``.
         models_dir: the host's models directory.
         checkpoint: name of the loaded checkpoint, stored for the record.
+        size_drift: True, False or ``"auto"`` (above).
 
     Returns:
         The host's ``Processed`` result, with a note on what was written.
 
     Raises:
-        ValueError: for an unknown phase, Hires. fix enabled, or passes that do not match.
+        ValueError: for an unknown phase, Hires. fix enabled, a size_drift that is not True, False or "auto", or
+            passes that do not match.
     """
+    from ..calib.size import host_sizes
     from ..calib.trace import PairedTrace, PairedTraceError
 
     if phase not in PHASES:
@@ -494,6 +498,7 @@ def run_calibration_pass(
         raise ValueError("Q-Drift calibrate: turn off the Refiner (each pass must run the sampler once per batch)")
     if reduce not in ("channel", "scalar"):
         raise ValueError(f"Q-Drift calibrate: reduce must be 'channel' or 'scalar', got {reduce!r}")
+    sizes = host_sizes("Q-Drift calibrate", size_drift, is_flow_model(p))
     trace_file = _in_models(trace_path, models_dir)
     p.sampler_name = "Euler"
     p.extra_generation_params["Q-Drift calibration pass"] = phase
@@ -530,7 +535,7 @@ def run_calibration_pass(
             "batch count and batch size as in pass 1"
         )
     cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint})
-    if size_drift:
+    if sizes:
         sizing = copy.copy(p)  # the same seeds and settings; its images are the sizing run's, not shown or saved
         sizing.do_not_save_samples = sizing.do_not_save_grid = True
         with calibration_pass(trace.size_sampler(cal)), plain_euler:
@@ -543,5 +548,7 @@ def run_calibration_pass(
         cal = trace.sized()
     os.makedirs(os.path.dirname(out_file) or ".", exist_ok=True)
     cal.save(out_file)
-    _note(processed, f"Q-Drift: wrote {out_file} ({cal}). Select it in Settings > Q-Drift or the Q-Drift panel.")
+    skipped = " Not sized: a flow model, where the sizing measured worse." if size_drift == "auto" and not sizes else ""
+    _note(processed, f"Q-Drift: wrote {out_file} ({cal}).{skipped} Select it in Settings > Q-Drift or the Q-Drift "
+                     "panel.")
     return processed

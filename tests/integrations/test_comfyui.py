@@ -111,12 +111,31 @@ def test_calibrate_node_writes_a_calibration(host, flow):
     assert loaded.meta["prediction_type"] == ("CONST" if flow else "EPS")
     assert torch.allclose(loaded.V, cal.V) and bool((cal.V > 0).all())
     bar = comfy_standin.ProgressBar.instances[-1]
-    assert bar.total == 18 and bar.current == 18  # the three passes report through ComfyUI's progress bar
-    assert loaded.meta["drift_scale"]["K"] == 3 and loaded.meta["drift_scale"]["sampler"] == "euler"
-    assert torch.equal(loaded.drift_scale, cal.drift_scale)
+    passes = 2 if flow else 3  # the ticked size_drift box does not size a flow model (measured worse there)
+    assert bar.total == bar.current == 6 * passes  # the passes report through ComfyUI's progress bar
+    if flow:
+        assert "drift_scale" not in loaded.meta
+    else:
+        assert loaded.meta["drift_scale"]["K"] == 3 and loaded.meta["drift_scale"]["sampler"] == "euler"
+        assert torch.equal(loaded.drift_scale, cal.drift_scale)
     # a second run does not overwrite the first
     _, path2 = calibrate(pack, fp, q, flow=flow)
     assert path2 != path
+
+
+def test_calibrate_sizes_a_flow_model_only_when_asked(host):
+    """size_drift: the node's ticked box ("auto") skips the sizing pass on a flow model; calibrate(size_drift=True)
+    still runs it there; anything but True, False or "auto" is refused before any pass."""
+    pack, ns, _ = host
+    fp, q = models(flow=True)
+    forced, _ = sys.modules[PACK + ".nodes"].calibrate(fp, q, cond(1.0), cond(0.0), {"samples": torch.zeros(1, 4, 6, 6)},
+                                          sigmas_for(True), 3.0, 123, 3, "channel", "qdrift/test", size_drift=True)
+    assert forced.meta["drift_scale"]["K"] == 3 and comfy_standin.ProgressBar.instances[-1].total == 18
+    auto, _ = calibrate(pack, fp, q, flow=True)
+    assert "drift_scale" not in auto.meta and torch.equal(auto.V, forced.V)
+    with pytest.raises(ValueError, match=r"Q-Drift Calibrate: size_drift must be True, False or 'auto', got 'yes'"):
+        sys.modules[PACK + ".nodes"].calibrate(fp, q, cond(1.0), cond(0.0), {"samples": torch.zeros(1, 4, 6, 6)},
+                                  sigmas_for(True), 3.0, 123, 3, "channel", "qdrift/test", size_drift="yes")
 
 
 def test_calibrate_node_pairs_after_cfg_and_finds_zero_for_identical_models(host):

@@ -311,12 +311,16 @@ def test_calibrate_pipeline_sd3_flow():
         dict(p, pooled_prompt_embeds=torch.randn(1, 8), negative_pooled_prompt_embeds=torch.zeros(1, 8))
         for p in _prompts(2)
     ]
-    cal = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=SD_CALL)
+    cal = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=SD_CALL,
+                             size_drift=True)
     ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
     ref.set_timesteps(4)
     assert torch.allclose(cal.sigmas, ref.sigmas[:-1].double(), rtol=1e-6)  # flow time t
     assert (cal.V > 0).all() and math.isfinite(float(cal.V.sum()))
     assert cal.meta["drift_scale"]["K"] == 2 and all(v > 0 for v in cal.meta["drift_scale"]["measured"])
+    # the default ("auto") does not size a flow model (measured worse there): the same calibration, unsized
+    auto = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=SD_CALL)
+    assert "drift_scale" not in auto.meta and torch.equal(auto.V, cal.V)
     args = dict(prompts[0], num_inference_steps=4, guidance_scale=3.0, output_type="latent", **SD_CALL)
     plain = q(**args, generator=torch.Generator().manual_seed(1)).images
     q.scheduler = qdrift_scheduler(q.scheduler, cal)
@@ -349,13 +353,13 @@ def test_calibrate_pipeline_flux_packed_latents_sizes_per_channel():
                for _ in range(2)]
     call = dict(height=16, width=16)
     cal = calibrate_pipeline(fp, q, prompts, K=2, num_inference_steps=4, guidance_scale=3.0, call_kwargs=call,
-                             channel_dim=-1)
+                             channel_dim=-1, size_drift=True)
     assert cal.channels == 16 and cal.V.shape == (4, 16) and bool((cal.V > 0).all())
     info = cal.meta["drift_scale"]
     assert info["K"] == 2 and len(info["measured"]) == 16 and all(v > 0 for v in info["measured"])
     assert cal.drift_scale.shape == (16,) and bool(torch.isfinite(cal.drift_scale).all())
     same = calibrate_pipeline(fp, fp, prompts[:1], K=1, num_inference_steps=4, guidance_scale=3.0, call_kwargs=call,
-                              channel_dim=-1)
+                              channel_dim=-1, size_drift=True)
     assert torch.equal(same.V, torch.zeros_like(same.V)) and same.meta["drift_scale"]["measured"] == [0.0] * 16
     args = dict(prompts[0], num_inference_steps=4, guidance_scale=3.0, output_type="latent", **call)
     plain = q(**args, generator=torch.Generator().manual_seed(1)).images
@@ -643,7 +647,8 @@ _BAD_CALIBRATE_ARGS = [
     ("trim", "4"), ("trim", float("nan")), ("trim", -1.0), ("trim", True), ("trim", np.float32("nan")),
     ("bands", 0), ("bands", "2"), ("bands", 1.5), ("bands", True),
     ("call_kwargs", [1]), ("call_kwargs", "height=8"), ("call_kwargs", {"generator": None}), ("call_kwargs", {1: 2}),
-    ("conditional", "yes"), ("conditional", 1), ("size_drift", None), ("size_drift", "no"), ("progress", 0),
+    ("conditional", "yes"), ("conditional", 1), ("progress", 0),
+    ("size_drift", None), ("size_drift", "no"), ("size_drift", "Auto"),
     ("K", 1.0), ("K", np.int64(0)), ("K", True),
     ("num_inference_steps", np.float64(3)), ("num_inference_steps", True), ("num_inference_steps", 0),
     ("guidance_scale", "4"), ("guidance_scale", True), ("guidance_scale", np.float32("nan")),

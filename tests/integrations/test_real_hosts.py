@@ -168,14 +168,19 @@ def tiny_sd3(comfy):
     return model, (positive, negative), torch.zeros(1, 16, 8, 8)
 
 
-def _calibrated(comfy, tiny, scheduler, prefix):
-    """A tiny real model, its 4-bit copy, a 6-step schedule and the Q-Drift Calibrate node's result on them."""
+def _calibrated(comfy, tiny, scheduler, prefix, size_drift=None):
+    """A tiny real model, its 4-bit copy, a 6-step schedule and the Q-Drift Calibrate node's result on them (with
+    ``size_drift``: the pack's ``calibrate`` called with it, under the node)."""
     model, conds, latent = tiny(comfy)
     fp, q = _patcher(comfy, model), _patcher(comfy, _rounded_4bit(model))
     sigmas = comfy.samplers.calculate_sigmas(fp.get_model_object("model_sampling"), scheduler, 6)
-    cal, path = run_node(comfy, "QDriftCalibrate", model_fp=fp, model_q=q, positive=conds[0], negative=conds[1],
-                         latent_image={"samples": latent}, sigmas=sigmas, cfg=3.0, seed=5, K=2, reduce="channel",
-                         filename_prefix=prefix)
+    args = dict(model_fp=fp, model_q=q, positive=conds[0], negative=conds[1], latent_image={"samples": latent},
+                sigmas=sigmas, cfg=3.0, seed=5, K=2, reduce="channel", filename_prefix=prefix)
+    if size_drift is None:
+        cal, path = run_node(comfy, "QDriftCalibrate", **args)
+    else:
+        (pack_nodes,) = [m for name, m in sys.modules.items() if name.endswith(".nodes") and hasattr(m, "node_sizing")]
+        cal, path = pack_nodes.calibrate(**args, size_drift=size_drift)
     return types.SimpleNamespace(fp=fp, q=q, conds=conds, latent=latent, sigmas=sigmas, cal=cal, path=path)
 
 
@@ -203,15 +208,19 @@ def qdrift_sampler(comfy, name, case, strength):
 
 
 def test_the_calibrate_node_sizes_the_drift_in_the_real_host(comfy, sd15, sd3):
-    """The node's third pass (on by default) ran through ComfyUI's guider on both tiny real models, and the file
-    keeps its sizing."""
+    """The node's third pass (on by default) ran through ComfyUI's guider on the tiny real SD1.5, and the file keeps
+    its sizing; on the flow SD3 (CONST) the ticked box skips it (the sizing measured worse on flow models), and
+    size_drift=True runs it there too."""
     import qdrift
 
-    for case in (sd15, sd3):
+    assert "drift_scale" not in qdrift.load_calibration(sd3.path).meta
+    forced = _calibrated(comfy, tiny_sd3, "simple", "qdrift/sd3_sized", size_drift=True)
+    for case in (sd15, forced):
         info = qdrift.load_calibration(case.path).meta["drift_scale"]
         assert info["K"] == 2 and info["sampler"] == "euler" and info["steps"] == 6, info
         assert all(v >= 0 for v in info["measured"]) and any(v > 0 for v in info["predicted"]), info
         assert case.cal.drift_scale is not None and bool(torch.isfinite(case.cal.drift_scale).all())
+    assert torch.equal(forced.cal.V, sd3.cal.V)
     node = comfy.nodes.NODE_CLASS_MAPPINGS["QDriftCalibrate"]
     if importlib.util.find_spec("comfy_api.v0_0_2") is not None:
         optional = node.GET_NODE_INFO_V1()["input"].get("optional", {})

@@ -280,6 +280,34 @@ def _sd_model(host, flow):
     return SimpleNamespace(is_sd3=flow, is_sdxl=not flow)
 
 
+def test_calibration_does_not_size_a_flow_model_unless_asked(host):
+    """The script's ticked sizing box is "auto": pass 2 on a flow model (SD3/FLUX; the sizing measured worse there)
+    writes the unsized calibration and says so; the core pass with size_drift=True still sizes it."""
+    script = host.calib_script.QDriftCalibrateScript()
+    cals = {}
+    for size_drift in (True, "forced"):
+        host.model = webui_standin.ToyModel()
+        script.run(webui_standin.Processing(sampler_name="Euler", sd_model=_sd_model(host, flow=True)),
+                   webui.PHASES[0], "trace.safetensors", "flow.safetensors", "channel")
+        host.model = webui_standin.ToyModel(error=0.3)
+        p2 = webui_standin.Processing(sampler_name="Euler", sd_model=_sd_model(host, flow=True))
+        if size_drift is True:
+            processed = script.run(p2, webui.PHASES[1], "trace.safetensors", "flow.safetensors", "channel", True)
+            assert "Not sized: a flow model" in processed.comments
+        else:
+            mod = host.calib_script
+            webui.run_calibration_pass(p2, webui.PHASES[1], "trace.safetensors", "flow.safetensors", "channel",
+                                       process_images=mod.processing.process_images, sd_samplers=mod.sd_samplers,
+                                       KDiffusionSampler=mod.KDiffusionSampler, models_dir=mod.MODELS_DIR,
+                                       size_drift=True)
+        cals[size_drift] = qdrift.load_calibration(host.tmp_path / "models" / "qdrift" / "flow.safetensors")
+    assert "drift_scale" not in cals[True].meta and cals["forced"].meta["drift_scale"]["K"] == 2
+    assert torch.allclose(cals[True].V, cals["forced"].V)
+    with pytest.raises(ValueError, match=r"Q-Drift calibrate: size_drift must be True, False or 'auto', got 'on'"):
+        webui.run_calibration_pass(p2, webui.PHASES[1], "trace.safetensors", "x.safetensors", "channel",
+                                   process_images=None, sd_samplers=None, KDiffusionSampler=None, size_drift="on")
+
+
 @pytest.mark.parametrize("label", LABELS)
 def test_flow_models_get_the_flow_form(host, label):
     """On a flow model every sampler runs with flow=True (the ancestral/SDE ones used to be refused): the result

@@ -39,7 +39,8 @@ class QDriftCalibrateScript(scripts.Script):
         out = gr.Textbox(value="calibration.safetensors", label="Calibration file to write in pass 2 (relative to models/qdrift)")
         reduce = gr.Radio(["channel", "scalar"], value="channel", label="V per channel, or pooled per step (scalar)")
         size = gr.Checkbox(value=True, label="Pass 2: size the correction to what the quantized sampler accumulates "
-                                             "(one more generation with the quantized checkpoint, two runs per image)")
+                                             "(one more generation with the quantized checkpoint, two runs per image; "
+                                             "skipped on flow models such as SD3 and FLUX, where it measured worse)")
         return [phase, trace, out, reduce, size]
 
     def run(self, p, phase, trace_path, out_path, reduce, size_drift=True):
@@ -47,5 +48,5 @@ class QDriftCalibrateScript(scripts.Script):
         return webui.run_calibration_pass(
             p, phase, trace_path, out_path, reduce,
             process_images=processing.process_images, sd_samplers=sd_samplers, KDiffusionSampler=KDiffusionSampler,
-            models_dir=MODELS_DIR, checkpoint=checkpoint, size_drift=bool(size_drift),
+            models_dir=MODELS_DIR, checkpoint=checkpoint, size_drift="auto" if size_drift else False,
         )
