@@ -543,6 +543,16 @@ def test_calibration_options_are_checked_before_any_model_runs():
     assert calls == []
     with pytest.raises(ValueError, match="mean must be True or False"):
         qdrift.match_moments(cal, model, model, x, sigmas, "euler", mean="no")
+    # the batch checks name the pass that was called (they used to say "calibrate:" for every pass)
+    for fn in (qdrift.size_drift, qdrift.check_correction, qdrift.match_moments, qdrift.tune_strength):
+        name = fn.__name__
+        with pytest.raises(ValueError, match=rf"^{name}: batch_size must be a positive integer or None, got 0"):
+            fn(cal, model, model, x, sigmas, "euler", batch_size=0)
+        with pytest.raises(ValueError, match=rf"^{name}: x holds no samples"):
+            fn(cal, model, model, x[:0], sigmas, "euler")
+        with pytest.raises(ValueError, match=rf"^{name}: extra_args\['c'\] has shape \(3,\)"):
+            fn(cal, model, model, x, sigmas, "euler", {"c": torch.zeros(3)}, batch_size=1)
+    assert calls == []
 
 
 def test_numpy_numbers_are_accepted_where_python_ones_are():

@@ -133,7 +133,7 @@ def check_pass(who: str, calibration, sampler, sigmas, sampler_kwargs, seed=0):
 def pass_batches(who: str, calibration: Calibration, x, extra_args, batch_size):
     """``(index, batch, its extra_args)`` of a pass's input (as :func:`qdrift.calibrate` splits it), each batch
     checked to have the calibration's channel count."""
-    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size)):
+    for b, (xb, args) in enumerate(_batches(x, extra_args, batch_size, who)):
         if xb.shape[1] != calibration.channels:
             raise ValueError(f"{who}: x has {xb.shape[1]} channels; expected the calibration's {calibration.channels}")
         yield b, xb, args

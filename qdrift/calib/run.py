@@ -22,25 +22,26 @@ TRAJECTORIES = ("fp", "q")
 Batch = Tuple[torch.Tensor, Optional[Dict[str, Any]]]
 
 
-def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
-    """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches."""
-    check_extra_args("calibrate", extra_args)
+def _batches(x, extra_args, batch_size, who: str = "calibrate") -> Iterator[Batch]:
+    """Yields ``(x, extra_args)`` batches from a tensor (split along dim 0) or an iterable of batches; errors name
+    ``who`` (the pass that was called)."""
+    check_extra_args(who, extra_args)
     if isinstance(x, torch.Tensor):
         total = x.shape[0] if x.ndim >= 2 else 0
         if total == 0:
-            raise ValueError(f"calibrate: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
+            raise ValueError(f"{who}: x holds no samples (shape {tuple(x.shape)}); expected [K, C, ...] with K >= 1")
         size = total if batch_size is None else batch_size
         if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"calibrate: batch_size must be a positive integer or None, got {batch_size!r}")
+            raise ValueError(f"{who}: batch_size must be a positive integer or None, got {batch_size!r}")
         size = int(size)
         if size < total:
-            _check_split(extra_args, total)
+            _check_split(extra_args, total, who)
         for start in range(0, total, size):
             sl = slice(start, start + size)
             yield x[sl], _slice_args(extra_args, sl, total)
         return
     if not isinstance(x, Iterable) or isinstance(x, (str, bytes)):
-        raise ValueError(f"calibrate: x must be a tensor [K, C, ...] or an iterable of batches, got {type(x).__name__}")
+        raise ValueError(f"{who}: x must be a tensor [K, C, ...] or an iterable of batches, got {type(x).__name__}")
     for b, item in enumerate(x):
         if isinstance(item, torch.Tensor):
             xb, args = item, extra_args
@@ -48,24 +49,24 @@ def _batches(x, extra_args, batch_size) -> Iterator[Batch]:
             xb, args = item[0], item[1] if item[1] is not None else extra_args
         else:
             raise ValueError(
-                "calibrate: each item of an iterable x must be a tensor [B, C, ...] or a pair (x, extra_args); "
+                f"{who}: each item of an iterable x must be a tensor [B, C, ...] or a pair (x, extra_args); "
                 f"got {type(item).__name__}"
             )
         if xb.ndim < 2 or xb.shape[0] == 0:
             raise ValueError(
-                f"calibrate: batch {b} of x holds no samples (shape {tuple(xb.shape)}); expected [B, C, ...] with B >= 1"
+                f"{who}: batch {b} of x holds no samples (shape {tuple(xb.shape)}); expected [B, C, ...] with B >= 1"
             )
-        check_extra_args("calibrate", args, f"the extra_args of batch {b}")
+        check_extra_args(who, args, f"the extra_args of batch {b}")
         yield xb, args
 
 
-def _check_split(extra_args, total: int) -> None:
+def _check_split(extra_args, total: int, who: str) -> None:
     """Refuses, when x is split into batches, a tensor in extra_args that has a leading axis of neither K (split
     with x) nor 1 (shared by every batch): it would reach every batch whole, whatever the batch's size."""
     for key, v in (extra_args or {}).items():
         if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] not in (1, total):
             raise ValueError(
-                f"calibrate: extra_args[{key!r}] has shape {tuple(v.shape)}, whose leading size {v.shape[0]} is "
+                f"{who}: extra_args[{key!r}] has shape {tuple(v.shape)}, whose leading size {v.shape[0]} is "
                 f"neither K={total} (x's samples: split with x into batches) nor 1 (shared by every batch); "
                 "expected a leading size of K or 1 (or pass batch_size=None to give it whole to one batch, or x "
                 "as an iterable of (x, extra_args) batches)"
