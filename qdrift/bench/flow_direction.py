@@ -33,6 +33,7 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
                    help="steps (Heun: half as many, as many model calls as the others')")
     p.add_argument("--whole-step", action="store_true", help="flow=False (deterministic samplers only)")
     p.add_argument("--correction", choices=("noise", "drift"), default=None, help="the SDE solvers' correction")
+    p.add_argument("--bands", type=int_at_least(1), default=1, help="frequency bands of the calibration")
     p.add_argument("--threads", type=int_at_least(1), default=1)
     args = p.parse_args(argv)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
@@ -51,7 +52,7 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     x = R.initial_noise(held.seeds, float(block.sigmas[0]))
     brownian = set(sampler_names(brownian=True))
     for scheme in schemes:
-        cal, _ = R.calibrate_block(bm, scheme, block, 5)
+        cal, _ = R.calibrate_block(bm, scheme, block, 5, bands=args.bands)
         cal = cal.with_options(reduce="channel")
         for sampler in samplers:
             steps = args.steps // 2 if sampler == "heun" else args.steps
@@ -64,6 +65,6 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
             chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, sig, sampler, {"y": held.labels},
                                           method="v2", seed=R.CAL_SEED, sampler_kwargs=kwargs)
             c = torch.stack([t["c"].reshape(-1) for t in chk.trace])
-            print(f"{scheme} {sampler} {steps} flow={kwargs['flow']}: mse q {float(chk.mse_q[-1].mean()):.5f} -> "
+            print(f"{scheme} {sampler} {steps} flow={kwargs['flow']} bands={args.bands}: mse q {float(chk.mse_q[-1].mean()):.5f} -> "
                   f"{float(chk.mse_corr[-1].mean()):.5f}; min c {float(c.min()):+.3f}; {chk.spectrum()}", flush=True)
     return 0

@@ -334,11 +334,11 @@ def test_flow_direction_script_prints_a_line_per_scheme_and_sampler(capsys):
                              load_net=_tiny)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
     assert rc == 0 and [ln.split(":")[0] for ln in lines] == [
-        "w4a4 euler 4 flow=True", "w4a4 heun 2 flow=True", "w4a4 dpmpp_2m_sde 4 flow=True"]
+        "w4a4 euler 4 flow=True bands=1", "w4a4 heun 2 flow=True bands=1", "w4a4 dpmpp_2m_sde 4 flow=True bands=1"]
     assert all(re.search(r"mse q \d\.\d{5} -> \d\.\d{5}; min c [+-]\d\.\d{3}; v2, final variance", ln) for ln in lines)
-    rc = flow_direction.main(["--schemes", "w4a4", "--samplers", "euler", "--steps", "4", "-n", "3", "--whole-step"],
-                             load_net=_tiny)
-    assert rc == 0 and "w4a4 euler 4 flow=False:" in capsys.readouterr().out
+    rc = flow_direction.main(["--schemes", "w4a4", "--samplers", "euler", "--steps", "4", "-n", "3", "--whole-step",
+                              "--bands", "2"], load_net=_tiny)
+    assert rc == 0 and "w4a4 euler 4 flow=False bands=2:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         flow_direction.main(["--samplers", "euler_ancestral", "--whole-step"], load_net=_tiny)
     assert "deterministic samplers only" in capsys.readouterr().err
