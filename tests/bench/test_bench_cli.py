@@ -164,12 +164,17 @@ def test_c_coefficients_match_paper_rule():
     assert torch.allclose(c[:, 0], torch.tensor([6 * 0.1 / 20, 3 * 0.2 / 8, 1 * 0.4 / 2]))
 
 
-def test_dpmpp_2m_sde_runs_only_when_asked():
+def test_opt_in_samplers_run_only_when_asked():
     """The U-Net's DPM++ 2M SDE rows are opt-in: the default set (make demo) stays Euler, Euler a and DPM++ 2M."""
     assert runner.BenchConfig().sampler_names("unet") == ["euler", "euler_ancestral", "dpmpp_2m"]
     cfg = runner.BenchConfig(samplers=["dpmpp_2m_sde", "euler"])
     assert cfg.sampler_names("unet") == ["euler", "dpmpp_2m_sde"] and cfg.steps_for("dpmpp_2m_sde") == 20
     assert cfg.sampler_names("dit") == []
+    # the DiT's flow LMS rows too (its error amplification is what the frequency bands are measured on)
+    assert runner.BenchConfig().sampler_names("dit") == ["flow_euler"]
+    cfg = runner.BenchConfig(samplers=["flow_lms"])
+    assert cfg.sampler_names("dit") == ["flow_lms"] and cfg.steps_for("flow_lms") == 20
+    assert runner.SAMPLER_SPECS["flow_lms"].fn == "lms"
 
 
 def test_per_image_noise_is_batch_independent():
