@@ -18,7 +18,11 @@ quantized network at the full-precision state, and:
   (``< 1``: the network removes part of it).
 
 And the plain quantized sampler's run from the same noises: its mean square difference from the full-precision
-run's samples and both samples' standard deviations (excess or missing spread).
+run's samples, both samples' standard deviations (excess or missing spread), and ``lifted``: of the positions where
+the full-precision sample lies at or below the image range's black (-1, clipped in every bench image), the share
+the quantized sample lifts above ``-1 + LIFT`` (a small zero-mean error there shows only where it is positive:
+speckle on a black background, which Inception features weigh heavily and a variance per channel or band does not
+locate).
 
     python benchmarks/error_anatomy.py --model dit --schemes w4a8,w3a4
 """
@@ -36,6 +40,7 @@ from .guidance import schedule
 from .models import load_model
 
 HIGH_FREQUENCY = 0.25  # cycles per pixel: the radial frequency above which energy counts as fine-grained
+LIFT = 0.05  # above black (-1) by this much, a position of a full-precision black background counts as lifted
 
 
 def _high_frequency_share(t: torch.Tensor) -> float:
@@ -101,7 +106,10 @@ def anatomy(model_fp: Callable, model_q: Callable, x: torch.Tensor, sigmas: torc
                          "keep state": keep(k_state), "keep err": keep(k_err)})
         x_q = x_q + h * (x_q - den(model_q, x_q, s)) / s
         x_fp = x_fp + h * d_fp
-    final = {"mse": float(((x_q - x_fp) ** 2).mean()), "std fp": float(x_fp.std()), "std q": float(x_q.std())}
+    black = x_fp <= -1
+    lifted = float((x_q[black] > -1 + LIFT).double().mean()) if bool(black.any()) else float("nan")
+    final = {"mse": float(((x_q - x_fp) ** 2).mean()), "std fp": float(x_fp.std()), "std q": float(x_q.std()),
+             "black": float(black.double().mean()), "lifted": lifted}
     return {"rows": rows, "final": final}
 
 
@@ -113,7 +121,8 @@ def format_table(result: Dict[str, object]) -> str:
                                                        for c in cols) + " |")
     f = result["final"]
     lines.append(f"\nplain quantized sampler: mean square difference from FP {f['mse']:.4g}; "
-                 f"std FP {f['std fp']:.4f}, quantized {f['std q']:.4f}")
+                 f"std FP {f['std fp']:.4f}, quantized {f['std q']:.4f}; of FP's black positions ({f['black']:.1%} "
+                 f"of all) the quantized run lifts {f['lifted']:.2%} above {-1 + LIFT:g}")
     return "\n".join(lines)
 
 

@@ -49,3 +49,23 @@ def test_a_gain_error_is_all_model_and_no_pattern_and_equal_models_differ_by_not
     with pytest.raises(ValueError, match=r"K >= 2"):
         error_anatomy.anatomy(_linear, q, _noise(k=1), SIGMAS)
 
+
+
+def test_lifted_counts_black_positions_a_positive_error_raises_above_black():
+    """Data all at -2 (below black) and a quantized model whose output is +1.5 higher at the positions of a fixed
+    mask: after the last step to 0 the quantized sample is -0.5 there (lifted) and -2 elsewhere, so ``lifted`` is the
+    mask's share; equal models lift nothing; samples that never reach black give no share (nan)."""
+    mask = (torch.arange(64).reshape(8, 8) % 4 == 0).double()  # a quarter of the positions
+
+    def fp(x, sigma, **k):
+        return torch.full_like(x, -2.0)
+
+    def q(x, sigma, **k):
+        return fp(x, sigma) + 1.5 * mask
+
+    out = error_anatomy.anatomy(fp, q, _noise(), SIGMAS)
+    assert out["final"]["black"] == 1.0 and out["final"]["lifted"] == pytest.approx(0.25)
+    assert error_anatomy.anatomy(fp, fp, _noise(), SIGMAS)["final"]["lifted"] == 0.0
+    bright = error_anatomy.anatomy(lambda x, s, **k: torch.ones_like(x), q, _noise(), SIGMAS)["final"]
+    assert bright["black"] == 0.0 and bright["lifted"] != bright["lifted"]
+    assert "the quantized run lifts 25.00% above -0.95" in error_anatomy.format_table(out)
