@@ -30,6 +30,7 @@ import comfy.samplers
 import comfy.utils
 
 import qdrift
+from qdrift.calib.run import check_bands
 from qdrift.calib.size import host_sizes
 from qdrift.hosts import (
     SAMPLER_LABELS,
@@ -153,6 +154,7 @@ CALIBRATE_INPUTS = [
     ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
 ]
 CALIBRATE_OPTIONAL_INPUTS = [
+    ("bands", "INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Also calibrate per radial spatial-frequency band of each latent channel (1: per channel only). With bands the Q-Drift v2 correction is solved per channel and band: it removes a fine-grained error's speckle that one coefficient per channel cannot locate (4 bands on the bench's flow LMS: 48-58 % of the distance to the full-precision images removed, one band 15-16 %)."}),
     ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (two quantized sampling runs per trajectory: plain and output-corrected) that sizes the Q-Drift v2 output correction and drift to what the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one. Skipped on flow models (SD3, FLUX), where it measured worse."}),
 ]
 SAMPLER_INPUTS = [
@@ -183,7 +185,7 @@ def _classic(table) -> Dict[str, tuple]:
 
 # ------------------------------------------------------------------------------------------------ the work
 def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-              size_drift="auto"):
+              size_drift="auto", bands=1):
     """Q-Drift Calibrate: runs the passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
@@ -191,7 +193,9 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     (True, False, or ``"auto"``: every model but a flow model, where it measured worse,
     :func:`qdrift.calib.size.host_sizes`; the node's ticked box), pass 3 samples the quantized MODEL with qdrift Euler from the same noises, plain and with v2's output
     correction (no drift), and sizes v2's output correction and drift by what they accumulate against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
-    K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type.
+    K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type. With
+    ``bands > 1`` the calibration also keeps its statistics per radial frequency band of each channel
+    (:func:`qdrift.calibrate`'s ``bands``), which v2 then corrects per band.
 
     Returns:
         ``(calibration, path)``.
@@ -199,6 +203,8 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     Raises:
         ValueError: before any pass runs, for an empty schedule, a latent_image that is not a LATENT holding at least
             one latent, K not an integer >= 1, cfg not a finite number, a seed not an integer, an unknown reduce,
+            size_drift not True, False or "auto", bands not an integer >= 1 or leaving a band of the latent's grid
+            empty,
             models with different prediction types (EPS / V_PREDICTION / CONST ...), or a filename prefix outside
             the output folder or without a file name.
     """
@@ -232,6 +238,12 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     if reduce not in REDUCE_CHOICES:
         raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
     host_sizes("Q-Drift Calibrate", size_drift, False)
+    if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
+        raise ValueError(f"Q-Drift Calibrate: bands must be an integer >= 1 (1: per channel only), got {bands!r:.80}")
+    if bands > 1 and latent.ndim < 3:
+        raise ValueError(f"Q-Drift Calibrate: bands={bands} needs a latent with spatial axes, got shape "
+                         f"{tuple(latent.shape)}")
+    check_bands("Q-Drift Calibrate", int(bands), latent.shape[2:])
     _prefix(filename_prefix)
     if model_fp is model_q:
         LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
@@ -270,7 +282,7 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
 
     run(model_fp, trace.fp_sampler())
     run(model_q, trace.q_sampler())
-    cal = trace.calibration(reduce=reduce)
+    cal = trace.calibration(reduce=reduce, bands=int(bands))
     if sizes:
         run(model_q, trace.size_sampler(cal))
         cal = trace.sized()
@@ -458,9 +470,9 @@ class QDriftCalibrate:
     DESCRIPTION = CALIBRATE_DESCRIPTION
 
     def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-                  size_drift=True):
+                  size_drift=True, bands=1):
         return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-                         node_sizing(size_drift))
+                         node_sizing(size_drift), bands)
 
     _next_path = staticmethod(_next_path)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -73,15 +73,18 @@ def _check_split(extra_args, total: int, who: str) -> None:
             )
 
 
-def _check_bands(bands: int, x: torch.Tensor) -> None:
-    """Refuses a band count that leaves a radial band of x's spatial grid without any FFT bin (its statistics and
-    its variance share would be empty: :func:`qdrift.correction.band_shares`), before the models run."""
-    spatial = tuple(x.shape[2:])
+def check_bands(who: str, bands: int, spatial: Sequence[int]) -> None:
+    """Refuses a band count that leaves a radial band of a ``spatial`` grid (x's axes after the channel) without any
+    FFT bin (its statistics and its variance share would be empty: :func:`qdrift.correction.band_shares`), before
+    the models run; the message names ``who``."""
+    spatial = tuple(int(n) for n in spatial)
+    if bands == 1:
+        return
     shares = band_shares(spatial, bands)
     if bool((shares > 0).all()):
         return
     grid, limit = "x".join(map(str, spatial)), _band_limit(spatial)
-    message = (f"calibrate: bands={bands} leaves {int((shares == 0).sum())} of its {bands} radial frequency bands "
+    message = (f"{who}: bands={bands} leaves {int((shares == 0).sum())} of its {bands} radial frequency bands "
                f"without any FFT bin of x's {grid} spatial grid (qdrift.correction.frequency_bands); ")
     if bands > limit:
         message += f"expected bands <= {limit}, the largest count a {grid} grid supports"
@@ -218,8 +221,7 @@ def calibrate(
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
         acc.check_sample(xb)  # before the models run
-        if acc.bands > 1:
-            _check_bands(acc.bands, xb)
+        check_bands("calibrate", acc.bands, xb.shape[2:])
         if acc.shape is not None and xb.shape[1] != acc.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
         acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))

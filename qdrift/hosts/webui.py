@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -453,6 +454,7 @@ def run_calibration_pass(
     models_dir: Optional[str] = None,
     checkpoint: Optional[str] = None,
     size_drift: Union[bool, str] = "auto",
+    bands: int = 1,
 ) -> Any:
     """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
 
@@ -479,14 +481,17 @@ def run_calibration_pass(
         models_dir: the host's models directory.
         checkpoint: name of the loaded checkpoint, stored for the record.
         size_drift: True, False or ``"auto"`` (above).
+        bands: also calibrate per radial frequency band of each latent channel (:func:`qdrift.calibrate`'s
+            ``bands``; 1: per channel only), checked against pass 1's latents before pass 2 runs.
 
     Returns:
         The host's ``Processed`` result, with a note on what was written.
 
     Raises:
-        ValueError: for an unknown phase, Hires. fix enabled, a size_drift that is not True, False or "auto", or
-            passes that do not match.
+        ValueError: for an unknown phase, Hires. fix enabled, a size_drift that is not True, False or "auto", bands
+            not an integer >= 1 or leaving a band of the latents' grid empty, or passes that do not match.
     """
+    from ..calib.run import check_bands
     from ..calib.size import host_sizes
     from ..calib.trace import PairedTrace, PairedTraceError
 
@@ -499,6 +504,8 @@ def run_calibration_pass(
     if reduce not in ("channel", "scalar"):
         raise ValueError(f"Q-Drift calibrate: reduce must be 'channel' or 'scalar', got {reduce!r}")
     sizes = host_sizes("Q-Drift calibrate", size_drift, is_flow_model(p))
+    if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
+        raise ValueError(f"Q-Drift calibrate: bands must be an integer >= 1 (1: per channel only), got {bands!r:.80}")
     trace_file = _in_models(trace_path, models_dir)
     p.sampler_name = "Euler"
     p.extra_generation_params["Q-Drift calibration pass"] = phase
@@ -517,6 +524,7 @@ def run_calibration_pass(
                          "checkpoint, choose pass 2 and press Generate again.")
         return processed
     trace = PairedTrace.load(trace_file)
+    check_bands("Q-Drift calibrate", int(bands), trace.runs[0]["x"].shape[3:])  # [steps, B, C, *spatial]
     trace.reset_replay()
     seeds = trace.meta.get("seeds") or []
     if seeds and seeds[0] is not None:
@@ -534,7 +542,7 @@ def run_calibration_pass(
             f"Q-Drift calibrate: only {trace.replayed} of {len(trace.runs)} recorded batches were replayed; keep "
             "batch count and batch size as in pass 1"
         )
-    cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint})
+    cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint}, bands=int(bands))
     if sizes:
         sizing = copy.copy(p)  # the same seeds and settings; its images are the sizing run's, not shown or saved
         sizing.do_not_save_samples = sizing.do_not_save_grid = True

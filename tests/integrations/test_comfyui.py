@@ -593,3 +593,21 @@ def test_directory_and_one_channel_calibration_files_are_named(host):
     (sampler,) = node.get_sampler("euler", "one", "as calibrated", 1.0)
     with pytest.raises(ValueError, match=r"Q-Drift Sampler: the calibration .*one\.safetensors was measured on a 1-channel latent"):
         _sample(ns, q, sampler)
+
+
+def test_calibrate_node_bands(host):
+    """The optional bands input calibrates per channel and radial frequency band as qdrift.calibrate(bands=...)
+    does (the node's calibration carries the banded statistics, and v2 samples with them); a count that is not an
+    integer >= 1, or one that leaves a band of the latent's 6x6 grid empty, is refused before any pass runs."""
+    pack, _, _ = host
+    fp, q = models(error=0.3)
+    cal, path = calibrate(pack, fp, q, K=2, bands=2, size_drift=False)
+    assert cal.bands == 2 and qdrift.load_calibration(path).bands == 2
+    plain, _ = calibrate(pack, fp, q, K=2, size_drift=False)
+    assert plain.bands == 1 and torch.equal(plain.V, cal.V)
+    for bad, match in ((0, "bands must be an integer >= 1"), (2.0, "bands must be an integer >= 1"),
+                       (True, "bands must be an integer >= 1"), (16, r"bands=16 leaves .* 6x6 spatial grid")):
+        bars = len(comfy_standin.ProgressBar.instances)  # the passes' progress bar is made after the checks
+        with pytest.raises(ValueError, match=f"Q-Drift Calibrate: {match}"):
+            calibrate(pack, fp, q, K=2, bands=bad)
+        assert len(comfy_standin.ProgressBar.instances) == bars

@@ -227,6 +227,21 @@ def test_the_calibrate_node_sizes_the_drift_in_the_real_host(comfy, sd15, sd3):
     else:
         optional = node.INPUT_TYPES().get("optional", {})
     assert optional["size_drift"][0] == "BOOLEAN" and optional["size_drift"][1]["default"] is True
+    assert optional["bands"][0] == "INT" and optional["bands"][1]["default"] == 1
+
+
+def test_the_calibrate_node_calibrates_per_band_in_the_real_host(comfy, sd15):
+    """The optional bands input through ComfyUI's executor: the file carries the banded statistics, and the Q-Drift
+    Sampler samples with them."""
+    import qdrift
+
+    cal, path = run_node(comfy, "QDriftCalibrate", model_fp=sd15.fp, model_q=sd15.q, positive=sd15.conds[0],
+                         negative=sd15.conds[1], latent_image={"samples": sd15.latent}, sigmas=sd15.sigmas, cfg=3.0,
+                         seed=5, K=2, reduce="channel", filename_prefix="qdrift/sd15_bands", size_drift=False, bands=2)
+    assert cal.bands == 2 and qdrift.load_calibration(path).bands == 2 and torch.equal(cal.V, sd15.cal.V)
+    banded = types.SimpleNamespace(**{**vars(sd15), "path": path})
+    out = sample(comfy, banded, qdrift_sampler(comfy, "euler", banded, 1.0))
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(comfy, sd15, qdrift_sampler(comfy, "euler", sd15, 1.0)))
 
 
 def test_pack_loads_in_the_v3_form_where_comfy_api_has_it(comfy):

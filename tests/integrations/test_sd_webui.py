@@ -308,6 +308,26 @@ def test_calibration_does_not_size_a_flow_model_unless_asked(host):
                                    process_images=None, sd_samplers=None, KDiffusionSampler=None, size_drift="on")
 
 
+def test_calibration_script_bands(host):
+    """The script's bands choice reaches the calibration (per channel and radial frequency band, as
+    qdrift.calibrate(bands=...)); a bad count is refused at pass 2 before the quantized model runs."""
+    script = host.calib_script.QDriftCalibrateScript()
+    host.model = webui_standin.ToyModel()
+    script.run(webui_standin.Processing(sampler_name="Euler"), webui.PHASES[0], "trace.safetensors", "b.safetensors",
+               "channel")
+    host.model = webui_standin.ToyModel(error=0.3)
+    for bad, match in ((0, "bands must be an integer >= 1"), ("4", "bands must be an integer >= 1"),
+                       (16, r"bands=16 leaves .* spatial grid")):
+        with pytest.raises(ValueError, match=f"Q-Drift calibrate: {match}"):
+            script.run(webui_standin.Processing(sampler_name="Euler"), webui.PHASES[1], "trace.safetensors",
+                       "b.safetensors", "channel", False, bad)
+    assert not (host.tmp_path / "models" / "qdrift" / "b.safetensors").exists()
+    script.run(webui_standin.Processing(sampler_name="Euler"), webui.PHASES[1], "trace.safetensors", "b.safetensors",
+               "channel", False, 2)
+    cal = qdrift.load_calibration(host.tmp_path / "models" / "qdrift" / "b.safetensors")
+    assert cal.bands == 2 and "drift_scale" not in cal.meta
+
+
 @pytest.mark.parametrize("label", LABELS)
 def test_flow_models_get_the_flow_form(host, label):
     """On a flow model every sampler runs with flow=True (the ancestral/SDE ones used to be refused): the result

@@ -41,12 +41,15 @@ class QDriftCalibrateScript(scripts.Script):
         size = gr.Checkbox(value=True, label="Pass 2: size the correction to what the quantized sampler accumulates "
                                              "(one more generation with the quantized checkpoint, two runs per image; "
                                              "skipped on flow models such as SD3 and FLUX, where it measured worse)")
-        return [phase, trace, out, reduce, size]
+        bands = gr.Radio([1, 2, 4], value=1, label="Pass 2: frequency bands per channel (4: v2 also removes "
+                                                   "fine-grained speckle that one value per channel cannot locate)")
+        return [phase, trace, out, reduce, size, bands]
 
-    def run(self, p, phase, trace_path, out_path, reduce, size_drift=True):
+    def run(self, p, phase, trace_path, out_path, reduce, size_drift=True, bands=1):
         checkpoint = getattr(shared.opts, "sd_model_checkpoint", None)
         return webui.run_calibration_pass(
             p, phase, trace_path, out_path, reduce,
             process_images=processing.process_images, sd_samplers=sd_samplers, KDiffusionSampler=KDiffusionSampler,
             models_dir=MODELS_DIR, checkpoint=checkpoint, size_drift="auto" if size_drift else False,
+            bands=bands,
         )
