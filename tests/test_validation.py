@@ -700,3 +700,18 @@ def test_sampler_extra_args_that_cannot_be_keywords_are_refused_by_name(extra_ar
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="sample_euler_qdrift: " + match):
         qdrift.sample_euler_qdrift(model, x, qdrift.get_sigmas_karras(4, 0.1, 10.0), None, extra_args=extra_args)
+
+
+def test_lms_final_denoise_is_a_flag():
+    """``final_denoise`` takes the flags every other option takes (numpy and 0-d bool tensors too); a truthy
+    string or a number is refused, naming the sampler and the option."""
+    import numpy as np
+
+    x = DATA.prior(2, 10.0, spatial=(4, 4), generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(4, 0.05, 10.0)
+    ref = qdrift.sample_lms_qdrift(DATA, x, sigmas, None, final_denoise=True, disable=True)
+    for flag in (np.bool_(True), torch.tensor(True)):
+        assert torch.equal(qdrift.sample_lms_qdrift(DATA, x, sigmas, None, final_denoise=flag, disable=True), ref)
+    for bad in ("no", 1, None):
+        with pytest.raises(ValueError, match=r"sample_lms_qdrift: final_denoise must be True or False, got"):
+            qdrift.sample_lms_qdrift(DATA, x, sigmas, None, final_denoise=bad, disable=True)

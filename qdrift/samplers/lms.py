@@ -10,7 +10,7 @@ from tqdm.auto import trange
 from .._utils import to_d
 from ..correction import injected_variance
 from ._common import check_form, setup
-from ..validation import check_knobs
+from ..validation import check_knobs, flag_arg
 
 __all__ = ["sample_lms_qdrift", "lms_coefficient"]
 
@@ -81,8 +81,7 @@ def sample_lms_qdrift(
         The sample ``[B, C, ...]``.
     """
     method = check_form(form, method=method)
-    if not isinstance(final_denoise, bool):
-        raise ValueError(f"sample_lms_qdrift: final_denoise must be True or False, got {final_denoise!r}")
+    final_denoise = flag_arg("sample_lms_qdrift", "final_denoise", final_denoise)
     check_knobs("sample_lms_qdrift", order=order, callback=callback)
     plan, model, sigmas, extra_args, s_in, sig = setup(
         "sample_lms_qdrift", model, x, sigmas, V, extra_args, strength, method, flow=flow
