@@ -63,15 +63,16 @@ SAMPLER_SPECS: Dict[str, SamplerSpec] = {
     "euler_ancestral": SamplerSpec("euler_ancestral", 4, "Euler a (turbo)"),
     "dpmpp_2m": SamplerSpec("dpmpp_2m", 20, "DPM++ 2M"),
     "dpmpp_2m_sde": SamplerSpec("dpmpp_2m_sde", 20, "DPM++ 2M SDE"),
+    "lms": SamplerSpec("lms", 20, "LMS"),
     "flow_euler": SamplerSpec("euler", 20, "flow Euler"),
     "flow_lms": SamplerSpec("lms", 20, "flow LMS"),
 }
 MODEL_SAMPLERS: Dict[str, Tuple[str, ...]] = {
-    "unet": ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"),
+    "unet": ("euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "lms"),
     "dit": ("flow_euler", "flow_lms"),
 }
 SIZED_SUFFIX = {"all": "sized", "output": "sized-output"}  # BenchConfig.size: the row name's suffix per part sized
-OPT_IN_SAMPLERS = frozenset({"dpmpp_2m_sde", "flow_lms"})  # run only when --samplers names them (not by default)
+OPT_IN_SAMPLERS = frozenset({"dpmpp_2m_sde", "lms", "flow_lms"})  # run only when --samplers names them (not by default)
 
 
 @dataclass

@@ -174,7 +174,8 @@ def test_opt_in_samplers_run_only_when_asked():
     assert runner.BenchConfig().sampler_names("dit") == ["flow_euler"]
     cfg = runner.BenchConfig(samplers=["flow_lms"])
     assert cfg.sampler_names("dit") == ["flow_lms"] and cfg.steps_for("flow_lms") == 20
-    assert runner.SAMPLER_SPECS["flow_lms"].fn == "lms"
+    assert runner.SAMPLER_SPECS["flow_lms"].fn == runner.SAMPLER_SPECS["lms"].fn == "lms"
+    assert runner.BenchConfig(samplers=["lms"]).sampler_names("unet") == ["lms"]
 
 
 def test_per_image_noise_is_batch_independent():
