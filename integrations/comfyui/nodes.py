@@ -33,6 +33,7 @@ import qdrift
 from qdrift.calib.run import check_bands
 from qdrift.calib.size import host_sizes
 from qdrift.hosts import (
+    HOST_BANDS,
     SAMPLER_LABELS,
     STOCHASTIC_SAMPLERS,
     PairedTrace,
@@ -154,7 +155,7 @@ CALIBRATE_INPUTS = [
     ("filename_prefix", "STRING", {"default": "qdrift/calibration"}),
 ]
 CALIBRATE_OPTIONAL_INPUTS = [
-    ("bands", "INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Also calibrate per radial spatial-frequency band of each latent channel (1: per channel only). With bands the Q-Drift v2 correction is solved per channel and band: it removes a fine-grained error's speckle that one coefficient per channel cannot locate (4 bands on the bench's flow LMS: 48-58 % of the distance to the full-precision images removed, one band 15-16 %)."}),
+    ("bands", "INT", {"default": HOST_BANDS, "min": 1, "max": 16, "tooltip": "Also calibrate per radial spatial-frequency band of each latent channel (1: per channel only). With bands the Q-Drift v2 correction is solved per channel and band: it removes a fine-grained error's speckle that one coefficient per channel cannot locate, and keeps the fine detail one coefficient would smooth (4 bands on the bench's flow LMS: 48-58 % of the distance to the full-precision images removed, one band 15-16 %)."}),
     ("size_drift", "BOOLEAN", {"default": True, "tooltip": "A third pass (two quantized sampling runs per trajectory: plain and output-corrected) that sizes the Q-Drift v2 output correction and drift to what the quantized sampler really accumulates (qdrift.size_drift); kept only where the K runs can tell it from the calibrated one. Skipped on flow models (SD3, FLUX), where it measured worse."}),
 ]
 SAMPLER_INPUTS = [
@@ -185,7 +186,7 @@ def _classic(table) -> Dict[str, tuple]:
 
 # ------------------------------------------------------------------------------------------------ the work
 def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-              size_drift="auto", bands=1):
+              size_drift="auto", bands=HOST_BANDS):
     """Q-Drift Calibrate: runs the passes and writes ``<output>/<filename_prefix>_NNNNN.safetensors``.
 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
@@ -470,7 +471,7 @@ class QDriftCalibrate:
     DESCRIPTION = CALIBRATE_DESCRIPTION
 
     def calibrate(self, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
-                  size_drift=True, bands=1):
+                  size_drift=True, bands=HOST_BANDS):
         return calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce, filename_prefix,
                          node_sizing(size_drift), bands)
 

@@ -62,7 +62,7 @@ class QDriftCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
-                filename_prefix, size_drift=True, bands=1) -> io.NodeOutput:
+                filename_prefix, size_drift=True, bands=nodes.HOST_BANDS) -> io.NodeOutput:
         cal, path = nodes.calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, seed, K, reduce,
                                     filename_prefix, nodes.node_sizing(size_drift), bands)
         return io.NodeOutput(cal, path)

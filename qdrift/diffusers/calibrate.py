@@ -18,6 +18,7 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from ..calib.calibration import REDUCES, Calibration
 from ..calib.size import host_sizes
 from ..calib.trace import PairedTrace, PairedTraceError
+from ..hosts._bind import HOST_BANDS
 from ..validation import _integer, _real, flag_arg
 from .schedulers import (
     QDriftEulerDiscreteScheduler,
@@ -217,7 +218,7 @@ def calibrate_pipeline(
     channel_dim: int = 1,
     call_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = False,
-    bands: int = 1,
+    bands: int = HOST_BANDS,
     size_drift: Union[bool, str] = "auto",
 ) -> Calibration:
     """Calibrates Q-Drift for a quantized diffusers pipeline against its full-precision twin.
@@ -242,8 +243,9 @@ def calibrate_pipeline(
         channel_dim: the latents' channel axis as the scheduler sees them (-1 for packed FLUX latents).
         call_kwargs: further arguments for both pipeline calls (``height``, ``width``, ...).
         progress: show the pipelines' progress bars.
-        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`); only for latents
-            with a spatial grid after the channel axis (``channel_dim=1``); packed latents get none.
+        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`; default
+            :data:`qdrift.hosts.HOST_BANDS`, 1 for per channel only); only for latents with a spatial grid after the
+            channel axis (``channel_dim=1``); packed latents get none.
         size_drift: True: then run the quantized pipeline ``2 K`` more times from the same seeds, with the Q-Drift
             Euler scheduler of its family and no drift, plain and with v2's output correction, and size v2's
             output correction and drift by what those runs accumulate against the full-precision ones

@@ -12,6 +12,7 @@ Nothing in the core imports this package. It holds the two pieces every host nee
 """
 
 from ._bind import (
+    HOST_BANDS,
     SAMPLER_LABELS,
     STOCHASTIC_SAMPLERS,
     bind_sampler,
@@ -25,6 +26,7 @@ from ._bind import (
 from ..calib.trace import PairedTrace, PairedTraceError, calibration_from_pairs  # re-exported for the hosts
 
 __all__ = [
+    "HOST_BANDS",
     "SAMPLER_LABELS",
     "STOCHASTIC_SAMPLERS",
     "bind_sampler",

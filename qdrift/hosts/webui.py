@@ -29,6 +29,7 @@ from ..samplers import REGISTRY
 from ..validation import _real
 from ._bind import (
     BROWNIAN,
+    HOST_BANDS,
     SAMPLER_LABELS,
     STOCHASTIC_SAMPLERS,
     bind_sampler,
@@ -454,7 +455,7 @@ def run_calibration_pass(
     models_dir: Optional[str] = None,
     checkpoint: Optional[str] = None,
     size_drift: Union[bool, str] = "auto",
-    bands: int = 1,
+    bands: int = HOST_BANDS,
 ) -> Any:
     """Runs one pass of the in-host calibration (the 'Q-Drift calibrate' script's ``run``).
 
@@ -482,7 +483,8 @@ def run_calibration_pass(
         checkpoint: name of the loaded checkpoint, stored for the record.
         size_drift: True, False or ``"auto"`` (above).
         bands: also calibrate per radial frequency band of each latent channel (:func:`qdrift.calibrate`'s
-            ``bands``; 1: per channel only), checked against pass 1's latents before pass 2 runs.
+            ``bands``; 1: per channel only; default :data:`qdrift.hosts.HOST_BANDS`), checked against pass 1's
+            latents before pass 2 runs.
 
     Returns:
         The host's ``Processed`` result, with a note on what was written.

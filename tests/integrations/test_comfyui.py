@@ -596,15 +596,19 @@ def test_directory_and_one_channel_calibration_files_are_named(host):
 
 
 def test_calibrate_node_bands(host):
-    """The optional bands input calibrates per channel and radial frequency band as qdrift.calibrate(bands=...)
-    does (the node's calibration carries the banded statistics, and v2 samples with them); a count that is not an
+    """The optional bands input (default 4) calibrates per channel and radial frequency band as
+    qdrift.calibrate(bands=...) does (the node's calibration carries the banded statistics, and v2 samples with them); a count that is not an
     integer >= 1, or one that leaves a band of the latent's 6x6 grid empty, is refused before any pass runs."""
     pack, _, _ = host
     fp, q = models(error=0.3)
     cal, path = calibrate(pack, fp, q, K=2, bands=2, size_drift=False)
     assert cal.bands == 2 and qdrift.load_calibration(path).bands == 2
-    plain, _ = calibrate(pack, fp, q, K=2, size_drift=False)
+    plain, _ = calibrate(pack, fp, q, K=2, size_drift=False, bands=1)
     assert plain.bands == 1 and torch.equal(plain.V, cal.V)
+    default, _ = calibrate(pack, fp, q, K=2, size_drift=False)  # the hosts' default, measured (qdrift.hosts.HOST_BANDS)
+    assert default.bands == qdrift.hosts.HOST_BANDS == 4 and torch.equal(default.V, cal.V)
+    spec = pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"].INPUT_TYPES()["optional"]["bands"]
+    assert spec[0] == "INT" and spec[1]["default"] == 4
     for bad, match in ((0, "bands must be an integer >= 1"), (2.0, "bands must be an integer >= 1"),
                        (True, "bands must be an integer >= 1"), (16, r"bands=16 leaves .* 6x6 spatial grid")):
         bars = len(comfy_standin.ProgressBar.instances)  # the passes' progress bar is made after the checks

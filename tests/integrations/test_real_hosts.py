@@ -227,7 +227,7 @@ def test_the_calibrate_node_sizes_the_drift_in_the_real_host(comfy, sd15, sd3):
     else:
         optional = node.INPUT_TYPES().get("optional", {})
     assert optional["size_drift"][0] == "BOOLEAN" and optional["size_drift"][1]["default"] is True
-    assert optional["bands"][0] == "INT" and optional["bands"][1]["default"] == 1
+    assert optional["bands"][0] == "INT" and optional["bands"][1]["default"] == 4
 
 
 def test_the_calibrate_node_calibrates_per_band_in_the_real_host(comfy, sd15):
