@@ -284,3 +284,16 @@ def test_trace_paths_that_are_not_files_are_refused_clearly(tmp_path):
         PairedTrace.load(3)
     with pytest.raises(FileNotFoundError, match="PairedTrace.save: cannot write .*no such directory"):
         _saved_trace(tmp_path / "missing" / "t.safetensors")
+
+
+def test_calibration_from_pairs_refuses_a_band_count_the_grid_cannot_hold():
+    """A band count that leaves a radial band of the recorded latents' grid empty is refused with the band check's
+    message (it used to surface as a malformed band_shares metadata error); a count the grid holds works."""
+    sig = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    xs = [[torch.randn(2, 1, 2, 2, generator=g) for _ in range(2)]]
+    qs = [[x + 0.1 * torch.randn(x.shape, generator=g) for x in xs[0]]]
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: bands=4 leaves 1 of its 4 radial frequency bands "
+                                         r"without any FFT bin of x's 2x2 spatial grid .* expected bands <= 2"):
+        calibration_from_pairs(sig, xs, xs, qs, bands=4)
+    assert calibration_from_pairs(sig, xs, xs, qs, bands=2).bands == 2

@@ -38,6 +38,7 @@ from .._utils import to_d
 from .._version import __version__
 from ..validation import CheckedModel, all_finite, flag_arg, validate_sampler_inputs
 from .calibration import DRIFT_SCALE_Z, REDUCES, SIZE_THE_DRIFT, Calibration, write_atomic
+from .run import check_bands
 from .stats import PairedAccumulator
 
 try:  # tqdm is a core dependency; the fallback keeps this module importable in stripped hosts
@@ -145,6 +146,8 @@ def calibration_from_pairs(
                                 (("x", xb[i]), ("D_fp", fb[i]), ("D_q", qb[i])), shape)
     validate_sampler_inputs(xs[0][0], sig, who)  # the schedule: finite, >= 0, strictly decreasing
     acc = PairedAccumulator(trim, bands)
+    acc.check_sample(xs[0][0], who)
+    check_bands(who, acc.bands, xs[0][0].shape[2:])
     for xb, fb, qb in zip(xs, denoised_fp, denoised_q):
         x = torch.stack([t.to(torch.float64) for t in xb])
         d_fp = to_d(x, sig[:steps], torch.stack(list(fb)).to(x))
