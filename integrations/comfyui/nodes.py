@@ -192,7 +192,8 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     Pass 1 samples the full-precision MODEL with Euler through ComfyUI's own CFG guider and records every state
     and guided denoised output; pass 2 evaluates the quantized MODEL on the same states. With ``size_drift``
     (True, False, or ``"auto"``: every model but a flow model, where it measured worse,
-    :func:`qdrift.calib.size.host_sizes`; the node's ticked box), pass 3 samples the quantized MODEL with qdrift Euler from the same noises, plain and with v2's output
+    :func:`qdrift.calib.size.host_sizes`; the node's ticked box), pass 3 samples the quantized MODEL with qdrift
+    Euler from the same noises, plain and with v2's output
     correction (no drift), and sizes v2's output correction and drift by what they accumulate against pass 1 (:meth:`qdrift.calib.PairedTrace.size_sampler`).
     K trajectories start from K noises drawn from ``seed``. The file records both models' prediction type. With
     ``bands > 1`` the calibration also keeps its statistics per radial frequency band of each channel

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ptq-iters", type=int_at_least(1), default=None,
                    help="reconstruction steps per block with --ptq brecq|gac (default qdrift.quant.ReconConfig's)")
     p.add_argument("--samplers", type=_csv(list(SAMPLER_SPECS)), default=None,
-                   help="subset of euler,euler_ancestral,dpmpp_2m,dpmpp_2m_sde,lms (U-Net) and flow_euler,flow_lms (DiT); "
-                        "default all but dpmpp_2m_sde, lms and flow_lms")
+                   help="subset of euler,euler_ancestral,dpmpp_2m,dpmpp_2m_sde,lms (U-Net) and flow_euler,flow_lms "
+                        "(DiT); default all but dpmpp_2m_sde, lms and flow_lms")
     p.add_argument("--steps", type=_steps, default={},
                    help="step overrides, e.g. euler=30,euler_ancestral=4,dpmpp_2m=20,dpmpp_2m_sde=20,flow_euler=20,"
                         "lms=20,flow_lms=20 (the defaults)")

@@ -65,6 +65,7 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
             chk = qdrift.check_correction(cal, bm.fp, bm.quantized[scheme], x, sig, sampler, {"y": held.labels},
                                           method="v2", seed=R.CAL_SEED, sampler_kwargs=kwargs)
             c = torch.stack([t["c"].reshape(-1) for t in chk.trace])
-            print(f"{scheme} {sampler} {steps} flow={kwargs['flow']} bands={args.bands}: mse q {float(chk.mse_q[-1].mean()):.5f} -> "
+            print(f"{scheme} {sampler} {steps} flow={kwargs['flow']} bands={args.bands}: "
+                  f"mse q {float(chk.mse_q[-1].mean()):.5f} -> "
                   f"{float(chk.mse_corr[-1].mean()):.5f}; min c {float(c.min()):+.3f}; {chk.spectrum()}", flush=True)
     return 0

@@ -41,8 +41,9 @@ class QDriftCalibrateScript(scripts.Script):
         size = gr.Checkbox(value=True, label="Pass 2: size the correction to what the quantized sampler accumulates "
                                              "(one more generation with the quantized checkpoint, two runs per image; "
                                              "skipped on flow models such as SD3 and FLUX, where it measured worse)")
-        bands = gr.Radio([1, 2, 4], value=webui.HOST_BANDS, label="Pass 2: frequency bands per channel (4: v2 also removes "
-                                                   "fine-grained speckle that one value per channel cannot locate)")
+        bands = gr.Radio([1, 2, 4], value=webui.HOST_BANDS,
+                         label="Pass 2: frequency bands per channel (4: v2 also removes fine-grained speckle that one "
+                               "value per channel cannot locate)")
         return [phase, trace, out, reduce, size, bands]
 
     def run(self, p, phase, trace_path, out_path, reduce, size_drift=True, bands=webui.HOST_BANDS):
