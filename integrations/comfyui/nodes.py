@@ -240,12 +240,7 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
     if reduce not in REDUCE_CHOICES:
         raise ValueError(f"Q-Drift Calibrate: reduce must be one of {REDUCE_CHOICES}, got {reduce!r}")
     host_sizes("Q-Drift Calibrate", size_drift, False)
-    if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
-        raise ValueError(f"Q-Drift Calibrate: bands must be an integer >= 1 (1: per channel only), got {bands!r:.80}")
-    if bands > 1 and latent.ndim < 3:
-        raise ValueError(f"Q-Drift Calibrate: bands={bands} needs a latent with spatial axes, got shape "
-                         f"{tuple(latent.shape)}")
-    check_bands("Q-Drift Calibrate", int(bands), latent.shape[2:])
+    bands = check_bands("Q-Drift Calibrate", bands, latent.shape[2:])
     _prefix(filename_prefix)
     if model_fp is model_q:
         LOG.warning("Q-Drift Calibrate: the two MODEL inputs are the same object; V will be 0")
@@ -284,7 +279,7 @@ def calibrate(model_fp, model_q, positive, negative, latent_image, sigmas, cfg, 
 
     run(model_fp, trace.fp_sampler())
     run(model_q, trace.q_sampler())
-    cal = trace.calibration(reduce=reduce, bands=int(bands))
+    cal = trace.calibration(reduce=reduce, bands=bands)
     if sizes:
         run(model_q, trace.size_sampler(cal))
         cal = trace.sized()

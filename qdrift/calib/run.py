@@ -12,7 +12,15 @@ from tqdm.auto import tqdm
 from .._utils import to_d
 from .._version import __version__
 from ..correction import band_shares
-from ..validation import check_choice, check_extra_args, flag, flag_arg, prepare_sigmas, validate_sampler_inputs
+from ..validation import (
+    _integer,
+    check_choice,
+    check_extra_args,
+    flag,
+    flag_arg,
+    prepare_sigmas,
+    validate_sampler_inputs,
+)
 from .calibration import REDUCES, Calibration
 from .stats import PairedAccumulator
 
@@ -73,16 +81,22 @@ def _check_split(extra_args, total: int, who: str) -> None:
             )
 
 
-def check_bands(who: str, bands: int, spatial: Sequence[int]) -> None:
-    """Refuses a band count that leaves a radial band of a ``spatial`` grid (x's axes after the channel) without any
-    FFT bin (its statistics and its variance share would be empty: :func:`qdrift.correction.band_shares`), before
-    the models run; the message names ``who``."""
+def check_bands(who: str, bands, spatial: Sequence[int]) -> int:
+    """``bands`` as an int, checked before the models run: an integer >= 1, and above 1 only for samples with a
+    ``spatial`` grid (their axes after the channel) whose every radial band holds an FFT bin (else its statistics and
+    its variance share would be empty: :func:`qdrift.correction.band_shares`); a ``ValueError`` naming ``who``."""
+    count = _integer(bands)
+    if count is None or count < 1:
+        raise ValueError(f"{who}: bands must be an integer >= 1 (1: per channel only), got {bands!r:.80}")
     spatial = tuple(int(n) for n in spatial)
-    if bands == 1:
-        return
+    if count == 1:
+        return 1
+    if not spatial:
+        raise ValueError(f"{who}: bands={count} needs samples with spatial axes [B, C, H, W, ...]; these have none")
+    bands = count
     shares = band_shares(spatial, bands)
     if bool((shares > 0).all()):
-        return
+        return count
     grid, limit = "x".join(map(str, spatial)), _band_limit(spatial)
     message = (f"{who}: bands={bands} leaves {int((shares == 0).sum())} of its {bands} radial frequency bands "
                f"without any FFT bin of x's {grid} spatial grid (qdrift.correction.frequency_bands); ")

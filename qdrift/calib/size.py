@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..validation import flag_arg
+from ..validation import flag, flag_arg
 from .calibration import DRIFT_SCALE_Z, OUTPUT_TERMS, SIZE_THE_DRIFT, Calibration
 from .check import _Sums
 from .match import _run, check_pass, pass_batches
@@ -84,14 +84,12 @@ def host_sizes(who: str, size_drift: Any, flow: bool) -> bool:
     """Whether a host's in-app calibration runs the sizing pass: ``size_drift`` True (always), False (never) or
     ``"auto"`` (the hosts' default: every model but a rectified flow, :data:`SIZE_FLOW_MODELS`). ``flow``: the
     calibrated model is a rectified flow. Anything else is a ``ValueError`` naming ``who``."""
-    if isinstance(size_drift, str):
-        if size_drift != "auto":
-            raise ValueError(f"{who}: size_drift must be True, False or 'auto', got {size_drift!r:.80}")
+    if isinstance(size_drift, str) and size_drift == "auto":
         return not flow or SIZE_FLOW_MODELS
-    try:
-        return flag_arg(who, "size_drift", size_drift)
-    except ValueError:
-        raise ValueError(f"{who}: size_drift must be True, False or 'auto', got {size_drift!r:.80}") from None
+    out = flag(size_drift)
+    if out is None:
+        raise ValueError(f"{who}: size_drift must be True, False or 'auto', got {size_drift!r:.80}")
+    return out
 
 
 @torch.no_grad()

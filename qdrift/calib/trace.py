@@ -145,9 +145,8 @@ def calibration_from_pairs(
             shape = _check_step(_step_where(who, i, sig, f"batch {b}, "),
                                 (("x", xb[i]), ("D_fp", fb[i]), ("D_q", qb[i])), shape)
     validate_sampler_inputs(xs[0][0], sig, who)  # the schedule: finite, >= 0, strictly decreasing
+    check_bands(who, bands, xs[0][0].shape[2:])
     acc = PairedAccumulator(trim, bands)
-    acc.check_sample(xs[0][0], who)
-    check_bands(who, acc.bands, xs[0][0].shape[2:])
     for xb, fb, qb in zip(xs, denoised_fp, denoised_q):
         x = torch.stack([t.to(torch.float64) for t in xb])
         d_fp = to_d(x, sig[:steps], torch.stack(list(fb)).to(x))

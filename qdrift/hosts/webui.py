@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -506,8 +505,6 @@ def run_calibration_pass(
     if reduce not in ("channel", "scalar"):
         raise ValueError(f"Q-Drift calibrate: reduce must be 'channel' or 'scalar', got {reduce!r}")
     sizes = host_sizes("Q-Drift calibrate", size_drift, is_flow_model(p))
-    if not isinstance(bands, numbers.Integral) or isinstance(bands, bool) or bands < 1:
-        raise ValueError(f"Q-Drift calibrate: bands must be an integer >= 1 (1: per channel only), got {bands!r:.80}")
     trace_file = _in_models(trace_path, models_dir)
     p.sampler_name = "Euler"
     p.extra_generation_params["Q-Drift calibration pass"] = phase
@@ -526,7 +523,7 @@ def run_calibration_pass(
                          "checkpoint, choose pass 2 and press Generate again.")
         return processed
     trace = PairedTrace.load(trace_file)
-    check_bands("Q-Drift calibrate", int(bands), trace.runs[0]["x"].shape[3:])  # [steps, B, C, *spatial]
+    bands = check_bands("Q-Drift calibrate", bands, trace.runs[0]["x"].shape[3:])  # [steps, B, C, *spatial]
     trace.reset_replay()
     seeds = trace.meta.get("seeds") or []
     if seeds and seeds[0] is not None:
@@ -544,7 +541,7 @@ def run_calibration_pass(
             f"Q-Drift calibrate: only {trace.replayed} of {len(trace.runs)} recorded batches were replayed; keep "
             "batch count and batch size as in pass 1"
         )
-    cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint}, bands=int(bands))
+    cal = trace.calibration(reduce=reduce, meta={"checkpoint_q": checkpoint}, bands=bands)
     if sizes:
         sizing = copy.copy(p)  # the same seeds and settings; its images are the sizing run's, not shown or saved
         sizing.do_not_save_samples = sizing.do_not_save_grid = True
