@@ -22,6 +22,7 @@ The authors' DPM-Solver++ form (paper Eq. 44-45 and their code) instead takes ``
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -155,14 +156,20 @@ def frequency_bands(spatial: Sequence[int], bands: int, device=None) -> torch.Te
 
     ``bands`` equal-width rings in normalized radial frequency ``|f| = sqrt(sum_k f_k^2)`` (``f_k`` in cycles
     per sample, ``[-1/2, 1/2]``) from 0 to the grid's largest ``|f|``; band 0 holds the zero frequency. Being
-    in normalized frequency, a band means the same scale of detail at every resolution.
+    in normalized frequency, a band means the same scale of detail at every resolution. The map is computed once
+    per (grid, count, device) and shared: treat it as read-only.
     """
     if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
         raise ValueError(f"bands must be a positive integer, got {bands!r}")
     if bands > 1 and not spatial:
         raise ValueError("frequency bands need spatial axes: a sample with no spatial axes has one band")
+    return _band_map(tuple(int(n) for n in spatial), bands, None if device is None else torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _band_map(spatial: tuple, bands: int, device) -> torch.Tensor:
     grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) for n in spatial], indexing="ij")
-    radius = torch.zeros(tuple(spatial), dtype=torch.float64)
+    radius = torch.zeros(spatial, dtype=torch.float64)
     for g in grids:
         radius = radius + g * g
     radius = radius.sqrt()
@@ -185,10 +192,16 @@ def filter_bands(t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """``t`` ``[B, C, *spatial]`` with each channel's radial frequency band ``b`` multiplied by ``gain[c, b]``.
 
     ``gain`` ``[C, NB]`` (or ``[1, NB]``, or per sample ``[B, C, NB]``); bands as :func:`frequency_bands`. The masks are symmetric under
-    ``f -> -f``, so a real input gives a real output. Returned in :func:`compute_dtype`.
+    ``f -> -f``, so a real input gives a real output. A host (CPU) ``gain`` equal across each channel's bands is
+    applied without the FFT, exactly. Returned in :func:`compute_dtype`.
     """
     ct = compute_dtype(t)
     dims = tuple(range(2, t.ndim))
+    if gain.device.type == "cpu" and bool((gain == gain[..., :1]).all()):
+        # One gain per channel (every gain 1 where two models agree): the FFT would only add its rounding.
+        g = gain[..., 0].to(device=t.device, dtype=ct)
+        g = g[None] if g.ndim == 1 else g  # [1 or B, C or 1]
+        return t.to(ct) * g.reshape(g.shape + (1,) * len(dims))
     band = frequency_bands(t.shape[2:], gain.shape[-1], device=t.device)
     g = gain.to(device=t.device, dtype=ct)[..., band]  # [(B,) C, *spatial]
     if t.numel() == 0:  # an empty batch (some FFT backends refuse an empty transform)

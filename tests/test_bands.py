@@ -59,6 +59,27 @@ def test_band_components_partition_each_channel_and_its_energy():
         band_components(torch.randn(4, 2), 2)
 
 
+def test_a_gain_equal_across_the_bands_is_applied_exactly_without_the_fft():
+    x = torch.randn(3, 2, 8, 6, dtype=torch.float64)
+    per_channel = torch.tensor([[0.7, 0.7, 0.7, 0.7], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert torch.equal(filter_bands(x, per_channel), x * torch.tensor([0.7, 1.0], dtype=torch.float64)[:, None, None])
+    assert torch.equal(filter_bands(x, torch.ones(1, 4, dtype=torch.float64)), x)  # identical models: exactly x
+    per_sample = per_channel[None].repeat(3, 1, 1)
+    per_sample[1] *= 2.0
+    expect = x * per_sample[..., 0][..., None, None]
+    assert torch.equal(filter_bands(x, per_sample), expect)
+    # the same values through the FFT: equal up to its rounding (one unequal band sends the call there)
+    u = band_components(x, 4).unflatten(1, (2, 4))
+    assert torch.allclose((u * per_sample[:, :, :, None, None]).sum(2), expect, atol=1e-12)
+    uneven = per_channel.clone()
+    uneven[0, 3] = 0.5
+    assert torch.allclose(filter_bands(x, uneven), (u * uneven[None, :, :, None, None]).sum(2), atol=1e-12)
+    # float32 samples come back in the compute dtype on both paths
+    assert filter_bands(x.float(), per_channel).dtype == filter_bands(x.float(), uneven).dtype
+    # the band map is built once per grid and count
+    assert frequency_bands((8, 6), 4) is frequency_bands([8, 6], 4)
+
+
 def test_banded_statistics_add_up_to_the_channel_statistics():
     x = DATA.prior(6, 80.0, generator=_gen(5))
     cal = qdrift.calibrate(DATA, Speckle(7), x, CAL_SIGMAS, disable=True, trim=None, bands=4)

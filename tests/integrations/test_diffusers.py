@@ -272,8 +272,8 @@ def test_calibrate_pipeline_sd(sd_pipes):
     # identical models: exactly no quantization error, and the sizing run retraces the recorded states exactly
     cal0 = calibrate_pipeline(fp, fp, _prompts(1), K=1, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL)
     assert torch.equal(cal0.V, torch.zeros_like(cal0.V))
-    # (exactly 0 per channel; with the default four bands the output correction's FFT rounds at 1e-13)
-    assert cal0.meta["drift_scale"]["measured"] == pytest.approx([0.0] * C, abs=1e-10)
+    # (exactly 0 with the default four bands too: a gain equal across a channel's bands skips the FFT)
+    assert cal0.meta["drift_scale"]["measured"] == [0.0] * C
     one = calibrate_pipeline(fp, fp, _prompts(1), K=1, num_inference_steps=5, guidance_scale=4.0, call_kwargs=SD_CALL,
                              bands=1)
     assert one.bands == 1 and cal0.bands == 4 and one.meta["drift_scale"]["measured"] == [0.0] * C
