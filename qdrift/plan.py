@@ -194,7 +194,8 @@ class DriftPlan:
         method: one of :data:`METHODS`, or None: :data:`DEFAULT_METHOD` for a Calibration, ``"paper"`` for
             a tensor V (it carries only the variance).
         spatial: x's axes after the channel are a spatial grid (False for token sequences such as packed FLUX
-            latents: a calibration's frequency bands are then not used).
+            latents: a calibration's frequency bands are then not used, nor for samples without axes after the
+            channel).
         lower_noise: the sampler scales the fresh noise it adds after a step by :meth:`step`'s factor (False for
             a caller that cannot): the exact methods then let the noise take up what a bounded drift leaves (see
             :meth:`_solve`). The diffusers Euler ancestral scheduler can: it scales the noise it drew.
@@ -278,12 +279,26 @@ class DriftPlan:
         self.flow = bool(flow)
         # A calibration with frequency bands: the surrogate's units are (channel, band) pairs, each step's c is
         # per unit and scales that band of the increment (exact for stationary Gaussian data).
-        banded = spatial and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
+        # Samples without spatial axes have one band, and a grid too small to hold a bin in every calibrated band
+        # cannot take a band's correction: the calibration's per-channel statistics serve them.
+        banded = spatial and x.ndim > 2 and (self.exact or self.gain) and getattr(self.cal, "banded", None) is not None
+        shares = band_shares(x.shape[2:], self.cal.bands) if banded else None
+        if banded and not bool((shares > 0).all()):
+            banded = False
+            warnings.warn(
+                f"{sampler}: the samples' {'x'.join(map(str, x.shape[2:]))} grid leaves "
+                f"{int((shares == 0).sum())} of the calibration's {self.cal.bands} frequency bands without an FFT "
+                "bin; using its per-channel statistics (one band)", stacklevel=4,
+            )
         self.em_cal = self.cal.banded if banded else self.cal
         self.bands = self.cal.bands if banded else 1
         self.units = self.channels * self.bands
         if banded:
-            self._shares = band_shares(x.shape[2:], self.bands).repeat(self.channels)  # white noise per unit
+            # White noise per unit, on the scale of the calibration's grid, where every other statistic of a unit
+            # was measured (a band's share of the positions' variance differs a little between grids); files
+            # without the shares use the samples' grid.
+            kept = self.em_cal.meta.get("band_shares")
+            self._shares = (shares if kept is None else torch.tensor(kept, dtype=torch.float64)).repeat(self.channels)
         self.cross = self.exact and cross
         # The measured-accumulation factor on V (method v2 only: it was measured with the output correction on).
         scale = self.cal.drift_scale if (self.exact and self.gain and self.cal is not None) else None
@@ -455,10 +470,10 @@ class DriftPlan:
         self._evals: dict = {}  # id -> (sigma, kappa [C], y, D at the evaluated state, error source)
         self._errors: list = []  # (sigma, id, source index, std [C])
         self._noisy = False  # the run has injected fresh noise (see _drift)
-        if self.cross and ("rho", self.gain) not in self._cache:
+        if self.cross and ("rho", self.gain, self.bands) not in self._cache:
             rho = self.em_cal.error_correlation(gain=self.gain)
-            self._cache[("rho", self.gain)] = None if rho is None else between_evaluations(rho)
-        self.rho = self._cache[("rho", self.gain)] if self.cross else None
+            self._cache[("rho", self.gain, self.bands)] = None if rho is None else between_evaluations(rho)
+        self.rho = self._cache[("rho", self.gain, self.bands)] if self.cross else None
         for event in self._events[:-1]:
             self._run(event)
         self._live = True

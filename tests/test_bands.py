@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qdrift
-from qdrift.bench.gaussian import PlantedErrorDenoiser, SpeckleErrorDenoiser, SpectralGaussianData
+from qdrift.bench.gaussian import GaussianData, PlantedErrorDenoiser, SpeckleErrorDenoiser, SpectralGaussianData
 from qdrift.correction import band_components, band_shares, filter_bands, frequency_bands
 from qdrift.samplers import REGISTRY
 
@@ -93,7 +93,7 @@ def test_banded_statistics_add_up_to_the_channel_statistics():
     var_x = cal.banded.trajectory.state_variance()
     assert bool((var_x[-1, 0] > var_x[-1, 3]).all())
     # the per-channel statistics are those of a calibration without bands
-    plain = qdrift.calibrate(DATA, Speckle(7), x, CAL_SIGMAS, disable=True, trim=None)
+    plain = qdrift.calibrate(DATA, Speckle(7), x, CAL_SIGMAS, disable=True, trim=None, bands=1)
     assert torch.equal(plain.V, cal.V) and plain.banded is None and plain.bands == 1
     # scalar reduction pools channels per band (one channel here: unchanged)
     assert torch.allclose(cal.with_options(reduce="scalar").banded.V, cal.banded.V)
@@ -171,7 +171,7 @@ def test_banded_calibration_file_round_trip_merge_and_errors(tmp_path):
               str(broken), metadata=meta)
     with pytest.raises(qdrift.CalibrationFileError, match="band"):
         qdrift.load_calibration(broken)
-    with pytest.raises(ValueError, match="bands must be a positive integer"):
+    with pytest.raises(ValueError, match='bands must be "auto" or an integer >= 1'):
         qdrift.calibrate(DATA, Speckle(7), DATA.prior(2, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True, bands=0)
     with pytest.raises(ValueError, match="spatial axes"):
         qdrift.calibrate(DATA, DATA, torch.randn(2, 1) * 80, CAL_SIGMAS, disable=True, bands=2)
@@ -338,3 +338,35 @@ def test_tune_strength_takes_any_iterable_of_real_numbers_and_refuses_only_bad_v
     for bad in ("0.5", None):
         with pytest.raises(ValueError, match="tune_strength: strengths must be a number or an iterable of numbers"):
             tune(bad)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m_sde"])
+def test_a_banded_calibration_solves_the_same_steps_on_any_grid_that_holds_its_bands(name):
+    """Every statistic of a band was measured on the calibration's grid, the noise a sampler injects included (at
+    that grid's shares): the surrogate, which never looks at the sample, solves the same c on every grid."""
+    white = GaussianData([0.3, -0.5], [1.0, 0.7])
+    cal = qdrift.calibrate(white, PlantedErrorDenoiser(white, var=0.05, seed=1),
+                           white.prior(4, 80.0, spatial=(16, 16), generator=_gen(0)), CAL_SIGMAS, disable=True)
+    assert cal.bands == 4  # "auto" on a 16x16 grid
+    cs = {}
+    for grid in [(16, 16), (24, 40), (9, 7)]:
+        with qdrift.plan.recording() as plans:
+            _run(name, PlantedErrorDenoiser(white, var=0.05, seed=2), white.prior(3, 80.0, spatial=grid,
+                 generator=_gen(1)), cal)
+        cs[grid] = torch.stack([step["c"] for step in plans[0].trace])
+        assert cs[grid].shape[-1] == 8  # (channel, band) units
+    assert torch.equal(cs[(24, 40)], cs[(16, 16)]) and torch.equal(cs[(9, 7)], cs[(16, 16)])
+
+
+def test_samples_without_a_grid_for_the_bands_use_the_per_channel_statistics():
+    white = GaussianData([0.3, -0.5], [1.0, 0.7])
+    cal = qdrift.calibrate(white, PlantedErrorDenoiser(white, var=0.05, seed=1),
+                           white.prior(4, 80.0, spatial=(16, 16), generator=_gen(0)), CAL_SIGMAS, disable=True)
+    x = white.prior(200, 80.0, generator=_gen(1))
+    flat = _run("euler", PlantedErrorDenoiser(white, var=0.05, seed=2), x, cal)  # [N, C]: one band, no warning
+    per_channel = _run("euler", PlantedErrorDenoiser(white, var=0.05, seed=2), x, replace(cal, banded=None))
+    assert torch.equal(flat, per_channel)
+    with pytest.warns(UserWarning, match=r"1x1 grid leaves 3 of the calibration's 4 frequency bands without an FFT"):
+        one = qdrift.sample_euler_qdrift(PlantedErrorDenoiser(white, var=0.05, seed=2), x[..., None, None].clone(),
+                                         SIGMAS, cal, disable=True)
+    assert torch.equal(one[..., 0, 0], per_channel)

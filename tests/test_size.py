@@ -491,7 +491,7 @@ def test_sizing_the_output_alone_keeps_the_calibrated_drift(tmp_path):
     of nothing is refused."""
     from qdrift.plan import DriftPlan
 
-    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True)
+    cal = qdrift.calibrate(DATA, _gain_bias_q, X_CAL, SIGMAS, disable=True, bands=1)
     full = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS)
     alone = qdrift.size_drift(cal, DATA, _gain_bias_q, X_CAL, SIGMAS, drift=False)
     strip = lambda info: {k: v for k, v in info.items() if k not in ("seconds", "drift")}  # noqa: E731

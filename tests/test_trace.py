@@ -300,5 +300,5 @@ def test_calibration_from_pairs_refuses_a_band_count_the_grid_cannot_hold():
     flat = [[x.flatten(2)[..., 0] for x in xs[0]]]  # [B, C]: no spatial axes
     with pytest.raises(ValueError, match=r"calibration_from_pairs: bands=2 needs samples with spatial axes"):
         calibration_from_pairs(sig, flat, flat, flat, bands=2)
-    with pytest.raises(ValueError, match=r"calibration_from_pairs: bands must be an integer >= 1 .*got 2.0"):
+    with pytest.raises(ValueError, match=r"calibration_from_pairs: bands must be \"auto\" or an integer >= 1 .*2.0"):
         calibration_from_pairs(sig, xs, xs, qs, bands=2.0)

@@ -551,7 +551,7 @@ def test_a_version_2_file_loads_without_the_state_term_and_merging_it_says_what_
     from safetensors.torch import save_file
 
     sigmas = qdrift.get_sigmas_karras(10, 0.02, 10.0).double()
-    cal = qdrift.calibrate(_Binary(), _ContrastError(), _binary_prior(8, 10.0, 1), sigmas, disable=True)
+    cal = qdrift.calibrate(_Binary(), _ContrastError(), _binary_prior(8, 10.0, 1), sigmas, disable=True, bands=1)
     path, old_path = tmp_path / "v3.qdrift.safetensors", tmp_path / "v2.qdrift.safetensors"
     cal.save(path)
     with safe_open(str(path), "pt") as f:

@@ -137,7 +137,7 @@ def measure_flow(n: int, steps: int, v: float, K: int, error: str = "independent
     x_T = FLOW.prior(n, generator=gen)
     sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     cal = qdrift.calibrate(FLOW, planted(error, v, seed + 1, FLOW), FLOW.prior(K, spatial=(16, 16), generator=gen),
-                           torch.linspace(1, 0, 41, dtype=torch.float64), disable=True)
+                           torch.linspace(1, 0, 41, dtype=torch.float64), disable=True, bands=1)
     cols = [("paper (oracle V)", torch.full((steps, DATA.channels), v), {"method": "paper"}),
             ("paper", cal, {"method": "paper"}), ("v2", cal, {"method": "v2"}),
             ("v2, whole step", cal, {"method": "v2", "flow": False})]

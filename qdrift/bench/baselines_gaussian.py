@@ -53,7 +53,7 @@ def calibration_for(case: str, sigmas: torch.Tensor, kind: str, k: int, shape):
 
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn((k,) + tuple(shape), generator=gen, dtype=torch.float64) * sigmas[0]
-    return calibrate(DATA.denoiser, planted, x, sigmas, disable=True)
+    return calibrate(DATA.denoiser, planted, x, sigmas, disable=True, bands=1)
 
 
 def run_one(method: str, sampler: str, case: str, calibration, *, n: int, shape, sigmas, seed: int = 0):

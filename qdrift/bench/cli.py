@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ..calib.run import AUTO_BANDS
 from ..cli import ArgumentParser, int_at_least, number
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -113,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_csv(list(METHODS)), default=["paper", "v2"],
                    help="Q-Drift rows, comma-separated from paper,exact,correlated,v2,matched (default paper,v2; v2 "
                         "is the library default for a calibration, matched runs qdrift.match_moments on each block)")
-    p.add_argument("--bands", "--match-bands", dest="bands", type=_ints, default=[1],
+    p.add_argument("--bands", "--match-bands", dest="bands", type=_ints, default=[AUTO_BANDS],
                    help="frequency bands of the rows of every method but paper, comma-separated, one row each "
-                        "(default 1: per channel; e.g. 1,4 adds qdrift-<method>-b4 rows: v2's error model, or "
-                        "moment matching, per channel and radial frequency band)")
+                        f"(default {AUTO_BANDS}, qdrift.calibrate's default on the bench's 28x28 images: "
+                        f"qdrift-<method>-b{AUTO_BANDS} rows, v2's error model or moment matching per channel and "
+                        "radial frequency band; 1: per channel, the rows without a -bN suffix)")
     p.add_argument("--size-drift", action="store_true",
                    help="add a qdrift-v2-sized row after each v2 row: its drift sized by qdrift.size_drift on the K "
                         "calibration noises (to the mean square difference the undrifted quantized sampler really "

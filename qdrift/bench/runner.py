@@ -34,6 +34,7 @@ from torch import nn
 
 import qdrift
 from qdrift.baselines import is_stochastic_sampler, make_baseline
+from qdrift.calib.run import AUTO_BANDS
 from qdrift.correction import first_order_coefficient
 
 from . import metrics as M
@@ -93,7 +94,7 @@ class BenchConfig:
     v_reduce: Sequence[str] = ("scalar",)
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
-    bands: Sequence[int] = (1,)  # frequency bands of the exact-method and "matched" rows (one row each; 1 = per channel)
+    bands: Sequence[int] = (AUTO_BANDS,)  # bands of the exact-method and "matched" rows (one row each; 1: per channel)
     tune: bool = False  # also a "-tuned" row per exact-method row: strength by qdrift.tune_strength on the K noises
     # also a row per v2 row sized by qdrift.size_drift on the K noises, per part sized: "all" (the drift and the output
     # correction: "-sized") and "output" (the output correction alone: "-sized-output")
@@ -719,7 +720,7 @@ def calibration_envelopes(bm: BenchModel, cfg: BenchConfig, sampler: str) -> Dic
     for k in range(cfg.fig_pool):
         x = initial_noise([FIG_SEED + k], float(sigmas[0]))
         singles.append(qdrift.calibrate(bm.fp, den_q, x, sigmas, {"y": torch.tensor([k % NUM_CLASSES])},
-                                        reduce="channel", disable=True))
+                                        reduce="channel", disable=True, bands=1))  # V's envelope: per channel
     out: Dict[str, Any] = dict(model=kind, scheme=cfg.fig_scheme, sampler=sampler, steps=steps, pool=cfg.fig_pool,
                                sigmas=sigmas.tolist(), envelopes={})
     for K in cfg.fig_ks:

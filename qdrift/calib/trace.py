@@ -99,7 +99,7 @@ def calibration_from_pairs(
     conditional: bool = True,
     trim: Optional[float] = 4.0,
     meta: Optional[Dict[str, Any]] = None,
-    bands: int = 1,
+    bands: Union[int, str] = "auto",
 ) -> Calibration:
     """Builds a :class:`qdrift.Calibration` from recorded paired denoiser outputs.
 
@@ -112,7 +112,8 @@ def calibration_from_pairs(
         conditional: V = Var(delta | d_hat) (True, the paper) or Var(delta).
         trim: delta outlier trimming in standard deviations (the authors use 4); None or 0 keeps all.
         meta: extra JSON-serializable metadata stored in the calibration.
-        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`).
+        bands: also the statistics per radial frequency band (see :func:`qdrift.calibrate`; default ``"auto"``:
+            four, or as many as the grid holds; 1 without spatial axes).
 
     Returns:
         The calibration (``K`` in its metadata is the number of trajectories).
@@ -145,8 +146,7 @@ def calibration_from_pairs(
             shape = _check_step(_step_where(who, i, sig, f"batch {b}, "),
                                 (("x", xb[i]), ("D_fp", fb[i]), ("D_q", qb[i])), shape)
     validate_sampler_inputs(xs[0][0], sig, who)  # the schedule: finite, >= 0, strictly decreasing
-    check_bands(who, bands, xs[0][0].shape[2:])
-    acc = PairedAccumulator(trim, bands)
+    acc = PairedAccumulator(trim, check_bands(who, bands, xs[0][0].shape[2:]))
     for xb, fb, qb in zip(xs, denoised_fp, denoised_q):
         x = torch.stack([t.to(torch.float64) for t in xb])
         d_fp = to_d(x, sig[:steps], torch.stack(list(fb)).to(x))
@@ -529,7 +529,7 @@ class PairedTrace:
         conditional: bool = True,
         trim: Optional[float] = 4.0,
         meta: Optional[Dict[str, Any]] = None,
-        bands: int = 1,
+        bands: Union[int, str] = "auto",
     ) -> Calibration:
         """The :class:`qdrift.Calibration` of every replayed run (``bands``: see :func:`calibration_from_pairs`).
 

@@ -14,6 +14,7 @@ import torch
 
 from .._utils import BrownianTreeNoiseSampler, default_noise_sampler
 from ..calib.calibration import Calibration, load_calibration
+from ..calib.run import AUTO_BANDS
 from ..samplers import REGISTRY, SAMPLERS, sampler_info, sampler_names
 from ..validation import _integer
 
@@ -39,12 +40,11 @@ SDE ones."""
 # Samplers whose noise k-diffusion hosts draw from a Brownian tree (SDE samplers).
 BROWNIAN = frozenset(sampler_names(brownian=True))
 
-HOST_BANDS = 4
+HOST_BANDS = AUTO_BANDS
 """The radial frequency bands the hosts' in-app calibrations use by default (ComfyUI's Q-Drift Calibrate, the webui
-script, ``qdrift.diffusers.calibrate_pipeline``; :func:`qdrift.calibrate` keeps 1). Measured (docs/bench_results.md,
-session 18): four bands come closer to the full-precision images than one on the U-Net's DPM++ 2M 20 (FD to FP
-67 / 21 / 94 -> 78 / 31 / 96 % of the gap, w4a8 / w4a4 / w3a4; w4a4 no longer significantly worse in FID), LMS
-(DiT: 16 / 15 -> 48 / 58 %) and U-Net Euler 30 w3a4, and are level on Euler a 4 and the DiT's flow Euler 20."""
+script, ``qdrift.diffusers.calibrate_pipeline``): :data:`qdrift.calib.run.AUTO_BANDS`, the count that
+:func:`qdrift.calibrate`'s ``bands="auto"`` takes where the grid holds it (the hosts' option is a number; a latent
+grid too small for it is refused with the largest count it supports)."""
 
 _UNSET = object()
 

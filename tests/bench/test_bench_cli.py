@@ -357,8 +357,8 @@ def test_the_sized_rows_name_the_part_they_size(monkeypatch):
     cfg = cli.config_from_args(args)
     assert cfg.size == ("all", "output")
     names = [(v.name, v.sized) for v in runner.variants_for(cfg, "euler", "w4a4")]
-    assert names[:5] == [("quantized", ""), ("qdrift-paper", ""), ("qdrift-v2", ""), ("qdrift-v2-sized", "all"),
-                         ("qdrift-v2-sized-output", "output")]
+    assert names[:5] == [("quantized", ""), ("qdrift-paper", ""), ("qdrift-v2-b4", ""), ("qdrift-v2-b4-sized", "all"),
+                         ("qdrift-v2-b4-sized-output", "output")]  # four bands: qdrift.calibrate's default on 28x28
     assert cli.config_from_args(cli.build_parser().parse_args(["--size-output"])).size == ("output",)
     seen = []
     monkeypatch.setattr(runner.qdrift, "size_drift", lambda cal, *a, **kw: seen.append(kw["drift"]) or cal)

@@ -609,8 +609,8 @@ def test_calibrate_node_bands(host):
     assert default.bands == qdrift.hosts.HOST_BANDS == 4 and torch.equal(default.V, cal.V)
     spec = pack.NODE_CLASS_MAPPINGS["QDriftCalibrate"].INPUT_TYPES()["optional"]["bands"]
     assert spec[0] == "INT" and spec[1]["default"] == 4
-    for bad, match in ((0, "bands must be an integer >= 1"), (2.0, "bands must be an integer >= 1"),
-                       (True, "bands must be an integer >= 1"), (16, r"bands=16 leaves .* 6x6 spatial grid")):
+    for bad, match in ((0, 'bands must be "auto" or an integer >= 1'), (2.0, 'bands must be "auto" or an integer >= 1'),
+                       (True, 'bands must be "auto" or an integer >= 1'), (16, r"bands=16 leaves .* 6x6 spatial grid")):
         bars = len(comfy_standin.ProgressBar.instances)  # the passes' progress bar is made after the checks
         with pytest.raises(ValueError, match=f"Q-Drift Calibrate: {match}"):
             calibrate(pack, fp, q, K=2, bands=bad)

@@ -316,7 +316,7 @@ def test_calibration_script_bands(host):
     script.run(webui_standin.Processing(sampler_name="Euler"), webui.PHASES[0], "trace.safetensors", "b.safetensors",
                "channel")
     host.model = webui_standin.ToyModel(error=0.3)
-    for bad, match in ((0, "bands must be an integer >= 1"), ("4", "bands must be an integer >= 1"),
+    for bad, match in ((0, 'bands must be "auto" or an integer >= 1'), ("4", 'bands must be "auto" or an integer >= 1'),
                        (16, r"bands=16 leaves .* spatial grid")):
         with pytest.raises(ValueError, match=f"Q-Drift calibrate: {match}"):
             script.run(webui_standin.Processing(sampler_name="Euler"), webui.PHASES[1], "trace.safetensors",
