@@ -342,6 +342,12 @@ class DriftPlan:
             if key not in cache:
                 query = torch.tensor(levels, dtype=torch.float64)
                 kjb = bound(interpolate_log_sigma(table, cal.sigmas, query) * strength)
+                if self.bands > 1:
+                    # Where k and j are equal across each channel's bands (every one 0 where the models agree) the
+                    # per-channel form is exact and needs no FFT: decided here, on the host, once per level.
+                    per_band = kjb.reshape(len(kjb), 3, self.channels, self.bands)
+                    if bool((per_band[:, :2] == per_band[:, :2, :, :1]).all()):
+                        kjb = per_band[..., 0]  # [N, 3, C]: b's band 0 is the channel's mean
                 # j = None where there is no state term (decided here, on the host: no device sync per call)
                 cache[key] = tuple(None if i == 1 and not bool((kjb[:, 1] != 0).any()) else kjb[:, i].to(x.device)
                                    for i in range(3))
@@ -386,10 +392,10 @@ class DriftPlan:
                      b: torch.Tensor) -> torch.Tensor:
         """``(d - j u - b) / (1 + k)`` per channel, or per channel and band (only band 0 carries a mean); ``d``
         and ``u`` (the state over sigma) ``[B, C, ...]`` in their compute dtype, ``k``, ``j``, ``b``
-        ``[B or 1, units]`` (``j`` None: no state term)."""
+        ``[B or 1, units]``, or ``[B or 1, C]`` per channel also for a banded plan (``j`` None: no state term)."""
         shape = (-1, self.channels) + (1,) * (d.ndim - 2)
         k, b = k.to(d.device), b.to(d.device)
-        if self.bands > 1:
+        if self.bands > 1 and k.shape[-1] != self.channels:  # per band (else collapsed to per channel by gain_at)
             k, b = k.reshape(-1, self.channels, self.bands), b.reshape(-1, self.channels, self.bands)
             out = filter_bands(d, 1 / (1 + k)) - (b[..., 0] / (1 + k[..., 0])).reshape(shape).to(d.dtype)
             if j is None:

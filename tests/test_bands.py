@@ -370,3 +370,17 @@ def test_samples_without_a_grid_for_the_bands_use_the_per_channel_statistics():
         one = qdrift.sample_euler_qdrift(PlantedErrorDenoiser(white, var=0.05, seed=2), x[..., None, None].clone(),
                                          SIGMAS, cal, disable=True)
     assert torch.equal(one[..., 0, 0], per_channel)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_a_banded_calibration_of_identical_models_corrects_as_the_per_channel_one_bit_for_bit(name):
+    """No error: every gain is 1 and every c is 0 in every band, which the correction applies per channel, without an
+    FFT (whose rounding would otherwise show); both round like the plain sampler up to v2's output arithmetic."""
+    white = GaussianData([0.3, -0.5], [1.0, 0.7])
+    cal = qdrift.calibrate(white, white, white.prior(3, 80.0, spatial=(8, 8), generator=_gen(0)), CAL_SIGMAS,
+                           disable=True)
+    assert cal.bands == 4 and float(cal.V.abs().max()) == 0.0
+    x = white.prior(4, 80.0, spatial=(8, 8), generator=_gen(1))
+    banded = _run(name, white, x, cal)
+    assert torch.equal(banded, _run(name, white, x, replace(cal, banded=None)))
+    assert torch.allclose(banded, _run(name, white, x), rtol=0, atol=1e-12)
