@@ -376,3 +376,22 @@ def test_the_sized_rows_name_the_part_they_size(monkeypatch):
     for var in runner.variants_for(cfg, "euler", "w4a4")[3:5]:
         runner.size_block(_Bench(), "w4a4", _Block(), 2, _Cal(), var)
     assert seen == [True, False]
+
+
+def test_band_accumulation_splits_the_sizing_pass_measure_by_band(capsys):
+    """Per band, the measured accumulation sums (Parseval) to the sizing pass's per-channel one, is 0 for identical
+    runs, and the tool prints one line per scheme."""
+    from qdrift.bench import band_accumulation as BA
+
+    torch.manual_seed(0)
+    fp = [torch.randn(3, 2, 8, 8, dtype=torch.float64) for _ in range(2)]
+    q = [f + 0.1 * torch.randn_like(f) for f in fp]
+    trace = [{"var_diff": torch.ones(8, dtype=torch.float64)}, {}]  # the second step predicted nothing
+    measured, predicted = BA.band_accumulation(fp, q, trace, 4)
+    per_channel = (q[0] - fp[0]).pow(2).mean((0, 2, 3)) / fp[0].var((0, 2, 3))
+    assert torch.allclose(measured.reshape(2, 4).sum(1), per_channel, rtol=1e-10)
+    assert torch.allclose(predicted, 1 / fp[0].var((0, 2, 3)).repeat_interleave(4))
+    assert float(BA.band_accumulation(fp, fp, trace, 4)[0].abs().max()) == 0.0
+    assert BA.main(["--schemes", "w4a4", "-n", "3", "--bands", "2"], load_net=_tiny) == 0
+    out = capsys.readouterr().out
+    assert "2 bands" in out and out.count("w4a4: measured") == 1

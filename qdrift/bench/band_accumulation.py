@@ -1,0 +1,85 @@
+"""What v2's surrogate predicts a quantized run accumulates, per radial frequency band, against what it does.
+
+The sizing pass (:func:`qdrift.size_drift`) compares, per channel, the mean square difference from the FP run that
+the undrifted, output-corrected quantized run accumulates (summed over the steps relative to the FP state's
+variance) with the surrogate's prediction. This splits both into the calibration's bands (results in
+docs/bench_results.md, "Session 19: the accumulation per band"):
+
+    python benchmarks/band_accumulation.py --model unet --sampler euler --schemes w4a4,w3a4,w4a8 -n 40
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+import qdrift
+from qdrift.cli import ArgumentParser, int_at_least
+from qdrift.correction import band_components
+
+from . import runner as R
+from .guidance import schedule
+from .models import load_model
+
+
+def band_accumulation(fp_after, q_after, trace, bands: int) -> tuple:
+    """``(measured, predicted)`` per (channel, band) unit ``[C * bands]``: the mean square difference of the quantized
+    states from the FP ones after each step, and the plan's predicted ``var_diff``, each over the FP state's
+    variance in that channel and summed over the steps the plan predicted."""
+    measured = predicted = 0.0
+    for i, entry in enumerate(trace):
+        if "var_diff" not in entry:
+            continue
+        f = band_components(fp_after[i].double(), bands)
+        d = band_components(q_after[i].double(), bands) - f
+        var = f.var((0, *range(2, f.ndim))).reshape(-1, bands).sum(1).repeat_interleave(bands)  # the channel's
+        measured = measured + d.pow(2).mean((0, *range(2, d.ndim))) / var
+        predicted = predicted + entry["var_diff"].reshape(-1) / var
+    return measured, predicted
+
+
+def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> int:
+    p = ArgumentParser(prog="band_accumulation", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="unet", choices=sorted(R.MODEL_SAMPLERS))
+    p.add_argument("--sampler", default=None, help="a bench sampler of the model (default: its first)")
+    p.add_argument("--schemes", default="w4a4,w3a4,w4a8")
+    p.add_argument("-n", type=int_at_least(2), default=40, help="held-out noises")
+    p.add_argument("--bands", type=int_at_least(2), default=4, help="frequency bands of the calibration")
+    p.add_argument("--threads", type=int_at_least(1), default=1)
+    args = p.parse_args(argv)
+    sampler = args.sampler or R.MODEL_SAMPLERS[args.model][0]
+    if sampler not in R.MODEL_SAMPLERS[args.model]:
+        p.error(f"--sampler {sampler!r} is not a bench sampler of {args.model}: {', '.join(R.MODEL_SAMPLERS[args.model])}")
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+    cfg = R.BenchConfig(models=(args.model,), schemes=schemes, quant_profile="stress", progress=False, K=5)
+    bm = R.prepare_model(args.model, cfg, schemes, lambda s: None, load_net)
+    steps = cfg.steps_for(sampler)
+    block = R.Block(args.model, sampler, steps, schedule(args.model, bm.fp, steps))
+    fn = qdrift.SAMPLERS[block.fn]
+    held = R.EvalSet.for_config(R.BenchConfig(n_images=args.n, batch_size=args.n))
+    x = R.initial_noise(held.seeds, float(block.sigmas[0]))
+
+    def run(model, cal=None):
+        seen = []
+        out = fn(model, x.clone(), block.sigmas, cal, extra_args={"y": held.labels}, disable=True,
+                 callback=lambda info: seen.append(info["x"].detach().clone()))
+        return seen[1:] + [out.detach()]
+
+    fp = run(bm.fp)
+    print(f"{args.model} {sampler} ({steps} steps), K = 5, held-out n = {args.n}, {args.bands} bands; per band, low "
+          "-> high, summed over the steps relative to the FP state's variance:")
+    for scheme in schemes:
+        cal, _ = R.calibrate_block(bm, scheme, block, 5, bands=args.bands)
+        with qdrift.plan.recording() as plans, qdrift.plan.undrifted():
+            q = run(bm.quantized[scheme], cal)
+        measured, predicted = band_accumulation(fp, q, plans[0].trace, args.bands)
+        ratio = measured / predicted.clamp(min=1e-300)
+        fmt = lambda t: " / ".join(f"{float(v):.4f}" for v in t)  # noqa: E731
+        print(f"{scheme}: measured {fmt(measured)}; predicted {fmt(predicted)}; ratio "
+              f"{' / '.join(f'{float(v):.2f}' for v in ratio)} (all bands {float(measured.sum() / predicted.sum()):.2f})",
+              flush=True)
+    return 0
