@@ -98,8 +98,7 @@ def check_bands(who: str, bands, spatial: Sequence[int]) -> int:
     ``ValueError`` naming ``who``."""
     spatial = tuple(int(n) for n in spatial)
     if band_count(who, bands) == "auto":
-        return max((b for b in range(1, AUTO_BANDS + 1) if bool((band_shares(spatial, b) > 0).all())), default=1) \
-            if spatial else 1
+        return _largest_full(spatial, AUTO_BANDS) if spatial else 1
     count = int(bands)
     if count == 1:
         return 1
@@ -115,10 +114,15 @@ def check_bands(who: str, bands, spatial: Sequence[int]) -> int:
     if bands > limit:
         message += f"expected bands <= {limit}, the largest count a {grid} grid supports"
     else:
-        below = max(b for b in range(1, bands) if bool((band_shares(spatial, b) > 0).all()))
+        below = _largest_full(spatial, bands - 1)
         message += (f"expected a count whose every band holds a bin: {limit} is the largest a {grid} grid supports, "
                     f"but not every count below it works ({bands} does not; the nearest below that does is {below})")
     raise ValueError(message)
+
+
+def _largest_full(spatial: Sequence[int], most: int) -> int:
+    """The largest band count up to ``most`` whose every band holds an FFT bin of a ``spatial`` grid (1 always does)."""
+    return max(b for b in range(1, most + 1) if b == 1 or bool((band_shares(spatial, b) > 0).all()))
 
 
 def band_count(who: str, bands) -> Union[int, str]:
@@ -260,10 +264,10 @@ def calibrate(
     for xb, args in _batches(x, extra_args, batch_size):
         sigmas = prepare_sigmas(sigmas, xb, "calibrate")
         validate_sampler_inputs(xb, sigmas, "calibrate")
-        if acc is None:  # "auto" is resolved on the first batch's grid; every batch is checked before the models run
-            acc = PairedAccumulator(trim, check_bands("calibrate", bands, xb.shape[2:]))
+        # "auto" is resolved on the first batch's grid; every batch is checked before the models run
+        count = check_bands("calibrate", bands if acc is None else acc.bands, xb.shape[2:])
+        acc = PairedAccumulator(trim, count) if acc is None else acc
         acc.check_sample(xb)
-        check_bands("calibrate", acc.bands, xb.shape[2:])
         if acc.shape is not None and xb.shape[1] != acc.shape[1]:
             raise ValueError(f"calibrate: batches disagree on channels ({xb.shape[1]} vs {acc.shape[1]})")
         acc.add(*_run_batch(model_fp, model_q, xb, sigmas, args or {}, trajectory, progress))
