@@ -234,25 +234,42 @@ def band_shares(spatial: Sequence[int], bands: int) -> torch.Tensor:
     return torch.bincount(band.reshape(-1), minlength=bands).to(torch.float64) / band.numel()
 
 
-def lower_noise(noise_std, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def lower_noise(noise_std, q: torch.Tensor, shares: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Lowers a sampler's injected noise by the variance quantization injects.
 
     The new std is ``sqrt(max(noise_std^2 - Q, 0))``, returned as a factor on the sampler's own noise,
     ``sqrt(max(1 - Q / noise_std^2, 0))`` (exactly 1 when ``Q = 0``, so the sampler's noise expression is
     kept bit for bit); what cannot be absorbed, ``max(Q - noise_std^2, 0)``, is returned for the drift.
+    Per frequency band (``shares``): white noise puts the share ``shares[u]`` of its variance in unit ``u``, so
+    each unit's budget is ``noise_std^2 shares[u]`` and its factor lowers that band of the noise alone
+    (:func:`scale_noise` applies it).
 
     Args:
         noise_std: the sampler's own injected noise std (scalar, x units).
-        q: quantization variance per channel ``[C]``.
+        q: quantization variance per channel ``[C]``, or per (channel, band) unit ``[C * NB]`` with ``shares``.
+        shares: each unit's share of white noise's variance ``[C * NB]`` (None: per channel).
 
     Returns:
-        ``(factor [C], leftover_q [C])``.
+        ``(factor, leftover_q)``, each shaped as ``q``.
     """
     budget = float(noise_std) ** 2
     if budget == 0.0:
         return torch.ones_like(q), q
+    if shares is not None:
+        budget = budget * shares.to(q)
     new_var = budget - q
     return (new_var / budget).clamp(min=0).sqrt(), (-new_var).clamp(min=0)
+
+
+def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    """A sampler's own noise ``[B, C, *spatial]`` lowered by :func:`lower_noise`'s factor: per channel ``[C]``, or per
+    channel and frequency band ``[C, NB]`` (:func:`filter_bands`; a factor equal across a channel's bands needs no
+    FFT). None: the noise as it is."""
+    if factor is None:
+        return noise
+    if factor.ndim == 2:
+        return filter_bands(noise, factor).to(noise.dtype)
+    return noise * channel_view(factor, noise).to(noise.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------

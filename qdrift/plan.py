@@ -228,8 +228,10 @@ class DriftPlan:
     Frequency bands. With a calibration made with ``bands=NB`` (:attr:`qdrift.Calibration.banded`) the
     surrogate's units are (channel, radial frequency band) pairs: every statistic above is per band, white
     noise a sampler injects splits by the bands' shares of the FFT bins, each step's ``c`` is per unit and
-    scales that band of the increment (:func:`qdrift.correction.scale_increment_bands`), and the gain and
-    bias act per band. For stationary Gaussian data the bands are independent, so this is exact; one ``c``
+    scales that band of the increment (:func:`qdrift.correction.scale_increment_bands`), the fresh noise a
+    stochastic sampler lowers is lowered per band, each band by that band's excess alone
+    (:func:`qdrift.correction.scale_noise`; lowered per channel, white, it took variance from bands that had no
+    excess: on a speckle error the low band ended below FP's), and the gain and bias act per band. For stationary Gaussian data the bands are independent, so this is exact; one ``c``
     per channel is not when the error's spectrum differs from the sample's (a high-pass error then makes one
     ``c`` per channel smooth the low frequencies, which had no excess to lose).
     """
@@ -511,8 +513,8 @@ class DriftPlan:
         self._y = self._src.pad(self._y)
         self._d = self._src.pad(self._d)
         self._y[index] = 1.0
-        if factor is not None:
-            self._d[index] = factor.detach().double().cpu().repeat_interleave(self.bands) - 1.0
+        if factor is not None:  # per unit
+            self._d[index] = factor.detach().double().cpu() - 1.0
 
     def rescale(self, factor: float) -> None:
         """Records that the sampler scales the whole state by ``factor`` (a flow's ancestral step)."""
@@ -529,6 +531,9 @@ class DriftPlan:
              quadrature: bool = False, noise_std: Optional[float] = None, correction: str = "drift",
              direction: Optional[tuple] = None):
         """Corrects one step; returns ``(x after the deterministic part, factor on the sampler's noise or None)``.
+
+        The factor is per channel ``[C]``, or per channel and frequency band ``[C, NB]`` for a banded plan; the
+        sampler applies it with :func:`qdrift.correction.scale_noise`.
 
         Args:
             i: step index (row of the V table; the id of the step's first evaluation).
@@ -604,7 +609,7 @@ class DriftPlan:
                 "latent format and too large a strength",
                 DriftClippedWarning, stacklevel=3,
             )
-        if factor is not None:
+        if factor is not None and factor.ndim == 1:  # per band [C, NB] stays on the host (scale_noise's FFT short cut)
             factor = factor.to(x.device)
         if first_order is None or not bool(first_order.any()):
             return self._scale(x_base, x_base - x, c, x), factor
@@ -656,13 +661,10 @@ class DriftPlan:
         cur = src.pad(self._y) + src.pad(self._d)
         const = excess = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
         factor = None
-        if correction == "noise" and noise_std and self.bands > 1:
-            # The sampler lowers its (white) noise per channel: each band loses its share of the lowered variance.
-            excess = const.clamp(min=0).reshape(self.channels, self.bands).sum(-1)
-            factor, _ = lower_noise(noise_std, excess)
-            const = const - ((1 - factor**2) * float(noise_std) ** 2).repeat_interleave(self.bands) * self._shares
-        elif correction == "noise" and noise_std:
-            factor, left = lower_noise(noise_std, const.clamp(min=0))
+        shares = self._shares if self.bands > 1 else None  # white noise's variance per unit, over noise_std^2
+        if correction == "noise" and noise_std:
+            # The sampler lowers its noise per unit (per band: the band of the noise alone, scale_noise) by the excess.
+            factor, left = lower_noise(noise_std, const.clamp(min=0), shares)
             const = const.clamp(max=0) + left
         # The drift scales the step's first-order increment (the score direction), or its whole increment where
         # only that reaches the balance or comes closer to it (see the class docstring).
@@ -684,10 +686,12 @@ class DriftPlan:
             # A bounded drift, or one without a root, leaves excess the fresh noise that follows can absorb (a few
             # ancestral steps go nearly to 0, so the drift can take little): the sampler lowers that noise by it.
             left = (drift["left"] * ~drift["reached"]).clamp(min=0)
-            factor, _ = lower_noise(noise_std, left.reshape(self.channels, self.bands).sum(-1))
+            factor, _ = lower_noise(noise_std, left, shares)
         self._y, self._d = y_next, d_base + c * inc
         predicted = {"excess": excess, "var_fp": src.covar(y_next, y_next), "var_diff": src.covar(self._d, self._d)}
         self._noise(noise_std, factor)
+        if factor is not None and self.bands > 1:
+            factor = factor.reshape(self.channels, self.bands)  # the sampler lowers each band of its noise
         return c, factor, clipped, predicted, first_order
 
     def _drift(self, inc: torch.Tensor, const: torch.Tensor, x_base: torch.Tensor, sigma: float,

@@ -384,3 +384,37 @@ def test_a_banded_calibration_of_identical_models_corrects_as_the_per_channel_on
     banded = _run(name, white, x, cal)
     assert torch.equal(banded, _run(name, white, x, replace(cal, banded=None)))
     assert torch.allclose(banded, _run(name, white, x), rtol=0, atol=1e-12)
+
+
+def test_lower_noise_per_band_takes_each_units_share_of_the_noise_and_scale_noise_applies_it():
+    from qdrift.correction import lower_noise, scale_noise
+
+    shares = band_shares((8, 6), 4).repeat(2)  # two channels
+    q = torch.tensor([0.0, 0.1, 0.0, 5.0, 0.2, 0.0, 0.0, 0.0], dtype=torch.float64)
+    factor, left = lower_noise(2.0, q, shares)
+    budget = 4.0 * shares
+    assert torch.equal(factor[q == 0], torch.ones(int((q == 0).sum()), dtype=torch.float64))  # exactly 1: no change
+    assert torch.allclose(factor**2 * budget, (budget - q).clamp(min=0))
+    assert torch.allclose(left, (q - budget).clamp(min=0)) and float(left[3]) > 0 and float(factor[3]) == 0.0
+    # the sampler's noise: each band of each channel scaled by its factor (variance by its square)
+    noise = torch.randn(2000, 2, 8, 6, generator=_gen(4), dtype=torch.float64)
+    lowered = scale_noise(noise, factor.reshape(2, 4))
+    ratio = band_components(lowered, 4).var((0, 2, 3)) / band_components(noise, 4).var((0, 2, 3))
+    assert torch.allclose(ratio, factor**2, atol=1e-12)
+    assert scale_noise(noise, torch.ones(2, 4, dtype=torch.float64)).equal(noise)  # no FFT where nothing is lowered
+    assert scale_noise(noise, None) is noise
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_banded_v2_lowers_each_band_of_the_noise_by_that_bands_excess(name):
+    """A speckle error adds variance to the upper bands only. Where a stochastic sampler's drift cannot take all of
+    it, v2 lowers the fresh noise that follows: per band, so the low band, which had nothing to lose, keeps its
+    noise (lowered per channel, white, it lost its share of the upper bands' excess)."""
+    cal = qdrift.calibrate(DATA, Speckle(7), DATA.prior(16, 80.0, generator=_gen(5)), CAL_SIGMAS, disable=True,
+                           bands=4)
+    x = DATA.prior(600, 80.0, generator=_gen(0))
+    fp, q = _band_var(_run(name, DATA, x)), _band_var(_run(name, Speckle(1), x))
+    left = (_band_var(_run(name, Speckle(1), x, cal, method="v2")) - fp) / (q - fp)
+    # per band: 0.01 of the low band's (small) excess left for both; lowered per channel -0.30 and -0.95 (below FP)
+    assert abs(float(left[0])) < 0.15, left
+    assert bool((left[1:] > -0.1).all()) and bool((left[1:] < 0.6).all()), left

@@ -41,7 +41,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from ..correction import DEFAULT_METHOD, METHODS, channel_view, first_order_coefficient, scale_increment
+from ..correction import DEFAULT_METHOD, METHODS, first_order_coefficient, scale_increment, scale_noise
 from ..validation import all_finite, check_choice, check_knobs
 
 __all__ = [
@@ -257,9 +257,10 @@ class _QDriftMixin:
         # exactly 0 when c = 0 and there is no output correction (the plain scheduler, bit for bit)
         change = (corrected - base) + (inc - delta.movedim(dim, 1))
         if factor is not None and self._qdrift_lowers_noise:
-            # The noise the scheduler added after its deterministic step, scaled by the plan's factor per channel.
+            # The noise the scheduler added after its deterministic step, scaled by the plan's factor (per channel, or
+            # per channel and frequency band).
             noise = prev.to(torch.float32).movedim(dim, 1) - (x + delta.movedim(dim, 1))
-            change = change + (channel_view(factor, noise).to(noise) - 1) * noise
+            change = change + (scale_noise(noise, factor).to(noise) - noise)
         return prev + change.movedim(1, dim).to(prev.dtype)
 
     def _qdrift_run_start(self, i: int) -> int:

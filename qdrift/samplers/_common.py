@@ -6,7 +6,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..correction import channel_view
+from ..correction import scale_noise
 from ..plan import DriftPlan
 from ..validation import (
     FLOW_T_SLACK,
@@ -59,11 +59,6 @@ def check_form(form: str, correction: Optional[str] = None, method: Optional[str
     if correction is not None:
         check_choice("correction", correction, CORRECTIONS)
     return method
-
-
-def scale_noise(noise: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
-    """The sampler's own noise, times a per-channel factor ``[C]`` when the noise is being lowered."""
-    return noise if factor is None else noise * channel_view(factor, noise).to(noise.dtype)
 
 
 def checked_noise(noise_sampler: Optional[Callable], x: torch.Tensor, name: str) -> Callable:
