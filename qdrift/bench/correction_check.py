@@ -8,17 +8,21 @@ and labels). Prints one summary line per (scheme, method, noise set) and, with `
     python benchmarks/correction_check.py --model dit --methods v2 --strengths 0.5,1,1.5   # the strength curve
     python benchmarks/correction_check.py --model dit --methods v2 --size-drift   # v2 sized by qdrift.size_drift
     python benchmarks/correction_check.py --model unet --methods v2 --size-drift --size-output   # and its output alone
+    python benchmarks/correction_check.py --model unet --methods correlated,v2 --output-only   # v2's parts apart
 
 With ``--size-drift`` each scheme also prints the per-channel factor :func:`qdrift.size_drift` measures on the
 calibration noises and, for comparison, on the held-out ones (raw +- its standard error -> the factor used), and
 checks v2 with the calibration sized on the calibration noises (rows ``v2-sized``); ``--factor-only`` prints the
 factors alone. ``--size-output`` adds rows ``v2-sized-output``: ``qdrift.size_drift(drift=False)`` on the calibration
-noises, the output correction's share sized alone and the drift as calibrated.
+noises, the output correction's share sized alone and the drift as calibrated. ``--output-only`` adds rows
+``v2-output-only``: v2's output correction (gain, state term and bias) without its drift
+(:func:`qdrift.plan.undrifted`); method ``correlated`` is the drift without the output correction.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from typing import Callable
@@ -48,6 +52,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
                    help="also size v2's drift with qdrift.size_drift (on the calibration noises) and check it")
     p.add_argument("--size-output", action="store_true",
                    help="with --size-drift: also check v2 with only its output correction sized (size_drift(drift=False))")
+    p.add_argument("--output-only", action="store_true",
+                   help="also check v2's output correction without its drift (rows v2-output-only)")
     p.add_argument("--factor-only", action="store_true",
                    help="with --size-drift: print the factors (raw +- standard error -> used) and skip the checks")
     p.add_argument("--table", action="store_true", help="also print the per-level table (every 3rd level)")
@@ -84,6 +90,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         cal, _ = R.calibrate_block(bm, scheme, block, args.K, bands=args.bands)
         cal = cal.with_options(reduce=cfg.v_reduce[0])  # as the bench's Q-Drift rows
         runs = [(method, method, cal) for method in args.methods.split(",")]
+        if args.output_only:
+            runs.append(("v2-output-only", "v2", cal))
         if args.size_drift:
             sized = {name: qdrift.size_drift(cal, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn, {"y": labels},
                                              seed=R.CAL_SEED) for name, (x, labels) in sets.items()}
@@ -102,7 +110,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
             for strength in strengths:
                 at = "" if strengths == [1.0] else f" (strength {strength:g})"
                 for name, (x, labels) in sets.items():
-                    with warnings.catch_warnings():
+                    undrifted = qdrift.plan.undrifted() if label == "v2-output-only" else contextlib.nullcontext()
+                    with warnings.catch_warnings(), undrifted:
                         warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
                         chk = qdrift.check_correction(use, bm.fp, bm.quantized[scheme], x, block.sigmas, block.fn,
                                                       {"y": labels}, method=method, strength=strength,

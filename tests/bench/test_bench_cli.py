@@ -300,6 +300,10 @@ def test_correction_check_script_prints_a_line_per_scheme_method_and_noise_set(c
     assert "held-out: v2-sized, final variance per frequency band" in out  # the row's label, not its method
     assert re.search(r"calibration \[\d+\.\d{3} \+- (\d+\.\d{3}|inf|nan) -> \d+\.\d{3}\]", lines[0]), lines[0]
     rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
+                                "--methods", "v2", "--output-only", "--threads", "1"], load_net=_tiny)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ") and "frequency band" not in ln]
+    assert rc == 0 and len(lines) == 4 and sum("held-out: v2-output-only on 3 noises" in ln for ln in lines) == 1
+    rc = correction_check.main(["--model", "unet", "--schemes", "w4a4", "--steps", "3", "-K", "2", "-n", "3",
                                 "--methods", "v2", "--size-drift", "--factor-only", "--threads", "1"], load_net=_tiny)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("w4a4 ")]
     assert rc == 0 and len(lines) == 1 and "size_drift factor" in lines[0]
