@@ -43,6 +43,7 @@ __all__ = [
     "band_shares",
     "filter_bands",
     "lower_noise",
+    "scale_noise",
     "METHODS",
     "DEFAULT_METHOD",
     "balance_coefficient",
