@@ -231,9 +231,10 @@ class DriftPlan:
     scales that band of the increment (:func:`qdrift.correction.scale_increment_bands`), the fresh noise a
     stochastic sampler lowers is lowered per band, each band by that band's excess alone
     (:func:`qdrift.correction.scale_noise`; lowered per channel, white, it took variance from bands that had no
-    excess: on a speckle error the low band ended below FP's), and the gain and bias act per band. For stationary Gaussian data the bands are independent, so this is exact; one ``c``
-    per channel is not when the error's spectrum differs from the sample's (a high-pass error then makes one
-    ``c`` per channel smooth the low frequencies, which had no excess to lose).
+    excess: on a speckle error the low band ended below FP's), and the gain and bias act per band. For
+    stationary Gaussian data the bands are independent, so this is exact; one ``c`` per channel is not when the
+    error's spectrum differs from the sample's (a high-pass error then makes one ``c`` per channel smooth the low
+    frequencies, which had no excess to lose).
     """
 
     _warned_tensor = False
