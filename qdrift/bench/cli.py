@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-output", action="store_true",
                    help="add a qdrift-v2-sized-output row after each v2 row (after its -sized row): qdrift.size_drift "
                         "with drift=False, the output correction's share sized alone, the drift as calibrated")
+    p.add_argument("--correction", choices=["drift", "noise"], default=None,
+                   help="the Q-Drift rows' correction on the stochastic samplers that take one (Euler a, DPM++ 2M/3M "
+                        "SDE): drift or noise first (default: each sampler's own, drift for Euler a, noise first for the "
+                        "SDE solvers); the deterministic samplers ignore it")
     p.add_argument("--tune", action="store_true",
                    help="add a qdrift-<method>-tuned row after each row of an error-model method (not paper): its "
                         "strength chosen by qdrift.tune_strength on the K calibration noises (the strength whose "
@@ -179,7 +183,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, K=args.K, cfg=args.cfg,
         v_reduce=("scalar", "channel") if args.v == "both" else (args.v,),
         dpm_forms=("first_order", "quadrature") if args.dpm_form == "both" else (args.dpm_form,),
-        methods=tuple(args.methods), bands=tuple(args.bands), tune=args.tune,
+        methods=tuple(args.methods), bands=tuple(args.bands), tune=args.tune, correction=args.correction,
         size=tuple(part for part, on in (("all", args.size_drift), ("output", args.size_output)) if on),
         baselines=tuple(args.baselines), fid=fid == "inception", fid_ref=args.fid_ref, ref_images=args.ref_images,
         n_boot=args.boot, fid_boot=args.fid_boot, fig_pool=args.fig_pool, fig_ks=tuple(args.fig_ks),

@@ -60,7 +60,9 @@ def header_lines(meta: Dict[str, Any]) -> List[str]:
         f"classifier-free guidance {meta['cfg_scale']:g} inside the denoiser; Q-Drift V from K = {meta['K']} "
         "calibration runs on disjoint seeds (pooled over channels, 4-std trim); `qdrift-<method>` rows run that "
         "method of qdrift.correction.METHODS (`paper`: the paper's first-order rule with the conditional V; `v2`: the "
-        "library default, gain/bias removed and the exact balance with cross-step errors; README, \"Q-Drift v2\").",
+        "library default, gain/bias removed and the exact balance with cross-step errors; README, \"Q-Drift v2\")"
+        + (f"; on the stochastic samplers the Q-Drift rows run `correction=\"{meta['correction']}\"`."
+           if meta.get("correction") else "."),
         f"- {fid}.",
         f"- Quantization: profile `{meta.get('quant_profile', 'reference')}` "
         "(qdrift.bench.quant_report.QUANT_PROFILES; `stress` = the schemes' bit widths without the float "
@@ -117,7 +119,7 @@ def markdown_table(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 
 
 # Settings that must agree for rows of several runs to share one table.
-_MERGE_KEYS = ("n_images", "K", "cfg_scale", "fid", "fid_ref", "ref_images", "n_boot", "quant_profile")
+_MERGE_KEYS = ("n_images", "K", "cfg_scale", "fid", "fid_ref", "ref_images", "n_boot", "quant_profile", "correction")
 
 
 def merge_runs(docs: Sequence[Dict[str, Any]]) -> tuple:

@@ -21,6 +21,7 @@ uses seed 1000 with the preview sampler. All three ranges are disjoint.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class BenchConfig:
     v_reduce: Sequence[str] = ("scalar",)
     dpm_forms: Sequence[str] = ("first_order", "quadrature")
     methods: Sequence[str] = ("paper", "v2")  # Q-Drift rows: qdrift.correction.METHODS
+    # the Q-Drift rows' correction="drift" | "noise" on the stochastic samplers that take one (None: each sampler's own)
+    correction: Optional[str] = None
     bands: Sequence[int] = (AUTO_BANDS,)  # bands of the exact-method and "matched" rows (one row each; 1: per channel)
     tune: bool = False  # also a "-tuned" row per exact-method row: strength by qdrift.tune_strength on the K noises
     # also a row per v2 row sized by qdrift.size_drift on the K noises, per part sized: "all" (the drift and the output
@@ -455,17 +458,25 @@ def progress_total(cfg: BenchConfig, n_batches: int) -> int:
                for m in cfg.models for s in cfg.sampler_names(m))
 
 
-def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block, strength: float = 1.0) -> RowSampling:
-    """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift, at ``strength``), or
-    a baseline."""
+def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block, strength: float = 1.0,
+                     correction: Optional[str] = None) -> RowSampling:
+    """The quantized denoiser as a variant runs it: as is, with a calibrated ``V`` (Q-Drift, at ``strength``, and
+    ``correction`` where the block's sampler takes one), or a baseline."""
     if var.baseline is not None:
         den = make_baseline(var.baseline, den_q, cal)
         return RowSampling(den, partial(den.sampler_kwargs, block.fn, block.sigmas), den.reset)
     if var.v_reduce is not None:
         extra = {"form": var.form} if var.form is not None else {}
+        if correction is not None and takes_correction(block.fn):
+            extra["correction"] = correction
         return RowSampling(den_q, partial(dict, V=cal.with_options(reduce=var.v_reduce), **extra, method=var.method,
                                           strength=strength))
     return RowSampling(den_q)
+
+
+def takes_correction(fn: str) -> bool:
+    """Whether the qdrift sampler ``fn`` (short name) has a ``correction`` option (drift or noise first)."""
+    return "correction" in inspect.signature(qdrift.SAMPLERS[fn]).parameters
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -583,7 +594,7 @@ def run_meta(cfg: BenchConfig, started: float, commit: Optional[str],
     code version."""
     return dict(mode=cfg.mode, quant_profile=cfg.quant_profile, ptq=cfg.ptq, ptq_options=dict(cfg.ptq_options),
                 quant=dict(quant_info or {}), n_images=cfg.n_images, batch_size=cfg.batch_size,
-                K=cfg.K, cfg_scale=cfg.cfg,
+                K=cfg.K, cfg_scale=cfg.cfg, correction=cfg.correction,
                 eval_seeds=f"{EVAL_SEED} + i, label i % 10", calib_seeds=f"{CAL_SEED} + k",
                 calib_labels=calib_labels(cfg.K).tolist(), fid="inception" if cfg.fid else "none",
                 fid_ref=cfg.fid_ref if cfg.fid else None, ref_images=cfg.ref_images, n_boot=cfg.n_boot,
@@ -627,7 +638,8 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
             if var.tuned:
                 tuned, tune_secs = tune_block(bm, scheme, block, cfg.K, use, var)
                 use_secs += tune_secs
-            how = variant_sampling(var, bm.quantized[scheme], use, block, 1.0 if tuned is None else tuned.strength)
+            how = variant_sampling(var, bm.quantized[scheme], use, block, 1.0 if tuned is None else tuned.strength,
+                                   cfg.correction)
             images, secs = sample_row(block, how, evalset, bar, f"{scheme} {var.name}")
             feats = ev.features(images)
             ref = fp.feats if var.name == "quantized" else q_feats

@@ -178,6 +178,30 @@ def test_opt_in_samplers_run_only_when_asked():
     assert runner.BenchConfig(samplers=["lms"]).sampler_names("unet") == ["lms"]
 
 
+def test_correction_option_reaches_the_qdrift_rows_of_stochastic_samplers_only(tmp_path):
+    """``qdrift bench --correction drift``: the Q-Drift rows of Euler a and the DPM++ SDE solvers run with it (noise
+    first is the SDE solvers' own default); deterministic samplers, quantized rows and baselines are untouched."""
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["--correction", "drift", "--out", str(tmp_path)]))
+    assert cfg.correction == "drift"
+    assert cli.config_from_args(cli.build_parser().parse_args(["--out", str(tmp_path)])).correction is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--correction", "both"])
+    sigmas = torch.tensor([10.0, 1.0, 0.0])
+    den = lambda x, s, **k: x * 0  # noqa: E731
+    row = runner.Variant("qdrift-v2", "w4a4", 5, "scalar", method="v2")
+    cal = type("Cal", (), {"with_options": lambda self, **k: self})()
+    for fn, expect in (("dpmpp_2m_sde", "drift"), ("euler_ancestral", "drift"), ("euler", None), ("dpmpp_2m", None)):
+        block = runner.Block("unet", fn, 2, sigmas)
+        kw = runner.variant_sampling(row, den, cal, block, correction="drift").kwargs()
+        assert kw.get("correction") == expect and kw["method"] == "v2", (fn, kw)
+        assert "correction" not in runner.variant_sampling(row, den, cal, block).kwargs()
+    sde = runner.Block("unet", "dpmpp_2m_sde", 2, sigmas)
+    plain = runner.variant_sampling(runner.Variant("quantized", "w4a4"), den, None, sde, correction="drift")
+    assert plain.kwargs() == {}
+    meta = runner.run_meta(runner.BenchConfig(correction="drift"), 0.0, None)
+    assert meta["correction"] == "drift"
+
+
 def test_per_image_noise_is_batch_independent():
     a = runner.PerImageNoise([5, 6, 7]).draw()
     b = torch.cat([runner.PerImageNoise([5]).draw(), runner.PerImageNoise([6, 7]).draw()])
