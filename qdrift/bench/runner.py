@@ -21,7 +21,6 @@ uses seed 1000 with the preview sampler. All three ranges are disjoint.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -467,16 +466,15 @@ def variant_sampling(var: Variant, den_q: Callable, cal: Any, block: Block, stre
         return RowSampling(den, partial(den.sampler_kwargs, block.fn, block.sigmas), den.reset)
     if var.v_reduce is not None:
         extra = {"form": var.form} if var.form is not None else {}
-        if correction is not None and takes_correction(block.fn):
-            extra["correction"] = correction
+        extra.update(correction_kwargs(block, correction))
         return RowSampling(den_q, partial(dict, V=cal.with_options(reduce=var.v_reduce), **extra, method=var.method,
                                           strength=strength))
     return RowSampling(den_q)
 
 
-def takes_correction(fn: str) -> bool:
-    """Whether the qdrift sampler ``fn`` (short name) has a ``correction`` option (drift or noise first)."""
-    return "correction" in inspect.signature(qdrift.SAMPLERS[fn]).parameters
+def correction_kwargs(block: Block, correction: Optional[str]) -> Dict[str, Any]:
+    """``{"correction": correction}`` where the block's sampler injects noise (and so takes one), else ``{}``."""
+    return {"correction": correction} if correction is not None and is_stochastic_sampler(block.fn) else {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,13 +506,15 @@ def calibrate_block(bm: BenchModel, scheme: str, block: Block, K: int, bands: in
     return cal, time.perf_counter() - t0
 
 
-def tune_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var: Variant) -> Tuple[Any, float]:
+def tune_block(bm: BenchModel, scheme: str, block: Block, K: int, cal: Any, var: Variant,
+               correction: Optional[str] = None) -> Tuple[Any, float]:
     """``qdrift.tune_strength`` of a variant on the calibration's ``K`` noises (as the row samples: same V
-    reduction and method); returns the :class:`qdrift.calib.StrengthTuning` and its wall time."""
+    reduction, method and ``correction``); returns the :class:`qdrift.calib.StrengthTuning` and its wall time."""
     t0 = time.perf_counter()
     x_cal = initial_noise([CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
     tuned = qdrift.tune_strength(cal.with_options(reduce=var.v_reduce), bm.fp, bm.quantized[scheme], x_cal,
-                                 block.sigmas, block.fn, {"y": calib_labels(K)}, method=var.method, seed=CAL_SEED)
+                                 block.sigmas, block.fn, {"y": calib_labels(K)}, method=var.method, seed=CAL_SEED,
+                                 sampler_kwargs=correction_kwargs(block, correction) or None)
     return tuned, time.perf_counter() - t0
 
 
@@ -636,7 +636,7 @@ def run_block(ev: Evaluator, bm: BenchModel, block: Block, evalset: EvalSet, cfg
                 use_secs += size_secs
             tuned = None
             if var.tuned:
-                tuned, tune_secs = tune_block(bm, scheme, block, cfg.K, use, var)
+                tuned, tune_secs = tune_block(bm, scheme, block, cfg.K, use, var, cfg.correction)
                 use_secs += tune_secs
             how = variant_sampling(var, bm.quantized[scheme], use, block, 1.0 if tuned is None else tuned.strength,
                                    cfg.correction)
