@@ -218,8 +218,10 @@ class DriftPlan:
     Trace. :attr:`trace` holds, per corrected step, ``step``, ``sigma``, ``sigma_eff`` and ``c`` (per unit,
     or the paper's per channel); for the exact methods also the surrogate's ``excess`` (the variance the step
     would add over the full-precision state's without its correction, ``Var(D_base) + 2 Cov(y_next,
-    D_base)``), ``var_fp`` (the full-precision state's variance) and ``var_diff`` (``Var(D)`` after the
-    corrected step: the predicted mean square difference from the full-precision run), each ``[units]``, and,
+    D_base)``), ``var_fp`` (the full-precision state's variance), ``var_diff`` (``Var(D)`` after the
+    corrected step: the predicted mean square difference from the full-precision run) and ``excess_after`` (the
+    corrected state's variance over the full-precision state's after the step and the fresh noise that follows it:
+    what the step's balance and noise lowering left), each ``[units]``, and,
     where the sampler passed a ``direction``, ``first_order`` (``[units]`` bool: the drift scaled the
     first-order increment there, else the whole one).
     :func:`recording` collects the plans of sampler runs; :func:`qdrift.calib.check_correction` compares
@@ -661,6 +663,7 @@ class DriftPlan:
         y_next, d_base = self._apply(terms)
         cur = src.pad(self._y) + src.pad(self._d)
         const = excess = src.covar(d_base, d_base) + 2 * src.covar(y_next, d_base)
+        const = const + self._deficit(i)
         factor = None
         shares = self._shares if self.bands > 1 else None  # white noise's variance per unit, over noise_std^2
         if correction == "noise" and noise_std:
@@ -691,9 +694,18 @@ class DriftPlan:
         self._y, self._d = y_next, d_base + c * inc
         predicted = {"excess": excess, "var_fp": src.covar(y_next, y_next), "var_diff": src.covar(self._d, self._d)}
         self._noise(noise_std, factor)
+        predicted["excess_after"] = src.covar(self._d, self._d) + 2 * src.covar(self._y, self._d)
         if factor is not None and self.bands > 1:
             factor = factor.reshape(self.channels, self.bands)  # the sampler lowers each band of its noise
         return c, factor, clipped, predicted, first_order
+
+    def _deficit(self, i: int):
+        """How far below the full-precision state's variance step ``i``'s balance aims, per unit: 0, the balance is
+        greedy. A look-ahead would aim below it where later steps cannot take up the error they add; measured, it
+        does not help (``benchmarks/lookahead_check.py`` overrides this: on Euler ancestral's correlated analytic
+        error a deficit of any size, from any step, leaves the final excess where it was, since the denoising steps
+        after it contract an early deficit away and the late steps have no drift or noise left to shape)."""
+        return 0.0
 
     def _drift(self, inc: torch.Tensor, const: torch.Tensor, x_base: torch.Tensor, sigma: float,
                sigma_eff: float, first_order: bool) -> dict:

@@ -337,6 +337,26 @@ def test_a_first_order_step_to_zero_takes_no_drift_in_a_noisy_run():
             assert float(step["c"].max()) < -0.04, (name, step["c"])
             assert (name == "lms") != bool(step.get("first_order", torch.ones(3, dtype=torch.bool)).all()), name
 
+def test_the_trace_says_what_excess_the_balance_left():
+    """``excess_after`` is the surrogate's corrected variance over FP's after each step (and its noise): about 0
+    where the balance is reached, and at the end of an Euler ancestral run on the correlated error, where the
+    bounded late steps leave excess, it predicts the excess the samples really end with."""
+    from qdrift.plan import recording
+
+    cal = _calibration(var=0.2, persistent=0.2)
+    x = DATA.prior(20000, 80.0, generator=torch.Generator().manual_seed(0))
+    sigmas = qdrift.get_sigmas_karras(20, 0.002, 80.0).double()
+    fp = _run("euler_ancestral", DATA, x, sigmas).var(0)
+    with recording() as plans, warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        out = _run("euler_ancestral", PlantedErrorDenoiser(DATA, seed=1, var=0.2, persistent=0.2), x, sigmas, cal,
+                   method="v2").var(0)
+    trace = plans[0].trace
+    assert all(float(t["excess_after"].abs().max()) < 1e-9 for t in trace[:6])  # balanced while it can be
+    final, measured = float(trace[-1]["excess_after"].sum()), float((out - fp).sum())
+    assert final > 1.0 and abs(final - measured) < 0.15 * final, (final, measured)
+
+
 # -- the plan's cache: a run's solved steps depend on the calibration, schedule and sampler, never on x -------
 def _planted():
     """A fresh planted-error model (it draws its errors from its own generator as it is called)."""

@@ -423,3 +423,24 @@ def test_band_accumulation_splits_the_sizing_pass_measure_by_band(capsys):
     assert BA.main(["--schemes", "w4a4", "-n", "3", "--bands", "2"], load_net=_tiny) == 0
     out = capsys.readouterr().out
     assert "2 bands" in out and out.count("w4a4: measured") == 1
+
+
+def test_lookahead_check_reproduces_the_analytic_v2_column_and_shoots(capsys):
+    """Its first row (no deficit) is `qdrift analytic`'s v2 column on the same draws; each further row aims lower by
+    the previous row's predicted final excess (the shooting), and the override is undone afterwards."""
+    import warnings
+
+    import qdrift
+    from qdrift.bench import analytic, lookahead
+    from qdrift.plan import DriftPlan
+
+    before = DriftPlan._deficit
+    args = ["--steps", "6", "--n", "400", "--K", "2", "--starts", "1", "--iterations", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qdrift.DriftClippedWarning)
+        assert lookahead.main(args) == 0
+        table = analytic.measure(400, 6, 0.4, 2, error="correlated", samplers=["euler_ancestral"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2 and float(rows[0][2]) == 0.0 and float(rows[1][2]) == pytest.approx(float(rows[0][3]), abs=2e-3)
+    assert float(rows[0][4].strip(" %")) == pytest.approx(table["euler_ancestral"]["v2"], abs=0.05)
+    assert DriftPlan._deficit is before
