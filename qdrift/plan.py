@@ -502,8 +502,9 @@ class DriftPlan:
             d[index] += b_coef  # the evaluation's own error, in d units
         return y, d
 
-    def noise(self, std: float, factor: Optional[torch.Tensor] = None) -> None:
-        """Records fresh noise of std ``std`` the sampler adds (times ``factor`` ``[C]`` in the corrected run)."""
+    def noise(self, std: float) -> None:
+        """Records fresh noise of std ``std`` the sampler adds at full strength (Heun's churn); noise a step lowers
+        is recorded by the step itself (:meth:`step`'s ``noise_std``)."""
         if self.exact and std:
             self._record(("n", float(std), None))
 
