@@ -496,11 +496,17 @@ class DriftPlan:
         d = torch.zeros_like(y)
         for key, a_coef, b_coef in terms:
             s, kappa, y_j, d_j, index = self._evals[key]
-            slope = a_coef + b_coef * (1 - kappa) / s
-            y = y + slope * src.pad(y_j)
-            d = d + slope * src.pad(d_j)
+            y = y + (a_coef + b_coef * (1 - kappa) / s) * src.pad(y_j)
+            d = d + (a_coef + b_coef * (1 - self._difference_kappa(s, kappa)) / s) * src.pad(d_j)
             d[index] += b_coef  # the evaluation's own error, in d units
         return y, d
+
+    def _difference_kappa(self, sigma: float, kappa: torch.Tensor) -> torch.Tensor:
+        """The full-precision denoiser's slope along the difference ``D`` at ``sigma``: the state's ``kappa`` (the
+        surrogate's model). ``qdrift.bench.band_accumulation --error-slope`` overrides it with the slope along the
+        quantization error's direction, measured at calibration states: that predicts far less accumulation than
+        the quantized run has (the fresh error is noise to the denoiser; what accumulates is the part it keeps)."""
+        return kappa
 
     def noise(self, std: float) -> None:
         """Records fresh noise of std ``std`` the sampler adds at full strength (Heun's churn); noise a step lowers

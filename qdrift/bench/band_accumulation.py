@@ -6,12 +6,18 @@ variance) with the surrogate's prediction. This splits both into the calibration
 docs/bench_results.md, "Session 19: the accumulation per band"):
 
     python benchmarks/band_accumulation.py --model unet --sampler euler --schemes w4a4,w3a4,w4a8 -n 40
+
+``--error-slope`` adds a second prediction in which the surrogate carries the difference with the full-precision
+denoiser's slope along the quantization error's own direction instead of the state's ``kappa``: per step and band
+``<D_fp(x + sigma delta) - D_fp(x), sigma delta> / |sigma delta|^2`` on the calibration noises' FP Euler trajectory (one
+more FP call per step, what a calibration could measure without running the sampler; session 21).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Dict
 
 import torch
 
@@ -40,6 +46,37 @@ def band_accumulation(fp_after, q_after, trace, bands: int) -> tuple:
     return measured, predicted
 
 
+@torch.no_grad()
+def error_slopes(bm, scheme: str, block, bands: int, K: int = 5) -> Dict[float, torch.Tensor]:
+    """The FP denoiser's slope along the quantization error's direction, ``{sigma: [C * bands]}``, at the states of
+    the FP Euler trajectory from the ``K`` calibration noises at the block's levels (see the module docstring)."""
+    x = R.initial_noise([R.CAL_SEED + k for k in range(K)], float(block.sigmas[0]))
+    args = {"y": R.calib_labels(K)}
+    out = {}
+    for i in range(len(block.sigmas) - 1):
+        s = float(block.sigmas[i])
+        level = torch.full((K,), s)
+        fp, q = bm.fp(x, level, **args), bm.quantized[scheme](x, level, **args)
+        along = fp - q  # sigma (d_q - d_fp): the step's error as a deviation of the state
+        r = band_components((bm.fp(x + along, level, **args) - fp).double(), bands)
+        a = band_components(along.double(), bands)
+        axes = (0, *range(2, a.ndim))
+        out[s] = (r * a).sum(axes).reshape(-1) / (a * a).sum(axes).reshape(-1).clamp(min=1e-300)
+        x = x + (float(block.sigmas[i + 1]) - s) * (x - fp) / s
+    return out
+
+
+@contextmanager
+def difference_slope(slopes: Dict[float, torch.Tensor]):
+    """v2's surrogate inside carries the difference with ``slopes`` at the levels they hold (else its ``kappa``)."""
+    before = qdrift.plan.DriftPlan._difference_kappa
+    qdrift.plan.DriftPlan._difference_kappa = lambda self, sigma, kappa: slopes.get(sigma, kappa)
+    try:
+        yield
+    finally:
+        qdrift.plan.DriftPlan._difference_kappa = before
+
+
 def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> int:
     p = ArgumentParser(prog="band_accumulation", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="unet", choices=sorted(R.MODEL_SAMPLERS))
@@ -48,6 +85,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
     p.add_argument("-n", type=int_at_least(2), default=40, help="held-out noises")
     p.add_argument("--bands", type=int_at_least(2), default=4, help="frequency bands of the calibration")
     p.add_argument("--threads", type=int_at_least(1), default=1)
+    p.add_argument("--error-slope", action="store_true",
+                   help="also predict with the FP denoiser's slope along the error's direction (module docstring)")
     args = p.parse_args(argv)
     sampler = args.sampler or R.MODEL_SAMPLERS[args.model][0]
     if sampler not in R.MODEL_SAMPLERS[args.model]:
@@ -77,9 +116,20 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         with qdrift.plan.recording() as plans, qdrift.plan.undrifted():
             q = run(bm.quantized[scheme], cal)
         measured, predicted = band_accumulation(fp, q, plans[0].trace, args.bands)
-        ratio = measured / predicted.clamp(min=1e-300)
-        fmt = lambda t: " / ".join(f"{float(v):.4f}" for v in t)  # noqa: E731
-        print(f"{scheme}: measured {fmt(measured)}; predicted {fmt(predicted)}; ratio "
-              f"{' / '.join(f'{float(v):.2f}' for v in ratio)} (all bands {float(measured.sum() / predicted.sum()):.2f})",
-              flush=True)
+        _report(scheme, measured, predicted)
+        if args.error_slope:
+            with difference_slope(error_slopes(bm, scheme, block, args.bands)):
+                qdrift.plan._SOLVED.pop(cal, None)  # the solved steps kept with the calibration differ here
+                with qdrift.plan.recording() as plans, qdrift.plan.undrifted():
+                    run(bm.quantized[scheme], cal)
+                qdrift.plan._SOLVED.pop(cal, None)
+            _report(f"{scheme} (slope along the error)", measured, band_accumulation(fp, q, plans[0].trace, args.bands)[1])
     return 0
+
+
+def _report(label: str, measured: torch.Tensor, predicted: torch.Tensor) -> None:
+    ratio = measured / predicted.clamp(min=1e-300)
+    fmt = lambda t: " / ".join(f"{float(v):.4f}" for v in t)  # noqa: E731
+    print(f"{label}: measured {fmt(measured)}; predicted {fmt(predicted)}; ratio "
+          f"{' / '.join(f'{float(v):.2f}' for v in ratio)} (all bands {float(measured.sum() / predicted.sum()):.2f})",
+          flush=True)

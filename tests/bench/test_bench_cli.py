@@ -408,7 +408,8 @@ def test_the_sized_rows_name_the_part_they_size(monkeypatch):
 
 def test_band_accumulation_splits_the_sizing_pass_measure_by_band(capsys):
     """Per band, the measured accumulation sums (Parseval) to the sizing pass's per-channel one, is 0 for identical
-    runs, and the tool prints one line per scheme."""
+    runs, and the tool prints one line per scheme (and with --error-slope a second prediction of the same runs)."""
+    import qdrift
     from qdrift.bench import band_accumulation as BA
 
     torch.manual_seed(0)
@@ -420,9 +421,15 @@ def test_band_accumulation_splits_the_sizing_pass_measure_by_band(capsys):
     assert torch.allclose(measured.reshape(2, 4).sum(1), per_channel, rtol=1e-10)
     assert torch.allclose(predicted, 1 / fp[0].var((0, 2, 3)).repeat_interleave(4))
     assert float(BA.band_accumulation(fp, fp, trace, 4)[0].abs().max()) == 0.0
-    assert BA.main(["--schemes", "w4a4", "-n", "3", "--bands", "2"], load_net=_tiny) == 0
+    assert BA.main(["--schemes", "w4a4", "-n", "3", "--bands", "2", "--error-slope"], load_net=_tiny) == 0
     out = capsys.readouterr().out
     assert "2 bands" in out and out.count("w4a4: measured") == 1
+    lines = {line.split(":")[0]: line for line in out.splitlines() if "measured" in line}
+    measured = lambda line: line.split("measured ")[1].split(";")[0]  # noqa: E731
+    # the same runs measured, another prediction (the surrogate carried with the slope along the error)
+    assert measured(lines["w4a4"]) == measured(lines["w4a4 (slope along the error)"])
+    assert lines["w4a4"].split("predicted")[1] != lines["w4a4 (slope along the error)"].split("predicted")[1]
+    assert qdrift.plan.DriftPlan._difference_kappa(None, 1.0, "kappa") == "kappa"  # the override is undone
 
 
 def test_lookahead_check_reproduces_the_analytic_v2_column_and_shoots(capsys):
