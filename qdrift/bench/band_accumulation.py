@@ -16,6 +16,7 @@ more FP call per step, what a calibration could measure without running the samp
 from __future__ import annotations
 
 import warnings
+import math
 from contextlib import contextmanager
 from typing import Callable, Dict
 
@@ -118,13 +119,37 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
         measured, predicted = band_accumulation(fp, q, plans[0].trace, args.bands)
         _report(scheme, measured, predicted)
         if args.error_slope:
-            with difference_slope(error_slopes(bm, scheme, block, args.bands)):
+            slopes = error_slopes(bm, scheme, block, args.bands)
+            with difference_slope(slopes):
                 qdrift.plan._SOLVED.pop(cal, None)  # the solved steps kept with the calibration differ here
                 with qdrift.plan.recording() as plans, qdrift.plan.undrifted():
                     run(bm.quantized[scheme], cal)
                 qdrift.plan._SOLVED.pop(cal, None)
             _report(f"{scheme} (slope along the error)", measured, band_accumulation(fp, q, plans[0].trace, args.bands)[1])
+            _slopes_along_difference(bm, block, cal, fp, q, held.labels, args.bands, slopes)
     return 0
+
+
+@torch.no_grad()
+def _slopes_along_difference(bm, block, cal, fp, q, labels, bands: int, slopes, levels=(5.0, 1.7, 0.5)) -> None:
+    """Prints, after the steps that end nearest ``levels``, the FP denoiser's slope along the difference the quantized
+    run really accumulated, ``<D_fp(x + D) - D_fp(x), D> / |D|^2`` per band, beside the surrogate's ``kappa`` and the
+    slope along the fresh error (``slopes``, :func:`error_slopes`) at that level."""
+    ends = [float(s) for s in block.sigmas[1:]]
+    em = (cal.banded or cal).error_model(torch.tensor(ends, dtype=torch.float64), gain=True)
+    for level in levels:
+        i = min(range(len(ends) - 1), key=lambda j: abs(math.log(ends[j] / level)))
+        s = ends[i]
+        x, diff = fp[i], q[i] - fp[i]
+        sv = torch.full((len(x),), s)
+        r = band_components((bm.fp(x + diff, sv, y=labels) - bm.fp(x, sv, y=labels)).double(), bands)
+        a = band_components(diff.double(), bands)
+        axes = (0, *range(2, a.ndim))
+        along = (r * a).sum(axes).reshape(-1) / (a * a).sum(axes).reshape(-1).clamp(min=1e-300)
+        kappa = (1 - s * em["cov_xd"][i] / em["var_x"][i]).clamp(min=0)
+        print(f"  sigma {s:.3f}: slope along the accumulated difference {' / '.join(f'{float(v):.2f}' for v in along)}"
+              f"; the state's kappa {' / '.join(f'{float(v):.2f}' for v in kappa)}; along the fresh error "
+              f"{' / '.join(f'{float(v):.2f}' for v in slopes[s])}", flush=True)
 
 
 def _report(label: str, measured: torch.Tensor, predicted: torch.Tensor) -> None:
