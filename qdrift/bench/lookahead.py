@@ -45,9 +45,9 @@ def deficit(cal, T: torch.Tensor, start: int):
 
 
 def shoot(name, x_T, sigmas, cal, model, seed, start, iterations, fp, q):
-    # model(): a fresh planted model (its fresh error is drawn from its own generator, the same draws every run)
     """Rows ``(T, predicted final excess, removed %, mean square difference)`` of the shooting iterations, and
-    the first run's trace."""
+    the first run's trace. ``model()`` gives a fresh planted model (it draws its fresh error from its own
+    generator, so every run sees the same draws)."""
     excess = float((q.var(0) - fp.var(0)).sum())
     T = torch.zeros(cal.channels, dtype=torch.float64)
     rows, first = [], None
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     cal_x = DATA.prior(a.K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     cal = qdrift.calibrate(DATA, planted(a.error, a.v, a.seed + 1), cal_x,
                            qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True)
+
     def model():
         return planted(a.error, a.v, a.seed + 3)
 
