@@ -15,8 +15,8 @@ more FP call per step, what a calibration could measure without running the samp
 
 from __future__ import annotations
 
-import warnings
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict
 
