@@ -509,8 +509,8 @@ class DriftPlan:
         return kappa
 
     def noise(self, std: float) -> None:
-        """Records fresh noise of std ``std`` the sampler adds at full strength (Euler's and Heun's churn); noise a step lowers
-        is recorded by the step itself (:meth:`step`'s ``noise_std``)."""
+        """Records fresh noise of std ``std`` the sampler adds at full strength (Euler's and Heun's churn); noise a
+        step lowers is recorded by the step itself (:meth:`step`'s ``noise_std``)."""
         if self.exact and std:
             self._record(("n", float(std), None))
 

@@ -125,7 +125,8 @@ def main(argv=None, load_net: Callable[[str], torch.nn.Module] = load_model) -> 
                 with qdrift.plan.recording() as plans, qdrift.plan.undrifted():
                     run(bm.quantized[scheme], cal)
                 qdrift.plan._SOLVED.pop(cal, None)
-            _report(f"{scheme} (slope along the error)", measured, band_accumulation(fp, q, plans[0].trace, args.bands)[1])
+            along_error = band_accumulation(fp, q, plans[0].trace, args.bands)[1]
+            _report(f"{scheme} (slope along the error)", measured, along_error)
             _slopes_along_difference(bm, block, cal, fp, q, held.labels, args.bands, slopes)
     return 0
 
