@@ -89,19 +89,26 @@ def run(name, x_T, sigmas, model, V, seed, **opts):
     return fn(model, x_T.clone(), sigmas, V, disable=True, **opts)
 
 
+def draws(n: int, steps: int, v: float, K: int, error: str, seed: int, bands: int = 1):
+    """``(x_T, sigmas, calibration, generator)`` of :func:`measure`: the samples' initial noise, the Karras schedule
+    and the calibration (once, Euler FP trajectories of K noises on a finer schedule, reused at every sampler's
+    sigmas); the generator goes on to the matching noises."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T = DATA.prior(n, SIGMA_MAX, spatial=(16, 16) if bands > 1 else (), generator=gen)
+    sigmas = qdrift.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
+    cal_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
+    cal = qdrift.calibrate(DATA, planted(error, v, seed + 1), cal_x,
+                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True, bands=bands)
+    return x_T, sigmas, cal, gen
+
+
 def measure(n: int, steps: int, v: float, K: int, error: str = "independent", seed: int = 0, bands: int = 1,
             samplers=None, eta=None):
     """Returns ``{sampler: {column label: excess removed %}}`` and the final variances vs FP (``bands``: the
     calibration's frequency bands, used by the exact methods; ``samplers``: the qdrift samplers to run, default
     all; ``eta``: the stochastic samplers' noise amount, default theirs)."""
     noisy = {} if eta is None else {"eta": float(eta)}
-    gen = torch.Generator().manual_seed(seed)
-    x_T = DATA.prior(n, SIGMA_MAX, spatial=(16, 16) if bands > 1 else (), generator=gen)
-    sigmas = qdrift.get_sigmas_karras(steps, SIGMA_MIN, SIGMA_MAX).double()
-    # Calibrate once (Euler FP trajectories on a finer schedule), reuse at every sampler's sigmas.
-    cal_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
-    cal = qdrift.calibrate(DATA, planted(error, v, seed + 1), cal_x,
-                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True, bands=bands)
+    x_T, sigmas, cal, gen = draws(n, steps, v, K, error, seed, bands)
     oracle = torch.full((steps, DATA.channels), v)
     match_x = DATA.prior(K, SIGMA_MAX, spatial=(16, 16), generator=gen)
     table = {}

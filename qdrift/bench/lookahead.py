@@ -28,7 +28,7 @@ import qdrift
 from qdrift import plan as _plan
 from qdrift.cli import ArgumentParser, int_at_least, number
 
-from .analytic import DATA, ERRORS, SIGMA_MAX, SIGMA_MIN, planted, run
+from .analytic import DATA, ERRORS, draws, planted, run
 
 
 @contextmanager
@@ -83,13 +83,8 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--starts: comma-separated step indices expected, got {a.starts!r}")
     t0 = time.perf_counter()
-    # the same draws as `qdrift analytic` (qdrift.bench.analytic.measure, one band): its v2 column is the first row
-    gen = torch.Generator().manual_seed(a.seed)
-    x_T = DATA.prior(a.n, SIGMA_MAX, spatial=(), generator=gen)
-    sigmas = qdrift.get_sigmas_karras(a.steps, SIGMA_MIN, SIGMA_MAX).double()
-    cal_x = DATA.prior(a.K, SIGMA_MAX, spatial=(16, 16), generator=gen)
-    cal = qdrift.calibrate(DATA, planted(a.error, a.v, a.seed + 1), cal_x,
-                           qdrift.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), disable=True)
+    # the same draws as `qdrift analytic` (one band): its v2 column is the first row
+    x_T, sigmas, cal, _ = draws(a.n, a.steps, a.v, a.K, a.error, a.seed)
 
     def model():
         return planted(a.error, a.v, a.seed + 3)
